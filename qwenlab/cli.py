@@ -1,0 +1,170 @@
+"""`qwenlab` / `python -m qwenlab`: every command takes --model DIR (default: the embedded tiny fixture)."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import QwenlabError
+
+
+def _model_args(p: argparse.ArgumentParser, dtype_device: bool = True):
+    p.add_argument("--model", type=Path, default=None,
+                   help="Qwen3 checkpoint directory in HF layout (default: the embedded tiny fixture)")
+    if dtype_device:
+        p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
+        p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+
+
+def _text_args(p: argparse.ArgumentParser, flag: str):
+    p.add_argument(flag, dest="text", required=True, help="text, encoded as-is unless --chat")
+    p.add_argument("--chat", action="store_true", help="render as the user message of a chat (generation prompt on)")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--thinking", choices=("on", "off"), default=None, help="enable_thinking for the chat template")
+
+
+def _model_dir(args) -> Path:
+    from .tiny import ensure_tiny
+
+    return args.model if args.model is not None else ensure_tiny()
+
+
+def _prompt_ids(args, tokenizer) -> list[int]:
+    if not args.chat:
+        return tokenizer.encode(args.text)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+               [{"role": "user", "content": args.text}]
+    thinking = None if args.thinking is None else args.thinking == "on"
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, enable_thinking=thinking)
+
+
+def cmd_tiny(args):
+    from .tiny import verify, write_checkpoint
+
+    path = write_checkpoint(args.dir, args.preset, args.seed)
+    digest = verify(path, args.preset) if args.seed == 0 else "(seed != 0: not checked)"
+    print(f"wrote {args.preset} checkpoint to {path} (sha256 {digest})")
+
+
+def cmd_tokenize(args):
+    from .tokenizer import Tokenizer
+
+    from .config import read_generation_config
+    model_dir = _model_dir(args)
+    tok = Tokenizer.from_dir(model_dir, read_generation_config(model_dir))
+    ids = _prompt_ids(args, tok)
+    if args.json:
+        print(json.dumps({"ids": ids, "tokens": [tok.id_to_token(i) for i in ids]}, ensure_ascii=False))
+    else:
+        for i in ids:
+            print(f"{i:>7}  {tok.token_bytes(i)!r}")
+        print(f"{len(ids)} tokens")
+
+
+def cmd_generate(args):
+    from .decode import generate
+    from .loader import load
+    from .sampling import SamplingParams
+
+    ckpt = load(_model_dir(args), args.dtype, args.device)
+    ids = _prompt_ids(args, ckpt.tokenizer)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
+    stream = ckpt.tokenizer.stream()
+    on_token = None
+    if not args.json:
+        def on_token(token):
+            if token not in ckpt.tokenizer.stop_ids:
+                print(stream.push(token), end="", flush=True)
+    gen = generate(ckpt.model, ids, params, mode=args.mode, tokenizer=ckpt.tokenizer, on_token=on_token)
+    if args.json:
+        print(json.dumps(gen.to_json(), ensure_ascii=False))
+    else:
+        print(stream.flush())
+        print(f"[{len(gen.ids)} tokens, stop: {gen.stop_reason}, prefill {gen.prefill_s * 1e3:.1f} ms, "
+              f"decode {gen.decode_tok_s:.1f} tok/s, {ckpt.model.device}, {ckpt.model.dtype}]", file=sys.stderr)
+
+
+def cmd_capture(args):
+    from .capture import capture_to_file
+    from .loader import load
+
+    ckpt = load(_model_dir(args), args.dtype, args.device)
+    ids = _prompt_ids(args, ckpt.tokenizer)
+    from .decode import check_context
+    check_context(ckpt.model, len(ids))
+    path = capture_to_file(ckpt, ids, args.impl, args.out, attention=args.attention)
+    print(f"wrote {path} ({args.impl}, {len(ids)} tokens)")
+
+
+def cmd_diff(args):
+    from .diff import diff_dumps
+
+    floors = json.loads(Path(args.floors).read_text()) if args.floors else None
+    result = diff_dumps(args.candidate, args.reference, dtype=args.dtype, floors=floors)
+    if args.json:
+        print(json.dumps(result.to_json_dict(), allow_nan=False))
+    else:
+        from .diff_report import summary_text
+        print(summary_text(result))
+    return 0 if result.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny", help="write a deterministic tiny Qwen3 checkpoint (HF layout)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--preset", default="tiny", help="tiny (default) | tiny-untied | qwen3-4b")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("tokenize", help="text -> token ids with the checkpoint's tokenizer")
+    _model_args(p, dtype_device=False)
+    _text_args(p, "--text")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("generate", help="decode after a prompt (greedy at --temperature 0)")
+    _model_args(p)
+    _text_args(p, "--prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=("kv", "replay"), default="kv")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("capture", help="write a canonical activation dump (.safetensors) for one prompt")
+    _model_args(p)
+    _text_args(p, "--prompt")
+    p.add_argument("--impl", choices=("qwenlab", "reference"), required=True)
+    p.add_argument("--attention", choices=("sdpa", "eager"), default=None, help="qwenlab attention kernel")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("diff", help="compare two dumps; exit 1 when a tensor exceeds its floor")
+    p.add_argument("candidate", type=Path)
+    p.add_argument("reference", type=Path)
+    p.add_argument("--dtype", default=None, help="floors for this dtype (default: the candidate's)")
+    p.add_argument("--floors", default=None, help="JSON file of floor overrides (dtype or glob -> rel_l2)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_diff)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except QwenlabError as e:
+        print(f"qwenlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qwenlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Activation dumps: one .safetensors file, tensors under canonical names plus string metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from safetensors import safe_open
+
+from qwenlab.errors import QwenlabError
+
+JSON_KEYS = ("prompt_ids", "versions")
+JSON_KEYS_MARKER = "json_keys"
+
+
+@dataclass
+class Dump:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def prompt_ids(self) -> list[int] | None:
+        return self.metadata.get("prompt_ids")
+
+    @property
+    def dtype(self) -> str | None:
+        return self.metadata.get("dtype")
+
+
+def library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def encode_metadata(metadata: dict) -> dict[str, str]:
+    """All values become strings; non-strings are JSON and listed under json_keys."""
+    merged = {"producer": "qwenlab", "versions": library_versions(),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    given = {k: _plain(v) for k, v in metadata.items() if v is not None}
+    if isinstance(given.get("versions"), dict):
+        given["versions"] = {**merged["versions"], **given["versions"]}
+    merged.update(given)
+    encoded, json_keys = {}, []
+    for key, value in merged.items():
+        if isinstance(value, str) and key not in JSON_KEYS:
+            encoded[str(key)] = value
+            continue
+        try:
+            encoded[str(key)] = json.dumps(value, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise QwenlabError(f"dump metadata {key!r} cannot be stored as JSON ({exc})") from None
+        json_keys.append(str(key))
+    encoded[JSON_KEYS_MARKER] = json.dumps(json_keys)
+    return encoded
+
+
+def _plain(value):
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def decode_metadata(raw: dict[str, str] | None, path) -> dict:
+    raw = dict(raw or {})
+    marker = raw.pop(JSON_KEYS_MARKER, None)
+    json_keys = set(JSON_KEYS)
+    if marker is not None:
+        json_keys |= set(_loads(marker, JSON_KEYS_MARKER, path))
+    return {key: _loads(value, key, path) if key in json_keys else value
+            for key, value in raw.items()}
+
+
+def _loads(text: str, key: str, path):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QwenlabError(f"{path}: metadata {key!r} is not valid JSON ({exc.msg})") from None
+
+
+def _prepare(tensors: dict) -> dict[str, torch.Tensor]:
+    prepared = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise QwenlabError(f"dump tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        prepared[str(name)] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+    return prepared
+
+
+def write_dump(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """Write atomically: a temp file in the same directory, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepared = _prepare(tensors)
+    encoded = encode_metadata(metadata or {})
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(prepared, tmp_name, metadata=encoded)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_dump(path) -> Dump:
+    path = Path(path)
+    if not path.is_file():
+        raise QwenlabError(f"dump not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QwenlabError(f"{path}: not a readable safetensors dump ({reason})") from None
+    return Dump(tensors=tensors, metadata=decode_metadata(raw, path), path=path)
