@@ -1,0 +1,78 @@
+"""What every numbered notebook shares: where its outputs go, how it records metrics, figures and its verdict.
+
+Contract with `qwenlab report`: a notebook run with parameter `out_dir` writes
+`<out_dir>/metrics/<notebook>.json` = {"notebook", "verdict": "pass"|"regressed", "reasons": [...], "metrics": {...}}
+and figures under `<out_dir>/figures/<notebook>_<name>.png`. A notebook never raises for a regression (the
+report decides the exit code from the verdict); a raised exception means the notebook errored.
+"""
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VERDICTS = ("pass", "regressed")
+
+
+def resolve_out_dir(out_dir: str | os.PathLike | None) -> Path:
+    """The run folder given by the report, or a scratch folder for interactive use."""
+    path = Path(out_dir) if out_dir else REPO_ROOT / "reports" / "scratch"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_thresholds(path: str | os.PathLike | None = None) -> dict:
+    path = Path(path) if path else REPO_ROOT / "data" / "thresholds.json"
+    return json.loads(path.read_text())
+
+
+def json_safe(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return json_safe(value.item())
+    return value
+
+
+def write_metrics(out_dir, notebook: str, metrics: dict, reasons: list[str]) -> dict:
+    """reasons = the thresholds that were exceeded (empty list -> verdict 'pass'). Written atomically."""
+    record = {"notebook": notebook, "verdict": "regressed" if reasons else "pass", "reasons": list(reasons),
+              "metrics": json_safe(metrics)}
+    folder = resolve_out_dir(out_dir) / "metrics"
+    folder.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=2, allow_nan=False)
+    os.replace(tmp, folder / f"{notebook}.json")
+    return record
+
+
+def save_figure(fig, out_dir, notebook: str, name: str) -> Path:
+    folder = resolve_out_dir(out_dir) / "figures"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{notebook}_{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def check_max(reasons: list[str], label: str, value: float, limit: float):
+    """Appends a reason when value > limit (or is not finite). Returns value for chaining in notebooks."""
+    if not (value <= limit):
+        reasons.append(f"{label} = {value:.4g} exceeds {limit:.4g}")
+    return value
+
+
+def check_min(reasons: list[str], label: str, value: float, limit: float):
+    if not (value >= limit):
+        reasons.append(f"{label} = {value:.4g} is below {limit:.4g}")
+    return value
+
+
+def verdict_line(record: dict) -> str:
+    head = f"VERDICT {record['notebook']}: {record['verdict'].upper()}"
+    return head if not record["reasons"] else head + "\n  - " + "\n  - ".join(record["reasons"])
