@@ -1,10 +1,14 @@
 """`qwenlab` / `python -m qwenlab`: every command takes --model DIR (default: the embedded tiny fixture)."""
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
 from .errors import QwenlabError
+
+# Modules that add their own subcommand via register(subparsers); they import heavy things lazily.
+PLUGIN_COMMANDS = ()
 
 
 def _model_args(p: argparse.ArgumentParser, dtype_device: bool = True):
@@ -151,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--floors", default=None, help="JSON file of floor overrides (dtype or glob -> rel_l2)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diff)
+
+    for module in PLUGIN_COMMANDS:
+        importlib.import_module(f"qwenlab.{module}").register(sub)
     return parser
 
 

@@ -22,8 +22,12 @@ def resolve_out_dir(out_dir: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_thresholds(path: str | os.PathLike | None = None) -> dict:
-    path = Path(path) if path else REPO_ROOT / "data" / "thresholds.json"
+def load_thresholds(thresholds_dir: str | os.PathLike | None, notebook: str) -> dict:
+    """data/thresholds/<notebook>.json (or the same file name under another folder given by the report)."""
+    path = Path(thresholds_dir or REPO_ROOT / "data" / "thresholds") / f"{notebook}.json"
+    if not path.is_file():
+        from .errors import QwenlabError
+        raise QwenlabError(f"{path}: thresholds file not found")
     return json.loads(path.read_text())
 
 
