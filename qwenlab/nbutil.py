@@ -52,6 +52,7 @@ def write_metrics(out_dir, notebook: str, metrics: dict, reasons: list[str]) -> 
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=2, allow_nan=False)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, folder / f"{notebook}.json")
     return record
 
