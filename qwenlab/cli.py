@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import QwenlabError
 
 # Modules that add their own subcommand via register(subparsers); they import heavy things lazily.
-PLUGIN_COMMANDS = ("report",)
+PLUGIN_COMMANDS = ("report", "stress")
 
 
 def _model_args(p: argparse.ArgumentParser, dtype_device: bool = True):
