@@ -188,9 +188,9 @@ def measure_kv(model, lengths, *, ids_seed: int = 0):
     """For each context length L: a preallocated cache of L positions (new_cache) and a grown cache filled by a
     prefill of L tokens. Measured: the cache's own tensor bytes (KVCache.nbytes) and, on CUDA, the allocated delta
     the cache leaves behind (on CPU the process RSS is too coarse: glibc reuses freed heap). On CUDA also the
-    prefill's workspace: its peak allocated above what was resident when it started. The grown layout is measured
-    after a warm-up prefill of the same length: on an H100 the first such prefill left a 17 MiB library workspace
-    allocated (cuBLAS/attention), which is not KV cache and would read as a 12% error."""
+    prefill's workspace: its peak allocated above what was resident when it started. A grown cache can cost more
+    than its bytes on CUDA: its tensors reuse freed allocator blocks that are too small to split, and the allocator
+    counts the whole block (on an H100, 17 MiB over 144 MiB at 1024 tokens; the preallocated cache was exact)."""
     import gc
 
     import pandas as pd
@@ -219,7 +219,6 @@ def measure_kv(model, lengths, *, ids_seed: int = 0):
                      "prefill_workspace_bytes": workspace,
                      "workspace_predicted_bytes": workspace_bytes(cfg, dtype, L)["total"]})
         del cache
-        model(ids, cache=new_cache(model, L, preallocate=False), last_only=True)  # warm-up: lazy library workspaces
         gc.collect()
         before = _allocated(device)
         cache = new_cache(model, L, preallocate=False)

@@ -130,16 +130,19 @@ def test_notebook_verdict_cuda_branch_with_a_faked_allocator(ckpt, monkeypatch):
         frames[policy] = rows
     assert rows[0]["peak_bytes"] == 150 * 2 ** 20 and rows[0]["end_reserved_bytes"] == 300 * 2 ** 20
     timeline = tracker.frame()
-    kv = pd.DataFrame({"rel_error": [0.0], "cuda_rel_error": [0.001], "workspace_ratio": [0.7]})
+    kv = pd.DataFrame({"layout": ["preallocated", "grown"], "rel_error": [0.0, 0.0], "cuda_rel_error": [0.001, 0.12],
+                       "workspace_ratio": [0.7, float("nan")]})
     weights = weights_check(ckpt.model, float(stats["allocated_bytes.all.current"]), 0.01)
     result = stress.run_matrix(config(iterations=2, turns=1, max_new_tokens=1), ckpt=ckpt)
-    thresholds = {"weights_rel_error_max": 0.01, "kv_rel_error_max": 0.01, "workspace_ratio_max": 3.0}
+    thresholds = {"weights_rel_error_max": 0.01, "kv_rel_error_max": 0.01, "kv_grown_overhead_max": 0.25,
+                  "workspace_ratio_max": 3.0}
     metrics, reasons = stress.notebook_verdict(
         thresholds, device="cuda:0", weights=weights, kv=kv, timeline=timeline,
         empty_cache_frame=pd.DataFrame(frames["off"] + frames["on"]), strategies_frame=pd.DataFrame(frames["on"]),
         stress=result)
     assert metrics["fragmentation_max_bytes"] == 200 * 2 ** 20
     assert metrics["workspace_ratio"] == 0.7 and metrics["kv_cuda_rel_error"] == 0.001
+    assert metrics["kv_cuda_grown_overhead"] == 0.12
     assert metrics["empty_cache_off_turn_end_mean_bytes"] == 300 * 2 ** 20
     assert "weights_cuda_allocated_after_load_rel_error" in metrics
     # the fake allocator's 100 MiB is not the tiny model's 38 MiB of weights: flagged, like a kept copy would be
