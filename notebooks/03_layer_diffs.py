@@ -1,0 +1,208 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: qwenlab
+#     language: python
+#     name: qwenlab
+# ---
+
+# %% [markdown]
+# # 03 · Layer-by-layer activation diffs
+#
+# **Question: does every activation of the forward match the reference, and if not, where does it first go wrong?**
+#
+# Both implementations run the same prompts; every canonical activation (DESIGN.md: `embed`, per layer `input`,
+# `input_layernorm`, `attn.q_proj` ... `output`, then `norm`, `logits`) is compared with max-abs, rel_l2, cosine and
+# NMSE. A row is red when its rel_l2 exceeds the dtype's floor; the **first** red row in forward order is where a bug
+# is, every later row only inherits it.
+#
+# With the parameter `candidate` set to a dump file written by any implementation (any language with a safetensors
+# writer, see doc/), the candidate replaces qwenlab's forward: the reference is run on the dump's own `prompt_ids`
+# and the same tables, heatmap and verdict follow.
+#
+# The second section is the notebook's own proof that the table works: known bugs are planted in copies of qwenlab's
+# model and the diff must name each one's expected tensor.
+
+# %% tags=["parameters"]
+model_dir = ""  # checkpoint directory (HF layout); empty: the embedded tiny fixture
+device = "cpu"
+dtype = "float32"
+out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
+thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
+prompts = [
+    "The quick brown fox jumps over the lazy dog.",
+    "chat:What is the capital of France? Answer in one word.",
+    "数学とコード: sum(range(10)) 是 45 👍🏽",
+]  # raw text, or chat:<user turn>
+candidate = ""  # activation dump (.safetensors) from another implementation; empty: run qwenlab
+attention = ""  # qwenlab attention, sdpa or eager; empty: the model's default
+plant_bugs = True  # run the planted-bug section
+
+# %%
+import os
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import display
+
+from qwenlab import layer_diffs as ld
+from qwenlab import nbutil, planted, plots
+from qwenlab.capture import capture_qwenlab
+from qwenlab.diff import rel_l2_grid, styled
+from qwenlab.loader import load
+from qwenlab.reference import load_reference
+from qwenlab.tiny import ensure_tiny
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+NOTEBOOK = "03_layer_diffs"
+thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
+floors = thresholds.get("floors") or None
+model_path = Path(model_dir) if model_dir else ensure_tiny()
+ckpt = load(model_path, dtype, device)
+model, tok = ckpt.model, ckpt.tokenizer
+reference = load_reference(model_path, model.dtype, model.device)
+print(f"model {model_path} · {model.dtype} on {model.device} · {model.config.num_hidden_layers} layers")
+
+# %% [markdown]
+# ## 1. Capture and diff
+#
+# One row per prompt: tokens, tensors compared, the first divergent tensor (None when none), the largest rel_l2, the
+# tensor that came closest to its floor, and the logits statistics (KL(ref||cand) per position, top-1 agreement,
+# delta-p of the reference's top token).
+
+# %%
+if candidate:
+    cand_diff, cand_meta = ld.diff_candidate(candidate, reference, floors=floors)
+    display(ld.candidate_identity(cand_meta, ckpt.config).to_frame("candidate"))
+    diffs = [cand_diff]
+else:
+    diffs = ld.diff_prompts(model, reference, tok, prompts, attention=attention or None, floors=floors)
+summary = ld.summary_frame(diffs)
+display(summary)
+
+# %% [markdown]
+# ## 2. The full table
+#
+# Every tensor in forward order; for several prompts each row shows the prompt where that tensor came closest to (or
+# furthest over) its floor. Red rows exceed the floor, the first one is bold. `status` says `only_in_candidate` /
+# `only_in_reference` where one side lacks a tensor (reported, not a failure).
+
+# %%
+table = ld.worst_frame(diffs)
+first = ld.first_divergence(table)
+print(f"first divergent tensor: {first or 'none, every compared tensor is within its floor'}")
+columns = ["prompt", "status", "shape", "max_abs", "rel_l2", "cosine", "nmse_db", "floor", "exceeds"]
+display(styled(table[columns]))
+
+# %% [markdown]
+# ## 3. Heatmap: rel_l2 over layers x activation points
+#
+# Log colour scale: dark is close agreement (exact zeros are drawn at 1e-9), bright is large difference; red
+# outlines mark cells over their floor and the red line on the colour bar is the floor. A bug shows up as a bright
+# column or row starting at one cell; numerical noise as a smooth drift with depth.
+
+# %%
+unique_floors = table["floor"].dropna().unique()
+fig = plots.rel_l2_heatmap(rel_l2_grid(table), floor=unique_floors[0] if len(unique_floors) == 1 else None,
+                           exceeds=ld.exceeds_grid(table),
+                           title=f"{'candidate' if candidate else 'qwenlab'} vs reference: rel_l2 ({ckpt.name})")
+figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "rel_l2_heatmap")
+
+# %% [markdown]
+# ## 4. Logits
+#
+# Pooled over every position of every prompt, in the shape of `llama-perplexity --kl-divergence`: KL mean, max and
+# percentiles, top-1 agreement with the reference, and delta-p (the reference's top-token probability minus the
+# candidate's probability of that token).
+
+# %%
+logits = ld.pooled_logits(diffs)
+display(pd.Series(logits, name="logits vs reference").to_frame())
+
+# %% [markdown]
+# ## 5. Planted bugs: does the table point at them?
+#
+# Each bug is planted in a deep copy of qwenlab's model (the loaded one is untouched) and diffed against the
+# reference on the first prompt:
+#
+# * RoPE theta 10x off: must surface at `layers.0.attn.q_rope`, the first tensor RoPE touches;
+# * layer 1 skipping its per-head q RMSNorm: `layers.1.attn.q_norm`;
+# * layers 1 and 2 holding each other's weights: the first tensor of layer 1 whose weights differ,
+#   `layers.1.input_layernorm`;
+# * only 2 layers loaded, the rest left at zeros (the story's 2 of 36): `layers.2.input_layernorm`.
+
+# %%
+if plant_bugs:
+    first_prompt = diffs[0] if not candidate else None
+    plant_ids = first_prompt.ids if first_prompt else ld.encode_prompt(tok, prompts[0])
+    plant_ref = first_prompt.reference if first_prompt else ld.reference_tensors(reference, plant_ids)
+    bugs = planted.standard_bugs(model)
+    localised, planted_results = planted.localise(
+        bugs, plant_ids, plant_ref, floors=floors,
+        capture=lambda m, ids: capture_qwenlab(m, ids, attention=attention or None))
+    display(localised)
+else:
+    localised, planted_results = pd.DataFrame(columns=["expected", "found", "localised"]), {}
+    print("planted-bug section skipped (plant_bugs is False)")
+
+# %% [markdown]
+# The same heatmap for one planted bug (layer 1 without q_norm when the model has 2+ layers): everything before the
+# bug is dark, the first outlined cell is the bug, and the difference then spreads to every later tensor.
+
+# %%
+if planted_results:
+    shown_bug = next((b.name for b in bugs if "q_norm" in b.name), bugs[0].name)
+    bug_table = planted_results[shown_bug].to_frame()
+    fig = plots.rel_l2_heatmap(rel_l2_grid(bug_table), floor=unique_floors[0] if len(unique_floors) == 1 else None,
+                               exceeds=ld.exceeds_grid(bug_table), title=f"planted bug '{shown_bug}': rel_l2")
+    figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "planted_heatmap")
+
+# %% [markdown]
+# ## Verdict
+#
+# Pass when no prompt has a divergent tensor, the pooled logits KL mean is below the thresholds file's value for
+# this dtype, and (when the section ran) every planted bug is localised at its expected tensor.
+
+# %%
+run_dtype = str(model.dtype).removeprefix("torch.") if not candidate else diffs[0].result.dtype
+metrics = {
+    "candidate": candidate,
+    "dtype": run_dtype,
+    "prompts": len(diffs),
+    "prompt_tokens": [len(d.ids) for d in diffs],
+    "compared_tensors": int(summary["compared"].sum()),
+    "divergent_prompts": int((~summary["passed"]).sum()),
+    "first_divergence": first,
+    "max_rel_l2": float(table["rel_l2"].max()),
+    "closest_to_floor": ld.closest_to_floor(table),
+    "only_in_candidate": sorted({n for d in diffs for n in d.result.only_in_candidate}),
+    "only_in_reference": sorted({n for d in diffs for n in d.result.only_in_reference}),
+    "logits": logits,
+    "per_prompt": summary.reset_index().to_dict(orient="records"),
+    "planted": localised.to_dict(orient="index"),
+    "planted_total": len(localised),
+    "planted_localised": int(localised["localised"].sum()),
+}
+reasons = []
+nbutil.check_max(reasons, "prompts with a divergent tensor", metrics["divergent_prompts"],
+                 thresholds["max_divergent_prompts"])
+if first:
+    reasons.append(f"first divergent tensor: {first}")
+if candidate and cand_meta.get("config_hash") not in (None, ckpt.config.config_hash()):
+    reasons.append(f"candidate was dumped for config {cand_meta['config_hash']}, not this checkpoint's "
+                   f"{ckpt.config.config_hash()}")
+kl_limit = thresholds["max_kl_mean"].get(run_dtype, thresholds["max_kl_mean"]["float32"])
+nbutil.check_max(reasons, "logits KL mean", logits.get("kl_mean", float("nan")), kl_limit)
+if plant_bugs:
+    nbutil.check_min(reasons, "planted bugs localised (fraction)",
+                     metrics["planted_localised"] / max(metrics["planted_total"], 1),
+                     thresholds["min_planted_localised_fraction"])
+record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
+print(nbutil.verdict_line(record))
