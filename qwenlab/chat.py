@@ -59,6 +59,7 @@ class ChatSession:
             gen = generate(self.model, ids, params, mode="replay", tokenizer=self.tokenizer, **kwargs)
         else:
             if self.strategy == "rebuild" or self.cache is None:
+                self.cache = None  # drop the old cache before allocating the new one: one cache alive, not two
                 self.cache, self.cached_ids = new_cache(self.model, self.max_len, self.preallocate), []
             reused = common_prefix(self.cached_ids, ids)
             if reused == len(ids):

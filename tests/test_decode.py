@@ -92,3 +92,24 @@ def test_should_stop_stops_with_reason_stopped(tiny):
     out = generate(tiny.model, ids, SamplingParams(max_new_tokens=100), stop_ids=(-1,),
                    on_token=seen.append, should_stop=lambda: len(seen) >= 5)
     assert out.stop_reason == "stopped" and len(out.ids) == 5
+
+
+def test_rebuild_never_holds_two_caches(tiny, monkeypatch):
+    import weakref
+
+    import qwenlab.chat as chat
+
+    alive = []
+    original = chat.new_cache
+
+    def tracking_new_cache(*args, **kwargs):
+        assert sum(ref() is not None for ref in alive) == 0, "the previous turn's cache is still referenced"
+        cache = original(*args, **kwargs)
+        alive.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(chat, "new_cache", tracking_new_cache)
+    session = ChatSession(tiny.model, tiny.tokenizer, strategy="rebuild")
+    for user in ("one", "two", "three"):
+        session.send(user, SamplingParams(max_new_tokens=4))
+    assert len(alive) == 3
