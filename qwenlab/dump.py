@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import safetensors
 import safetensors.torch
 import torch
 from safetensors import safe_open
 
 from qwenlab.errors import QwenlabError
+from qwenlab.versions import package_versions
 
 JSON_KEYS = ("prompt_ids", "versions")
 JSON_KEYS_MARKER = "json_keys"
@@ -37,8 +36,7 @@ class Dump:
 
 
 def library_versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "safetensors": safetensors.__version__}
+    return package_versions(("torch", "safetensors"))
 
 
 def encode_metadata(metadata: dict) -> dict[str, str]:

@@ -9,6 +9,7 @@ import torch
 
 from .errors import QwenlabError
 from .probe import Probe
+from .versions import package_versions as versions  # noqa: F401  (re-exported)
 
 
 def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="cpu"):
@@ -109,18 +110,6 @@ def reference_generate(model, ids: list[int], max_new_tokens: int, stop_ids=()) 
                          max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids) or None,
                          pad_token_id=(list(stop_ids) or [0])[0], temperature=None, top_p=None, top_k=None)
     return out[0, len(ids):].tolist()
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "transformers", "tokenizers", "safetensors", "qwenlab"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def reference_name() -> str:

@@ -188,15 +188,9 @@ def git_commit(repo=REPO_ROOT) -> tuple[str, bool | None]:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
+    from .versions import package_versions
 
-    out = {"python": sys.version.split()[0]}
-    for pkg in VERSION_PACKAGES:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return package_versions(VERSION_PACKAGES, missing="not installed")
 
 
 def resolve_model(model) -> tuple[Path, str]:
@@ -210,15 +204,6 @@ def resolve_model(model) -> tuple[Path, str]:
     if not path.is_dir():
         raise QwenlabError(f"{model}: not a directory (--model expects a Qwen3 checkpoint directory)")
     return path, read_config(path).config_hash()
-
-
-def resolve_device(device: str | None) -> str:
-    if device is None:
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise QwenlabError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    return device
 
 
 # ---------------------------------------------------------------- execution
@@ -427,7 +412,9 @@ def run_report(args) -> int:
     now = datetime.now(timezone.utc)
     # Everything that can be wrong with the request is found before a folder is made or a kernel started.
     model_dir, config_hash = resolve_model(args.model)
-    device = resolve_device(args.device)
+    from .loader import resolve_device
+
+    device = str(resolve_device(args.device))
     all_notebooks = discover(args.notebooks_dir or NOTEBOOKS_DIR)
     notebooks = select(all_notebooks, args.only)
     thresholds_dir = existing(args.thresholds_dir, "--thresholds-dir", Path.is_dir) or ""
