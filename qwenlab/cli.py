@@ -11,12 +11,11 @@ from .errors import QwenlabError
 PLUGIN_COMMANDS = ("report", "stress")
 
 
-def _model_args(p: argparse.ArgumentParser, dtype_device: bool = True):
+def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", type=Path, default=None,
                    help="Qwen3 checkpoint directory in HF layout (default: the embedded tiny fixture)")
-    if dtype_device:
-        p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
-        p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
 
 
 def _text_args(p: argparse.ArgumentParser, flag: str):
@@ -50,9 +49,13 @@ def cmd_tiny(args):
 
 
 def cmd_tokenize(args):
+    from .config import read_generation_config
+    from .loader import parse_dtype, resolve_device
     from .tokenizer import Tokenizer
 
-    from .config import read_generation_config
+    resolve_device(args.device)
+    if args.dtype != "auto":
+        parse_dtype(args.dtype)
     model_dir = _model_dir(args)
     tok = Tokenizer.from_dir(model_dir, read_generation_config(model_dir))
     ids = _prompt_ids(args, tok)
@@ -89,11 +92,11 @@ def cmd_generate(args):
 
 def cmd_capture(args):
     from .capture import capture_to_file
+    from .decode import check_context
     from .loader import load
 
     ckpt = load(_model_dir(args), args.dtype, args.device)
     ids = _prompt_ids(args, ckpt.tokenizer)
-    from .decode import check_context
     check_context(ckpt.model, len(ids))
     path = capture_to_file(ckpt, ids, args.impl, args.out, attention=args.attention)
     print(f"wrote {path} ({args.impl}, {len(ids)} tokens)")
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("tokenize", help="text -> token ids with the checkpoint's tokenizer")
-    _model_args(p, dtype_device=False)
+    _model_args(p)  # --dtype/--device are validated for uniformity; tokenizing loads no weights
     _text_args(p, "--text")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tokenize)
