@@ -68,16 +68,17 @@ try:
 except ImportError:  # run as a plain script (scripts/gpu_memory_evidence.sh without jupyter)
     display = print
 
-from qwenlab import memory, memory_model, nbutil, stress
+from qwenlab import memory, memory_device, memory_frame, memory_model, memory_notebook, memory_plots, nbutil
+from qwenlab import scripted_chat, stress, stress_matrix
 from qwenlab.loader import load
 from qwenlab.sampling import SamplingParams
 from qwenlab.tiny import ensure_tiny
 
 NOTEBOOK = "05_memory_fluctuation"
-allocator = memory.apply_allocator_config(None if not expandable_segments else expandable_segments == "on")
+allocator = memory_device.apply_allocator_config(None if not expandable_segments else expandable_segments == "on")
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = Path(model_dir) if model_dir else ensure_tiny()
-system, script = stress.load_script()
+system, script = scripted_chat.load_script()
 chat_turns = script[:turns]
 params = SamplingParams(max_new_tokens=max_new_tokens)
 strategy_list = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -108,15 +109,15 @@ tracker = memory.MemoryTracker(device, interval_s=interval_s or None)
 with tracker.phase("load"):
     ckpt = load(model_path, dtype, device)
 model = ckpt.model
-cuda = memory.is_cuda(model.device)
+cuda = memory_device.is_cuda(model.device)
 load_frame = tracker.frame()
-weights = memory_model.weights_check(model, memory.phase_delta(load_frame, "load", "cuda_allocated"),
+weights = memory_model.weights_check(model, memory_frame.phase_delta(load_frame, "load", "cuda_allocated"),
                                      thresholds["weights_rel_error_max"])
 display(weights)
 display((pd.DataFrame({d: memory_model.weight_bytes(model.config, d) for d in ("float32", "bfloat16", "nvfp4")})
          / MiB).round(2).rename_axis("MiB"))
 print(f"{model_path.name}: {model.dtype} on {model.device}; load phase RSS delta "
-      f"{memory.phase_delta(load_frame, 'load', 'rss') / MiB:.1f} MiB (weights, tokenizer and imports)")
+      f"{memory_frame.phase_delta(load_frame, 'load', 'rss') / MiB:.1f} MiB (weights, tokenizer and imports)")
 
 # %% [markdown]
 # ## 2. Timeline of one chat (session strategy)
@@ -128,13 +129,14 @@ print(f"{model_path.name}: {model.dtype} on {model.device}; load phase RSS delta
 # on CPU the kernel's VmHWM). A staircase in allocated at turn ends is a lifetime bug.
 
 # %%
-recording = memory.record_history(history_path, device=model.device) if history_path else contextlib.nullcontext()
+recording = (memory_device.record_history(history_path, device=model.device) if history_path
+             else contextlib.nullcontext())
 with recording:
-    timeline_rows, _ = stress.run_chat(ckpt, stress.Policy("session", preallocate), chat_turns, params,
-                                       system=system, tracker=tracker)
+    timeline_rows, _ = scripted_chat.run_chat(ckpt, scripted_chat.Policy("session", preallocate), chat_turns,
+                                              params, system=system, tracker=tracker)
 tracker.stop()
 timeline = tracker.frame()
-show(memory.plot_timeline(timeline, tracker.spans_frame()), "timeline")
+show(memory_plots.plot_timeline(timeline, tracker.spans_frame()), "timeline")
 display(pd.DataFrame(timeline_rows)[["turn", "prefill_tokens", "reused_tokens", "new_tokens", "context_tokens",
                                      "latency_s", "peak_bytes", "end_bytes", "kv_cache_bytes"]])
 
@@ -148,11 +150,11 @@ display(pd.DataFrame(timeline_rows)[["turn", "prefill_tokens", "reused_tokens", 
 # no caching allocator to empty: the call does nothing and both lines show host RSS.
 
 # %%
-empty_cache_frame = stress.compare_empty_cache(ckpt, chat_turns, params, system=system,
-                                               strategy=empty_cache_strategy, preallocate=preallocate)
+empty_cache_frame = memory_notebook.compare_empty_cache(ckpt, chat_turns, params, system=system,
+                                                        strategy=empty_cache_strategy, preallocate=preallocate)
 if not cuda:
     print("CPU run: torch.cuda.empty_cache() does nothing here (host memory is glibc malloc's, not torch's cache)")
-show(stress.plot_empty_cache(empty_cache_frame, cuda), "empty_cache")
+show(memory_plots.plot_empty_cache(empty_cache_frame, cuda), "empty_cache")
 display(empty_cache_frame.pivot(index="turn", columns="empty_cache",
                                 values=["end_bytes", "end_reserved_bytes", "peak_bytes"]))
 
@@ -166,11 +168,11 @@ display(empty_cache_frame.pivot(index="turn", columns="empty_cache",
 # remedy. On CPU: n/a.
 
 # %%
-frag = memory.fragmentation(timeline)
+frag = memory_frame.fragmentation(timeline)
 if frag.empty:
     print("n/a on CPU: no caching allocator, so no reserved-vs-allocated gap to show")
 else:
-    show(memory.plot_fragmentation(timeline), "fragmentation")
+    show(memory_plots.plot_fragmentation(timeline), "fragmentation")
     display((frag[["cached_unused", "cuda_inactive_split"]].describe().loc[["mean", "max"]] / MiB).round(1))
 
 # %% [markdown]
@@ -197,9 +199,9 @@ display(kv)
 # each strategy allocates at once (rebuild briefly holds the old and the new cache).
 
 # %%
-strategies_frame = stress.compare_strategies(ckpt, strategy_list, chat_turns, params, system=system,
-                                             preallocate=preallocate)
-show(stress.plot_strategies(strategies_frame), "strategies")
+strategies_frame = memory_notebook.compare_strategies(ckpt, strategy_list, chat_turns, params, system=system,
+                                                      preallocate=preallocate)
+show(memory_plots.plot_strategies(strategies_frame), "strategies")
 display(strategies_frame.pivot(index="turn", columns="strategy",
                                values=["latency_s", "prefill_tokens", "tokens_computed", "peak_bytes"]))
 
@@ -212,13 +214,14 @@ display(strategies_frame.pivot(index="turn", columns="strategy",
 # iteration it must stay flat: growth beyond the threshold is a leak. Any exception is recorded as a crash.
 
 # %%
-stress_result = stress.run_matrix(
-    stress.StressConfig(strategies=tuple(strategy_list), iterations=iterations, turns=turns,
-                        max_new_tokens=stress_max_new_tokens, preallocate=preallocate,
-                        leak_threshold_mb=stress.leak_threshold(thresholds, model.device)), ckpt=ckpt)
+stress_result = stress_matrix.run_matrix(
+    stress_matrix.StressConfig(strategies=tuple(strategy_list), iterations=iterations, turns=turns,
+                               max_new_tokens=stress_max_new_tokens, preallocate=preallocate,
+                               leak_threshold_mb=memory_notebook.leak_threshold(thresholds, model.device)),
+    ckpt=ckpt)
 print(stress.format_table(stress_result))
 print(stress.verdict_line(stress_result))
-show(stress.plot_baselines(stress_result), "stress_baselines")
+show(memory_plots.plot_baselines(stress_result), "stress_baselines")
 
 # %% [markdown]
 # ## Verdict
@@ -228,9 +231,9 @@ show(stress.plot_baselines(stress_result), "stress_baselines")
 # warm-up (a leak) or when any stress iteration crashed.
 
 # %%
-metrics, reasons = stress.notebook_verdict(thresholds, device=model.device, weights=weights, kv=kv,
-                                           timeline=timeline, empty_cache_frame=empty_cache_frame,
-                                           strategies_frame=strategies_frame, stress=stress_result)
+metrics, reasons = memory_notebook.notebook_verdict(thresholds, device=model.device, weights=weights, kv=kv,
+                                                    timeline=timeline, empty_cache_frame=empty_cache_frame,
+                                                    strategies_frame=strategies_frame, stress=stress_result)
 metrics |= {"model": str(model_path), "dtype": str(model.dtype), "config_hash": model.config.config_hash(),
             "allocator": allocator}
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)

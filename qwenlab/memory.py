@@ -15,78 +15,21 @@ labels set on the tracker (strategy, policy...), then bytes:
                         included; device_used - reserved is memory outside this process's caching allocator
 CPU runs leave every cuda_* column NaN.
 """
-import gc
-import os
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-import psutil
 import torch
+
+from .memory_device import NAN, cuda_sample, host_sample, is_cuda, read_hwm, reset_hwm
+from .memory_frame import turn_peaks
 
 HOST_COLUMNS = ("rss", "uss", "host_peak_rss")
 CUDA_COLUMNS = ("cuda_allocated", "cuda_reserved", "cuda_active", "cuda_inactive_split", "cuda_peak_allocated",
                 "cuda_peak_reserved", "cuda_num_alloc_retries", "cuda_num_ooms", "cuda_device_used",
                 "cuda_device_total")
 BYTE_COLUMNS = HOST_COLUMNS + CUDA_COLUMNS
-NAN = float("nan")
 USS_MODES = ("all", "boundaries", "off")
-ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
-
-
-def _read_hwm() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return NAN
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def is_cuda(device) -> bool:
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
-
-
-def cuda_sample(device) -> dict:
-    """The allocator's counters for one device (no synchronisation: they are host-side bookkeeping)."""
-    s = torch.cuda.memory_stats(device)
-    free, total = torch.cuda.mem_get_info(device)
-    return {"cuda_allocated": s.get("allocated_bytes.all.current", 0),
-            "cuda_reserved": s.get("reserved_bytes.all.current", 0),
-            "cuda_active": s.get("active_bytes.all.current", 0),
-            "cuda_inactive_split": s.get("inactive_split_bytes.all.current", 0),
-            "cuda_peak_allocated": s.get("allocated_bytes.all.peak", 0),
-            "cuda_peak_reserved": s.get("reserved_bytes.all.peak", 0),
-            "cuda_num_alloc_retries": s.get("num_alloc_retries", 0),
-            "cuda_num_ooms": s.get("num_ooms", 0),
-            "cuda_device_used": total - free, "cuda_device_total": total}
-
-
-def host_sample(uss: bool = True) -> dict:
-    proc = psutil.Process()
-    if uss:
-        info = proc.memory_full_info()
-        return {"rss": info.rss, "uss": info.uss}
-    return {"rss": proc.memory_info().rss, "uss": NAN}
-
-
-def settle(device):
-    """What a baseline is taken after: garbage collected and, on CUDA, every kernel finished."""
-    gc.collect()
-    if is_cuda(device):
-        torch.cuda.synchronize(device)
 
 
 class MemoryTracker:
@@ -111,7 +54,7 @@ class MemoryTracker:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.hwm_resettable = _reset_hwm()
+        self.hwm_resettable = reset_hwm()
         self.t0 = time.perf_counter()
         if interval_s:
             self.start()
@@ -119,7 +62,7 @@ class MemoryTracker:
     # sampling
     def sample(self, uss: bool = True) -> dict:
         row = host_sample(uss)
-        row["host_peak_rss"] = _read_hwm() if self.hwm_resettable else NAN
+        row["host_peak_rss"] = read_hwm() if self.hwm_resettable else NAN
         if self.cuda:
             row |= cuda_sample(self.device)
         else:
@@ -138,7 +81,7 @@ class MemoryTracker:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.hwm_resettable:
-            _reset_hwm()
+            reset_hwm()
 
     def begin(self, phase: str, turn=None, **labels):
         """Starts a phase: resets the peak counters so the phase's end row carries the phase's own peak."""
@@ -279,151 +222,3 @@ class MemoryTracker:
         and the memory left at its end."""
         return turn_peaks(self.frame())
 
-
-def turn_peaks(frame):
-    import pandas as pd
-
-    f = frame[frame["turn"].notna()]
-    if f.empty:
-        return pd.DataFrame()
-    host_peak = f["host_peak_rss"].where(f["host_peak_rss"].notna(), f["rss"])
-    f = f.assign(host_peak=host_peak)
-    g = f.groupby("turn", sort=True)
-    out = pd.DataFrame({"peak_rss": g["host_peak"].max(), "peak_cuda_allocated": g["cuda_peak_allocated"].max(),
-                        "peak_cuda_reserved": g["cuda_peak_reserved"].max()})
-    end = f[f["phase"] == "turn_end"].groupby("turn").last()
-    for c in ("rss", "uss", "cuda_allocated", "cuda_reserved", "cuda_device_used"):
-        out[f"end_{c}"] = end[c] if c in end else NAN
-    t0, t1 = g["t"].min(), g["t"].max()
-    out["t_start"], out["t_end"] = t0, t1
-    return out.reset_index()
-
-
-# policies
-def empty_cache(device) -> bool:
-    """torch.cuda.empty_cache(): hands the allocator's unused cached blocks back to the driver. Returns whether
-    anything could be done: on CPU nothing (the host allocator is glibc malloc, not torch's caching allocator)."""
-    if is_cuda(device):
-        torch.cuda.empty_cache()
-        return True
-    return False
-
-
-def allocator_config(expandable_segments: bool) -> str:
-    """The PYTORCH_CUDA_ALLOC_CONF value for the policy (any other options already set are kept)."""
-    parts = [p for p in os.environ.get(ALLOC_CONF_ENV, "").split(",") if p and not p.startswith("expandable_segments")]
-    return ",".join(parts + [f"expandable_segments:{'True' if expandable_segments else 'False'}"])
-
-
-def apply_allocator_config(expandable_segments: bool | None) -> str:
-    """Sets PYTORCH_CUDA_ALLOC_CONF for this process. Honoured only when CUDA has not initialised yet, so in
-    practice only in a fresh process (qwenlab stress --fresh-process passes it to each child). Returns one of
-    'default' (None asked), 'set', 'already' (the running allocator has it), 'not honoured (CUDA already
-    initialised)', 'n/a (no CUDA)'."""
-    if expandable_segments is None:
-        return "default"
-    if not torch.cuda.is_available():
-        return "n/a (no CUDA)"
-    want = allocator_config(expandable_segments)
-    if torch.cuda.is_initialized():
-        return "already" if os.environ.get(ALLOC_CONF_ENV, "") == want else "not honoured (CUDA already initialised)"
-    os.environ[ALLOC_CONF_ENV] = want
-    return "set"
-
-
-@contextmanager
-def record_history(path, max_entries: int = 20_000, stacks: str = "python", device=None):
-    """Records the last max_entries CUDA allocator events with their stacks ('python' keeps the pickle small and
-    the dump fast; 'all' adds C++ frames) while the block runs, then writes a snapshot pickle to open at
-    https://pytorch.org/memory_viz. On CPU it records nothing and says so. Yields the path (None on CPU)."""
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-        print("record_history: CUDA is not available, no allocator history to record (CPU run)")
-        yield None
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks=stacks)
-    try:
-        yield path
-    finally:
-        torch.cuda.memory._dump_snapshot(str(path))
-        torch.cuda.memory._record_memory_history(enabled=None)
-
-
-# reading the frame
-def unit_for(max_bytes: float) -> tuple[float, str]:
-    return (2 ** 30, "GiB") if max_bytes >= 4 * 2 ** 30 else (2 ** 20, "MiB")
-
-
-def has_cuda_columns(frame) -> bool:
-    return bool(frame["cuda_allocated"].notna().any())
-
-
-def phase_delta(frame, phase: str, column: str) -> float:
-    """column at the end of the (first) phase minus at its start: e.g. the bytes the load left resident."""
-    rows = frame[frame["phase"] == phase]
-    start, end = rows[rows["event"] == "start"], rows[rows["event"] == "end"]
-    if start.empty or end.empty:
-        return NAN
-    return float(end[column].iloc[0] - start[column].iloc[0])
-
-
-def fragmentation(frame):
-    """reserved - allocated (cached but unused) and inactive split bytes per sample; empty on CPU."""
-    if not has_cuda_columns(frame):
-        return frame.iloc[0:0][["t", "phase"]]
-    return frame.assign(cached_unused=frame["cuda_reserved"] - frame["cuda_allocated"])[
-        ["t", "phase", "event", "turn", "step", "cached_unused", "cuda_inactive_split"]]
-
-
-SHADES = {"load": "0.6", "prefill": "tab:orange", "decode": "tab:blue"}
-
-
-def plot_timeline(frame, spans, title: str = ""):
-    """Allocated vs reserved (and device used) on CUDA, RSS/USS on CPU, phases shaded, each turn's peak marked."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    cuda = has_cuda_columns(frame)
-    cols = (("cuda_allocated", "allocated"), ("cuda_reserved", "reserved"),
-            ("cuda_device_used", "device used (nvidia-smi)")) if cuda else (("rss", "RSS"), ("uss", "USS"))
-    div, unit = unit_for(max(frame[c].max() for c, _ in cols))
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    for s in spans.itertuples():
-        ax.axvspan(s.t0, s.t1, color=SHADES.get(s.phase, "0.9"), alpha=0.15, lw=0)
-    for c, label in cols:
-        f = frame[frame[c].notna()]
-        ax.plot(f["t"], f[c] / div, label=label, marker="." if c == "uss" else None, lw=1.2)
-    peaks = turn_peaks(frame)
-    if not peaks.empty:
-        key = "peak_cuda_allocated" if cuda else "peak_rss"
-        ax.scatter(peaks["t_end"], peaks[key] / div, marker="v", color="crimson", zorder=3,
-                   label="turn peak (allocated)" if cuda else "turn peak (VmHWM)")
-    handles, _ = ax.get_legend_handles_labels()
-    handles += [Patch(color=SHADES[p], alpha=0.3, label=p) for p in SHADES if p in set(spans.get("phase", []))]
-    ax.legend(handles=handles, fontsize=7, loc="lower right", ncol=2)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel(unit)
-    ax.set_title(title or ("CUDA allocator: allocated vs reserved" if cuda else
-                           "host memory (CPU run: RSS / USS, no CUDA allocator)"), fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_fragmentation(frame, title: str = ""):
-    """reserved - allocated and inactive split bytes over time (CUDA only; None on CPU)."""
-    import matplotlib.pyplot as plt
-
-    frag = fragmentation(frame)
-    if frag.empty:
-        return None
-    div, unit = unit_for(frag["cached_unused"].max())
-    fig, ax = plt.subplots(figsize=(8, 2.6))
-    ax.plot(frag["t"], frag["cached_unused"] / div, label="reserved - allocated (cached, unused)")
-    ax.plot(frag["t"], frag["cuda_inactive_split"] / div, label="inactive split (fragments)")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel(unit)
-    ax.legend(fontsize=7)
-    ax.set_title(title or "what the caching allocator holds beyond live tensors", fontsize=9)
-    fig.tight_layout()
-    return fig

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from qwenlab import memory
+from qwenlab import memory, memory_device, memory_frame, memory_plots
 from qwenlab.chat import ChatSession
 from qwenlab.config import config_from_dict
 from qwenlab.decode import new_cache
@@ -60,11 +60,11 @@ def test_turn_peaks_and_spans(tracked):
 def test_plots_and_fragmentation_on_cpu(tracked):
     _, tracker = tracked
     frame = tracker.frame()
-    fig = memory.plot_timeline(frame, tracker.spans_frame())
+    fig = memory_plots.plot_timeline(frame, tracker.spans_frame())
     assert "CPU" in fig.axes[0].get_title()
-    assert memory.fragmentation(frame).empty
-    assert memory.plot_fragmentation(frame) is None
-    assert memory.phase_delta(frame, "load", "rss") == memory.phase_delta(frame, "load", "rss")  # finite
+    assert memory_frame.fragmentation(frame).empty
+    assert memory_plots.plot_fragmentation(frame) is None
+    assert memory_frame.phase_delta(frame, "load", "rss") == memory_frame.phase_delta(frame, "load", "rss")  # finite
 
 
 def test_background_thread_samples_ticks():
@@ -91,14 +91,14 @@ def test_labels_become_columns():
 
 
 def test_policies_on_cpu(capsys):
-    assert memory.empty_cache("cpu") is False
-    assert memory.apply_allocator_config(None) == "default"
+    assert memory_device.empty_cache("cpu") is False
+    assert memory_device.apply_allocator_config(None) == "default"
     if not torch.cuda.is_available():
-        assert memory.apply_allocator_config(True) == "n/a (no CUDA)"
-        with memory.record_history("/tmp/never.pickle") as path:
+        assert memory_device.apply_allocator_config(True) == "n/a (no CUDA)"
+        with memory_device.record_history("/tmp/never.pickle") as path:
             pass
         assert path is None and "CUDA is not available" in capsys.readouterr().out
-    assert memory.allocator_config(True).endswith("expandable_segments:True")
+    assert memory_device.allocator_config(True).endswith("expandable_segments:True")
 
 
 class FakeCuda:
@@ -148,11 +148,11 @@ def test_cuda_columns_from_the_allocator(fake_cuda):
     assert end["cuda_peak_allocated"] == 3500
     assert end["cuda_device_used"] == 6000 and end["cuda_device_total"] == 80_000
     assert fake_cuda.resets == 1
-    peaks = memory.turn_peaks(frame)
+    peaks = memory_frame.turn_peaks(frame)
     assert peaks.loc[0, "peak_cuda_allocated"] == 3500 and peaks.loc[0, "end_cuda_reserved"] == 4096
-    frag = memory.fragmentation(frame)
+    frag = memory_frame.fragmentation(frame)
     assert (frag["cached_unused"] == frame["cuda_reserved"] - frame["cuda_allocated"]).all()
-    assert memory.empty_cache("cuda") is True and fake_cuda.reserved == fake_cuda.allocated
+    assert memory_device.empty_cache("cuda") is True and fake_cuda.reserved == fake_cuda.allocated
 
 
 # memory model

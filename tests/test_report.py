@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qwenlab import cli, report, report_html
+from qwenlab import cli, report, report_html, report_io, report_params
 from qwenlab.config import read_config
 from qwenlab.tiny import ensure_tiny
 
@@ -191,20 +191,20 @@ def test_latest_is_not_moved_by_a_run_that_does_not_complete(tmp_path, tiny, mon
 
 
 def test_parameter_values_parse_as_json_else_string():
-    assert report.parse_param_args(["a=1", "b=0.5", "c=true", "d=[1, 2]", "e=hello world", 'f="7"', "g=",
-                                    "03_layer_diffs.h=null", "03.i={\"k\": 1}"]) == (
+    assert report_params.parse_param_args(["a=1", "b=0.5", "c=true", "d=[1, 2]", "e=hello world", 'f="7"', "g=",
+                                           "03_layer_diffs.h=null", "03.i={\"k\": 1}"]) == (
         {"a": 1, "b": 0.5, "c": True, "d": [1, 2], "e": "hello world", "f": "7", "g": ""},
         {"03_layer_diffs": {"h": None}, "03": {"i": {"k": 1}}})
     for bad in ("novalue", "=3", "1x=2", "a.b-c=1"):
         with pytest.raises(report.QwenlabError):
-            report.parse_param_args([bad])
+            report_params.parse_param_args([bad])
 
 
 def test_run_folders_never_collide(tmp_path):
     from datetime import datetime, timezone
 
     now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    a = report.make_run_dir(tmp_path, "my model", now)
-    b = report.make_run_dir(tmp_path, "my model", now)
+    a = report_io.make_run_dir(tmp_path, "my model", now)
+    b = report_io.make_run_dir(tmp_path, "my model", now)
     assert a.name == "20260102T030405Z_my-model" and b.name == "20260102T030405Z_my-model-2"
     assert (a / "metrics").is_dir() and (a / "figures").is_dir()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qwenlab import stress
+from qwenlab import memory_notebook, scripted_chat, stress, stress_matrix
 from qwenlab.loader import load
 from qwenlab.tiny import ensure_tiny
 
@@ -19,21 +19,21 @@ def ckpt():
 @pytest.fixture(autouse=True)
 def no_leftover_leak():
     yield
-    stress.clear_planted_leak()
+    scripted_chat.clear_planted_leak()
 
 
 def config(**kw):
     base = dict(strategies=("session",), iterations=4, turns=3, max_new_tokens=2, leak_threshold_mb=16.0)
-    return stress.StressConfig(**(base | kw))
+    return stress_matrix.StressConfig(**(base | kw))
 
 
 def test_script_has_six_turns():
-    system, turns = stress.load_script()
+    system, turns = scripted_chat.load_script()
     assert system and len(turns) == 6
 
 
 def test_no_leak_passes(ckpt):
-    result = stress.run_matrix(config(), ckpt=ckpt)
+    result = stress_matrix.run_matrix(config(), ckpt=ckpt)
     assert result.passed, result.reasons
     row = result.summary.iloc[0]
     assert row["verdict"] == "pass" and row["crashes"] == 0 and abs(row["growth_mb"]) < 16
@@ -44,7 +44,7 @@ def test_no_leak_passes(ckpt):
 
 def test_planted_leak_is_flagged(ckpt):
     # 8 MB kept alive per turn x 3 turns: the baseline climbs ~24 MB per iteration, ~48 MB after warm-up.
-    result = stress.run_matrix(config(leak_mb=8.0), ckpt=ckpt)
+    result = stress_matrix.run_matrix(config(leak_mb=8.0), ckpt=ckpt)
     row = result.summary.iloc[0]
     assert not result.passed and row["leak"] and row["verdict"] == "LEAK"
     assert row["growth_mb"] > 30 and row["slope_mb_per_iter"] > 15
@@ -54,7 +54,7 @@ def test_planted_leak_is_flagged(ckpt):
 
 def test_crash_is_recorded_not_raised(ckpt):
     cfg = config(strategies=("session", "replay"), iterations=3, turns=2, max_new_tokens=1, crash_iteration=1)
-    result = stress.run_matrix(cfg, ckpt=ckpt)
+    result = stress_matrix.run_matrix(cfg, ckpt=ckpt)
     it = result.iterations
     assert len(it) == 6  # every iteration of both strategies ran
     crashed = it[~it["ok"]]
@@ -67,7 +67,7 @@ def test_crash_is_recorded_not_raised(ckpt):
 
 def test_fresh_process_records_a_crashing_child():
     cfg = config(iterations=2, turns=1, max_new_tokens=1, fresh_process=True, crash_iteration=1)
-    result = stress.run_matrix(cfg)
+    result = stress_matrix.run_matrix(cfg)
     it = result.iterations
     assert list(it["ok"]) == [True, False]
     assert it.loc[0, "baseline_bytes"] > 0
@@ -121,22 +121,22 @@ def test_notebook_verdict_cuda_branch_with_a_faked_allocator(ckpt, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 ** 30, 2 ** 32))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    _, turns = stress.load_script()
+    _, turns = scripted_chat.load_script()
     params = SamplingParams(max_new_tokens=2)
     frames = {}
     for policy in ("off", "on"):
-        rows, tracker = stress.run_chat(ckpt, stress.Policy("session"), turns[:2], params,
-                                        tracker=MemoryTracker("cuda", uss="off"), empty_cache=policy)
+        rows, tracker = scripted_chat.run_chat(ckpt, scripted_chat.Policy("session"), turns[:2], params,
+                                               tracker=MemoryTracker("cuda", uss="off"), empty_cache=policy)
         frames[policy] = rows
     assert rows[0]["peak_bytes"] == 150 * 2 ** 20 and rows[0]["end_reserved_bytes"] == 300 * 2 ** 20
     timeline = tracker.frame()
     kv = pd.DataFrame({"layout": ["preallocated", "grown"], "rel_error": [0.0, 0.0], "cuda_rel_error": [0.001, 0.12],
                        "workspace_ratio": [0.7, float("nan")]})
     weights = weights_check(ckpt.model, float(stats["allocated_bytes.all.current"]), 0.01)
-    result = stress.run_matrix(config(iterations=2, turns=1, max_new_tokens=1), ckpt=ckpt)
+    result = stress_matrix.run_matrix(config(iterations=2, turns=1, max_new_tokens=1), ckpt=ckpt)
     thresholds = {"weights_rel_error_max": 0.01, "kv_rel_error_max": 0.01, "kv_grown_overhead_max": 0.25,
                   "workspace_ratio_max": 3.0}
-    metrics, reasons = stress.notebook_verdict(
+    metrics, reasons = memory_notebook.notebook_verdict(
         thresholds, device="cuda:0", weights=weights, kv=kv, timeline=timeline,
         empty_cache_frame=pd.DataFrame(frames["off"] + frames["on"]), strategies_frame=pd.DataFrame(frames["on"]),
         stress=result)

@@ -1,0 +1,64 @@
+"""The run folder of `qwenlab report`: a fresh timestamped folder per run, files written atomically, and the
+`latest` symlink swapped in atomically."""
+import json
+import os
+import re
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from .errors import QwenlabError
+
+
+def make_run_dir(out: Path, model_name: str, now: datetime) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-") or "model"
+    for n in range(1, 1000):
+        path = out / (f"{stamp}_{safe}" if n == 1 else f"{stamp}_{safe}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        for sub in ("metrics", "figures", "logs"):
+            (path / sub).mkdir()
+        return path
+    raise QwenlabError(f"{out}: cannot create a run folder for {stamp}_{safe}")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict):
+    from .nbutil import json_safe
+
+    write_text_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def update_latest(out: Path, run_dir: Path) -> Path:
+    """out/latest -> run_dir (relative), swapped in atomically."""
+    link = out / "latest"
+    tmp = out / f".latest.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(run_dir, out), tmp)
+    try:
+        os.replace(tmp, link)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise QwenlabError(f"{link}: cannot point it at {run_dir.name} ({e})") from None
+    return link
