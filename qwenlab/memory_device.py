@@ -60,6 +60,28 @@ def host_sample(uss: bool = True) -> dict:
     return {"rss": proc.memory_info().rss, "uss": NAN}
 
 
+def live_tensor_bytes(device_type: str = "cpu") -> int:
+    """Bytes of every distinct tensor storage on `device_type` that Python objects still reach (a gc walk): the CPU's
+    counterpart of CUDA's allocated bytes. RSS cannot serve as the leak baseline on the CPU: the C allocator hands
+    freed memory to new tensors, so a kept 8 MB tensor may not raise RSS at all (seen in CI)."""
+    import warnings
+
+    seen, total = set(), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if not isinstance(obj, torch.Tensor) or obj.device.type != device_type or obj.is_meta:
+                continue
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
 def settle(device):
     """What a baseline is taken after: garbage collected and, on CUDA, every kernel finished."""
     gc.collect()

@@ -2,8 +2,8 @@
 process per iteration. Records each iteration's baseline (memory left after it, settled) and each turn's peak;
 fails on a leak (baseline growing across iterations) or on any crash. `qwenlab stress` and notebook 05 run this.
 
-Baseline: on CUDA the allocator's allocated bytes (exact: live tensors only), on CPU the process RSS (USS too,
-for reading). Leak: per strategy, the median baseline of the last iterations minus the baseline of the first
+Baseline: on CUDA the allocator's allocated bytes, on CPU the bytes of live torch tensors found by a gc walk
+(both exact: live tensors only; RSS and USS are recorded beside it, for reading). Leak: per strategy, the median baseline of the last iterations minus the baseline of the first
 iteration after warm-up, in MB (2^20 bytes), against --leak-threshold-mb.
 """
 import argparse
@@ -27,7 +27,7 @@ def format_table(result: StressResult) -> str:
         last = result.turns[result.turns["turn"] == result.turns["turn"].max()].groupby("strategy")["latency_s"]
         summary = summary.assign(mean_turn_s=summary["strategy"].map(lat.mean()),
                                  last_turn_s=summary["strategy"].map(last.mean()))
-    baseline = "CUDA allocated" if result.device.startswith("cuda") else "RSS"
+    baseline = "CUDA allocated" if result.device.startswith("cuda") else "live tensor bytes"
     head = (f"stress: {result.device}, baseline = {baseline} after each iteration, MB = 2^20 bytes, "
             f"allocator: {result.allocator}, policy: kv {'prealloc' if result.config.preallocate else 'grown'}, "
             f"empty_cache {'on' if result.config.empty_cache else 'off'}")

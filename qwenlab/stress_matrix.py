@@ -16,12 +16,12 @@ DEFAULT_LEAK_MB = {"cpu": 32.0, "cuda": 8.0}
 
 def baseline_sample(device) -> dict:
     from .memory import MemoryTracker
-    from .memory_device import settle
+    from .memory_device import live_tensor_bytes, settle
 
     settle(device)
     s = MemoryTracker(device, uss="all").sample(uss=True)
     cuda = not math.isnan(s["cuda_allocated"])
-    return {"baseline_bytes": s["cuda_allocated"] if cuda else s["rss"], "baseline_rss": s["rss"],
+    return {"baseline_bytes": s["cuda_allocated"] if cuda else live_tensor_bytes("cpu"), "baseline_rss": s["rss"],
             "baseline_uss": s["uss"], "baseline_cuda_reserved": s["cuda_reserved"],
             "baseline_cuda_device_used": s["cuda_device_used"], "num_alloc_retries": s["cuda_num_alloc_retries"],
             "num_ooms": s["cuda_num_ooms"]}
