@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +11,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from qwenlab.atomic import atomic_path
 from qwenlab.errors import QwenlabError
 from qwenlab.versions import package_versions
 
@@ -103,14 +102,8 @@ def write_dump(path, tensors: dict[str, torch.Tensor], metadata: dict | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     prepared = _prepare(tensors)
     encoded = encode_metadata(metadata or {})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(prepared, tmp_name, metadata=encoded)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(prepared, tmp, metadata=encoded)
     return path
 
 

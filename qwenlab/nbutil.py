@@ -8,8 +8,9 @@ report decides the exit code from the verdict); a raised exception means the not
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
+
+from .atomic import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VERDICTS = ("pass", "regressed")
@@ -49,11 +50,7 @@ def write_metrics(out_dir, notebook: str, metrics: dict, reasons: list[str]) -> 
               "metrics": json_safe(metrics)}
     folder = resolve_out_dir(out_dir) / "metrics"
     folder.mkdir(exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2, allow_nan=False)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / f"{notebook}.json")
+    write_text_atomic(folder / f"{notebook}.json", json.dumps(record, indent=2, allow_nan=False))
     return record
 
 

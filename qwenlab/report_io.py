@@ -3,10 +3,10 @@
 import json
 import os
 import re
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from .atomic import write_text_atomic
 from .errors import QwenlabError
 
 
@@ -24,24 +24,6 @@ def make_run_dir(out: Path, model_name: str, now: datetime) -> Path:
             (path / sub).mkdir()
         return path
     raise QwenlabError(f"{out}: cannot create a run folder for {stamp}_{safe}")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: Path, data: dict):

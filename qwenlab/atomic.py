@@ -1,0 +1,32 @@
+"""Atomic file writes: a temp file beside the target, then os.replace, so nothing the user has is left
+half-written or overwritten on failure."""
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path):
+    """Yields a temp path in the target's folder; on success it replaces `path` (mode from the umask)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path, text: str):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
