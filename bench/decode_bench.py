@@ -50,7 +50,7 @@ def main():
     wbytes = weight_bytes(model)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"device: {device} ({name}), dtype {model.dtype}, threads {torch.get_num_threads()}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + f", python {platform.python_version()}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     print(f"model: {ckpt.path} ({ckpt.config.num_hidden_layers} layers, {wbytes / 1e9:.2f} GB of weights); "
           f"{args.new_tokens} new tokens, median of {args.repeat}")
     print(f"{'mode':<7} {'prompt':>7} {'prefill ms':>11} {'tok/s':>9} {'ms/tok':>8} {'weight GB/s':>12}")

@@ -64,7 +64,7 @@ def main():
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}), threads {torch.get_num_threads()}, dtype {model.dtype}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + f", python {platform.python_version()}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     cfg = ckpt.config
     print(f"model: {model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), prefill of {args.tokens} "
           f"tokens, median of {args.repeat}")
