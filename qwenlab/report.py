@@ -234,19 +234,10 @@ def register(subparsers):
 
 
 def main(argv=None) -> int:
-    """`python -m qwenlab.report ...` (the same as `qwenlab report ...`)."""
-    parser = argparse.ArgumentParser(prog="qwenlab report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_report(args)
-    except QwenlabError as e:
-        print(f"qwenlab report: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("qwenlab report: interrupted (reports/latest not moved)", file=sys.stderr)
-        return 130
+    """`python -m qwenlab.report ...`: the same as `qwenlab report ...`."""
+    from .cli import main as cli_main
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -140,16 +140,10 @@ def register(subparsers):
 
 
 def main(argv=None) -> int:
-    from .errors import QwenlabError
+    """`python -m qwenlab.stress ...` (what --fresh-process children run): the same as `qwenlab stress ...`."""
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m qwenlab.stress", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_stress(args)
-    except QwenlabError as e:
-        print(f"qwenlab stress: error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(["stress", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
