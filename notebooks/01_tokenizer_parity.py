@@ -42,7 +42,6 @@ chat = True  # render `prompt` as a user turn with the chat template first
 
 # %%
 import os
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import display
@@ -50,12 +49,12 @@ from IPython.display import display
 from qwenlab import nbutil, plots
 from qwenlab import tokenizer_parity as tp
 from qwenlab.loader import load
-from qwenlab.tiny import ensure_tiny
+from qwenlab.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "01_tokenizer_parity"
 pd.set_option("display.max_colwidth", 60)
-model_path = Path(model_dir) if model_dir else ensure_tiny()
+model_path = resolve_model_dir(model_dir)
 ckpt = load(model_path, dtype, device)
 ours = ckpt.tokenizer
 hf = tp.hf_tokenizer(model_path)

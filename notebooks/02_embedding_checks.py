@@ -44,7 +44,6 @@ seed = 1234  # for the random handcrafted table (not 0: the fixtures are generat
 
 # %%
 import os
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import display
@@ -55,12 +54,12 @@ from qwenlab.diff import floor_for
 from qwenlab.layer_diffs import encode_prompt
 from qwenlab.loader import load
 from qwenlab.reference import load_reference
-from qwenlab.tiny import ensure_tiny
+from qwenlab.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "02_embedding_checks"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
-model_path = Path(model_dir) if model_dir else ensure_tiny()
+model_path = resolve_model_dir(model_dir)
 ckpt = load(model_path, dtype, device)
 model, tok = ckpt.model, ckpt.tokenizer
 reference = load_reference(model_path, model.dtype, model.device)

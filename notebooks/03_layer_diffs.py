@@ -47,7 +47,6 @@ plant_bugs = True  # run the planted-bug section
 
 # %%
 import os
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import display
@@ -58,13 +57,13 @@ from qwenlab.capture import capture_qwenlab
 from qwenlab.diff import rel_l2_grid, styled
 from qwenlab.loader import load
 from qwenlab.reference import load_reference
-from qwenlab.tiny import ensure_tiny
+from qwenlab.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "03_layer_diffs"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 floors = thresholds.get("floors") or None
-model_path = Path(model_dir) if model_dir else ensure_tiny()
+model_path = resolve_model_dir(model_dir)
 ckpt = load(model_path, dtype, device)
 model, tok = ckpt.model, ckpt.tokenizer
 reference = load_reference(model_path, model.dtype, model.device)

@@ -53,9 +53,7 @@ stop_new_tokens = 8
 
 # %%
 import os
-from pathlib import Path
 
-import pandas as pd
 from IPython.display import display
 
 from qwenlab import decode_parity as dp
@@ -63,12 +61,12 @@ from qwenlab import nbutil, plots
 from qwenlab.layer_diffs import encode_prompt
 from qwenlab.loader import load
 from qwenlab.reference import load_reference
-from qwenlab.tiny import ensure_tiny
+from qwenlab.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "04_decode_kv_parity"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
-model_path = Path(model_dir) if model_dir else ensure_tiny()
+model_path = resolve_model_dir(model_dir)
 ckpt = load(model_path, dtype, device)
 model, tok = ckpt.model, ckpt.tokenizer
 run_dtype = str(model.dtype).removeprefix("torch.")

@@ -58,7 +58,6 @@ history_path = ""  # CUDA: write a torch.cuda.memory snapshot of the timeline ch
 
 # %%
 import contextlib
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -72,12 +71,12 @@ from qwenlab import memory, memory_device, memory_frame, memory_model, memory_no
 from qwenlab import scripted_chat, stress, stress_matrix
 from qwenlab.loader import load
 from qwenlab.sampling import SamplingParams
-from qwenlab.tiny import ensure_tiny
+from qwenlab.tiny import resolve_model_dir
 
 NOTEBOOK = "05_memory_fluctuation"
 allocator = memory_device.apply_allocator_config(None if not expandable_segments else expandable_segments == "on")
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
-model_path = Path(model_dir) if model_dir else ensure_tiny()
+model_path = resolve_model_dir(model_dir)
 system, script = scripted_chat.load_script()
 chat_turns = script[:turns]
 params = SamplingParams(max_new_tokens=max_new_tokens)

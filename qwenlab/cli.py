@@ -26,9 +26,9 @@ def _text_args(p: argparse.ArgumentParser, flag: str):
 
 
 def _model_dir(args) -> Path:
-    from .tiny import ensure_tiny
+    from .tiny import resolve_model_dir
 
-    return args.model if args.model is not None else ensure_tiny()
+    return resolve_model_dir(args.model)
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:

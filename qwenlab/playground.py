@@ -182,13 +182,13 @@ class Playground(PlaygroundWidgets):
             if self.ckpt is not None:
                 return self.ckpt
             from .loader import load
-            from .tiny import ensure_tiny
+            from .tiny import resolve_model_dir
 
             if self._given_checkpoint is not None:
                 return self._use_checkpoint(self._given_checkpoint)
             self._set_status(f"loading model {self.model_dir or '(embedded tiny-qwen3)'} …", "info")
             try:
-                path = Path(self.model_dir) if self.model_dir else ensure_tiny()
+                path = resolve_model_dir(self.model_dir)
                 ckpt = load(path, self.dtype, self.device)
             except QwenlabError as e:
                 raise QwenlabError(f"model failed to load: {e}") from None

@@ -51,11 +51,10 @@ def versions() -> dict:
 def resolve_model(model) -> tuple[Path, str]:
     """Absolute model dir and its config hash, or QwenlabError before anything is written."""
     from .config import read_config
+    from .tiny import resolve_model_dir
 
-    if model is None:
-        from .tiny import ensure_tiny
-        model = ensure_tiny()
-    path = Path(model).expanduser().resolve()
+    model = resolve_model_dir(model)
+    path = model.expanduser().resolve()
     if not path.is_dir():
         raise QwenlabError(f"{model}: not a directory (--model expects a Qwen3 checkpoint directory)")
     return path, read_config(path).config_hash()

@@ -91,10 +91,10 @@ def one_iteration(cfg: StressConfig, strategy: str, iteration: int) -> dict:
     """The child of --fresh-process: load, run one chat, print the record. A crash exits non-zero."""
     from .loader import load
     from .sampling import SamplingParams
-    from .tiny import ensure_tiny
+    from .tiny import resolve_model_dir
 
     system, script = load_script(cfg.script)
-    ckpt = load(cfg.model_dir or ensure_tiny(), cfg.dtype, cfg.device)
+    ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device)
     if cfg.crash_iteration == iteration:
         raise RuntimeError(f"planted crash in iteration {iteration}")
     policy = Policy(strategy, cfg.preallocate, cfg.empty_cache, cfg.expandable_segments, cfg.max_len)

@@ -187,8 +187,8 @@ def run_matrix(cfg: StressConfig, ckpt=None, progress=None) -> StressResult:
         allocator = apply_allocator_config(cfg.expandable_segments)
         if ckpt is None:
             from .loader import load
-            from .tiny import ensure_tiny
-            ckpt = load(cfg.model_dir or ensure_tiny(), cfg.dtype, cfg.device)
+            from .tiny import resolve_model_dir
+            ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device)
         device = str(ckpt.model.device)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     records = []

@@ -194,3 +194,8 @@ def ensure_tiny(path=None, preset: str = "tiny") -> Path:
         write_checkpoint(path, preset)
         verify(path, preset)
     return path
+
+
+def resolve_model_dir(model_dir=None) -> Path:
+    """The user's checkpoint directory, or the embedded default (generated on first use) when none is given."""
+    return Path(model_dir) if model_dir else ensure_tiny()
