@@ -13,13 +13,12 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-import qwenlab.model
-
-from qwenlab.decode import generate
-from qwenlab.loader import load
-from qwenlab.reference import versions
-from qwenlab.sampling import SamplingParams
-from qwenlab.tiny import ensure_tiny
+import qwenlab.model.qwen3
+from qwenlab.activations.reference import versions
+from qwenlab.generation.decode import generate
+from qwenlab.generation.sampling import SamplingParams
+from qwenlab.model.loader import load
+from qwenlab.model.tiny import ensure_tiny
 
 
 def weight_bytes(model) -> int:

@@ -15,10 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from qwenlab.loader import load  # noqa: E402
-from qwenlab.probe import Probe  # noqa: E402
-from qwenlab.reference import capture_reference, load_reference, versions  # noqa: E402
-from qwenlab.tiny import ensure_tiny  # noqa: E402
+from qwenlab.activations.reference import capture_reference, load_reference, versions  # noqa: E402
+from qwenlab.model.loader import load  # noqa: E402
+from qwenlab.model.probe import Probe  # noqa: E402
+from qwenlab.model.tiny import ensure_tiny  # noqa: E402
 
 
 def timed(fn, device, repeat: int) -> float:

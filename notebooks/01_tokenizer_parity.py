@@ -27,7 +27,7 @@
 #   with the same ranks, given the split regex and special tokens read from the checkpoint's `tokenizer.json`.
 #
 # It then renders chat conversations with qwenlab's template engine and compares them with `apply_chat_template`,
-# and finally shows what a byte-level fallback tokenizer (the first bug of the story in DESIGN.md) would have fed
+# and finally shows what a byte-level fallback tokenizer (the first bug of the story in doc/story.md) would have fed
 # the model instead.
 
 # %% tags=["parameters"]
@@ -46,10 +46,10 @@ import os
 import pandas as pd
 from IPython.display import display
 
-from qwenlab import nbutil, plots
-from qwenlab import tokenizer_parity as tp
-from qwenlab.loader import load
-from qwenlab.tiny import resolve_model_dir
+from qwenlab.checks import nbutil, plots
+from qwenlab.checks import tokenizer_parity as tp
+from qwenlab.model.loader import load
+from qwenlab.model.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "01_tokenizer_parity"

@@ -29,7 +29,7 @@
 #    `lm_head.weight`;
 # 3. the table as a whole: statistics and the distribution of row norms, with the prompt's tokens and the rows
 #    the tokenizer never produces marked;
-# 4. what "handcrafted" embeddings (random, one-hot, zeros: the second bug of the story in DESIGN.md) look like in the
+# 4. what "handcrafted" embeddings (random, one-hot, zeros: the second bug of the story in doc/story.md) look like in the
 #    same numbers.
 
 # %% tags=["parameters"]
@@ -48,13 +48,13 @@ import os
 import pandas as pd
 from IPython.display import display
 
-from qwenlab import embedding_checks as ec
-from qwenlab import nbutil, plots
-from qwenlab.diff import floor_for
-from qwenlab.layer_diffs import encode_prompt
-from qwenlab.loader import load
-from qwenlab.reference import load_reference
-from qwenlab.tiny import resolve_model_dir
+from qwenlab.activations.diff import floor_for
+from qwenlab.activations.reference import load_reference
+from qwenlab.checks import embedding_checks as ec
+from qwenlab.checks import nbutil, plots
+from qwenlab.checks.layer_diffs import encode_prompt
+from qwenlab.model.loader import load
+from qwenlab.model.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "02_embedding_checks"

@@ -18,7 +18,7 @@
 #
 # **Question: does every activation of the forward match the reference, and if not, where does it first go wrong?**
 #
-# Both implementations run the same prompts; every canonical activation (DESIGN.md: `embed`, per layer `input`,
+# Both implementations run the same prompts; every canonical activation (doc/dump-format.md: `embed`, per layer `input`,
 # `input_layernorm`, `attn.q_proj` ... `output`, then `norm`, `logits`) is compared with max-abs, rel_l2, cosine and
 # NMSE. A row is red when its rel_l2 exceeds the dtype's floor; the **first** red row in forward order is where a bug
 # is, every later row only inherits it.
@@ -51,13 +51,14 @@ import os
 import pandas as pd
 from IPython.display import display
 
-from qwenlab import layer_diffs as ld
-from qwenlab import nbutil, planted, plots
-from qwenlab.capture import capture_qwenlab
-from qwenlab.diff import rel_l2_grid, styled
-from qwenlab.loader import load
-from qwenlab.reference import load_reference
-from qwenlab.tiny import resolve_model_dir
+from qwenlab.activations import planted
+from qwenlab.activations.capture import capture_qwenlab
+from qwenlab.activations.diff import rel_l2_grid, styled
+from qwenlab.activations.reference import load_reference
+from qwenlab.checks import layer_diffs as ld
+from qwenlab.checks import nbutil, plots
+from qwenlab.model.loader import load
+from qwenlab.model.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "03_layer_diffs"

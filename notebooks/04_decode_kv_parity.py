@@ -22,7 +22,7 @@
 # A forward that matches layer by layer (notebook 03) can still decode wrongly: a cache written at the wrong position,
 # RoPE offsets that restart at 0, a chat turn that re-uses stale cache entries, stop tokens that are never honoured.
 # Or it can decode correctly but by replaying the whole sequence for every token, so long chats look hung (both from
-# the story in DESIGN.md). This notebook checks, greedily:
+# the story in doc/story.md). This notebook checks, greedily:
 #
 # 1. tokens of **kv** (cache) vs **replay** (no cache) vs transformers' `generate`, and the logits behind every step;
 # 2. a 3-turn chat under the three strategies: one persistent cache (`session`), a fresh cache per turn (`rebuild`),
@@ -56,12 +56,12 @@ import os
 
 from IPython.display import display
 
-from qwenlab import decode_parity as dp
-from qwenlab import nbutil, plots
-from qwenlab.layer_diffs import encode_prompt
-from qwenlab.loader import load
-from qwenlab.reference import load_reference
-from qwenlab.tiny import resolve_model_dir
+from qwenlab.activations.reference import load_reference
+from qwenlab.checks import decode_parity as dp
+from qwenlab.checks import nbutil, plots
+from qwenlab.checks.layer_diffs import encode_prompt
+from qwenlab.model.loader import load
+from qwenlab.model.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "04_decode_kv_parity"
@@ -157,7 +157,7 @@ display(stops)
 # * kv, replay and the reference produce the same tokens on every prompt, and every chat strategy produces replay's
 #   tokens; where two sequences part at a near-tie of the baseline (top-2 logit margin at most the thresholds
 #   file's `flip_margin` for this dtype: 0 in float32, about a bfloat16 rounding step in bfloat16) the flip is
-#   counted but not judged, as DESIGN.md asks for low precision;
+#   counted but not judged, as doc/dump-format.md's floors ask for low precision;
 # * the logits behind every token agree: max rel_l2 and the worst per-sequence mean KL within this dtype's limits
 #   (greedy prompts and chat turns alike);
 # * the session re-uses its cache after turn 1;

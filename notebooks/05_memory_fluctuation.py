@@ -19,7 +19,7 @@
 # **Question: when memory swings between chat turns, is it the caching allocator keeping freed blocks, a real
 # lifetime bug (tensors kept alive, the history re-prefilled every turn), or a run that crashes?**
 #
-# The story in DESIGN.md: one GPU, a multi-turn chat, nvidia-smi swinging between 96 and 116 GiB, and repeated
+# The story in doc/story.md: one GPU, a multi-turn chat, nvidia-smi swinging between 96 and 116 GiB, and repeated
 # runs crashing now and then. This notebook separates the causes:
 #
 # 1. **Load**: the weights the memory model predicts from config.json against what the load left resident.
@@ -67,14 +67,19 @@ try:
 except ImportError:  # run as a plain script (scripts/gpu_memory_evidence.sh without jupyter)
     display = print
 
-from qwenlab import memory, memory_device, memory_frame, memory_model, memory_notebook, memory_plots, nbutil
-from qwenlab import scripted_chat, stress, stress_matrix
-from qwenlab.loader import load
-from qwenlab.sampling import SamplingParams
-from qwenlab.tiny import resolve_model_dir
+from qwenlab.checks import memory_fluctuation as mf
+from qwenlab.checks import nbutil
+from qwenlab.generation.sampling import SamplingParams
+from qwenlab.memory import device as mem_device
+from qwenlab.memory import frame as mem_frame
+from qwenlab.memory import plots as mem_plots
+from qwenlab.memory import predict, scripted_chat, stress, stress_matrix
+from qwenlab.memory.tracker import MemoryTracker
+from qwenlab.model.loader import load
+from qwenlab.model.tiny import resolve_model_dir
 
 NOTEBOOK = "05_memory_fluctuation"
-allocator = memory_device.apply_allocator_config(None if not expandable_segments else expandable_segments == "on")
+allocator = mem_device.apply_allocator_config(None if not expandable_segments else expandable_segments == "on")
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = resolve_model_dir(model_dir)
 system, script = scripted_chat.load_script()
@@ -104,19 +109,19 @@ print(f"allocator config: {allocator}")
 # dtypes (NVFP4: 4.5 bits per projection weight, embeddings and norms in bfloat16).
 
 # %%
-tracker = memory.MemoryTracker(device, interval_s=interval_s or None)
+tracker = MemoryTracker(device, interval_s=interval_s or None)
 with tracker.phase("load"):
     ckpt = load(model_path, dtype, device)
 model = ckpt.model
-cuda = memory_device.is_cuda(model.device)
+cuda = mem_device.is_cuda(model.device)
 load_frame = tracker.frame()
-weights = memory_model.weights_check(model, memory_frame.phase_delta(load_frame, "load", "cuda_allocated"),
+weights = predict.weights_check(model, mem_frame.phase_delta(load_frame, "load", "cuda_allocated"),
                                      thresholds["weights_rel_error_max"])
 display(weights)
-display((pd.DataFrame({d: memory_model.weight_bytes(model.config, d) for d in ("float32", "bfloat16", "nvfp4")})
+display((pd.DataFrame({d: predict.weight_bytes(model.config, d) for d in ("float32", "bfloat16", "nvfp4")})
          / MiB).round(2).rename_axis("MiB"))
 print(f"{model_path.name}: {model.dtype} on {model.device}; load phase RSS delta "
-      f"{memory_frame.phase_delta(load_frame, 'load', 'rss') / MiB:.1f} MiB (weights, tokenizer and imports)")
+      f"{mem_frame.phase_delta(load_frame, 'load', 'rss') / MiB:.1f} MiB (weights, tokenizer and imports)")
 
 # %% [markdown]
 # ## 2. Timeline of one chat (session strategy)
@@ -128,14 +133,14 @@ print(f"{model_path.name}: {model.dtype} on {model.device}; load phase RSS delta
 # on CPU the kernel's VmHWM). A staircase in allocated at turn ends is a lifetime bug.
 
 # %%
-recording = (memory_device.record_history(history_path, device=model.device) if history_path
+recording = (mem_device.record_history(history_path, device=model.device) if history_path
              else contextlib.nullcontext())
 with recording:
     timeline_rows, _ = scripted_chat.run_chat(ckpt, scripted_chat.Policy("session", preallocate), chat_turns,
                                               params, system=system, tracker=tracker)
 tracker.stop()
 timeline = tracker.frame()
-show(memory_plots.plot_timeline(timeline, tracker.spans_frame()), "timeline")
+show(mem_plots.plot_timeline(timeline, tracker.spans_frame()), "timeline")
 display(pd.DataFrame(timeline_rows)[["turn", "prefill_tokens", "reused_tokens", "new_tokens", "context_tokens",
                                      "latency_s", "peak_bytes", "end_bytes", "kv_cache_bytes"]])
 
@@ -149,11 +154,11 @@ display(pd.DataFrame(timeline_rows)[["turn", "prefill_tokens", "reused_tokens", 
 # no caching allocator to empty: the call does nothing and both lines show host RSS.
 
 # %%
-empty_cache_frame = memory_notebook.compare_empty_cache(ckpt, chat_turns, params, system=system,
+empty_cache_frame = mf.compare_empty_cache(ckpt, chat_turns, params, system=system,
                                                         strategy=empty_cache_strategy, preallocate=preallocate)
 if not cuda:
     print("CPU run: torch.cuda.empty_cache() does nothing here (host memory is glibc malloc's, not torch's cache)")
-show(memory_plots.plot_empty_cache(empty_cache_frame, cuda), "empty_cache")
+show(mem_plots.plot_empty_cache(empty_cache_frame, cuda), "empty_cache")
 display(empty_cache_frame.pivot(index="turn", columns="empty_cache",
                                 values=["end_bytes", "end_reserved_bytes", "peak_bytes"]))
 
@@ -167,11 +172,11 @@ display(empty_cache_frame.pivot(index="turn", columns="empty_cache",
 # remedy. On CPU: n/a.
 
 # %%
-frag = memory_frame.fragmentation(timeline)
+frag = mem_frame.fragmentation(timeline)
 if frag.empty:
     print("n/a on CPU: no caching allocator, so no reserved-vs-allocated gap to show")
 else:
-    show(memory_plots.plot_fragmentation(timeline), "fragmentation")
+    show(mem_plots.plot_fragmentation(timeline), "fragmentation")
     display((frag[["cached_unused", "cuda_inactive_split"]].describe().loc[["mean", "max"]] / MiB).round(1))
 
 # %% [markdown]
@@ -184,9 +189,9 @@ else:
 # with the memory model's workspace estimate.
 
 # %%
-kv = memory_model.measure_kv(model, [int(x) for x in kv_lengths.split(",")])
-per_token = memory_model.kv_bytes_per_token(model.config, model.dtype)
-show(memory_model.plot_kv(kv, per_token), "kv_predicted_vs_measured")
+kv = predict.measure_kv(model, [int(x) for x in kv_lengths.split(",")])
+per_token = predict.kv_bytes_per_token(model.config, model.dtype)
+show(mem_plots.plot_kv(kv, per_token), "kv_predicted_vs_measured")
 display(kv)
 
 # %% [markdown]
@@ -198,9 +203,9 @@ display(kv)
 # each strategy allocates at once (rebuild briefly holds the old and the new cache).
 
 # %%
-strategies_frame = memory_notebook.compare_strategies(ckpt, strategy_list, chat_turns, params, system=system,
+strategies_frame = mf.compare_strategies(ckpt, strategy_list, chat_turns, params, system=system,
                                                       preallocate=preallocate)
-show(memory_plots.plot_strategies(strategies_frame), "strategies")
+show(mem_plots.plot_strategies(strategies_frame), "strategies")
 display(strategies_frame.pivot(index="turn", columns="strategy",
                                values=["latency_s", "prefill_tokens", "tokens_computed", "peak_bytes"]))
 
@@ -216,11 +221,11 @@ display(strategies_frame.pivot(index="turn", columns="strategy",
 stress_result = stress_matrix.run_matrix(
     stress_matrix.StressConfig(strategies=tuple(strategy_list), iterations=iterations, turns=turns,
                                max_new_tokens=stress_max_new_tokens, preallocate=preallocate,
-                               leak_threshold_mb=memory_notebook.leak_threshold(thresholds, model.device)),
+                               leak_threshold_mb=mf.leak_threshold(thresholds, model.device)),
     ckpt=ckpt)
 print(stress.format_table(stress_result))
 print(stress.verdict_line(stress_result))
-show(memory_plots.plot_baselines(stress_result), "stress_baselines")
+show(mem_plots.plot_baselines(stress_result), "stress_baselines")
 
 # %% [markdown]
 # ## Verdict
@@ -230,7 +235,7 @@ show(memory_plots.plot_baselines(stress_result), "stress_baselines")
 # warm-up (a leak) or when any stress iteration crashed.
 
 # %%
-metrics, reasons = memory_notebook.notebook_verdict(thresholds, device=model.device, weights=weights, kv=kv,
+metrics, reasons = mf.notebook_verdict(thresholds, device=model.device, weights=weights, kv=kv,
                                                     timeline=timeline, empty_cache_frame=empty_cache_frame,
                                                     strategies_frame=strategies_frame, stress=stress_result)
 metrics |= {"model": str(model_path), "dtype": str(model.dtype), "config_hash": model.config.config_hash(),

@@ -63,10 +63,10 @@ import os
 import pandas as pd
 from IPython.display import HTML, Image, display
 
-from qwenlab import nbutil
-from qwenlab import playground_demo as demo
-from qwenlab.playground_core import figure_png
-from qwenlab.playground import Playground
+from qwenlab.checks import nbutil
+from qwenlab.checks import playground_demo as demo
+from qwenlab.playground.app import Playground
+from qwenlab.playground.core import figure_png
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "07_prompt_playground"

@@ -1,5 +1,7 @@
 """Atomic file writes: a temp file beside the target, then os.replace, so nothing the user has is left
-half-written or overwritten on failure."""
+half-written or overwritten on failure. JSON is written strict: NaN and infinities become null."""
+import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -30,3 +32,20 @@ def atomic_path(path):
 def write_text_atomic(path, text: str):
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def json_safe(value):
+    """A value JSON can hold: non-finite floats -> None, tensors/numpy scalars -> Python numbers, keys -> str."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return json_safe(value.item())
+    return value
+
+
+def write_json_atomic(path, data, indent: int | None = 2):
+    write_text_atomic(path, json.dumps(json_safe(data), indent=indent, allow_nan=False) + "\n")

@@ -1,14 +1,24 @@
 """`qwenlab` / `python -m qwenlab`: every command takes --model DIR (default: the embedded tiny fixture)."""
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 
-from .errors import QwenlabError
+from qwenlab.activations.capture import capture_to_file
+from qwenlab.activations.diff import diff_dumps
+from qwenlab.activations.diff_text import summary_text
+from qwenlab.errors import run_command
+from qwenlab.generation.decode import check_context, generate
+from qwenlab.generation.sampling import SamplingParams
+from qwenlab.memory import stress
+from qwenlab.model.config import read_generation_config
+from qwenlab.model.loader import load, parse_dtype, resolve_device
+from qwenlab.model.tiny import resolve_model_dir, verify, write_checkpoint
+from qwenlab.model.tokenizer import Tokenizer
+from qwenlab.report import run as report_run
 
-# Modules that add their own subcommand via register(subparsers); they import heavy things lazily.
-PLUGIN_COMMANDS = ("report", "stress")
+# Commands defined beside their logic, each adding its own subparser.
+PLUGIN_COMMANDS = (report_run.register, stress.register)
 
 
 def _model_args(p: argparse.ArgumentParser):
@@ -26,8 +36,6 @@ def _text_args(p: argparse.ArgumentParser, flag: str):
 
 
 def _model_dir(args) -> Path:
-    from .tiny import resolve_model_dir
-
     return resolve_model_dir(args.model)
 
 
@@ -41,18 +49,12 @@ def _prompt_ids(args, tokenizer) -> list[int]:
 
 
 def cmd_tiny(args):
-    from .tiny import verify, write_checkpoint
-
     path = write_checkpoint(args.dir, args.preset, args.seed)
     digest = verify(path, args.preset) if args.seed == 0 else "(seed != 0: not checked)"
     print(f"wrote {args.preset} checkpoint to {path} (sha256 {digest})")
 
 
 def cmd_tokenize(args):
-    from .config import read_generation_config
-    from .loader import parse_dtype, resolve_device
-    from .tokenizer import Tokenizer
-
     resolve_device(args.device)
     if args.dtype != "auto":
         parse_dtype(args.dtype)
@@ -68,10 +70,6 @@ def cmd_tokenize(args):
 
 
 def cmd_generate(args):
-    from .decode import generate
-    from .loader import load
-    from .sampling import SamplingParams
-
     ckpt = load(_model_dir(args), args.dtype, args.device)
     ids = _prompt_ids(args, ckpt.tokenizer)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
@@ -91,10 +89,6 @@ def cmd_generate(args):
 
 
 def cmd_capture(args):
-    from .capture import capture_to_file
-    from .decode import check_context
-    from .loader import load
-
     ckpt = load(_model_dir(args), args.dtype, args.device)
     ids = _prompt_ids(args, ckpt.tokenizer)
     check_context(ckpt.model, len(ids))
@@ -103,14 +97,11 @@ def cmd_capture(args):
 
 
 def cmd_diff(args):
-    from .diff import diff_dumps
-
     floors = json.loads(Path(args.floors).read_text()) if args.floors else None
     result = diff_dumps(args.candidate, args.reference, dtype=args.dtype, floors=floors)
     if args.json:
         print(json.dumps(result.to_json_dict(), allow_nan=False))
     else:
-        from .diff_report import summary_text
         print(summary_text(result))
     return 0 if result.passed else 1
 
@@ -159,21 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diff)
 
-    for module in PLUGIN_COMMANDS:
-        importlib.import_module(f"qwenlab.{module}").register(sub)
+    for register in PLUGIN_COMMANDS:
+        register(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except QwenlabError as e:
-        print(f"qwenlab {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"qwenlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.command, args.func, args)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ EOF
 fi
 
 step "stress matrix: cuda bfloat16, session/rebuild/replay x $STRESS_ITERATIONS iterations x 6 turns, same process"
-$PY -m qwenlab.stress --model "$CKPT" --device cuda --dtype bfloat16 --iterations "$STRESS_ITERATIONS" --turns 6 \
+$PY -m qwenlab.memory.stress --model "$CKPT" --device cuda --dtype bfloat16 --iterations "$STRESS_ITERATIONS" --turns 6 \
   --max-new-tokens "$STRESS_TOKENS" --out "$OUT/stress_cuda.json"
 echo "stress exit code: $?"
 cp -f "$OUT/stress_cuda.json" "$WORK/report/" 2>/dev/null
@@ -117,7 +117,7 @@ if [ "$FRESH_ITERATIONS" -gt 0 ] && [ $((SECONDS - START)) -gt $((BUDGET_S - 150
   step "skipping the fresh-process run: $((SECONDS - START)) s used of BUDGET_S=$BUDGET_S"
 elif [ "$FRESH_ITERATIONS" -gt 0 ]; then
   step "stress matrix: fresh process per iteration, expandable_segments on, empty_cache on"
-  $PY -m qwenlab.stress --model "$CKPT" --device cuda --dtype bfloat16 --iterations "$FRESH_ITERATIONS" --turns 6 \
+  $PY -m qwenlab.memory.stress --model "$CKPT" --device cuda --dtype bfloat16 --iterations "$FRESH_ITERATIONS" --turns 6 \
     --max-new-tokens "$STRESS_TOKENS" --strategies session,rebuild --fresh-process --expandable-segments on \
     --empty-cache on --out "$WORK/report/stress_cuda_fresh_expandable.json"
   echo "stress (fresh) exit code: $?"

@@ -10,4 +10,5 @@ if [ -f scripts/browser_setup.sh ]; then
 fi
 export HF_HUB_OFFLINE=1
 unset MPLBACKEND
+lint-imports  # the import layers of doc/architecture.md (contracts in pyproject.toml)
 python -m pytest -q "$@"

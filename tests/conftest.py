@@ -6,8 +6,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from qwenlab.loader import load  # noqa: E402
-from qwenlab.tiny import ensure_tiny, write_checkpoint  # noqa: E402
+from qwenlab.model.loader import load  # noqa: E402
+from qwenlab.model.tiny import ensure_tiny, write_checkpoint  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -29,6 +29,6 @@ def tiny(tiny_dir):
 
 @pytest.fixture(scope="session")
 def tiny_ref(tiny_dir):
-    from qwenlab.reference import load_reference
+    from qwenlab.activations.reference import load_reference
 
     return load_reference(tiny_dir)

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from qwenlab.cli import main
-from qwenlab.tiny import checkpoint_digest, expected_digest
+from qwenlab.model.tiny import checkpoint_digest, expected_digest
 
 
 def _json(capsys, *argv):
@@ -58,7 +58,7 @@ def test_capture_both_and_diff(tmp_path, tiny_dir, capsys):
 
 
 def test_diff_exit_code_is_1_at_a_planted_tensor(tmp_path, tiny_dir, capsys):
-    from qwenlab.dump import read_dump, write_dump
+    from qwenlab.activations.dump import read_dump, write_dump
 
     cand, ref = tmp_path / "cand.safetensors", tmp_path / "ref.safetensors"
     main(["capture", "--model", str(tiny_dir), "--prompt", "Hello there", "--impl", "reference", "--out", str(ref)])
@@ -73,7 +73,7 @@ def test_diff_exit_code_is_1_at_a_planted_tensor(tmp_path, tiny_dir, capsys):
 
 
 def test_capture_metadata(tmp_path, tiny_dir, capsys):
-    from qwenlab.dump import read_dump
+    from qwenlab.activations.dump import read_dump
 
     out = tmp_path / "c.safetensors"
     main(["capture", "--model", str(tiny_dir), "--prompt", "Hello", "--impl", "qwenlab", "--out", str(out)])

@@ -1,0 +1,245 @@
+"""Diff two activation dumps: per-tensor metrics, dtype-aware floors, the first divergence.
+
+JSON convention: metrics are plain floats in Python and pandas (nmse_db is -inf for identical
+tensors, NaN for rows with nothing to compare); to_json_dict turns every NaN/inf into null.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from qwenlab.activations.dump import Dump, read_dump
+from qwenlab.activations.names import LAYER_POINTS, sort_forward, split_name
+from qwenlab.atomic import json_safe
+from qwenlab.errors import QwenlabError
+
+NAN = float("nan")
+METRIC_KEYS = ("max_abs", "mean_abs", "rel_l2", "cosine", "nmse_db")
+DIVERGENT = ("diverged", "shape_mismatch", "nonfinite")
+DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
+    "float64": "float64", "fp64": "float64", "double": "float64", "f64": "float64",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
+}
+PRECISION_RANK = {"bfloat16": 0, "float16": 1, "float32": 2, "float64": 3}
+
+
+def normalize_dtype(dtype) -> str | None:
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    return DTYPE_ALIASES.get(key)
+
+
+def _require_dtype(dtype) -> str:
+    known = normalize_dtype(dtype)
+    if known is None:
+        raise QwenlabError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16")
+    return known
+
+
+def tensor_metrics(cand: torch.Tensor, ref: torch.Tensor) -> dict:
+    c = cand.detach().to("cpu", torch.float64).reshape(-1)
+    r = ref.detach().to("cpu", torch.float64).reshape(-1)
+    if c.numel() == 0:
+        return {"max_abs": 0.0, "mean_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0, "nmse_db": -math.inf}
+    delta = (c - r).abs()
+    diff_norm, ref_norm, cand_norm = delta.norm().item(), r.norm().item(), c.norm().item()
+    if ref_norm == 0:
+        rel_l2 = 0.0 if diff_norm == 0 else math.inf
+    else:
+        rel_l2 = diff_norm / ref_norm
+    if ref_norm == 0 and cand_norm == 0:
+        cosine = 1.0
+    elif ref_norm == 0 or cand_norm == 0:
+        cosine = 0.0
+    else:
+        cosine = (c @ r).item() / (cand_norm * ref_norm)
+    nmse_db = -math.inf if diff_norm == 0 else (20 * math.log10(rel_l2) if ref_norm else math.inf)
+    return {"max_abs": delta.max().item(), "mean_abs": delta.mean().item(),
+            "rel_l2": rel_l2, "cosine": cosine, "nmse_db": nmse_db}
+
+
+def default_floor(name: str, dtype: str, num_layers: int) -> float:
+    if dtype in ("float32", "float64"):
+        return 1e-5
+    layer, point = split_name(name)
+    if layer is not None:
+        bf16 = 0.03 + 0.07 * min(1.0, (layer + 1) / max(num_layers, 1))
+    elif point == "embed":
+        bf16 = 0.03
+    else:
+        bf16 = 0.1
+    return bf16 / 8 if dtype == "float16" else bf16
+
+
+def floor_for(name: str, dtype: str, num_layers: int, overrides: dict | None = None) -> float:
+    """rel_l2 floor; overrides: exact name, then first matching glob, then a dtype key."""
+    dtype = _require_dtype(dtype)
+    overrides = overrides or {}
+    if name in overrides:
+        return float(overrides[name])
+    patterns = [key for key in overrides if normalize_dtype(key) is None]
+    for pattern in patterns:
+        if fnmatchcase(name, pattern):
+            return float(overrides[pattern])
+    for key, value in overrides.items():
+        if normalize_dtype(key) == dtype:
+            return float(value)
+    return default_floor(name, dtype, num_layers)
+
+
+def logits_metrics(cand_logits: torch.Tensor, ref_logits: torch.Tensor) -> dict:
+    vocab = ref_logits.shape[-1]
+    ref_lp = torch.log_softmax(ref_logits.detach().to("cpu", torch.float64).reshape(-1, vocab), -1)
+    cand_lp = torch.log_softmax(cand_logits.detach().to("cpu", torch.float64).reshape(-1, vocab), -1)
+    ref_p = ref_lp.exp()
+    kl = torch.where(ref_p > 0, ref_p * (ref_lp - cand_lp), torch.zeros_like(ref_p)).sum(-1)
+    kl = kl.clamp_min(0.0)
+    ref_top = ref_lp.argmax(-1)
+    top1 = ref_top == cand_lp.argmax(-1)
+    rows = torch.arange(ref_top.numel())
+    delta_p = ref_p[rows, ref_top] - cand_lp[rows, ref_top].exp()
+    q = torch.quantile(kl, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {"positions": int(kl.numel()), "kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
+            "kl_p50": q[0], "kl_p90": q[1], "kl_p99": q[2],
+            "top1_agreement": top1.double().mean().item(),
+            "delta_p_mean": delta_p.mean().item(), "delta_p_max": delta_p.max().item(),
+            "kl_per_position": kl.tolist(), "top1_match_per_position": top1.tolist()}
+
+
+def _as_dump(side) -> Dump:
+    if isinstance(side, Dump):
+        return side
+    if isinstance(side, (str, Path)):
+        return read_dump(side)
+    if isinstance(side, dict):
+        return Dump(tensors=side)
+    raise QwenlabError(f"cannot diff a {type(side).__name__}: pass a Dump, a dict of tensors or a path")
+
+
+def _lowest_precision(*dumps: Dump) -> str:
+    found = {normalize_dtype(t.dtype) for d in dumps for t in d.tensors.values()}
+    ranked = sorted((f for f in found if f in PRECISION_RANK), key=PRECISION_RANK.get)
+    return ranked[0] if ranked else "float32"
+
+
+def _infer_num_layers(names) -> int:
+    layers = [split_name(n)[0] for n in names]
+    return max([layer for layer in layers if layer is not None], default=0) + 1
+
+
+def _check_prompts(cand: Dump, ref: Dump) -> None:
+    a, b = cand.metadata.get("prompt_ids"), ref.metadata.get("prompt_ids")
+    if a is None or b is None or list(a) == list(b):
+        return
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    raise QwenlabError(f"dumps are for different prompts: candidate has {len(a)} ids, "
+                       f"reference has {len(b)}, first difference at position {at}")
+
+
+def compare_tensor(name: str, cand, ref, floor: float) -> dict:
+    layer, point = split_name(name)
+    present = ref if ref is not None else cand
+    row = {"name": name, "layer": layer, "point": point, "shape": list(present.shape),
+           "cand_shape": list(cand.shape) if cand is not None else None, "status": "ok",
+           **{key: NAN for key in METRIC_KEYS}, "floor": floor, "exceeds": False}
+    if cand is None or ref is None:
+        return {**row, "status": "only_in_reference" if cand is None else "only_in_candidate"}
+    if cand.numel() != ref.numel():
+        return {**row, "status": "shape_mismatch", "exceeds": True}
+    row.update(tensor_metrics(cand.reshape(ref.shape), ref))
+    if not torch.isfinite(cand.detach().to(torch.float64)).all():
+        return {**row, "status": "nonfinite", "exceeds": True}
+    exceeds = not row["rel_l2"] <= floor
+    return {**row, "status": "diverged" if exceeds else "ok", "exceeds": exceeds}
+
+
+
+@dataclass
+class DiffResult:
+    rows: list[dict]
+    dtype: str
+    logits: dict | None = None
+    only_in_candidate: list[str] = field(default_factory=list)
+    only_in_reference: list[str] = field(default_factory=list)
+
+    @property
+    def first_divergence_row(self) -> dict | None:
+        return next((row for row in self.rows if row["exceeds"]), None)
+
+    @property
+    def first_divergence(self) -> str | None:
+        row = self.first_divergence_row
+        return row["name"] if row else None
+
+    @property
+    def compared(self) -> int:
+        return sum(row["status"] not in ("only_in_candidate", "only_in_reference") for row in self.rows)
+
+    @property
+    def passed(self) -> bool:
+        return self.compared > 0 and self.first_divergence is None
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.rows).set_index("name")
+        if not frame.empty:
+            frame["layer"] = frame["layer"].astype("Int64")
+        return frame
+
+    def to_json_dict(self) -> dict:
+        return json_safe({"rows": self.rows, "first_divergence": self.first_divergence,
+                           "logits": self.logits, "only_in_candidate": self.only_in_candidate,
+                           "only_in_reference": self.only_in_reference, "dtype": self.dtype,
+                           "passed": self.passed})
+
+
+def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = None,
+               floors: dict | None = None) -> DiffResult:
+    cand, ref = _as_dump(cand), _as_dump(ref)
+    _check_prompts(cand, ref)
+    dtype = _require_dtype(dtype or cand.metadata.get("dtype") or _lowest_precision(cand, ref))
+    names = sort_forward(set(cand.tensors) | set(ref.tensors))
+    num_layers = num_layers or _infer_num_layers(names)
+    rows = [compare_tensor(name, cand.tensors.get(name), ref.tensors.get(name),
+                           floor_for(name, dtype, num_layers, floors)) for name in names]
+    logits = None
+    if "logits" in cand.tensors and "logits" in ref.tensors:
+        c, r = cand.tensors["logits"], ref.tensors["logits"]
+        if c.numel() == r.numel():
+            logits = logits_metrics(c.reshape(r.shape), r)
+    return DiffResult(rows=rows, dtype=dtype, logits=logits,
+                      only_in_candidate=[r["name"] for r in rows if r["status"] == "only_in_candidate"],
+                      only_in_reference=[r["name"] for r in rows if r["status"] == "only_in_reference"])
+
+
+def styled(frame: pd.DataFrame):
+    """Styler: rows over their floor in red, the first divergence in bold."""
+    first = next((name for name, bad in frame["exceeds"].items() if bad), None)
+
+    def row_style(row):
+        css = "background-color: #f8d0d0; color: #900;" if row["exceeds"] else ""
+        if row.name == first:
+            css += " font-weight: bold;"
+        return [css] * len(row)
+
+    floats = [c for c in ("max_abs", "mean_abs", "rel_l2", "cosine", "nmse_db", "floor") if c in frame]
+    return frame.style.apply(row_style, axis=1).format("{:.3g}", subset=floats, na_rep="-")
+
+
+def rel_l2_grid(result) -> pd.DataFrame:
+    """Layer x point table of rel_l2 for a heatmap."""
+    frame = result.to_frame() if isinstance(result, DiffResult) else result
+    layered = frame[frame["layer"].notna()]
+    grid = layered.pivot_table(index="layer", columns="point", values="rel_l2", aggfunc="first",
+                               dropna=False)
+    columns = [p for p in LAYER_POINTS if p in grid.columns]
+    columns += sorted(c for c in grid.columns if c not in LAYER_POINTS)
+    grid = grid.reindex(columns=columns)
+    grid.index = grid.index.astype(int)
+    return grid

@@ -1,0 +1,285 @@
+"""Decode and KV-cache parity (notebook 04): kv vs replay vs transformers generate, per-step logits, chat strategies,
+latency per token and per turn, and stop tokens."""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from qwenlab.activations.diff import logits_metrics
+from qwenlab.activations.reference import reference_generate
+from qwenlab.generation.chat import ChatSession
+from qwenlab.generation.decode import Generation, generate
+from qwenlab.generation.sampling import SamplingParams
+
+
+class StepLogitsRecorder:
+    """Stands in for the model inside generate(): forwards every call and keeps the last position's logits, i.e.
+    the logits each generated token was chosen from (prefill first, then one per decode step)."""
+    def __init__(self, model):
+        self.model = model
+        self.logits: list[torch.Tensor] = []
+
+    def __call__(self, ids, **kwargs):
+        out = self.model(ids, **kwargs)
+        self.logits.append(out[0, -1].detach().float().cpu())
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def generate_recorded(model, prompt_ids, params: SamplingParams, mode: str = "kv", stop_ids=(),
+                      cache=None) -> tuple[Generation, torch.Tensor]:
+    """generate() as is, plus the [n_tokens, vocab] logits behind each generated token. No tokenizer is passed,
+    so only the given stop_ids stop it (stop_ids=() really means none)."""
+    recorder = StepLogitsRecorder(model)
+    gen = generate(recorder, list(prompt_ids), params, stop_ids=tuple(stop_ids), mode=mode, cache=cache)
+    return gen, torch.stack(recorder.logits[: len(gen.ids)])
+
+
+def first_mismatch(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def step_metrics(cand: torch.Tensor, ref: torch.Tensor) -> pd.DataFrame:
+    """Per step: rel_l2 of the logits, KL(ref||cand), whether the argmax agrees, and the reference's top-2 margin."""
+    n = min(len(cand), len(ref))
+    if n == 0:
+        return pd.DataFrame(columns=["rel_l2", "kl", "top1_match", "ref_top2_margin"])
+    c, r = cand[:n].double(), ref[:n].double()
+    lm = logits_metrics(c, r)
+    top2 = r.topk(2, dim=-1).values
+    return pd.DataFrame({"rel_l2": ((c - r).norm(dim=-1) / r.norm(dim=-1)).tolist(), "kl": lm["kl_per_position"],
+                         "top1_match": lm["top1_match_per_position"],
+                         "ref_top2_margin": (top2[:, 0] - top2[:, 1]).tolist()})
+
+
+def margin_at(steps: pd.DataFrame, at: int | None) -> float | None:
+    """The baseline's top-2 logit margin at the step where two token sequences part (None: they do not, or the
+    step is beyond what both produced, e.g. one side stopped)."""
+    if at is None or at >= len(steps):
+        return None
+    return float(steps["ref_top2_margin"].iloc[at])
+
+
+def explained(at: int | None, margin: float | None, flip_margin: float) -> bool:
+    """Identical, or parted at a near-tie (margin <= flip_margin): a low-precision flip rather than a bug."""
+    return at is None or (margin is not None and margin <= flip_margin)
+
+
+def compare_modes(model, prompt_ids, params: SamplingParams, stop_ids=(), cache=None) -> dict:
+    """kv (optionally into a given cache) vs replay on one prompt: tokens and the logits of every step."""
+    kv, kv_logits = generate_recorded(model, prompt_ids, params, "kv", stop_ids, cache)
+    rp, rp_logits = generate_recorded(model, prompt_ids, params, "replay", stop_ids)
+    at = first_mismatch(kv.ids, rp.ids)
+    shared = len(kv.ids) if at is None else at + 1  # steps with the same context on both sides
+    steps = step_metrics(kv_logits[:shared], rp_logits[:shared])
+    return {"kv": kv, "replay": rp, "kv_logits": kv_logits, "replay_logits": rp_logits, "identical": at is None,
+            "first_mismatch": at, "margin_at_mismatch": margin_at(steps, at), "steps": steps,
+            "max_rel_l2": steps["rel_l2"].max() if len(steps) else float("nan"),
+            "max_kl": steps["kl"].max() if len(steps) else float("nan")}
+
+
+@torch.inference_mode()
+def reference_step_logits(ref_model, prompt_ids, gen_ids) -> torch.Tensor:
+    """The reference's logits behind each generated token, from one forward over prompt + generated[:-1]."""
+    seq = list(prompt_ids) + list(gen_ids[:-1])
+    logits = ref_model(input_ids=torch.tensor([seq], device=ref_model.device), use_cache=False).logits[0]
+    start = len(prompt_ids) - 1
+    return logits[start:start + len(gen_ids)].float().cpu()
+
+
+def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int,
+                  stop_ids=()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """prompts: label -> ids. -> (one row per prompt, one row per prompt x step). Greedy, same stop ids everywhere."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    rows, step_frames = [], []
+    for label, ids in prompts.items():
+        modes = compare_modes(model, ids, params, stop_ids)
+        kv = modes["kv"]
+        hf = reference_generate(ref_model, ids, max_new_tokens, stop_ids)
+        at_ref = first_mismatch(kv.ids, hf)
+        shared = len(kv.ids) if at_ref is None else at_ref + 1
+        vs_ref = step_metrics(modes["kv_logits"][:shared], reference_step_logits(ref_model, ids, hf[:shared]))
+        steps = modes["steps"].add_prefix("kv_vs_replay_").join(vs_ref.add_prefix("kv_vs_reference_"), how="outer")
+        steps.insert(0, "prompt", label)
+        steps.insert(1, "step", range(len(steps)))
+        step_frames.append(steps)
+        rows.append({"prompt": label, "prompt_tokens": len(ids), "kv_tokens": len(kv.ids),
+                     "replay_tokens": len(modes["replay"].ids), "reference_tokens": len(hf),
+                     "kv_equals_replay": modes["identical"], "kv_equals_reference": at_ref is None,
+                     "first_mismatch_replay": modes["first_mismatch"], "first_mismatch_reference": at_ref,
+                     "margin_at_mismatch_replay": modes["margin_at_mismatch"],
+                     "margin_at_mismatch_reference": margin_at(vs_ref, at_ref),
+                     "stop_reason": kv.stop_reason, "max_rel_l2_kv_vs_replay": modes["max_rel_l2"],
+                     "max_kl_kv_vs_replay": modes["max_kl"], "max_rel_l2_kv_vs_reference": vs_ref["rel_l2"].max(),
+                     "max_kl_kv_vs_reference": vs_ref["kl"].max(), "mean_kl_kv_vs_replay": modes["steps"]["kl"].mean(),
+                     "mean_kl_kv_vs_reference": vs_ref["kl"].mean(),
+                     "min_ref_top2_margin": vs_ref["ref_top2_margin"].min(), "kv_ids": kv.ids, "reference_ids": hf})
+    return pd.DataFrame(rows).set_index("prompt"), pd.concat(step_frames, ignore_index=True)
+
+
+def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
+                strategies=("replay", "rebuild", "session"), system: str | None = None,
+                enable_thinking: bool | None = None, max_len: int = 2048) -> pd.DataFrame:
+    """The same conversation under each strategy, compared turn by turn with the first strategy's: the tokens, and
+    the logits behind every token (max rel_l2 and KL, up to the first token where the two part)."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    rows, logits = [], {}
+    for strategy in strategies:
+        recorder = StepLogitsRecorder(model)
+        session = ChatSession(recorder, tokenizer, system=system, enable_thinking=enable_thinking, strategy=strategy,
+                              max_len=max_len)
+        for k, text in enumerate(user_turns, start=1):
+            start = len(recorder.logits)
+            turn = session.send(text, params)
+            gen = turn.generation
+            logits[strategy, k] = torch.stack(recorder.logits[start:start + len(gen.ids)])
+            rows.append({"strategy": strategy, "turn": k, "prompt_tokens": len(gen.prompt_ids),
+                         "reused_tokens": turn.reused_tokens, "prefill_tokens": turn.prefill_tokens,
+                         "new_tokens": len(gen.ids), "stop_reason": gen.stop_reason,
+                         "prefill_ms": gen.prefill_s * 1000, "turn_s": gen.prefill_s + sum(gen.step_s),
+                         "ids": gen.ids, "text": gen.text})
+    frame = pd.DataFrame(rows)
+    base = strategies[0]
+    base_ids = frame[frame["strategy"] == base].set_index("turn")["ids"]
+    frame["same_tokens_as_" + base] = [ids == base_ids[t] for ids, t in zip(frame["ids"], frame["turn"])]
+    stats = []
+    for strategy, turn, ids in zip(frame["strategy"], frame["turn"], frame["ids"]):
+        at = first_mismatch(ids, base_ids[turn])
+        shared = len(ids) if at is None else at + 1
+        steps = step_metrics(logits[strategy, turn][:shared], logits[base, turn][:shared])
+        stats.append({"first_mismatch": at, "margin_at_mismatch": margin_at(steps, at),
+                      f"max_rel_l2_vs_{base}": steps["rel_l2"].max(), f"max_kl_vs_{base}": steps["kl"].max(),
+                      f"mean_kl_vs_{base}": steps["kl"].mean()})
+    return pd.concat([frame, pd.DataFrame(stats, index=frame.index)], axis=1)
+
+
+def latency_profile(model, prompt_ids, max_new_tokens: int, modes=("kv", "replay")) -> pd.DataFrame:
+    """Per generated token and mode: the position it was computed at and the ms it took (no stop tokens, so every
+    run is max_new_tokens long). The final step only samples (no forward) and is left out."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    rows = []
+    for mode in modes:
+        gen = generate(model, list(prompt_ids), params, stop_ids=(), mode=mode)
+        rows += [{"mode": mode, "step": k, "position": len(prompt_ids) + k, "step_ms": seconds * 1000,
+                  "prefill_ms": gen.prefill_s * 1000} for k, seconds in enumerate(gen.step_s[:-1])]
+    return pd.DataFrame(rows)
+
+
+def latency_summary(steps: pd.DataFrame, edge: int = 10) -> pd.DataFrame:
+    """Per mode: prefill, mean and median ms per token, first vs last `edge` steps (medians, robust to spikes)."""
+    rows = []
+    for mode, group in steps.groupby("mode", sort=False):
+        ms = group.sort_values("step")["step_ms"]
+        first, last = ms.head(edge).median(), ms.tail(edge).median()
+        rows.append({"mode": mode, "tokens": len(ms) + 1, "prefill_ms": group["prefill_ms"].iloc[0],
+                     "mean_ms_per_token": ms.mean(), "median_ms_per_token": ms.median(), "median_first_ms": first,
+                     "median_last_ms": last, "tok_per_s": 1000 / ms.median()})
+    return pd.DataFrame(rows).set_index("mode")
+
+
+def latency_by_position(model, tokenizer, positions, steps: int = 4, modes=("kv", "replay")) -> pd.DataFrame:
+    """Cost of one new token at each context length, from short generate() runs on filler prompts of that length:
+    the median of `steps` decode steps (the prefill is recorded apart). Positions beyond the model's context are
+    dropped. Replay's cost grows with the context, kv's should not (much)."""
+    limit = model.config.max_position_embeddings - steps - 1
+    params = SamplingParams(temperature=0.0, max_new_tokens=steps + 1)
+    rows = []
+    for position in [p for p in positions if 0 < p <= limit]:
+        ids = filler_ids(tokenizer, position)
+        for mode in modes:
+            gen = generate(model, ids, params, stop_ids=(), mode=mode)
+            rows.append({"mode": mode, "position": position, "ms_per_token": 1000 * pd.Series(gen.step_s[:-1]).median(),
+                         "prefill_ms": gen.prefill_s * 1000})
+    return pd.DataFrame(rows)
+
+
+def growth(by_position: pd.DataFrame) -> dict:
+    """Per mode: ms per token at the longest context over ms per token at the shortest."""
+    out = {}
+    for mode, group in by_position.groupby("mode"):
+        group = group.sort_values("position")
+        out[mode] = group["ms_per_token"].iloc[-1] / group["ms_per_token"].iloc[0]
+    return out
+
+
+def _stop_case(model, label, ids, stop_ids, params, ref_model) -> dict:
+    free = generate(model, ids, params, stop_ids=())
+    stopped = generate(model, ids, params, stop_ids=stop_ids)
+    at = next((i for i, t in enumerate(free.ids) if t in stop_ids), None)
+    exercised = at is not None
+    expected = free.ids[: at + 1] if exercised else free.ids
+    honoured = stopped.ids == expected and (stopped.stop_reason == "stop_token") == exercised
+    row = {"prompt": label, "stop_ids": list(stop_ids), "stop_id": free.ids[at] if exercised else None,
+           "at_step": at, "exercised": exercised, "with_stops_ids": stopped.ids,
+           "with_stops_reason": stopped.stop_reason, "without_stops_ids": free.ids,
+           "without_stops_reason": free.stop_reason, "runs_on_without_stops": len(free.ids) > len(stopped.ids),
+           "honoured": honoured}
+    if ref_model is not None:
+        hf = reference_generate(ref_model, ids, params.max_new_tokens, stop_ids)
+        row["reference_ids"] = hf
+        row["reference_agrees"] = hf == stopped.ids
+    return row
+
+
+def stop_cases(model, prompts: dict, stop_ids, max_new_tokens: int = 8, ref_model=None,
+               synthetic: tuple[str, list[int]] | None = None, synthetic_step: int = 2) -> pd.DataFrame:
+    """prompts: label -> ids. Each prompt runs once with no stop ids (free run) and once with `stop_ids`.
+    A case is exercised when the free run emits a stop id; honoured when the stopped run is exactly the free run up
+    to and including that token, with stop_reason 'stop_token'. The reference's generate must stop at the same place.
+    `synthetic` (label, ids) adds a case whose only stop id is the token its free run emits at `synthetic_step`: it
+    exercises the stop logic whatever the weights (a random-weight model may never emit 151645 or 151643)."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    stop_ids = tuple(stop_ids)
+    rows = [_stop_case(model, label, ids, stop_ids, params, ref_model) for label, ids in prompts.items()]
+    if synthetic is not None and synthetic_step < max_new_tokens - 1:
+        label, ids = synthetic
+        token = generate(model, ids, params, stop_ids=()).ids[synthetic_step]
+        rows.append(_stop_case(model, f"{label} (synthetic: stop on {token})", ids, (token,), params, ref_model))
+    return pd.DataFrame(rows).set_index("prompt")
+
+
+FILLER = "The quick brown fox jumps over the lazy dog while the band plays on. "
+
+
+def filler_ids(tokenizer, n_tokens: int, text: str = FILLER) -> list[int]:
+    """Exactly n_tokens ids of repeated plain text: a long prompt for latency measurements."""
+    unit = tokenizer.encode(text)
+    return (unit * (n_tokens // max(len(unit), 1) + 1))[:n_tokens]
+
+
+def _none(value):
+    return None if value is None or pd.isna(value) else int(value)
+
+
+def parity_numbers(greedy: pd.DataFrame, chat: pd.DataFrame, flip_margin: float) -> dict:
+    """The verdict's numbers. A token mismatch is 'explained' when the sequences part at a near-tie of the baseline
+    (top-2 logit margin <= flip_margin, a low-precision flip); only unexplained ones fail a run."""
+    greedy_pairs = [(at, m) for col in ("replay", "reference")
+                    for at, m in zip(greedy[f"first_mismatch_{col}"], greedy[f"margin_at_mismatch_{col}"])]
+    base = chat["strategy"].iloc[0]
+    others = chat[chat["strategy"] != base]
+    chat_pairs = list(zip(others["first_mismatch"], others["margin_at_mismatch"]))
+
+    def unexplained(pairs):
+        return sum(not explained(_none(at), None if pd.isna(m) else float(m), flip_margin) for at, m in pairs)
+
+    per_prompt_bad = ~(greedy["kv_equals_replay"] & greedy["kv_equals_reference"])
+    return {
+        "token_mismatches": int(per_prompt_bad.sum()),
+        "unexplained_token_mismatches": unexplained(greedy_pairs),
+        "chat_mismatches": int((~others[f"same_tokens_as_{base}"]).sum()),
+        "unexplained_chat_mismatches": unexplained(chat_pairs),
+        "step_logits_max_rel_l2": float(max(greedy["max_rel_l2_kv_vs_replay"].max(),
+                                            greedy["max_rel_l2_kv_vs_reference"].max(),
+                                            others[f"max_rel_l2_vs_{base}"].max())),
+        "step_logits_max_kl": float(max(greedy["max_kl_kv_vs_replay"].max(), greedy["max_kl_kv_vs_reference"].max(),
+                                        others[f"max_kl_vs_{base}"].max())),
+        "step_logits_worst_mean_kl": float(max(greedy["mean_kl_kv_vs_replay"].max(),
+                                               greedy["mean_kl_kv_vs_reference"].max(),
+                                               others[f"mean_kl_vs_{base}"].max())),
+    }

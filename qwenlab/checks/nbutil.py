@@ -1,0 +1,61 @@
+"""What every numbered notebook shares: where its outputs go, how it records metrics, figures and its verdict.
+
+Contract with `qwenlab report`: a notebook run with parameter `out_dir` writes
+`<out_dir>/metrics/<notebook>.json` = {"notebook", "verdict": "pass"|"regressed", "reasons": [...], "metrics": {...}}
+and figures under `<out_dir>/figures/<notebook>_<name>.png`. A notebook never raises for a regression (the
+report decides the exit code from the verdict); a raised exception means the notebook errored.
+"""
+import json
+import os
+from pathlib import Path
+
+from qwenlab.atomic import json_safe, write_text_atomic
+from qwenlab.errors import QwenlabError
+from qwenlab.paths import DATA_DIR, resolve_out_dir
+
+VERDICTS = ("pass", "regressed")
+
+
+def load_thresholds(thresholds_dir: str | os.PathLike | None, notebook: str) -> dict:
+    """data/thresholds/<notebook>.json (or the same file name under another folder given by the report)."""
+    path = Path(thresholds_dir or DATA_DIR / "thresholds") / f"{notebook}.json"
+    if not path.is_file():
+        raise QwenlabError(f"{path}: thresholds file not found")
+    return json.loads(path.read_text())
+
+
+
+def write_metrics(out_dir, notebook: str, metrics: dict, reasons: list[str]) -> dict:
+    """reasons = the thresholds that were exceeded (empty list -> verdict 'pass'). Written atomically."""
+    record = {"notebook": notebook, "verdict": "regressed" if reasons else "pass", "reasons": list(reasons),
+              "metrics": json_safe(metrics)}
+    folder = resolve_out_dir(out_dir) / "metrics"
+    folder.mkdir(exist_ok=True)
+    write_text_atomic(folder / f"{notebook}.json", json.dumps(record, indent=2, allow_nan=False))
+    return record
+
+
+def save_figure(fig, out_dir, notebook: str, name: str) -> Path:
+    folder = resolve_out_dir(out_dir) / "figures"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{notebook}_{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def check_max(reasons: list[str], label: str, value: float, limit: float):
+    """Appends a reason when value > limit (or is not finite). Returns value for chaining in notebooks."""
+    if not (value <= limit):
+        reasons.append(f"{label} = {value:.4g} exceeds {limit:.4g}")
+    return value
+
+
+def check_min(reasons: list[str], label: str, value: float, limit: float):
+    if not (value >= limit):
+        reasons.append(f"{label} = {value:.4g} is below {limit:.4g}")
+    return value
+
+
+def verdict_line(record: dict) -> str:
+    head = f"VERDICT {record['notebook']}: {record['verdict'].upper()}"
+    return head if not record["reasons"] else head + "\n  - " + "\n  - ".join(record["reasons"])

@@ -1,0 +1,109 @@
+"""Token generation: kv (cache) or replay (recompute everything each step), with per-token timings."""
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from qwenlab.errors import QwenlabError
+from qwenlab.generation.sampling import Sampler, SamplingParams
+from qwenlab.model.kv_cache import KVCache
+from qwenlab.model.qwen3 import Qwen3
+
+MODES = ("kv", "replay")
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    stop_reason: str = ""
+    prefill_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return len(self.step_s) / sum(self.step_s) if self.step_s else 0.0
+
+    def to_json(self) -> dict:
+        return {"prompt_ids": self.prompt_ids, "ids": self.ids, "text": self.text, "stop_reason": self.stop_reason,
+                "prefill_s": self.prefill_s, "step_s": self.step_s, "decode_tok_s": self.decode_tok_s}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_context(model: Qwen3, n_tokens: int, what: str = "prompt"):
+    limit = model.config.max_position_embeddings
+    if n_tokens > limit:
+        raise QwenlabError(f"{what} has {n_tokens} tokens, more than max_position_embeddings={limit}")
+    if n_tokens == 0:
+        raise QwenlabError(f"{what} is empty (0 tokens)")
+
+
+def new_cache(model: Qwen3, max_len: int, preallocate: bool = True) -> KVCache:
+    return KVCache.for_config(model.config, max_len=max_len, dtype=model.dtype, device=model.device,
+                              preallocate=preallocate)
+
+
+def generate(model: Qwen3, prompt_ids: list[int], params: SamplingParams = SamplingParams(), *,
+             stop_ids=(), mode: str = "kv", cache: KVCache | None = None,
+             on_token: Callable[[int], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, tokenizer=None) -> Generation:
+    """Generates after prompt_ids. `ids` holds the generated tokens, the stop token included when one ended it.
+
+    With `cache`, only the prompt tokens beyond cache.length are prefilled (a chat session's new turn).
+    stop_reason: 'stop_token', 'max_new_tokens', 'context_full' or 'stopped' (should_stop() returned True).
+    With a tokenizer, stop_ids default to its stop ids and `text` is filled (the stop token left out).
+    """
+    if tokenizer is not None and not stop_ids:
+        stop_ids = tokenizer.stop_ids
+    if mode not in MODES:
+        raise QwenlabError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+    check_context(model, len(prompt_ids))
+    limit = model.config.max_position_embeddings
+    if mode == "kv" and cache is None:
+        cache = new_cache(model, min(limit, len(prompt_ids) + params.max_new_tokens))
+    sampler, stop_ids, device = Sampler(params), set(stop_ids), model.device
+    out = Generation(list(prompt_ids))
+    seq = list(prompt_ids)
+
+    t0 = time.perf_counter()
+    if mode == "kv":
+        logits = model(torch.tensor(seq[cache.length:], device=device), cache=cache, last_only=True)
+    else:
+        logits = model(torch.tensor(seq, device=device), last_only=True)
+    _sync(device)
+    out.prefill_s = time.perf_counter() - t0
+
+    while True:
+        if should_stop is not None and should_stop():
+            out.stop_reason = "stopped"
+            break
+        t0 = time.perf_counter()
+        token = sampler(logits[0, -1])
+        out.ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in stop_ids:
+            out.stop_reason = "stop_token"
+        elif len(out.ids) >= params.max_new_tokens:
+            out.stop_reason = "max_new_tokens"
+        elif len(seq) + 1 >= (cache.max_len if mode == "kv" else limit):
+            out.stop_reason = "context_full"
+        if out.stop_reason:
+            out.step_s.append(time.perf_counter() - t0)
+            break
+        seq.append(token)
+        if mode == "kv":
+            logits = model(torch.tensor([token], device=device), cache=cache)
+        else:
+            logits = model(torch.tensor(seq, device=device), last_only=True)
+        _sync(device)
+        out.step_s.append(time.perf_counter() - t0)
+    if tokenizer is not None:
+        out.text = tokenizer.decode(out.ids[:-1] if out.stop_reason == "stop_token" else out.ids)
+    return out

@@ -1,0 +1,163 @@
+"""Checkpoint directory (HF layout) -> validated, lazily loaded Qwen3 + tokenizer. Safetensors only."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qwenlab.errors import QwenlabError
+from qwenlab.model.config import Qwen3Config, read_config, read_generation_config
+from qwenlab.model.qwen3 import Qwen3
+from qwenlab.model.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise QwenlabError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QwenlabError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise QwenlabError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1)") from None
+
+
+def resolve_dtype(name: str | None, device: torch.device, config: Qwen3Config) -> torch.dtype:
+    """'auto' = float32 on CPU (exact and fast enough there), the checkpoint's dtype on an accelerator."""
+    if name in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else DTYPES.get(config.torch_dtype, torch.bfloat16)
+    return parse_dtype(name)
+
+
+def expected_shapes(cfg: Qwen3Config) -> dict[str, tuple]:
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (H,),
+            p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (cfg.q_size, H),
+            p + "self_attn.k_proj.weight": (cfg.kv_size, H),
+            p + "self_attn.v_proj.weight": (cfg.kv_size, H),
+            p + "self_attn.o_proj.weight": (H, cfg.q_size),
+            p + "self_attn.q_norm.weight": (cfg.head_dim,),
+            p + "self_attn.k_norm.weight": (cfg.head_dim,),
+            p + "mlp.gate_proj.weight": (I, H),
+            p + "mlp.up_proj.weight": (I, H),
+            p + "mlp.down_proj.weight": (H, I),
+        }
+        if cfg.attention_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (cfg.q_size,), p + "self_attn.k_proj.bias": (cfg.kv_size,),
+                       p + "self_attn.v_proj.bias": (cfg.kv_size,), p + "self_attn.o_proj.bias": (H,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    return shapes
+
+
+def weight_files(checkpoint_dir: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it (sharded via the index, or one model.safetensors)."""
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise QwenlabError(f"{index}: not a valid safetensors index ({e})") from None
+        return {name: checkpoint_dir / shard for name, shard in weight_map.items()}
+    single = checkpoint_dir / "model.safetensors"
+    if single.is_file():
+        return {name: single for name in _header(single)}
+    if list(checkpoint_dir.glob("*.bin")) or list(checkpoint_dir.glob("*.pt")):
+        raise QwenlabError(f"{checkpoint_dir}: only pickle weights (.bin/.pt) found; qwenlab loads safetensors only, "
+                           "because unpickling a checkpoint can run arbitrary code (convert it to safetensors first)")
+    raise QwenlabError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def _header(path: Path) -> dict[str, tuple]:
+    """name -> shape, read from the header only; a truncated or corrupt file fails here, before any compute."""
+    if not path.is_file():
+        raise QwenlabError(f"{path}: weight file listed in the index is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QwenlabError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    _check_size(path)
+    return shapes
+
+
+def _check_size(path: Path):
+    """safetensors maps lazily, so a file cut short only fails at the first read: check its length up front."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + n + end:
+        raise QwenlabError(f"{path}: truncated ({path.stat().st_size} bytes, header promises {8 + n + end})")
+
+
+def validate(checkpoint_dir: Path, cfg: Qwen3Config) -> dict[str, Path]:
+    files = weight_files(checkpoint_dir)
+    shapes = {}
+    for path in sorted(set(files.values())):
+        shapes |= _header(path)
+    for name, shape in expected_shapes(cfg).items():
+        if name not in shapes:
+            raise QwenlabError(f"{checkpoint_dir}: tensor {name} is missing from the checkpoint")
+        if shapes[name] != shape:
+            raise QwenlabError(f"{checkpoint_dir}: tensor {name} has shape {list(shapes[name])}, "
+                               f"config.json implies {list(shape)}")
+    return files
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: Qwen3Config
+    generation_config: dict
+    model: Qwen3
+    tokenizer: "object"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = None) -> Qwen3:
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise QwenlabError(f"--model {checkpoint_dir}: not a directory")
+    cfg = read_config(checkpoint_dir)
+    files = validate(checkpoint_dir, cfg)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev, cfg)
+    with torch.device("meta"):
+        model = Qwen3(cfg)
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected_shapes(cfg):
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in names:
+                state[name] = f.get_tensor(name).to(device=dev, dtype=torch_dtype)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def load(checkpoint_dir, dtype: str | None = None, device: str | None = None) -> Checkpoint:
+    checkpoint_dir = Path(checkpoint_dir)
+    model = load_model(checkpoint_dir, dtype, device)
+    gen = read_generation_config(checkpoint_dir)
+    tok = Tokenizer.from_dir(checkpoint_dir, generation_config=gen)
+    return Checkpoint(checkpoint_dir, model.config, gen, model, tok)

@@ -1,0 +1,201 @@
+"""Deterministic Qwen3 checkpoints in HF layout: the embedded default model and test/benchmark shapes."""
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from qwenlab.errors import QwenlabError
+from qwenlab.model.config import config_from_dict
+from qwenlab.model.loader import expected_shapes
+from qwenlab.model.tokenizer_files import TOKENIZER_FILES, qwen3_tokenizer_dir
+from qwenlab.paths import DATA_DIR
+
+BASE = dict(vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1_000_000.0, hidden_act="silu",
+            attention_bias=False, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645)
+
+PRESETS = {
+    # q heads x head_dim (128) != hidden (64), GQA 4:2, tied embeddings, 4.x-free 5.x-style config.
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True,
+                 dtype="float32", style="v5", shards=1),
+    # A differently shaped second fixture: untied head, sharded safetensors, transformers 4.x config spelling.
+    "tiny-untied": dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
+                        num_key_value_heads=3, head_dim=24, max_position_embeddings=2048,
+                        tie_word_embeddings=False, rope_theta=10_000.0, dtype="float32", style="v4", shards=3),
+    # The real Qwen3-4B(-Instruct-2507) shape with random bf16 weights: same cost as the real model.
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                     tie_word_embeddings=True, rope_theta=5_000_000.0, dtype="bfloat16", style="v5", shards=4),
+}
+# sha256 of model.safetensors written by `qwenlab tiny` for the deterministic presets.
+CHECKSUMS_FILE = DATA_DIR / "tiny_checksums.json"
+STOP_TOKEN_ROWS = (151643, 151645)
+
+
+def config_json(preset: str) -> dict:
+    p = {**BASE, **PRESETS[preset]}
+    raw = {k: v for k, v in p.items() if k not in ("style", "shards", "dtype", "rope_theta")}
+    raw |= {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "max_window_layers": p["num_hidden_layers"],
+            "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True}
+    if p["style"] == "v4":
+        raw |= {"rope_theta": p["rope_theta"], "rope_scaling": None, "torch_dtype": p["dtype"],
+                "transformers_version": "4.51.0"}
+    else:
+        raw |= {"rope_parameters": {"rope_type": "default", "rope_theta": p["rope_theta"]}, "dtype": p["dtype"],
+                "transformers_version": "5.0.0"}
+    return raw
+
+
+def _numpy_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
+    """Scaled init: 1/sqrt(fan_in) projections, residual writers shrunk with depth, norms near (not at) one,
+    embeddings wide enough that greedy decoding has clear winners, the stop tokens slightly favoured."""
+    rng = np.random.default_rng(seed)
+    H, I, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    Dh, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+    def norm_weight(n, spread):
+        return (np.float32(1.0) + normal((n,), spread)).astype(np.float32)
+
+    embed = normal((V, H), 0.5)
+    embed[list(STOP_TOKEN_ROWS)] *= np.float32(2.6)
+    w = {"model.embed_tokens.weight": embed}
+    resid = 1.0
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w |= {
+            p + "input_layernorm.weight": norm_weight(H, 0.1),
+            p + "self_attn.q_proj.weight": normal((nq * Dh, H), 1 / np.sqrt(H)),
+            p + "self_attn.k_proj.weight": normal((nkv * Dh, H), 1 / np.sqrt(H)),
+            p + "self_attn.v_proj.weight": normal((nkv * Dh, H), 1 / np.sqrt(H)),
+            p + "self_attn.o_proj.weight": normal((H, nq * Dh), resid / np.sqrt(nq * Dh)),
+            p + "self_attn.q_norm.weight": norm_weight(Dh, 0.3),
+            p + "self_attn.k_norm.weight": norm_weight(Dh, 0.3),
+            p + "post_attention_layernorm.weight": norm_weight(H, 0.1),
+            p + "mlp.gate_proj.weight": normal((I, H), 1 / np.sqrt(H)),
+            p + "mlp.up_proj.weight": normal((I, H), 1 / np.sqrt(H)),
+            p + "mlp.down_proj.weight": normal((H, I), resid / np.sqrt(I)),
+        }
+    w["model.norm.weight"] = (4 * norm_weight(H, 0.1)).astype(np.float32)
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = normal((V, H), 0.5)
+    return w
+
+
+def _torch_weights(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Same recipe with torch's generator: fast enough for a 4B-parameter shape, not byte-stable across versions."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in expected_shapes(config_from_dict(cfg)).items():
+        if len(shape) == 1:
+            t = 1 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            std = 0.5 if "embed" in name or "lm_head" in name else 1 / np.sqrt(shape[1])
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                std /= np.sqrt(2 * cfg["num_hidden_layers"])
+            t = torch.randn(shape, generator=gen) * std
+        out[name] = t.to(dtype)
+    return out
+
+
+def _shard(weights: dict, n: int) -> list[dict]:
+    names = list(weights)
+    return [{k: weights[k] for k in names[i::n]} for i in range(n)] if n > 1 else [weights]
+
+
+def write_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> Path:
+    """Writes into a temp folder then renames, so a failed run never leaves a half-written checkpoint."""
+    if preset not in PRESETS:
+        raise QwenlabError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise QwenlabError(f"{out_dir}: exists and is not empty (refusing to overwrite)")
+    cfg = config_json(preset)
+    dtype = PRESETS[preset]["dtype"]
+    if dtype == "float32":
+        weights = {k: torch.from_numpy(v) for k, v in _numpy_weights(cfg, seed).items()}
+    else:
+        weights = _torch_weights(cfg, seed, getattr(torch, dtype))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write_files(tmp, cfg, weights, PRESETS[preset]["shards"])
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.chmod(0o755)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_files(d: Path, cfg: dict, weights: dict, shards: int):
+    (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+           "do_sample": False, "transformers_version": cfg.get("transformers_version")}
+    (d / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    parts = _shard(weights, shards)
+    if len(parts) == 1:
+        save_file(parts[0], str(d / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, part in enumerate(parts):
+            fname = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            save_file(part, str(d / fname), metadata={"format": "pt"})
+            weight_map |= {k: fname for k in part}
+        total = sum(t.numel() * t.element_size() for t in weights.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    src = qwen3_tokenizer_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(src / name, d / name)
+
+
+def checkpoint_digest(checkpoint_dir) -> str:
+    """sha256 over every file of the checkpoint (names and bytes, sorted): one number for 'same bytes'."""
+    h = hashlib.sha256()
+    for path in sorted(Path(checkpoint_dir).iterdir()):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def expected_digest(preset: str) -> str | None:
+    if not CHECKSUMS_FILE.is_file():
+        return None
+    return json.loads(CHECKSUMS_FILE.read_text()).get(preset)
+
+
+def verify(checkpoint_dir, preset: str) -> str:
+    digest = checkpoint_digest(checkpoint_dir)
+    want = expected_digest(preset)
+    if want is not None and digest != want:
+        raise QwenlabError(f"{checkpoint_dir}: checksum {digest[:16]} != committed {want[:16]} for preset "
+                           f"{preset!r} (data/tiny_checksums.json): the fixture is not byte-identical")
+    return digest
+
+
+DEFAULT_TINY = DATA_DIR / "models" / "tiny-qwen3"
+
+
+def ensure_tiny(path=None, preset: str = "tiny") -> Path:
+    """The embedded default model, generated on first use."""
+    path = Path(path) if path else DEFAULT_TINY
+    if not (path / "config.json").is_file():
+        write_checkpoint(path, preset)
+        verify(path, preset)
+    return path
+
+
+def resolve_model_dir(model_dir=None) -> Path:
+    """The user's checkpoint directory, or the embedded default (generated on first use) when none is given."""
+    return Path(model_dir) if model_dir else ensure_tiny()

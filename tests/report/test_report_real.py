@@ -1,0 +1,71 @@
+"""The main job on the real notebooks: `qwenlab report` on the embedded tiny model, judged on metrics.json values."""
+import json
+
+import pytest
+
+from qwenlab.activations.dump import read_dump, write_dump
+from qwenlab.cli import main
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("reports")
+    code = main(["report", "--model", str(tiny_dir), "--out", str(out)])
+    run = (out / "latest").resolve()
+    return code, run, json.loads((run / "metrics.json").read_text())
+
+
+def test_report_passes_and_writes_the_run_folder(report):
+    code, run, metrics = report
+    assert code == 0 and metrics["verdict"] == "pass"
+    names = ["01_tokenizer_parity", "02_embedding_checks", "03_layer_diffs", "04_decode_kv_parity",
+             "05_memory_fluctuation", "07_prompt_playground"]
+    assert list(metrics["notebooks"]) == names
+    for name in names:
+        assert (run / f"{name}.ipynb").is_file() and (run / f"{name}.html").is_file()
+        assert metrics["notebooks"][name]["verdict"] == "pass", metrics["notebooks"][name]["reasons"]
+    index = (run / "index.html").read_text()
+    assert all(f"{name}.html" in index for name in names)
+    assert metrics["header"]["config_hash"] and metrics["header"]["versions"]["torch"].startswith("2.13")
+
+
+def test_report_numbers(report):
+    nb = report[2]["notebooks"]
+    tok = nb["01_tokenizer_parity"]["metrics"]
+    assert tok["corpus_size"] >= 200 and tok["mismatches_qwenlab"] == 0 and tok["mismatches_tiktoken"] == 0
+    assert tok["template_mismatches"] == 0 and tok["fallback_ratio"] > 1.5
+    emb = nb["02_embedding_checks"]["metrics"]
+    assert emb["max_abs_vs_file"] == 0 and emb["bitwise_equal_file"] is True and emb["tied"] is True
+    layers = nb["03_layer_diffs"]["metrics"]
+    assert layers["first_divergence"] is None and layers["max_rel_l2"] < 1e-5
+    assert layers["logits"]["top1_agreement"] == 1.0 and layers["logits"]["kl_mean"] < 1e-6
+    assert layers["planted_localised"] == layers["planted_total"] >= 3
+    dec = nb["04_decode_kv_parity"]["metrics"]
+    assert dec["token_mismatches"] == 0 and dec["chat_mismatches"] == 0 and dec["kv_equals_reference"] is True
+    assert dec["step_logits_max_rel_l2"] < 1e-5 and dec["stop_failures"] == 0
+    assert {151643, 151645} <= set(dec["stop_ids_seen"])
+    assert dec["replay_over_kv"] > 1
+    mem = nb["05_memory_fluctuation"]["metrics"]
+    assert mem["kv_rel_error"] == 0 and mem["stress_crashes"] == 0
+    play = nb["07_prompt_playground"]["metrics"]
+    assert play["text_equal"] is True and play["tokens"] > 0
+
+
+def test_corrupted_candidate_makes_the_report_regress(tmp_path, tiny_dir, capsys):
+    ref = tmp_path / "ref.safetensors"
+    assert main(["capture", "--model", str(tiny_dir), "--prompt", "Hello there", "--impl", "reference",
+                 "--out", str(ref)]) == 0
+    dump = read_dump(ref)
+    dump.tensors["layers.2.mlp.up_proj"] = dump.tensors["layers.2.mlp.up_proj"] * 1.001
+    cand = tmp_path / "cand.safetensors"
+    write_dump(cand, dump.tensors, dump.metadata)
+    out = tmp_path / "reports"
+    code = main(["report", "--model", str(tiny_dir), "--out", str(out), "--only", "03", "--candidate", str(cand)])
+    assert code == 1
+    run = (out / "latest").resolve()
+    metrics = json.loads((run / "metrics.json").read_text())
+    entry = metrics["notebooks"]["03_layer_diffs"]
+    assert entry["verdict"] == "regressed"
+    assert entry["metrics"]["first_divergence"] == "layers.2.mlp.up_proj"
+    index = (run / "index.html").read_text()
+    assert 'id="nb-03_layer_diffs"' in index and "regressed" in index
