@@ -1,4 +1,4 @@
-"""Reading a tracker frame (qwenlab.memory): each turn's peak and end, phase deltas, fragmentation, and the
+"""Reading a tracker frame (memory/tracker.py): each turn's peak and end, phase deltas, fragmentation, and the
 unit to plot bytes in."""
 NAN = float("nan")
 

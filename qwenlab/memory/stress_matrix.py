@@ -1,4 +1,4 @@
-"""The stress matrix behind `qwenlab stress` (qwenlab/stress.py defines its baseline and its leak): every strategy
+"""The stress matrix behind `qwenlab stress` (memory/stress.py defines its baseline and its leak): every strategy
 for cfg.iterations scripted chats, in this process or one fresh process per iteration, then one summary row per
 strategy and the reasons the run fails (a leak, a crash)."""
 import json
