@@ -157,7 +157,8 @@ display(stops)
 # * kv, replay and the reference produce the same tokens on every prompt, and every chat strategy produces replay's
 #   tokens; where two sequences part at a near-tie of the baseline (top-2 logit margin at most the thresholds
 #   file's `flip_margin` for this dtype: 0 in float32, about a bfloat16 rounding step in bfloat16) the flip is
-#   counted but not judged, as doc/dump-format.md's floors ask for low precision;
+#   counted but not judged (in low precision a flip at a near-tie is rounding noise; a flip at a clear margin is a
+#   bug);
 # * the logits behind every token agree: max rel_l2 and the worst per-sequence mean KL within this dtype's limits
 #   (greedy prompts and chat turns alike);
 # * the session re-uses its cache after turn 1;
