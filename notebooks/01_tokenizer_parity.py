@@ -141,32 +141,7 @@ figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "fallback_inflation")
 
 # %%
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
-vocab_fb = fallback.loc["byte fallback (vocab byte tokens)"]
-raw_fb = fallback.loc["byte fallback (raw byte values)"]
-metrics = {
-    "corpus_size": len(corpus),
-    "corpus_tokens": int(categories["ref_tokens"].sum()),
-    "mismatches_qwenlab": mismatches.get("qwenlab", 0),
-    "mismatches_tiktoken": mismatches.get("tiktoken", 0),
-    "template_cases": len(templates),
-    "template_mismatches": template_mismatches,
-    "per_category": categories.to_dict(orient="index"),
-    "fallback_prompt_tokens": int(fallback.loc["tokenizer.json", "tokens"]),
-    "fallback_tokens": int(vocab_fb["tokens"]),
-    "fallback_ratio": float(vocab_fb["token_ratio"]),
-    "fallback_same_position_pct": float(vocab_fb["same_id_same_position_pct"]),
-    "fallback_next_token_matches": bool(vocab_fb["next_token_matches"]),
-    "fallback_next_token_kl": float(vocab_fb["next_token_kl"]),
-    "raw_fallback_same_position_pct": float(raw_fb["same_id_same_position_pct"]),
-    "raw_fallback_next_token_matches": bool(raw_fb["next_token_matches"]),
-    "raw_fallback_next_token_kl": float(raw_fb["next_token_kl"]),
-    "corpus_fallback_ratio": float(inflation["bytes"].sum() / inflation["tokens"].sum()),
-}
-reasons = []
-nbutil.check_max(reasons, "qwenlab encode mismatches", metrics["mismatches_qwenlab"], thresholds["max_mismatches_qwenlab"])
-nbutil.check_max(reasons, "tiktoken encode mismatches", metrics["mismatches_tiktoken"],
-                 thresholds["max_mismatches_tiktoken"])
-nbutil.check_max(reasons, "chat template mismatches", metrics["template_mismatches"], thresholds["max_template_mismatches"])
-nbutil.check_min(reasons, "corpus size", metrics["corpus_size"], thresholds["min_corpus_size"])
+metrics, reasons = tp.verdict(thresholds, corpus=corpus, mismatches=mismatches, categories=categories,
+                              templates=templates, fallback=fallback, inflation=inflation)
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

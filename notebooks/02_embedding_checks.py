@@ -135,25 +135,7 @@ display(crafted)
 # `max_abs_vs_file`, 0), the reference's embed is within the floor, the head check holds, and the table is finite.
 
 # %%
-metrics = {
-    "prompt_tokens": len(ids),
-    "max_abs_vs_file": vs_file["max_abs"],
-    "bitwise_equal_file": vs_file["bitwise_equal"],
-    "rel_l2_vs_reference": vs_ref["rel_l2"],
-    "max_abs_vs_reference": vs_ref["max_abs"],
-    "reference_floor": embed_floor,
-    "tied": head["tie_word_embeddings"],
-    "head_ok": head["ok"],
-    "head": head,
-    "table": stats,
-    "handcrafted": crafted.to_dict(orient="index"),
-}
-reasons = []
-nbutil.check_max(reasons, "prompt rows max |loaded - file|", vs_file["max_abs"], thresholds["max_abs_vs_file"])
-nbutil.check_max(reasons, "prompt rows rel_l2 vs reference embed", vs_ref["rel_l2"], embed_floor)
-if thresholds.get("require_tied_head_ok", True) and not head["ok"]:
-    reasons.append(f"lm_head check failed ({'tied' if head['tie_word_embeddings'] else 'untied'}): {head}")
-if thresholds.get("require_finite_table", True) and not stats["all_finite"]:
-    reasons.append("embedding table has non-finite values")
+metrics, reasons = ec.verdict(thresholds, ids=ids, vs_file=vs_file, vs_reference=vs_ref, reference_floor=embed_floor,
+                              head=head, stats=stats, handcrafted=crafted)
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

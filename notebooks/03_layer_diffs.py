@@ -83,6 +83,7 @@ if candidate:
     display(ld.candidate_identity(cand_meta, ckpt.config).to_frame("candidate"))
     diffs = [cand_diff]
 else:
+    cand_meta = {}
     diffs = ld.diff_prompts(model, reference, tok, prompts, attention=attention or None, floors=floors)
 summary = ld.summary_frame(diffs)
 display(summary)
@@ -172,37 +173,8 @@ if planted_results:
 
 # %%
 run_dtype = str(model.dtype).removeprefix("torch.") if not candidate else diffs[0].result.dtype
-metrics = {
-    "candidate": candidate,
-    "dtype": run_dtype,
-    "prompts": len(diffs),
-    "prompt_tokens": [len(d.ids) for d in diffs],
-    "compared_tensors": int(summary["compared"].sum()),
-    "divergent_prompts": int((~summary["passed"]).sum()),
-    "first_divergence": first,
-    "max_rel_l2": float(table["rel_l2"].max()),
-    "closest_to_floor": ld.closest_to_floor(table),
-    "only_in_candidate": sorted({n for d in diffs for n in d.result.only_in_candidate}),
-    "only_in_reference": sorted({n for d in diffs for n in d.result.only_in_reference}),
-    "logits": logits,
-    "per_prompt": summary.reset_index().to_dict(orient="records"),
-    "planted": localised.to_dict(orient="index"),
-    "planted_total": len(localised),
-    "planted_localised": int(localised["localised"].sum()),
-}
-reasons = []
-nbutil.check_max(reasons, "prompts with a divergent tensor", metrics["divergent_prompts"],
-                 thresholds["max_divergent_prompts"])
-if first:
-    reasons.append(f"first divergent tensor: {first}")
-if candidate and cand_meta.get("config_hash") not in (None, ckpt.config.config_hash()):
-    reasons.append(f"candidate was dumped for config {cand_meta['config_hash']}, not this checkpoint's "
-                   f"{ckpt.config.config_hash()}")
-kl_limit = thresholds["max_kl_mean"].get(run_dtype, thresholds["max_kl_mean"]["float32"])
-nbutil.check_max(reasons, "logits KL mean", logits.get("kl_mean", float("nan")), kl_limit)
-if plant_bugs:
-    nbutil.check_min(reasons, "planted bugs localised (fraction)",
-                     metrics["planted_localised"] / max(metrics["planted_total"], 1),
-                     thresholds["min_planted_localised_fraction"])
+metrics, reasons = ld.verdict(thresholds, dtype=run_dtype, diffs=diffs, summary=summary, table=table, logits=logits,
+                              localised=localised, plant_bugs=plant_bugs, candidate=candidate,
+                              candidate_meta=cand_meta, config_hash=ckpt.config.config_hash())
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

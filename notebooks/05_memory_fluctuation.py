@@ -235,9 +235,9 @@ show(mem_plots.plot_baselines(stress_result), "stress_baselines")
 # warm-up (a leak) or when any stress iteration crashed.
 
 # %%
-metrics, reasons = mf.notebook_verdict(thresholds, device=model.device, weights=weights, kv=kv,
-                                                    timeline=timeline, empty_cache_frame=empty_cache_frame,
-                                                    strategies_frame=strategies_frame, stress=stress_result)
+metrics, reasons = mf.verdict(thresholds, device=model.device, weights=weights, kv=kv, timeline=timeline,
+                              empty_cache_frame=empty_cache_frame, strategies_frame=strategies_frame,
+                              stress=stress_result)
 metrics |= {"model": str(model_path), "dtype": str(model.dtype), "config_hash": model.config.config_hash(),
             "allocator": allocator}
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)

@@ -142,7 +142,7 @@ if demo_prompt and demo_reference and pg.result is not None:
 # %%
 if pg.result is not None:
     print("exported:", pg.save_json())
-metrics, reasons = demo.demo_metrics(pg, thresholds) if demo_prompt else ({"demo_ran": False}, [])
+metrics, reasons = demo.verdict(pg, thresholds) if demo_prompt else ({"demo_ran": False}, [])
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 display(pd.Series(record["metrics"], name="metrics").to_frame())
 print(nbutil.verdict_line(record))

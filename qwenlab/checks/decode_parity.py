@@ -7,9 +7,12 @@ import torch
 
 from qwenlab.activations.diff import logits_metrics
 from qwenlab.activations.reference import reference_generate
+from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.generation.chat import ChatSession
 from qwenlab.generation.decode import Generation, generate
 from qwenlab.generation.sampling import SamplingParams
+
+REQUIRED_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 
 
 class StepLogitsRecorder:
@@ -283,3 +286,88 @@ def parity_numbers(greedy: pd.DataFrame, chat: pd.DataFrame, flip_margin: float)
                                                greedy["mean_kl_kv_vs_reference"].max(),
                                                others[f"mean_kl_vs_{base}"].max())),
     }
+
+
+def dtype_limits(thresholds: dict, dtype: str) -> dict:
+    """The thresholds given per dtype ({"float32": ..., "bfloat16": ...}), at this dtype."""
+    return {key: value[dtype] for key, value in thresholds.items() if isinstance(value, dict)}
+
+
+def greedy_metrics(greedy: pd.DataFrame) -> dict:
+    return {
+        "prompts": len(greedy),
+        "new_tokens": greedy["kv_tokens"].tolist(),
+        "kv_equals_replay": bool(greedy["kv_equals_replay"].all()),
+        "kv_equals_reference": bool(greedy["kv_equals_reference"].all()),
+        "min_ref_top2_margin": float(greedy["min_ref_top2_margin"].min()),
+    }
+
+
+def session_metrics(chat: pd.DataFrame, chat_turns: list[str]) -> dict:
+    """The session strategy must re-use its cache from turn 2 on."""
+    session = chat[chat["strategy"] == "session"]
+    return {
+        "chat_turns": len(chat_turns),
+        "session_reuse_ok": bool((session[session["turn"] > 1]["reused_tokens"] > 0).all()),
+        "session_reused_tokens": session["reused_tokens"].tolist(),
+        "session_prefill_tokens": session["prefill_tokens"].tolist(),
+        "chat_total_s": chat.groupby("strategy")["turn_s"].sum().to_dict(),
+    }
+
+
+def latency_metrics(latency: pd.DataFrame, by_position: pd.DataFrame) -> dict:
+    """Timings: recorded, not judged."""
+    table = latency_summary(latency)
+    return {
+        "latency": table.to_dict(orient="index"),
+        "kv_ms_per_token": float(table.loc["kv", "median_ms_per_token"]),
+        "replay_ms_per_token": float(table.loc["replay", "median_ms_per_token"]),
+        "replay_over_kv": float(table.loc["replay", "median_ms_per_token"] / table.loc["kv", "median_ms_per_token"]),
+        "ms_per_token_by_position": by_position.pivot(index="position", columns="mode",
+                                                      values="ms_per_token").to_dict(),
+        "growth_longest_over_shortest": growth(by_position),
+    }
+
+
+def stop_metrics(stops: pd.DataFrame, stop_ids) -> dict:
+    """A stop case fails when it was exercised but not honoured by qwenlab, or the reference stopped elsewhere."""
+    return {
+        "stop_cases": len(stops),
+        "stop_cases_exercised": int(stops["exercised"].sum()),
+        "stop_failures": int((stops["exercised"] & ~(stops["honoured"] & stops["reference_agrees"])).sum()),
+        "stop_ids_seen": sorted({int(i) for i in stops["stop_id"].dropna()}),
+        "stop_ids_configured": list(stop_ids),
+    }
+
+
+def verdict(thresholds: dict, *, dtype: str, greedy: pd.DataFrame, chat: pd.DataFrame, chat_turns: list[str],
+            latency: pd.DataFrame, by_position: pd.DataFrame, stops: pd.DataFrame,
+            stop_ids) -> tuple[dict, list[str]]:
+    """Notebook 04's metrics and the thresholds they exceed (an empty list passes)."""
+    limits = dtype_limits(thresholds, dtype)
+    numbers = parity_numbers(greedy, chat, limits["flip_margin"])
+    metrics = {
+        **numbers,
+        "dtype": dtype,
+        **greedy_metrics(greedy),
+        **session_metrics(chat, chat_turns),
+        **latency_metrics(latency, by_position),
+        **stop_metrics(stops, stop_ids),
+    }
+    reasons: list[str] = []
+    check_max(reasons, "prompts where kv / replay / reference tokens differ (not at a near-tie)",
+              numbers["unexplained_token_mismatches"], thresholds["max_token_mismatches"])
+    check_max(reasons, "chat turns whose tokens differ from replay (not at a near-tie)",
+              numbers["unexplained_chat_mismatches"], thresholds["max_chat_mismatches"])
+    check_max(reasons, "per-step logits max rel_l2", numbers["step_logits_max_rel_l2"],
+              limits["max_step_logits_rel_l2"])
+    check_max(reasons, "per-step logits worst mean KL", numbers["step_logits_worst_mean_kl"],
+              limits["max_step_kl_mean"])
+    check_min(reasons, "stop cases exercised", metrics["stop_cases_exercised"], thresholds["min_stop_cases_exercised"])
+    check_max(reasons, "stop cases not honoured", metrics["stop_failures"], thresholds["max_stop_failures"])
+    missing_stops = set(REQUIRED_STOP_IDS) - set(stop_ids)
+    if missing_stops:
+        reasons.append(f"stop ids {sorted(missing_stops)} are not among the tokenizer's stop ids {list(stop_ids)}")
+    if thresholds.get("require_session_reuse", True) and not metrics["session_reuse_ok"]:
+        reasons.append("the session strategy re-used no cached tokens after turn 1")
+    return metrics, reasons

@@ -12,6 +12,7 @@ from torch import nn
 
 from qwenlab.activations.diff import tensor_metrics
 from qwenlab.activations.reference import capture_reference
+from qwenlab.checks.nbutil import check_max
 from qwenlab.errors import QwenlabError
 from qwenlab.model.loader import weight_files
 from qwenlab.model.probe import Probe
@@ -167,3 +168,29 @@ def handcrafted_comparison(model, file_table: torch.Tensor, ids: list[int], used
                      "norm_std": norms[:used_vocab].std().item(), "logits_kl_mean": kl.mean().item(),
                      "top1_agreement": (lp.argmax(-1) == ref_top).double().mean().item()})
     return pd.DataFrame(rows).set_index("table")
+
+
+def verdict(thresholds: dict, *, ids: list[int], vs_file: dict, vs_reference: dict, reference_floor: float,
+            head: dict, stats: dict, handcrafted: pd.DataFrame) -> tuple[dict, list[str]]:
+    """Notebook 02's metrics and the thresholds they exceed (an empty list passes)."""
+    metrics = {
+        "prompt_tokens": len(ids),
+        "max_abs_vs_file": vs_file["max_abs"],
+        "bitwise_equal_file": vs_file["bitwise_equal"],
+        "rel_l2_vs_reference": vs_reference["rel_l2"],
+        "max_abs_vs_reference": vs_reference["max_abs"],
+        "reference_floor": reference_floor,
+        "tied": head["tie_word_embeddings"],
+        "head_ok": head["ok"],
+        "head": head,
+        "table": stats,
+        "handcrafted": handcrafted.to_dict(orient="index"),
+    }
+    reasons: list[str] = []
+    check_max(reasons, "prompt rows max |loaded - file|", vs_file["max_abs"], thresholds["max_abs_vs_file"])
+    check_max(reasons, "prompt rows rel_l2 vs reference embed", vs_reference["rel_l2"], reference_floor)
+    if thresholds.get("require_tied_head_ok", True) and not head["ok"]:
+        reasons.append(f"lm_head check failed ({'tied' if head['tie_word_embeddings'] else 'untied'}): {head}")
+    if thresholds.get("require_finite_table", True) and not stats["all_finite"]:
+        reasons.append("embedding table has non-finite values")
+    return metrics, reasons

@@ -12,6 +12,7 @@ from qwenlab.activations.diff import DiffResult, diff_dumps
 from qwenlab.activations.dump import Dump, read_dump
 from qwenlab.activations.names import sort_forward
 from qwenlab.activations.reference import capture_reference
+from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.errors import QwenlabError
 from qwenlab.model.probe import Probe
 
@@ -151,3 +152,44 @@ def pooled_logits(diffs: list[PromptDiff]) -> dict:
     return {"positions": positions, "kl_mean": s.mean(), "kl_max": s.max(), "kl_p50": s.quantile(0.5),
             "kl_p90": s.quantile(0.9), "kl_p99": s.quantile(0.99), "top1_agreement": sum(top1) / len(top1),
             "delta_p_mean": delta_sum / positions, "delta_p_max": delta_max}
+
+
+def verdict(thresholds: dict, *, dtype: str, diffs: list[PromptDiff], summary: pd.DataFrame, table: pd.DataFrame,
+            logits: dict, localised: pd.DataFrame, plant_bugs: bool = True, candidate: str = "",
+            candidate_meta: dict | None = None, config_hash: str | None = None) -> tuple[dict, list[str]]:
+    """Notebook 03's metrics and the thresholds they exceed (an empty list passes). `candidate_meta` and
+    `config_hash` (this checkpoint's) tell whether a candidate dump was made for another config."""
+    first = first_divergence(table)
+    metrics = {
+        "candidate": candidate,
+        "dtype": dtype,
+        "prompts": len(diffs),
+        "prompt_tokens": [len(d.ids) for d in diffs],
+        "compared_tensors": int(summary["compared"].sum()),
+        "divergent_prompts": int((~summary["passed"]).sum()),
+        "first_divergence": first,
+        "max_rel_l2": float(table["rel_l2"].max()),
+        "closest_to_floor": closest_to_floor(table),
+        "only_in_candidate": sorted({n for d in diffs for n in d.result.only_in_candidate}),
+        "only_in_reference": sorted({n for d in diffs for n in d.result.only_in_reference}),
+        "logits": logits,
+        "per_prompt": summary.reset_index().to_dict(orient="records"),
+        "planted": localised.to_dict(orient="index"),
+        "planted_total": len(localised),
+        "planted_localised": int(localised["localised"].sum()),
+    }
+    reasons: list[str] = []
+    check_max(reasons, "prompts with a divergent tensor", metrics["divergent_prompts"],
+              thresholds["max_divergent_prompts"])
+    if first:
+        reasons.append(f"first divergent tensor: {first}")
+    dumped_for = (candidate_meta or {}).get("config_hash")
+    if candidate and dumped_for not in (None, config_hash):
+        reasons.append(f"candidate was dumped for config {dumped_for}, not this checkpoint's {config_hash}")
+    kl_limit = thresholds["max_kl_mean"].get(dtype, thresholds["max_kl_mean"]["float32"])
+    check_max(reasons, "logits KL mean", logits.get("kl_mean", float("nan")), kl_limit)
+    if plant_bugs:
+        check_min(reasons, "planted bugs localised (fraction)",
+                  metrics["planted_localised"] / max(metrics["planted_total"], 1),
+                  thresholds["min_planted_localised_fraction"])
+    return metrics, reasons

@@ -39,8 +39,8 @@ def leak_threshold(thresholds: dict, device) -> float:
     return float(thresholds.get(f"leak_growth_mb_max_{kind}", DEFAULT_LEAK_MB[kind]))
 
 
-def notebook_verdict(thresholds: dict, *, device, weights, kv, timeline, empty_cache_frame, strategies_frame,
-                     stress: StressResult) -> tuple[dict, list[str]]:
+def verdict(thresholds: dict, *, device, weights, kv, timeline, empty_cache_frame, strategies_frame,
+            stress: StressResult) -> tuple[dict, list[str]]:
     """Notebook 05's metrics and the thresholds they exceed (an empty list passes)."""
     cuda = str(device).startswith("cuda")
     reasons: list[str] = []
@@ -54,7 +54,8 @@ def notebook_verdict(thresholds: dict, *, device, weights, kv, timeline, empty_c
                                       float(kv["rel_error"].max()), thresholds["kv_rel_error_max"])
     if cuda:
         prealloc, grown = kv[kv["layout"] == "preallocated"], kv[kv["layout"] == "grown"]
-        m["kv_cuda_rel_error"] = check_max(reasons, "preallocated KV cache: CUDA allocated delta vs predicted, max rel error",
+        m["kv_cuda_rel_error"] = check_max(reasons,
+                                           "preallocated KV cache: CUDA allocated delta vs predicted, max rel error",
                                            float(prealloc["cuda_rel_error"].max()), thresholds["kv_rel_error_max"])
         m["kv_cuda_grown_overhead"] = check_max(reasons, "grown KV cache: CUDA allocated delta over predicted, max",
                                                 float(grown["cuda_rel_error"].max()),

@@ -29,7 +29,7 @@ def _per_dtype(value, dtype: str):
     return value.get(dtype, False) if isinstance(value, dict) else bool(value)
 
 
-def demo_metrics(pg, thresholds: dict) -> tuple[dict, list[str]]:
+def verdict(pg, thresholds: dict) -> tuple[dict, list[str]]:
     """Notebook 07's verdict: the demo generation streamed exactly what generate() returns for the same settings;
     in the dtypes the thresholds name, the reference comparison and the layer diff must agree too."""
     reasons: list[str] = []

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.errors import QwenlabError
 from qwenlab.model.tokenizer import byte_level_char_to_byte
 from qwenlab.model.tokenizer_files import qwen_tiktoken_path
@@ -271,3 +272,44 @@ def fallback_inflation(corpus: list[dict], tokenizer) -> pd.DataFrame:
     frame = pd.DataFrame(rows).groupby("category")[["bytes", "tokens"]].sum()
     frame["fallback_ratio"] = frame["bytes"] / frame["tokens"].clip(lower=1)
     return frame.sort_values("fallback_ratio", ascending=False)
+
+
+def fallback_metrics(fallback: pd.DataFrame, inflation: pd.DataFrame) -> dict:
+    """The byte-fallback numbers of the verdict: recorded, not judged."""
+    vocab_fb = fallback.loc["byte fallback (vocab byte tokens)"]
+    raw_fb = fallback.loc["byte fallback (raw byte values)"]
+    return {
+        "fallback_prompt_tokens": int(fallback.loc["tokenizer.json", "tokens"]),
+        "fallback_tokens": int(vocab_fb["tokens"]),
+        "fallback_ratio": float(vocab_fb["token_ratio"]),
+        "fallback_same_position_pct": float(vocab_fb["same_id_same_position_pct"]),
+        "fallback_next_token_matches": bool(vocab_fb["next_token_matches"]),
+        "fallback_next_token_kl": float(vocab_fb["next_token_kl"]),
+        "raw_fallback_same_position_pct": float(raw_fb["same_id_same_position_pct"]),
+        "raw_fallback_next_token_matches": bool(raw_fb["next_token_matches"]),
+        "raw_fallback_next_token_kl": float(raw_fb["next_token_kl"]),
+        "corpus_fallback_ratio": float(inflation["bytes"].sum() / inflation["tokens"].sum()),
+    }
+
+
+def verdict(thresholds: dict, *, corpus: list[dict], mismatches: dict[str, int], categories: pd.DataFrame,
+            templates: pd.DataFrame, fallback: pd.DataFrame, inflation: pd.DataFrame) -> tuple[dict, list[str]]:
+    """Notebook 01's metrics and the thresholds they exceed (an empty list passes)."""
+    metrics = {
+        "corpus_size": len(corpus),
+        "corpus_tokens": int(categories["ref_tokens"].sum()),
+        "mismatches_qwenlab": mismatches.get("qwenlab", 0),
+        "mismatches_tiktoken": mismatches.get("tiktoken", 0),
+        "template_cases": len(templates),
+        "template_mismatches": int((~templates["match"]).sum()),
+        "per_category": categories.to_dict(orient="index"),
+        **fallback_metrics(fallback, inflation),
+    }
+    reasons: list[str] = []
+    check_max(reasons, "qwenlab encode mismatches", metrics["mismatches_qwenlab"], thresholds["max_mismatches_qwenlab"])
+    check_max(reasons, "tiktoken encode mismatches", metrics["mismatches_tiktoken"],
+              thresholds["max_mismatches_tiktoken"])
+    check_max(reasons, "chat template mismatches", metrics["template_mismatches"],
+              thresholds["max_template_mismatches"])
+    check_min(reasons, "corpus size", metrics["corpus_size"], thresholds["min_corpus_size"])
+    return metrics, reasons

@@ -304,15 +304,36 @@ def test_latency_profile_and_plot(tiny):
     by_position = dp.latency_by_position(tiny.model, tiny.tokenizer, [16, 64, 10**6], steps=2)
     assert sorted(by_position["position"].unique()) == [16, 64]  # beyond the context: dropped
     assert set(dp.growth(by_position)) == {"kv", "replay"}
+    left, right, work = plots.latency_plot(steps, by_position).axes
+    assert [line.get_label() for line in left.lines] == ["kv: ms per token", "replay: ms per token"]
+    for line, (_, group) in zip(left.lines, steps.groupby("mode")):
+        assert list(line.get_xdata()) == list(group["position"]) and list(line.get_ydata()) == list(group["step_ms"])
+    replay_positions = steps[steps["mode"] == "replay"]["position"]
+    assert list(work.lines[1].get_ydata()) == list(replay_positions + 1)  # replay runs the whole sequence
+    assert right.get_xlabel() == "context length (tokens)"
+    assert [list(line.get_xdata()) for line in right.lines] == [[16, 64], [16, 64]]
     turns = dp.chat_parity(tiny.model, tiny.tokenizer, ["Hi"], 2)[["strategy", "turn", "turn_s"]]
-    assert plots.latency_plot(steps, by_position) is not None and plots.turn_plot(turns) is not None
+    bars = plots.turn_plot(turns).axes[0]
+    strategies = list(dict.fromkeys(turns["strategy"]))
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == strategies
+    heights = [1000 * s for strategy in strategies for s in turns[turns["strategy"] == strategy]["turn_s"]]
+    assert [p.get_height() for p in bars.patches] == pytest.approx(heights)
 
 
 def test_figures_render(tiny):
     table = ec.read_file_tensor(tiny.path, ec.EMBED)
     norms = ec.row_norms(table)
-    assert plots.row_norm_histogram(norms, 151669, rug=norms[:5].tolist(), labelled={"x": 4.0}) is not None
-    assert plots.barh({"a": 1.0, "b": 2.0}, "t", "x") is not None
+    hist = plots.row_norm_histogram(norms, 151669, rug=norms[:5].tolist(), labelled={"x": 4.0}).axes[0]
+    assert sum(p.get_height() for p in hist.patches) == len(norms)  # every row in one bin of one of the two histograms
+    assert [t.get_text() for t in hist.get_legend().get_texts()] == [
+        "ids < 151669 (tokenizer)", "ids >= 151669 (never produced)", "prompt tokens"]
+    rug, labelled = hist.lines
+    assert list(rug.get_xdata()) == pytest.approx(norms[:5].tolist()) and list(labelled.get_xdata()) == [4.0, 4.0]
+    assert [t.get_text() for t in hist.texts] == [" x"] and hist.get_xlabel() == "row L2 norm"
+    bars = plots.barh({"a": 1.0, "b": 2.0}, "t", "x").axes[0]
+    assert [p.get_width() for p in bars.patches] == [1.0, 2.0]
+    assert [t.get_text() for t in bars.get_yticklabels()] == ["a", "b"]
+    assert bars.get_title() == "t" and bars.get_xlabel() == "x"
 
 
 def test_parity_numbers_tell_near_ties_from_bugs():

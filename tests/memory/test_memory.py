@@ -78,7 +78,7 @@ def test_plots_and_fragmentation_on_cpu(tracked):
     assert "CPU" in fig.axes[0].get_title()
     assert memory_frame.fragmentation(frame).empty
     assert memory_plots.plot_fragmentation(frame) is None
-    assert memory_frame.phase_delta(frame, "load", "rss") == memory_frame.phase_delta(frame, "load", "rss")  # finite
+    assert math.isfinite(memory_frame.phase_delta(frame, "load", "rss"))
 
 
 def test_background_thread_samples_ticks():

@@ -106,7 +106,7 @@ def test_register_adds_the_subcommand():
     assert cfg.strategies == ("session", "rebuild", "replay") and cfg.turns == 6
 
 
-def test_notebook_verdict_cuda_branch_with_a_faked_allocator(ckpt, monkeypatch):
+def test_memory_verdict_cuda_branch_with_a_faked_allocator(ckpt, monkeypatch):
     """The CUDA half of notebook 05's verdict, on CPU: the tracker reads a fake torch.cuda allocator."""
     import pandas as pd
     import torch
@@ -137,7 +137,7 @@ def test_notebook_verdict_cuda_branch_with_a_faked_allocator(ckpt, monkeypatch):
     result = stress_matrix.run_matrix(config(iterations=2, turns=1, max_new_tokens=1), ckpt=ckpt)
     thresholds = {"weights_rel_error_max": 0.01, "kv_rel_error_max": 0.01, "kv_grown_overhead_max": 0.25,
                   "workspace_ratio_max": 3.0}
-    metrics, reasons = memory_notebook.notebook_verdict(
+    metrics, reasons = memory_notebook.verdict(
         thresholds, device="cuda:0", weights=weights, kv=kv, timeline=timeline,
         empty_cache_frame=pd.DataFrame(frames["off"] + frames["on"]), strategies_frame=pd.DataFrame(frames["on"]),
         stress=result)

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from qwenlab.checks import playground_demo
 from qwenlab.generation.decode import generate
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.model.loader import load
@@ -185,8 +186,6 @@ def test_compare_and_inspect_agree_on_tiny_fp32(ckpt, reference, tmp_path):
 
 def test_planted_rope_bug_is_marked(ckpt, reference, tmp_path):
     """A wrong RoPE base (one of the story's bugs): compare marks token 0, inspect names the first q_rope."""
-    from qwenlab.checks.playground_demo import demo_metrics
-
     pg = Playground(checkpoint=ckpt, reference_model=reference, out_dir=tmp_path)
     original = ckpt.model.rope_theta
     ckpt.model.rope_theta = 10.0
@@ -203,8 +202,8 @@ def test_planted_rope_bug_is_marked(ckpt, reference, tmp_path):
         assert pg.wait(300)
         assert pg.layer_diff.first_divergence == "layers.0.attn.q_rope", pg.status
         assert "layers.0.attn.q_rope" in pg.layers_html.value
-        metrics, reasons = demo_metrics(pg, {"require_reference_agreement": {"float32": True},
-                                             "require_layers_within_floor": {"float32": True}})
+        metrics, reasons = playground_demo.verdict(pg, {"require_reference_agreement": {"float32": True},
+                                                        "require_layers_within_floor": {"float32": True}})
         assert metrics["text_equal"] and metrics["reference_agree"] is False
         assert any("reference comparison" in r for r in reasons) and any("q_rope" in r for r in reasons)
     finally:
