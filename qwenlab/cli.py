@@ -7,6 +7,7 @@ from pathlib import Path
 from qwenlab.activations.capture import capture_to_file
 from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.diff_text import summary_text
+from qwenlab.bench import decode as bench_decode
 from qwenlab.errors import run_command
 from qwenlab.generation.decode import check_context, generate
 from qwenlab.generation.sampling import SamplingParams
@@ -18,7 +19,7 @@ from qwenlab.model.tokenizer import Tokenizer
 from qwenlab.report import run as report_run
 
 # Commands defined beside their logic, each adding its own subparser.
-PLUGIN_COMMANDS = (report_run.register, stress.register)
+PLUGIN_COMMANDS = (report_run.register, stress.register, bench_decode.register)
 
 
 def _model_args(p: argparse.ArgumentParser):

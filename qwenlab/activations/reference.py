@@ -12,7 +12,10 @@ from qwenlab.model.probe import Probe
 from qwenlab.versions import package_versions as versions  # noqa: F401  (re-exported)
 
 
-def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="cpu"):
+def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="cpu", attention: str = "eager",
+                   direct_to_device: bool = False):
+    """Qwen3ForCausalLM from the checkpoint, eager attention by default (the trusted side of every diff).
+    direct_to_device loads the weights straight onto `device` (device_map), transformers' fastest load."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import Qwen3ForCausalLM
     from transformers.utils import logging as hf_logging
@@ -21,8 +24,9 @@ def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="c
     hf_logging.set_verbosity_error()
 
     try:
-        model = Qwen3ForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype, attn_implementation="eager",
-                                                 local_files_only=True)
+        placement = {"device_map": str(device)} if direct_to_device and torch.device(device).type != "cpu" else {}
+        model = Qwen3ForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype, attn_implementation=attention,
+                                                 local_files_only=True, **placement)
     except (OSError, ValueError) as e:
         raise QwenlabError(f"{checkpoint_dir}: transformers could not load it ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
@@ -103,12 +107,14 @@ def capture_reference(model, ids: list[int], probe: Probe | None = None) -> dict
     return probe.tensors
 
 
-def reference_generate(model, ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
-    """HF greedy generate; returns generated ids only (stop token included when it ended generation)."""
+def reference_generate(model, ids: list[int], max_new_tokens: int, stop_ids=(), **generate_kwargs) -> list[int]:
+    """HF greedy generate; returns generated ids only (stop token included when it ended generation).
+    generate_kwargs go to transformers' generate (e.g. cache_implementation="static", min_new_tokens)."""
     input_ids = torch.tensor([ids], device=model.device)
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids) or None,
-                         pad_token_id=(list(stop_ids) or [0])[0], temperature=None, top_p=None, top_k=None)
+                         pad_token_id=(list(stop_ids) or [0])[0], temperature=None, top_p=None, top_k=None,
+                         **generate_kwargs)
     return out[0, len(ids):].tolist()
 
 

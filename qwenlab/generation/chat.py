@@ -32,13 +32,15 @@ class ChatSession:
     uses no cache at all and recomputes the whole sequence for every token (the slow path kept for parity)."""
 
     def __init__(self, model, tokenizer, *, system: str | None = None, enable_thinking: bool | None = None,
-                 strategy: str = "session", max_len: int | None = None, preallocate: bool = True):
+                 strategy: str = "session", max_len: int | None = None, preallocate: bool = True,
+                 engine: str = "auto"):
         if strategy not in STRATEGIES:
             raise QwenlabError(f"strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
         self.model, self.tokenizer, self.strategy = model, tokenizer, strategy
         self.system, self.enable_thinking = system, enable_thinking
         self.max_len = min(max_len or DEFAULT_MAX_LEN, model.config.max_position_embeddings)
         self.preallocate = preallocate
+        self.engine = engine
         self.reset()
 
     def reset(self):
@@ -60,12 +62,13 @@ class ChatSession:
         else:
             if self.strategy == "rebuild" or self.cache is None:
                 self.cache = None  # drop the old cache before allocating the new one: one cache alive, not two
-                self.cache, self.cached_ids = new_cache(self.model, self.max_len, self.preallocate), []
+                self.cache, self.cached_ids = new_cache(self.model, self.max_len, self.preallocate, self.engine), []
             reused = common_prefix(self.cached_ids, ids)
             if reused == len(ids):
                 reused -= 1  # the last prompt token must run through the model to give the next logits
             self.cache.crop(reused)
-            gen = generate(self.model, ids, params, mode="kv", cache=self.cache, tokenizer=self.tokenizer, **kwargs)
+            gen = generate(self.model, ids, params, mode="kv", cache=self.cache, engine=self.engine,
+                           tokenizer=self.tokenizer, **kwargs)
             self.cached_ids = (ids + gen.ids)[: self.cache.length]
         self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": gen.text}]
         turn = Turn(user, gen, reused, len(ids) - reused)

@@ -28,8 +28,9 @@ class SamplingParams:
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities [V] (float32, CPU) after temperature, top-k and top-p; zero outside the kept set."""
-    logits = logits.float().cpu() / params.temperature
+    """Probabilities [V] (float32, on the logits' device) after temperature, top-k and top-p; zero outside the
+    kept set."""
+    logits = logits.float() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -44,11 +45,17 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    """Greedy: argmax where the logits are. Sampling: on the CPU with a CPU generator (on_device=False, the default:
+    the same seed gives the same tokens on every device), or where the logits are with a generator of that device
+    (on_device=True: only the chosen id crosses to the host; the graph engine's choice)."""
+
+    def __init__(self, params: SamplingParams, device="cpu", on_device: bool = False):
         self.params = params
-        self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else 0)
+        self.device = torch.device(device) if on_device else torch.device("cpu")
+        self.generator = torch.Generator(self.device).manual_seed(params.seed if params.seed is not None else 0)
 
     def __call__(self, logits: torch.Tensor) -> int:
         if self.params.greedy:
             return int(logits.argmax())
-        return int(torch.multinomial(filtered_probs(logits, self.params), 1, generator=self.generator))
+        probs = filtered_probs(logits.to(self.device), self.params)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,4 +1,8 @@
-"""Per-layer key/value cache: preallocated to a max length (static, gpt-fast style) or grown per step."""
+"""Per-layer key/value cache: preallocated to a max length (static, gpt-fast style) or grown per step.
+
+The forward asks the cache three things: the positions of the new tokens, an attention mask (None = the queries
+are the last T of the S keys, causal), and the keys/values of the whole sequence after writing the new ones.
+"""
 import torch
 
 
@@ -13,10 +17,16 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @classmethod
-    def for_config(cls, config, *, max_len: int | None = None, dtype, device, preallocate=True):
+    def for_config(cls, config, *, max_len: int | None = None, dtype, device, **kwargs):
         max_len = max_len or config.max_position_embeddings
         return cls(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                   max_len=max_len, dtype=dtype, device=device, preallocate=preallocate)
+                   max_len=max_len, dtype=dtype, device=device, **kwargs)
+
+    def positions(self, n: int, device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + n, device=device)
+
+    def attention_mask(self, n: int):
+        return None
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         """Appends [B, KVH, T, D] at self.length; returns the keys/values of the whole sequence so far."""
@@ -43,3 +53,45 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class StaticKVCache(KVCache):
+    """A preallocated cache whose length also lives on the device (`pos`), so a one-token step can run with static
+    shapes: with `static_shapes` on, positions come from `pos`, new keys are written with index_copy_, attention
+    covers all max_len slots under a length mask, and advance() moves `pos` on the device only (a step replayed as
+    a CUDA graph runs no Python; its owner keeps `length`). Off, it behaves exactly like a preallocated KVCache."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.pop("preallocate", None)
+        super().__init__(*args, preallocate=True, **kwargs)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.k[0].device)
+        self.slots = torch.arange(self.max_len, device=self.k[0].device)
+        self.static_shapes = False
+        self._write_at = None
+
+    def positions(self, n: int, device) -> torch.Tensor:
+        if not self.static_shapes:
+            return super().positions(n, device)
+        self._write_at = self.pos + torch.arange(n, device=self.pos.device)
+        return self._write_at
+
+    def attention_mask(self, n: int):
+        return self.slots[None, :] <= self._write_at[:, None] if self.static_shapes else None
+
+    def update(self, layer, k_new, v_new):
+        if not self.static_shapes:
+            return super().update(layer, k_new, v_new)
+        self.k[layer].index_copy_(2, self._write_at, k_new)
+        self.v[layer].index_copy_(2, self._write_at, v_new)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int):
+        if self.static_shapes:
+            self.pos.add_(n)
+        else:
+            self.length += n
+            self.pos.fill_(self.length)
+
+    def crop(self, length: int):
+        super().crop(length)
+        self.pos.fill_(self.length)

@@ -28,6 +28,7 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+@torch.compiler.disable  # a cached device tensor: compiled code must not recompute (or copy) it
 @functools.lru_cache(maxsize=16)
 def inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """Computed on the CPU in float32 exactly as the reference does, then kept on the device (no copy per step)."""
@@ -54,11 +55,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.impl = "sdpa"
+        self.qkv = None  # fused (weight, bias) whose slices are q/k/v_proj's parameters, see fuse_projections()
 
-    def forward(self, x, cos, sin, cache: KVCache | None, probe: Probe | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, probe: Probe | None):
         B, T, _ = x.shape
         p = f"layers.{self.layer}.attn."
-        q_lin, k_lin, v_lin = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv is not None:
+            q_lin, k_lin, v_lin = F.linear(x, *self.qkv).split([self.q_proj.out_features, self.k_proj.out_features,
+                                                                self.v_proj.out_features], dim=-1)
+        else:
+            q_lin, k_lin, v_lin = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_norm(q_lin.view(B, T, self.n_heads, self.head_dim))
         k = self.k_norm(k_lin.view(B, T, self.n_kv, self.head_dim))
         v = v_lin.view(B, T, self.n_kv, self.head_dim)
@@ -71,11 +77,9 @@ class Attention(nn.Module):
         if probe is not None:
             probe.record(p + "q_rope", q.transpose(1, 2))
             probe.record(p + "k_rope", k.transpose(1, 2))
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.update(self.layer, k, v)
-        ctx = attend(q, k, v, past, self.impl).transpose(1, 2).reshape(B, T, -1)
+        ctx = attend(q, k, v, mask, self.impl).transpose(1, 2).reshape(B, T, -1)
         out = self.o_proj(ctx)
         if probe is not None:
             probe.record(p + "context", ctx)
@@ -88,33 +92,36 @@ def causal_mask(T: int, S: int, past: int, device) -> torch.Tensor:
     return torch.arange(S, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]
 
 
-def attend(q, k, v, past: int, impl: str):
-    """q [B,H,T,D], k/v [B,KVH,S,D] -> [B,H,T,D]; eager mirrors the reference's math op for op."""
+def attend(q, k, v, mask, impl: str):
+    """q [B,H,T,D], k/v [B,KVH,S,D] -> [B,H,T,D]; eager mirrors the reference's math op for op.
+    mask: boolean [T, S], or None when the queries are the last T of the S keys (causal)."""
     T, S = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
     if impl == "sdpa":
         if T == 1:
-            return decode_attention(q, k, v)
-        if past == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=groups > 1)
-        mask = causal_mask(T, S, past, q.device)
+            return decode_attention(q, k, v, mask)
+        if mask is None and T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+        mask = causal_mask(T, S, S - T, q.device) if mask is None else mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~causal_mask(T, S, past, q.device), torch.finfo(scores.dtype).min)
+    mask = causal_mask(T, S, S - T, q.device) if mask is None else mask
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(weights, v)
 
 
-def decode_attention(q, k, v):
-    """One query token against the cache, GQA by grouping the query heads: a few plain matmuls. Through SDPA the
-    same step took cuDNN attention at ~1.6 ms of CPU per call on an H100, making 4B decode 1.2-1.35x slower
-    (bench/decode_bench.py --compare-sdpa-decode)."""
+def decode_attention(q, k, v, mask=None):
+    """One query token against the cache, GQA by grouping the query heads: a few plain matmuls (through SDPA the
+    same step took cuDNN attention at ~1.6 ms of CPU per call on an H100). mask [1, S]: the valid cache slots."""
     B, H, _, D = q.shape
     kv_heads = k.shape[1]
     qg = q.reshape(B, kv_heads, H // kv_heads, D)
     scores = torch.matmul(qg, k.transpose(2, 3)) * D ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(weights, v).reshape(B, H, 1, D)
 
@@ -126,9 +133,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up = None  # fused weight whose halves are gate_proj's and up_proj's, see fuse_projections()
 
     def forward(self, x, probe: Probe | None):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         act = F.silu(gate)
         out = self.down_proj(act * up)
         if probe is not None:
@@ -147,13 +158,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, probe):
+    def forward(self, x, cos, sin, mask, cache, probe):
         p = f"layers.{self.layer}."
         h = self.input_layernorm(x)
         if probe is not None:
             probe.record(p + "input", x)
             probe.record(p + "input_layernorm", h)
-        x = x + self.self_attn(h, cos, sin, cache, probe)
+        x = x + self.self_attn(h, cos, sin, mask, cache, probe)
         h = self.post_attention_layernorm(x)
         if probe is not None:
             probe.record(p + "post_attention_residual", x)
@@ -162,6 +173,23 @@ class DecoderLayer(nn.Module):
         if probe is not None:
             probe.record(p + "output", x)
         return x
+
+
+def _fuse(linears: list[nn.Linear]):
+    """Concatenates the weights (and biases) along the output dim and re-points each module at its slice."""
+    fused = []
+    for name in ("weight", "bias"):
+        parts = [getattr(m, name) for m in linears]
+        if parts[0] is None:
+            fused.append(None)
+            continue
+        whole = torch.cat([t.detach() for t in parts])
+        start = 0
+        for m, t in zip(linears, parts):
+            setattr(m, name, nn.Parameter(whole[start:start + t.shape[0]], requires_grad=False))
+            start += t.shape[0]
+        fused.append(whole)
+    return tuple(fused)
 
 
 class Backbone(nn.Module):
@@ -189,6 +217,18 @@ class Qwen3(nn.Module):
             layer.self_attn.impl = impl
         return self
 
+    def fuse_projections(self):
+        """One matmul for q/k/v and one for gate/up: each layer's weights move into one fused storage and the
+        HF-named parameters become slices of it, so names, probes and dumps stay, and memory does not double.
+        Only plain nn.Linear projections are fused; idempotent."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.qkv is None and all(type(m) is nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
+                attn.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            if mlp.gate_up is None and all(type(m) is nn.Linear for m in (mlp.gate_proj, mlp.up_proj)):
+                mlp.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])[0]
+        return self
+
     @property
     def dtype(self):
         return self.model.embed_tokens.weight.dtype
@@ -202,14 +242,15 @@ class Qwen3(nn.Module):
                 last_only: bool = False):
         if ids.dim() == 1:
             ids = ids[None]
-        past = cache.length if cache is not None else 0
-        positions = torch.arange(past, past + ids.shape[1], device=ids.device)
+        T = ids.shape[1]
+        positions = cache.positions(T, ids.device) if cache is not None else torch.arange(T, device=ids.device)
+        mask = cache.attention_mask(T) if cache is not None else None
         x = self.model.embed_tokens(ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.rope_theta, x.dtype)
         if probe is not None:
             probe.record("embed", x)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, probe)
+            x = layer(x, cos, sin, mask, cache, probe)
         if cache is not None:
             cache.advance(ids.shape[1])
         x = self.model.norm(x)

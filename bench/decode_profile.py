@@ -1,0 +1,61 @@
+"""Where a decode step's time goes: the captured one-token step (compiled and not) timed by replays, and the
+kernels of the compiled one by the torch profiler. A development tool beside `qwenlab bench`.
+
+    python bench/decode_profile.py --model /tmp/q4b --device cuda --dtype bfloat16 [--context 384]
+"""
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from qwenlab.bench.measure import copy_bandwidth, device_facts, weight_bytes
+from qwenlab.generation.graph import CapturedStep
+from qwenlab.model.kv_cache import StaticKVCache
+from qwenlab.model.loader import load
+from qwenlab.model.tiny import resolve_model_dir
+
+
+def replay_ms(step: CapturedStep, n: int = 100) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(5):
+        step.graph.replay()
+    start.record()
+    for _ in range(n):
+        step.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--context", type=int, default=512, help="static cache length (attention covers all of it)")
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args()
+    ckpt = load(resolve_model_dir(args.model), args.dtype, args.device)
+    model = ckpt.model
+    bandwidth, wbytes = copy_bandwidth(model.device), weight_bytes(model)
+    print(device_facts(model.device))
+    print(f"weights {wbytes / 1e9:.3f} GB, copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {wbytes / bandwidth * 1e3:.3f} ms")
+    steps = {}
+    for compiled in (False, True):
+        cache = StaticKVCache.for_config(model.config, max_len=args.context, dtype=model.dtype, device=model.device)
+        model(torch.arange(128, device=model.device), cache=cache)
+        step = CapturedStep(model, cache, compile=compiled)
+        ms = replay_ms(step)
+        print(f"graph replay, {'compiled' if compiled else 'not compiled'}: {ms:.3f} ms/token "
+              f"({1e3 / ms:.1f} tok/s, {wbytes / ms / 1e6:.0f} GB/s, {100 * wbytes / bandwidth * 1e3 / ms:.1f}% of floor;"
+              f" capture {step.capture_s:.1f} s)")
+        steps[compiled] = step
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            steps[True].graph.replay()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()

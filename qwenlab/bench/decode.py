@@ -1,0 +1,163 @@
+"""`qwenlab bench`: batch-1 greedy decode of qwenlab (graph and eager engines) beside HF transformers (dynamic
+and static cache) on the same weights, in one process: tok/s, ms/token, weight GB/s and % of the bandwidth floor
+(weight bytes / measured copy bandwidth), time to first token, prefill tok/s, peak allocated memory against
+weights + KV cache, compile time and load time. A command that prints numbers, never a test that asserts them."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from qwenlab.activations.reference import load_reference, reference_generate
+from qwenlab.atomic import json_safe
+from qwenlab.bench.measure import copy_bandwidth, device_facts, peak_allocated, read_files, timed, weight_bytes
+from qwenlab.generation.decode import ENGINES, generate, new_cache
+from qwenlab.generation.sampling import SamplingParams
+from qwenlab.memory.predict import kv_bytes_per_token
+from qwenlab.model.loader import load, resolve_device, weight_files
+from qwenlab.model.tiny import resolve_model_dir
+
+GiB = 2 ** 30
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, min(vocab, 150000), (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def decode_rate(step_s: list[float]) -> float:
+    """Tokens per second over the steps that ran a forward (the last step only samples the final token)."""
+    return (len(step_s) - 1) / sum(step_s[:-1]) if len(step_s) > 1 else float("nan")
+
+
+def qwenlab_rows(model, prompt, new_tokens, prefill_ids, engines, load_s) -> list[dict]:
+    device, rows = model.device, []
+    params = SamplingParams(max_new_tokens=new_tokens)
+    prefill_s = _prefill_seconds(lambda: model(torch.tensor(prefill_ids, device=device),
+                                              cache=new_cache(model, len(prefill_ids)), last_only=True), device)
+    for engine in engines:
+        warm = generate(model, prompt, params, stop_ids=(-1,), engine=engine)
+        row = {"impl": "qwenlab", "engine": warm.engine, "note": warm.engine_note, "compile_s": warm.compile_s,
+               "load_s": load_s, "prefill_tok_s": len(prefill_ids) / prefill_s}
+        with peak_allocated(device, row):
+            run = generate(model, prompt, params, stop_ids=(-1,), engine=engine)
+        row |= {"decode_tok_s": decode_rate(run.step_s), "ttft_s": run.prefill_s + run.step_s[0]}
+        rows.append(row)
+    return rows
+
+
+def hf_rows(model_dir, dtype, device, prompt, new_tokens, prefill_ids, static: bool) -> list[dict]:
+    hf, load_s = timed(lambda: load_reference(model_dir, dtype, device, attention="sdpa", direct_to_device=True),
+                       device)
+    ids = torch.tensor([prefill_ids], device=device)
+    prefill_s = _prefill_seconds(lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1), device)
+    rows = []
+    for cache, kwargs in [("dynamic", {})] + ([("static", {"cache_implementation": "static"})] if static else []):
+        row = {"impl": "transformers", "engine": f"generate, {cache} cache", "note": "sdpa attention",
+               "load_s": load_s, "prefill_tok_s": len(prefill_ids) / prefill_s}
+        try:
+            def gen(n):
+                return reference_generate(hf, prompt, n, min_new_tokens=n, **kwargs)
+            _, first_s = timed(lambda: gen(new_tokens), device)  # the static cache compiles here
+            _, one_s = timed(lambda: gen(1), device)
+            with peak_allocated(device, row):
+                _, all_s = timed(lambda: gen(new_tokens), device)
+        except Exception as e:  # noqa: BLE001 - a path the installed transformers cannot run is reported, not fatal
+            row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            rows.append(row)
+            continue
+        row |= {"decode_tok_s": (new_tokens - 1) / (all_s - one_s), "ttft_s": one_s,
+                "compile_s": max(0.0, first_s - all_s)}
+        rows.append(row)
+    return rows
+
+
+def _prefill_seconds(forward, device) -> float:
+    timed(forward, device)
+    return min(timed(forward, device)[1] for _ in range(2))
+
+
+def run_bench(args) -> int:
+    device = resolve_device(args.device)
+    model_dir = resolve_model_dir(args.model)
+    facts = device_facts(device)
+    bandwidth = copy_bandwidth(device)
+    read_files(sorted(set(weight_files(model_dir).values())))
+    ckpt, load_s = timed(lambda: load(model_dir, args.dtype, str(device)), device)
+    model, cfg = ckpt.model, ckpt.config
+    wbytes = weight_bytes(model)
+    prompt = random_ids(args.prompt_tokens, cfg.vocab_size, 0)
+    prefill_ids = random_ids(args.prefill_tokens, cfg.vocab_size, 1)
+    engines = [e.strip() for e in args.engines.split(",")]
+    rows = qwenlab_rows(model, prompt, args.new_tokens, prefill_ids, engines, load_s)
+    dtype = model.dtype
+    del ckpt, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.hf != "off":
+        rows += hf_rows(model_dir, dtype, device, prompt, args.new_tokens, prefill_ids,
+                        static=args.hf == "all" or (args.hf == "auto" and device.type == "cuda"))
+    budget = wbytes + kv_bytes_per_token(cfg, dtype) * (args.prompt_tokens + args.new_tokens)
+    floor_s = wbytes / bandwidth
+    for row in rows:
+        tok_s = row.get("decode_tok_s", float("nan"))
+        row |= {"ms_per_token": 1e3 / tok_s, "weight_gb_s": wbytes * tok_s / 1e9, "pct_of_floor": 100 * tok_s * floor_s}
+    result = {"facts": facts, "model": str(model_dir), "layers": cfg.num_hidden_layers, "dtype": str(dtype)[6:],
+              "weight_bytes": wbytes, "copy_bandwidth_gb_s": bandwidth / 1e9, "floor_ms_per_token": floor_s * 1e3,
+              "floor_tok_s": 1 / floor_s, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "prefill_tokens": args.prefill_tokens, "budget_bytes": budget, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(json_safe(result), indent=1))
+    print(json.dumps(json_safe(result)) if args.json else format_table(result))
+    return 0
+
+
+def format_table(r: dict) -> str:
+    f = r["facts"]
+    versions = " · ".join(f"{k} {f[k]}" for k in ("torch", "transformers", "triton", "python") if k in f)
+    where = f"{f['name']} · driver {f['driver']} · CUDA {f['cuda']}" if "driver" in f else f"cpu ({f['threads']} threads)"
+    lines = [f"qwenlab bench · {where} · {versions}",
+             f"model {r['model']}: {r['layers']} layers, {r['dtype']}, weights {r['weight_bytes'] / 1e9:.3f} GB; copy "
+             f"bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s -> floor {r['floor_ms_per_token']:.2f} ms/token "
+             f"({r['floor_tok_s']:.0f} tok/s)",
+             f"batch 1, greedy, prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens; prefill of "
+             f"{r['prefill_tokens']} tokens; budget = weights + KV for the context = {r['budget_bytes'] / GiB:.2f} GiB",
+             "",
+             f"{'impl':<13} {'engine':<25} {'tok/s':>7} {'ms/tok':>7} {'GB/s':>6} {'%floor':>6} {'TTFT ms':>8} "
+             f"{'prefill tok/s':>13} {'peak GiB':>8} {'compile s':>9} {'load s':>6}"]
+    for row in r["rows"]:
+        def num(key, fmt, scale=1.0):
+            v = row.get(key)
+            return format(v * scale, fmt) if isinstance(v, (int, float)) and v == v else "-"
+        lines.append(f"{row['impl']:<13} {row['engine']:<25} {num('decode_tok_s', '7.1f')} "
+                     f"{num('ms_per_token', '7.2f')} {num('weight_gb_s', '6.0f')} {num('pct_of_floor', '6.1f')} "
+                     f"{num('ttft_s', '8.1f', 1e3)} {num('prefill_tok_s', '13.0f')} "
+                     f"{num('peak_allocated_bytes', '8.2f', 1 / GiB)} {num('compile_s', '9.1f')} {num('load_s', '6.1f')}")
+    notes = [f"  {row['impl']} {row['engine']}: {row['note']}" for row in r["rows"] if row.get("note")]
+    return "\n".join(lines + (["notes:"] + notes if notes else []))
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the embedded tiny fixture; for "
+                                                             "the 4B shape: qwenlab tiny DIR --preset qwen3-4b)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--engines", default="graph,eager", help=f"qwenlab engines to time, from {', '.join(ENGINES)}")
+    p.add_argument("--hf", choices=("auto", "all", "dynamic", "off"), default="auto",
+                   help="transformers paths: auto = dynamic cache, plus the static (compiled) cache on CUDA")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
+
+
+def register(subparsers):
+    p = subparsers.add_parser("bench", help="decode/prefill speed, memory and load time vs HF transformers",
+                              description=__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run_bench)
+
+
+if __name__ == "__main__":
+    sys.exit(print("use: qwenlab bench ...") or 2)

