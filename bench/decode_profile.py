@@ -41,18 +41,18 @@ def main():
     print(device_facts(model.device))
     print(f"weights {wbytes / 1e9:.3f} GB, copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {wbytes / bandwidth * 1e3:.3f} ms")
     steps = {}
-    for compiled in (False, True):
+    for compiled, kernel in ((False, True), (True, False), (True, True)):
         cache = StaticKVCache.for_config(model.config, max_len=args.context, dtype=model.dtype, device=model.device)
         model(torch.arange(128, device=model.device), cache=cache)
-        step = CapturedStep(model, cache, compile=compiled)
+        step = CapturedStep(model, cache, compile=compiled, attention_kernel=kernel)
         ms = replay_ms(step)
-        print(f"graph replay, {'compiled' if compiled else 'not compiled'}: {ms:.3f} ms/token "
-              f"({1e3 / ms:.1f} tok/s, {wbytes / ms / 1e6:.0f} GB/s, {100 * wbytes / bandwidth * 1e3 / ms:.1f}% of floor;"
-              f" capture {step.capture_s:.1f} s)")
-        steps[compiled] = step
+        label = f"{'compiled' if compiled else 'not compiled'}, attention {'split-K kernel' if kernel else 'torch'}"
+        print(f"graph replay, {label}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, {wbytes / ms / 1e6:.0f} GB/s, "
+              f"{100 * wbytes / bandwidth * 1e3 / ms:.1f}% of floor; capture {step.capture_s:.1f} s)")
+        steps[compiled, kernel] = step
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            steps[True].graph.replay()
+            steps[True, True].graph.replay()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 

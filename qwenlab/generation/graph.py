@@ -45,8 +45,9 @@ class CapturedStep:
     """One decode step of `model` over `cache` as a CUDA graph: write the token id into `token`, call replay(),
     read `logits`. Each replay writes K/V at cache.pos, advances it and cache.length."""
 
-    def __init__(self, model: Qwen3, cache: StaticKVCache, compile: bool = True):
+    def __init__(self, model: Qwen3, cache: StaticKVCache, compile: bool = True, attention_kernel: bool = True):
         model.fuse_projections()
+        use_attention_kernel(model, attention_kernel)
         self.cache, self.compiled = cache, compile
         self.token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
         step = compiled_step(model, compile)
@@ -74,6 +75,14 @@ class CapturedStep:
         self.graph.replay()
         self.cache.length += 1
         return self.logits
+
+
+def use_attention_kernel(model: Qwen3, enabled: bool = True):
+    """Routes the one-token attention over a static cache through the split-K Triton kernel (or back to torch)."""
+    from qwenlab.generation.decode_attention import decode_attention_static  # lazy: Triton exists only with CUDA
+
+    for layer in model.model.layers:
+        layer.self_attn.decode_kernel = decode_attention_static if enabled else None
 
 
 def captured_step(model: Qwen3, cache: StaticKVCache, compile: bool = True) -> tuple[CapturedStep, float]:

@@ -7,6 +7,8 @@ import torch
 
 
 class KVCache:
+    static_shapes = False
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, max_len: int,
                  dtype: torch.dtype, device, preallocate: bool = True, batch: int = 1):
         self.max_len = max_len

@@ -56,6 +56,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.impl = "sdpa"
         self.qkv = None  # fused (weight, bias) whose slices are q/k/v_proj's parameters, see fuse_projections()
+        self.decode_kernel = None  # fn(q, k, v, pos) for one token over a whole static cache (the graph engine's)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, probe: Probe | None):
         B, T, _ = x.shape
@@ -79,7 +80,11 @@ class Attention(nn.Module):
             probe.record(p + "k_rope", k.transpose(1, 2))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        ctx = attend(q, k, v, mask, self.impl).transpose(1, 2).reshape(B, T, -1)
+        if T == 1 and cache is not None and cache.static_shapes and self.decode_kernel is not None:
+            ctx = self.decode_kernel(q, k, v, cache.pos)
+        else:
+            ctx = attend(q, k, v, mask, self.impl)
+        ctx = ctx.transpose(1, 2).reshape(B, T, -1)
         out = self.o_proj(ctx)
         if probe is not None:
             probe.record(p + "context", ctx)

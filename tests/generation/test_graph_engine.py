@@ -123,3 +123,25 @@ def test_graph_and_eager_give_identical_greedy_tokens_on_cuda(fixture, request):
         graph = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="graph")
         assert graph.engine == "graph", graph.engine_note
         assert graph.ids == eager.ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton decode-attention kernel needs a GPU")
+@pytest.mark.parametrize("dtype,heads,kv_heads,dim", [(torch.float32, 4, 2, 32), (torch.float32, 6, 3, 24),
+                                                      (torch.bfloat16, 32, 8, 128)])
+def test_split_k_decode_attention_matches_the_torch_path(dtype, heads, kv_heads, dim):
+    from qwenlab.generation.decode_attention import decode_attention_static
+    from qwenlab.model.qwen3 import decode_attention
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    slots = 300
+    for length in (1, 63, 64, 65, 200, 300):
+        q = torch.randn(1, heads, 1, dim, device="cuda", generator=gen).to(dtype)
+        k = torch.randn(1, kv_heads, slots, dim, device="cuda", generator=gen).to(dtype)
+        v = torch.randn(1, kv_heads, slots, dim, device="cuda", generator=gen).to(dtype)
+        k[:, :, length:] = float("nan")  # slots past the valid length must never be read into the result
+        v[:, :, length:] = float("nan")
+        pos = torch.tensor([length - 1], device="cuda")
+        ours = decode_attention_static(q, k, v, pos).float()
+        ref = decode_attention(q.double(), k[:, :, :length].double(), v[:, :, :length].double()).float()
+        rel = ((ours - ref).norm() / ref.norm()).item()
+        assert rel < (1e-5 if dtype == torch.float32 else 1e-2), (length, rel)

@@ -1,0 +1,96 @@
+"""One query token against a static KV cache, as a split-K (flash-decoding) Triton kernel for the graph engine.
+
+The cache holds max_len slots of which the first pos+1 are valid (pos = the query token's position, read from
+the device, so the captured graph serves every length). Each program takes one KV head and one chunk of slots:
+the G query heads that share that KV head are scored together, softmax runs online over the chunk, and chunks
+past the valid length return at once, so the cost follows the context, not max_len. A second kernel merges the
+chunks' partial results. Scores and softmax are float32; probabilities meet V in the cache's dtype, as in the
+eager path.
+"""
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64  # slots per program
+
+
+@triton.jit
+def _chunk_kernel(Q, K, V, POS, O_PART, M_PART, L_PART, stride_kh, stride_ks, stride_vh, stride_vs, n_chunks,
+                  sm_scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                  CHUNK: tl.constexpr, IEEE: tl.constexpr):
+    kvh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    length = tl.load(POS) + 1
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    s = chunk * CHUNK + tl.arange(0, CHUNK)
+    part = (kvh * n_chunks + chunk) * GP
+    if chunk * CHUNK >= length:  # past the valid slots: the merge reads only the chunks in use
+        return
+    q = tl.load(Q + (kvh * G + g)[:, None] * D + d[None, :], mask=(g[:, None] < G) & (d[None, :] < D), other=0.0)
+    valid = s < length
+    kv_mask = valid[:, None] & (d[None, :] < D)
+    k = tl.load(K + kvh * stride_kh + s[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = tl.where(valid[None, :], scores * sm_scale, -1e30)
+    m = tl.max(scores, 1)
+    p = tl.where(valid[None, :], tl.exp(scores - m[:, None]), 0.0)
+    v = tl.load(V + kvh * stride_vh + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v)
+    tl.store(M_PART + part + g, m)
+    tl.store(L_PART + part + g, tl.sum(p, 1))
+    tl.store(O_PART + (part + g)[:, None] * DP + d[None, :], acc)
+
+
+@triton.jit
+def _merge_kernel(O_PART, M_PART, L_PART, POS, OUT, n_chunks, G: tl.constexpr, GP: tl.constexpr,
+                  D: tl.constexpr, DP: tl.constexpr, CHUNK: tl.constexpr):
+    kvh = tl.program_id(0)
+    used = tl.cdiv(tl.load(POS) + 1, CHUNK)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    m_run = tl.full([GP], -1e30, tl.float32)
+    l_run = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for c in range(0, used):
+        part = (kvh * n_chunks + c) * GP
+        m = tl.load(M_PART + part + g)
+        m_new = tl.maximum(m_run, m)
+        keep, take = tl.exp(m_run - m_new), tl.exp(m - m_new)
+        l_run = l_run * keep + tl.load(L_PART + part + g) * take
+        acc = acc * keep[:, None] + tl.load(O_PART + (part + g)[:, None] * DP + d[None, :]) * take[:, None]
+        m_run = m_new
+    out = acc / l_run[:, None]
+    tl.store(OUT + (kvh * G + g)[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=(g[:, None] < G) & (d[None, :] < D))
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def decode_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """q [1, H, 1, D]; k/v [1, KVH, S, D] (the whole static cache); pos: [1] int64, the query's position (slots
+    0..pos are valid). -> [1, H, 1, D] in q's dtype."""
+    _, heads, _, dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    gp, dp = _pow2(group), _pow2(dim)
+    n_chunks = triton.cdiv(slots, CHUNK)
+    q = q.reshape(heads, dim).contiguous()
+    o_part = torch.empty((kv_heads, n_chunks, gp, dp), dtype=torch.float32, device=q.device)
+    m_part = torch.empty((kv_heads, n_chunks, gp), dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    out = torch.empty((heads, dim), dtype=q.dtype, device=q.device)
+    _chunk_kernel[(kv_heads, n_chunks)](q, k, v, pos, o_part, m_part, l_part, k.stride(1), k.stride(2), v.stride(1),
+                                        v.stride(2), n_chunks, dim ** -0.5, G=group, GP=gp, D=dim, DP=dp,
+                                        CHUNK=CHUNK, IEEE=q.dtype == torch.float32)
+    _merge_kernel[(kv_heads,)](o_part, m_part, l_part, pos, out, n_chunks, G=group, GP=gp, D=dim, DP=dp,
+                               CHUNK=CHUNK)
+    return out.reshape(1, heads, 1, dim)
