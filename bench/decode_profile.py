@@ -27,6 +27,41 @@ def replay_ms(step: CapturedStep, n: int = 100) -> float:
     return start.elapsed_time(end) / n
 
 
+def gemv_table(model, bandwidth):
+    """cuBLAS (F.linear) against the Triton GEMV on the decode step's projection shapes, each as 20 calls in a graph."""
+    from qwenlab.generation.gemv import gemv
+
+    cfg, dtype = model.config, model.dtype
+    shapes = {"qkv": (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
+              "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size),
+              "lm_head": (cfg.vocab_size, cfg.hidden_size)}
+    print(f"{'matmul':<8} {'N x K':>14} {'cuBLAS us':>10} {'GB/s':>6} {'Triton us':>10} {'GB/s':>6} {'rel err':>8}")
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device=model.device, dtype=dtype) / k ** 0.5
+        x = torch.randn(1, 1, k, device=model.device, dtype=dtype)
+        ref = torch.nn.functional.linear(x.double(), w.double())
+        times = []
+        for fn in (lambda: torch.nn.functional.linear(x, w), lambda: gemv(x, w)):
+            out = fn()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    out = fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            graph.replay()
+            start.record()
+            for _ in range(10):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / 200)
+        err = ((gemv(x, w).double() - ref).norm() / ref.norm()).item()
+        gb = n * k * w.element_size() / 1e3
+        print(f"{name:<8} {f'{n}x{k}':>14} {times[0]:>10.1f} {gb / times[0]:>6.0f} {times[1]:>10.1f} "
+              f"{gb / times[1]:>6.0f} {err:>8.1e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -40,6 +75,7 @@ def main():
     bandwidth, wbytes = copy_bandwidth(model.device), weight_bytes(model)
     print(device_facts(model.device))
     print(f"weights {wbytes / 1e9:.3f} GB, copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {wbytes / bandwidth * 1e3:.3f} ms")
+    gemv_table(model, bandwidth)
     steps = {}
     for compiled, kernel in ((False, True), (True, False), (True, True)):
         cache = StaticKVCache.for_config(model.config, max_len=args.context, dtype=model.dtype, device=model.device)
