@@ -29,7 +29,7 @@ class Generation:
     prefill_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
     engine: str = "eager"
-    engine_note: str = ""  # why `auto` (or a `graph` request) ran eager
+    engine_note: str = ""  # why `auto` (or a `graph` request) ran eager; for graph, which kernels it uses
     compile_s: float = 0.0  # compile + graph capture in this call, not counted in prefill_s or step_s
 
     @property
@@ -102,6 +102,7 @@ def generate(model: Qwen3, prompt_ids: list[int], params: SamplingParams = Sampl
     if used == "graph":
         try:
             step, out.compile_s = captured_step(model, cache)
+            out.engine_note = f"attention: {step.kernels['attention']}; Triton GEMV for {step.kernels['gemv'] or 'none'}"
         except Exception as e:  # noqa: BLE001 - capture can fail for reasons of the platform; decode still works
             out.engine, out.engine_note = "eager", f"graph capture failed: {type(e).__name__}: {str(e)[:200]}"
     sampler = Sampler(params, model.device, on_device=step is not None)

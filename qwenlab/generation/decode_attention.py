@@ -16,7 +16,7 @@ BLOCK = 64  # slots per step of a program's loop
 
 @triton.jit
 def _attend_kernel(Q, K, V, POS, OUT, O_PART, M_PART, L_PART, stride_kh, stride_ks, stride_vh, stride_vs, n_chunks,
-                   sm_scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                   SM_SCALE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
     kvh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -40,7 +40,7 @@ def _attend_kernel(Q, K, V, POS, OUT, O_PART, M_PART, L_PART, stride_kh, stride_
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], scores * sm_scale, -1e30)
+        scores = tl.where(valid[None, :], scores.to(tl.float32) * SM_SCALE, -1e30)
         m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp(m - m_new)
         p = tl.where(valid[None, :], tl.exp(scores - m_new[:, None]), 0.0)
@@ -94,9 +94,10 @@ def chunk_slots(slots: int) -> int:
     return max(1024, triton.next_power_of_2(triton.cdiv(slots, 8)))
 
 
+@torch.library.custom_op("qwenlab::decode_attention_static", mutates_args=())
 def decode_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """q [1, H, 1, D]; k/v [1, KVH, S, D] (the whole static cache); pos: [1] int64, the query's position (slots
-    0..pos are valid). -> [1, H, 1, D] in q's dtype."""
+    0..pos are valid). -> [1, H, 1, D] in q's dtype. A custom op: torch.compile calls it as one opaque kernel."""
     _, heads, _, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -110,9 +111,14 @@ def decode_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     m_part = torch.empty((kv_heads, n_chunks, gp) if split else (1,), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     _attend_kernel[(kv_heads, n_chunks)](q, k, v, pos, out, o_part, m_part, l_part, k.stride(1), k.stride(2),
-                                         v.stride(1), v.stride(2), n_chunks, dim ** -0.5, G=group, GP=gp, D=dim,
+                                         v.stride(1), v.stride(2), n_chunks, SM_SCALE=dim ** -0.5, G=group, GP=gp, D=dim,
                                          DP=dp, CHUNK=chunk, BLOCK=BLOCK, SPLIT=split, IEEE=q.dtype == torch.float32)
     if split:
         _merge_kernel[(kv_heads,)](o_part, m_part, l_part, pos, out, n_chunks, G=group, GP=gp, D=dim, DP=dp,
                                    CHUNK=chunk)
     return out.reshape(1, heads, 1, dim)
+
+
+@decode_attention_static.register_fake
+def _(q, k, v, pos):
+    return q.new_empty(q.shape)

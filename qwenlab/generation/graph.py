@@ -45,9 +45,9 @@ class CapturedStep:
     """One decode step of `model` over `cache` as a CUDA graph: write the token id into `token`, call replay(),
     read `logits`. Each replay writes K/V at cache.pos, advances it and cache.length."""
 
-    def __init__(self, model: Qwen3, cache: StaticKVCache, compile: bool = True, attention_kernel: bool = True):
+    def __init__(self, model: Qwen3, cache: StaticKVCache, compile: bool = True, kernels: bool = True):
         model.fuse_projections()
-        use_attention_kernel(model, attention_kernel)
+        self.kernels = use_kernels(model, kernels)
         self.cache, self.compiled = cache, compile
         self.token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
         step = compiled_step(model, compile)
@@ -77,12 +77,17 @@ class CapturedStep:
         return self.logits
 
 
-def use_attention_kernel(model: Qwen3, enabled: bool = True):
-    """Routes the one-token attention over a static cache through the split-K Triton kernel (or back to torch)."""
+def use_kernels(model: Qwen3, enabled: bool = True) -> dict:
+    """The graph engine's Triton kernels: the split-K attention over the static cache, and the GEMV for each
+    projection shape where it measures faster than cuBLAS on this device. -> what was chosen, for the record."""
     from qwenlab.generation.decode_attention import decode_attention_static  # lazy: Triton exists only with CUDA
+    from qwenlab.generation.gemv import use_gemv  # lazy: the same
 
     for layer in model.model.layers:
         layer.self_attn.decode_kernel = decode_attention_static if enabled else None
+    gemv = use_gemv(model, enabled)
+    return {"attention": "split-K Triton" if enabled else "torch",
+            "gemv": sorted(f"{n}x{k}" for (n, k), used in gemv.items() if used)}
 
 
 def captured_step(model: Qwen3, cache: StaticKVCache, compile: bool = True) -> tuple[CapturedStep, float]:

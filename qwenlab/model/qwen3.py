@@ -55,15 +55,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.impl = "sdpa"
-        self.qkv = None  # fused (weight, bias) whose slices are q/k/v_proj's parameters, see fuse_projections()
+        self.qkv_proj = None  # one Linear whose weight slices are q/k/v_proj's parameters, see fuse_projections()
         self.decode_kernel = None  # fn(q, k, v, pos) for one token over a whole static cache (the graph engine's)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, probe: Probe | None):
         B, T, _ = x.shape
         p = f"layers.{self.layer}.attn."
-        if self.qkv is not None:
-            q_lin, k_lin, v_lin = F.linear(x, *self.qkv).split([self.q_proj.out_features, self.k_proj.out_features,
-                                                                self.v_proj.out_features], dim=-1)
+        if self.qkv_proj is not None:
+            q_lin, k_lin, v_lin = self.qkv_proj(x).split([self.q_proj.out_features, self.k_proj.out_features,
+                                                          self.v_proj.out_features], dim=-1)
         else:
             q_lin, k_lin, v_lin = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_norm(q_lin.view(B, T, self.n_heads, self.head_dim))
@@ -138,11 +138,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up = None  # fused weight whose halves are gate_proj's and up_proj's, see fuse_projections()
+        self.gate_up_proj = None  # one Linear whose halves are gate_proj's and up_proj's, see fuse_projections()
 
     def forward(self, x, probe: Probe | None):
-        if self.gate_up is not None:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         act = F.silu(gate)
@@ -180,21 +180,21 @@ class DecoderLayer(nn.Module):
         return x
 
 
-def _fuse(linears: list[nn.Linear]):
-    """Concatenates the weights (and biases) along the output dim and re-points each module at its slice."""
-    fused = []
+def _fuse(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear over the concatenated weights (and biases); each given module is re-pointed at its slice."""
+    with torch.device("meta"):
+        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=linears[0].bias is not None)
     for name in ("weight", "bias"):
         parts = [getattr(m, name) for m in linears]
         if parts[0] is None:
-            fused.append(None)
             continue
         whole = torch.cat([t.detach() for t in parts])
         start = 0
         for m, t in zip(linears, parts):
-            setattr(m, name, nn.Parameter(whole[start:start + t.shape[0]], requires_grad=False))
+            setattr(m, name, nn.Parameter(whole[start:start + t.shape[0]], requires_grad=t.requires_grad))
             start += t.shape[0]
-        fused.append(whole)
-    return tuple(fused)
+        setattr(fused, name, nn.Parameter(whole, requires_grad=False))
+    return fused
 
 
 class Backbone(nn.Module):
@@ -225,13 +225,14 @@ class Qwen3(nn.Module):
     def fuse_projections(self):
         """One matmul for q/k/v and one for gate/up: each layer's weights move into one fused storage and the
         HF-named parameters become slices of it, so names, probes and dumps stay, and memory does not double.
-        Only plain nn.Linear projections are fused; idempotent."""
+        Only plain nn.Linear projections are fused; idempotent. The fused Linear is kept out of the module tree
+        (state_dict, named_modules and .to() see only the HF names)."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if attn.qkv is None and all(type(m) is nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
-                attn.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            if mlp.gate_up is None and all(type(m) is nn.Linear for m in (mlp.gate_proj, mlp.up_proj)):
-                mlp.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])[0]
+            if attn.qkv_proj is None and all(type(m) is nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
+                attn.__dict__["qkv_proj"] = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            if mlp.gate_up_proj is None and all(type(m) is nn.Linear for m in (mlp.gate_proj, mlp.up_proj)):
+                mlp.__dict__["gate_up_proj"] = _fuse([mlp.gate_proj, mlp.up_proj])
         return self
 
     @property

@@ -92,10 +92,11 @@ def test_fused_projections_are_views_and_change_nothing(tiny_dir):
     after = model(ids, probe=after_probe)
     assert list(model.state_dict()) == keys and _storage_bytes(model) == nbytes
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    qkv = attn.qkv[0]
+    qkv = attn.qkv_proj.weight
     assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
     assert attn.k_proj.weight.data_ptr() == qkv[attn.q_proj.out_features:].data_ptr()
-    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up[mlp.gate_proj.out_features:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_proj.weight[mlp.gate_proj.out_features:].data_ptr()
+    assert "qkv_proj" not in dict(model.named_modules()).get("model.layers.0.self_attn")._modules
     assert list(after_probe.tensors) == list(before_probe.tensors)
     assert ((after - before).norm() / before.norm()).item() < 1e-6
     with torch.no_grad():
@@ -107,9 +108,9 @@ def _storage_bytes(model) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in list(model.parameters()) + list(model.buffers())}
     for layer in model.model.layers:
-        for t in (layer.self_attn.qkv or ()) + ((layer.mlp.gate_up,) if layer.mlp.gate_up is not None else ()):
-            if t is not None:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        for fused in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+            if fused is not None:
+                storages[fused.weight.untyped_storage().data_ptr()] = fused.weight.untyped_storage().nbytes()
     return sum(storages.values())
 
 
@@ -145,3 +146,19 @@ def test_split_k_decode_attention_matches_the_torch_path(dtype, heads, kv_heads,
         ref = decode_attention(q.double(), k[:, :, :length].double(), v[:, :, :length].double()).float()
         rel = ((ours - ref).norm() / ref.norm()).item()
         assert rel < (1e-5 if dtype == torch.float32 else 1e-2), (slots, length, rel)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton GEMV needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_matches_a_float64_matmul(dtype):
+    from qwenlab.generation.gemv import gemv
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    for n, k, bias in ((6144, 2560, False), (2560, 9728, False), (97, 200, True), (1, 16, True)):
+        w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
+        x = torch.randn(1, 1, k, device="cuda", generator=gen).to(dtype)
+        b = torch.randn(n, device="cuda", generator=gen).to(dtype) if bias else None
+        ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        out = gemv(x, w, b)
+        assert out.shape == (1, 1, n) and out.dtype == dtype
+        assert ((out.double() - ref).norm() / ref.norm()).item() < (1e-6 if dtype == torch.float32 else 1e-2)

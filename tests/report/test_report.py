@@ -11,7 +11,6 @@ import pytest
 from qwenlab import cli
 from qwenlab.model.config import read_config
 from qwenlab.model.tiny import ensure_tiny
-from qwenlab.report import pages as report_html
 from qwenlab.report import params as report_params
 from qwenlab.report import run as report
 from qwenlab.report import rundir as report_io
