@@ -37,7 +37,7 @@ def gemv_table(model):
               "lm_head": (cfg.vocab_size, cfg.hidden_size)}
     print(f"{'matmul':<8} {'N x K':>14} {'cuBLAS us':>10} {'GB/s':>6} {'Triton us':>10} {'GB/s':>6}")
     for name, (n, k) in shapes.items():
-        cublas, triton_us = linear_timings(n, k, dtype, str(model.device))
+        cublas, triton_us = linear_timings(torch.randn(n, k, dtype=dtype, device=model.device))
         gb = n * k * torch.finfo(dtype).bits / 8 / 1e3
         print(f"{name:<8} {f'{n}x{k}':>14} {cublas:>10.1f} {gb / cublas:>6.0f} {triton_us:>10.1f} {gb / triton_us:>6.0f}")
 

@@ -67,6 +67,7 @@ class CapturedStep:
         finally:
             cache.static_shapes = False
             cache.crop(length)  # the warm-up steps wrote scratch slots past `length`; pos goes back too
+            use_kernels(model, False)  # the graph keeps its kernels; eager calls of the model stay plain torch
         torch.cuda.synchronize(model.device)
         self.capture_s = time.perf_counter() - t0
 
