@@ -15,7 +15,7 @@ from qwenlab.atomic import atomic_path
 from qwenlab.errors import QwenlabError
 from qwenlab.versions import package_versions
 
-JSON_KEYS = ("prompt_ids", "versions")
+JSON_KEYS = ("prompt_ids", "versions", "not_produced")
 JSON_KEYS_MARKER = "json_keys"
 
 
