@@ -1,6 +1,7 @@
 """Running one notebook for `qwenlab report`: papermill on the `qwenlab` Jupyter kernel (installed when missing),
 in the repo root, figures inline, the kernel's own stderr in the run's logs/."""
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -10,6 +11,36 @@ from qwenlab.errors import QwenlabError
 from qwenlab.paths import REPO_ROOT
 
 KERNEL = "qwenlab"
+_launched: list = []  # the kernel managers papermill created for the notebook now running
+
+
+def tracked_kernel_manager():
+    """papermill's kernel manager class, remembering each instance so an interrupted report can stop its kernel."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class TrackedKernelManager(AsyncKernelManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _launched.append(self)
+
+    return TrackedKernelManager
+
+
+def stop_kernels(timeout: float = 10.0):
+    """Kill what is left of the kernel processes started for the running notebook (their own session: the group)."""
+    for km in _launched:
+        process = getattr(km.provisioner, "process", None) if km.provisioner is not None else None
+        if process is None or process.poll() is not None:
+            continue
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            process.kill()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    _launched.clear()
 
 
 def ensure_kernel(name: str = KERNEL):
@@ -68,15 +99,21 @@ def kernel_stderr_to(log: Path):
 
 
 def execute(notebook: Path, output: Path, params: dict, timeout: float | None, log: Path) -> dict | None:
-    """Run one notebook; None when it ran through, else {ename, evalue, cell_index, exec_count} of what stopped it."""
+    """Run one notebook; None when it ran through, else {ename, evalue, cell_index, exec_count} of what stopped it.
+    Its log is created first: report/interrupt.py reads an existing log as 'this notebook had started'."""
+    log.touch()
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    _launched.clear()
     try:
         with kernel_stderr_to(log):
             papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=KERNEL,
                                        cwd=str(REPO_ROOT), progress_bar=False, request_save_on_cell_execute=True,
-                                       execution_timeout=timeout)
+                                       execution_timeout=timeout, kernel_manager_class=tracked_kernel_manager())
+    except KeyboardInterrupt:  # SIGINT/SIGTERM (report/interrupt.py): nbclient's shutdown ran; make sure it took
+        stop_kernels()
+        raise
     except PapermillExecutionError as e:
         return {"ename": e.ename, "evalue": e.evalue, "cell_index": e.cell_index, "exec_count": e.exec_count}
     except Exception as e:  # kernel died, cell timeout, kernel failed to start: the notebook errored
