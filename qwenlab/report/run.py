@@ -20,6 +20,7 @@ from qwenlab.model.config import read_config
 from qwenlab.model.loader import resolve_device
 from qwenlab.model.tiny import resolve_model_dir
 from qwenlab.paths import NOTEBOOKS_DIR, REPO_ROOT, REPORTS_DIR
+from qwenlab.report.candidate import check_candidate
 from qwenlab.report.interrupt import stoppable, watch
 from qwenlab.report.kernel import ensure_kernel, execute, kernel_environment
 from qwenlab.report.pages import html_exporter, notebook_html, render_index
@@ -156,6 +157,7 @@ def run_report(args) -> int:
     standard = {"model_dir": str(model_dir), "device": device, "dtype": args.dtype, "out_dir": None,
                 "thresholds_dir": thresholds_dir}
     plan = plan_parameters(notebooks, declared, standard, candidate, global_params, scoped, all_notebooks)
+    check_candidate(candidate)
     ensure_kernel()
 
     run_dir = make_run_dir(out, model_dir.name, now)
