@@ -26,6 +26,18 @@ def tracked_kernel_manager():
     return TrackedKernelManager
 
 
+def quiet_abandoned_tasks(log: Path):
+    """After an interrupt, the cell's coroutine nbclient left behind ends later (DeadKernelError) or is destroyed
+    pending, and asyncio would print that with a traceback at exit: it goes to the notebook's log instead."""
+    from jupyter_core.utils import ensure_event_loop
+
+    def to_log(loop, context):
+        with open(log, "a") as f:
+            f.write(f"after the interrupt: {context.get('message')} {context.get('exception')!r}\n")
+
+    ensure_event_loop().set_exception_handler(to_log)
+
+
 def stop_kernels(timeout: float = 10.0):
     """Kill what is left of the kernel processes started for the running notebook (their own session: the group)."""
     for km in _launched:
@@ -113,6 +125,7 @@ def execute(notebook: Path, output: Path, params: dict, timeout: float | None, l
                                        execution_timeout=timeout, kernel_manager_class=tracked_kernel_manager())
     except KeyboardInterrupt:  # SIGINT/SIGTERM (report/interrupt.py): nbclient's shutdown ran; make sure it took
         stop_kernels()
+        quiet_abandoned_tasks(log)
         raise
     except PapermillExecutionError as e:
         return {"ename": e.ename, "evalue": e.evalue, "cell_index": e.cell_index, "exec_count": e.exec_count}
