@@ -42,6 +42,7 @@ prompts = [
     "数学とコード: sum(range(10)) 是 45 👍🏽",
 ]  # raw text, or chat:<user turn>
 candidate = ""  # activation dump (.safetensors) from another implementation; empty: run qwenlab
+allow_missing = False  # pass although the candidate lacks reference tensors it does not declare in not_produced
 attention = ""  # qwenlab attention, sdpa or eager; empty: the model's default
 plant_bugs = True  # run the planted-bug section
 
@@ -79,7 +80,7 @@ print(f"model {model_path} · {model.dtype} on {model.device} · {model.config.n
 
 # %%
 if candidate:
-    cand_diff, cand_meta = ld.diff_candidate(candidate, reference, floors=floors)
+    cand_diff, cand_meta = ld.diff_candidate(candidate, reference, floors=floors, allow_missing=allow_missing)
     display(ld.candidate_identity(cand_meta, ckpt.config).to_frame("candidate"))
     diffs = [cand_diff]
 else:
@@ -93,13 +94,16 @@ display(summary)
 #
 # Every tensor in forward order; for several prompts each row shows the prompt where that tensor came closest to (or
 # furthest over) its floor. Red rows exceed the floor, the first one is bold. `status` says `only_in_candidate` /
-# `only_in_reference` where one side lacks a tensor (reported, not a failure).
+# `only_in_reference` where one side lacks a tensor: a reference tensor the candidate lacks fails the verdict unless
+# the candidate's `not_produced` metadata declares it or `allow_missing` is set. `note` names a layout mistake
+# (`layout_mismatch`: the candidate's tensor matches after a permutation) or last-position-only logits.
 
 # %%
 table = ld.worst_frame(diffs)
 first = ld.first_divergence(table)
 print(f"first divergent tensor: {first or 'none, every compared tensor is within its floor'}")
-columns = ["prompt", "status", "shape", "max_abs", "rel_l2", "cosine", "nmse_db", "floor", "exceeds"]
+columns = ["prompt", "status", "shape", "cand_shape", "max_abs", "rel_l2", "cosine", "nmse_db", "floor", "exceeds",
+           "note"]
 display(styled(table[columns]))
 
 # %% [markdown]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from qwenlab.activations.capture import capture_to_file
 from qwenlab.activations.diff import diff_dumps
-from qwenlab.activations.diff_text import summary_text
+from qwenlab.activations.diff_text import nothing_compared, summary_text
 from qwenlab.bench import decode as bench_decode
-from qwenlab.errors import run_command
+from qwenlab.errors import QwenlabError, run_command
 from qwenlab.generation.decode import check_context, generate
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory import stress
@@ -99,11 +99,14 @@ def cmd_capture(args):
 
 def cmd_diff(args):
     floors = json.loads(Path(args.floors).read_text()) if args.floors else None
-    result = diff_dumps(args.candidate, args.reference, dtype=args.dtype, floors=floors)
+    result = diff_dumps(args.candidate, args.reference, dtype=args.dtype, floors=floors,
+                        allow_missing=args.allow_missing)
     if args.json:
         print(json.dumps(result.to_json_dict(), allow_nan=False))
     else:
-        print(summary_text(result))
+        print(summary_text(result, all_rows=args.all))
+    if result.verdict == "nothing_compared":
+        raise QwenlabError(nothing_compared(result, args.candidate, args.reference))
     return 0 if result.passed else 1
 
 
@@ -143,11 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_capture)
 
-    p = sub.add_parser("diff", help="compare two dumps; exit 1 when a tensor exceeds its floor")
+    p = sub.add_parser("diff", help="compare two dumps; exit 1 when a tensor exceeds its floor or is missing, "
+                                    "2 when nothing could be compared")
     p.add_argument("candidate", type=Path)
     p.add_argument("reference", type=Path)
-    p.add_argument("--dtype", default=None, help="floors for this dtype (default: the candidate's)")
+    p.add_argument("--dtype", default=None,
+                   help="floors for this dtype (default: the lowest precision of both dumps' dtype and tensors)")
     p.add_argument("--floors", default=None, help="JSON file of floor overrides (dtype or glob -> rel_l2)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="pass although reference tensors are missing from the candidate")
+    p.add_argument("--all", action="store_true", help="every row in the table, not only those over their floor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_diff)
 

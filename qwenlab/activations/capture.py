@@ -1,8 +1,11 @@
 """Runs one implementation on one prompt and writes a canonical activation dump."""
+from fnmatch import fnmatchcase
+
 import torch
 
 from qwenlab import __version__
 from qwenlab.activations.dump import write_dump
+from qwenlab.activations.names import canonical_names
 from qwenlab.activations.reference import capture_reference, load_reference, reference_name, versions
 from qwenlab.errors import QwenlabError
 from qwenlab.model.loader import Checkpoint
@@ -39,6 +42,9 @@ def capture(ckpt: Checkpoint, ids: list[int], impl: str, *, include=None, attent
     meta = {"producer": producer, "impl": impl, "model": ckpt.name, "model_path": str(ckpt.path),
             "config_hash": ckpt.config.config_hash(), "dtype": dtype_name(model.dtype),
             "device": str(model.device), "prompt_ids": list(ids), "versions": versions()}
+    if include is not None:
+        meta["not_produced"] = [name for name in canonical_names(ckpt.config.num_hidden_layers)
+                                if not any(fnmatchcase(name, pattern) for pattern in include)]
     return tensors, meta
 
 

@@ -14,14 +14,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from qwenlab.activations.coverage import Coverage, declared_absent, measure
 from qwenlab.activations.dump import Dump, read_dump
+from qwenlab.activations.layout import diagnose_layout, is_last_position
 from qwenlab.activations.names import LAYER_POINTS, sort_forward, split_name
 from qwenlab.atomic import json_safe
 from qwenlab.errors import QwenlabError
 
 NAN = float("nan")
 METRIC_KEYS = ("max_abs", "mean_abs", "rel_l2", "cosine", "nmse_db")
-DIVERGENT = ("diverged", "shape_mismatch", "nonfinite")
+DIVERGENT = ("diverged", "layout_mismatch", "shape_mismatch", "nonfinite")
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
     "float64": "float64", "fp64": "float64", "double": "float64", "f64": "float64",
@@ -36,10 +38,10 @@ def normalize_dtype(dtype) -> str | None:
     return DTYPE_ALIASES.get(key)
 
 
-def _require_dtype(dtype) -> str:
+def _require_dtype(dtype, where: str = "") -> str:
     known = normalize_dtype(dtype)
     if known is None:
-        raise QwenlabError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16")
+        raise QwenlabError(f"{where}unknown dtype {dtype!r}: use one of float64, float32, float16, bfloat16")
     return known
 
 
@@ -123,8 +125,19 @@ def _as_dump(side) -> Dump:
     raise QwenlabError(f"cannot diff a {type(side).__name__}: pass a Dump, a dict of tensors or a path")
 
 
-def _lowest_precision(*dumps: Dump) -> str:
-    found = {normalize_dtype(t.dtype) for d in dumps for t in d.tensors.values()}
+def _label(dump: Dump, side: str) -> str:
+    return str(dump.path) if dump.path is not None else side
+
+
+def floor_dtype(cand: Dump, ref: Dump) -> str:
+    """The lowest precision among both dumps' `dtype` metadata and the dtypes of the tensors they store: a bf16
+    computation saved as float32 is still bf16, and a comparison is only as precise as its less precise side."""
+    found = set()
+    for dump, side in ((cand, "candidate"), (ref, "reference")):
+        declared = dump.metadata.get("dtype")
+        if declared is not None:
+            found.add(_require_dtype(declared, f"{_label(dump, side)}: metadata dtype: "))
+        found |= {normalize_dtype(t.dtype) for t in dump.tensors.values()}
     ranked = sorted((f for f in found if f in PRECISION_RANK), key=PRECISION_RANK.get)
     return ranked[0] if ranked else "float32"
 
@@ -148,17 +161,22 @@ def compare_tensor(name: str, cand, ref, floor: float) -> dict:
     present = ref if ref is not None else cand
     row = {"name": name, "layer": layer, "point": point, "shape": list(present.shape),
            "cand_shape": list(cand.shape) if cand is not None else None, "status": "ok",
-           **{key: NAN for key in METRIC_KEYS}, "floor": floor, "exceeds": False}
+           **{key: NAN for key in METRIC_KEYS}, "floor": floor, "exceeds": False, "note": None}
     if cand is None or ref is None:
         return {**row, "status": "only_in_reference" if cand is None else "only_in_candidate"}
+    if is_last_position(name, cand, ref):
+        ref, row["note"] = ref[-1:], "last position only"
     if cand.numel() != ref.numel():
         return {**row, "status": "shape_mismatch", "exceeds": True}
     row.update(tensor_metrics(cand.reshape(ref.shape), ref))
     if not torch.isfinite(cand.detach().to(torch.float64)).all():
         return {**row, "status": "nonfinite", "exceeds": True}
-    exceeds = not row["rel_l2"] <= floor
-    return {**row, "status": "diverged" if exceeds else "ok", "exceeds": exceeds}
-
+    if row["rel_l2"] <= floor:
+        return row
+    layout = diagnose_layout(name, cand, ref, floor)
+    if layout:
+        return {**row, "status": "layout_mismatch", "exceeds": True, "note": f"layout: {layout}"}
+    return {**row, "status": "diverged", "exceeds": True}
 
 
 @dataclass
@@ -168,6 +186,7 @@ class DiffResult:
     logits: dict | None = None
     only_in_candidate: list[str] = field(default_factory=list)
     only_in_reference: list[str] = field(default_factory=list)
+    coverage: Coverage | None = None
 
     @property
     def first_divergence_row(self) -> dict | None:
@@ -183,8 +202,20 @@ class DiffResult:
         return sum(row["status"] not in ("only_in_candidate", "only_in_reference") for row in self.rows)
 
     @property
+    def verdict(self) -> str:
+        """'pass'; 'diverged' (a tensor over its floor); 'incomplete' (reference tensors missing from the candidate,
+        not declared, no allow_missing); 'nothing_compared' (no name in common: nothing was checked)."""
+        if self.compared == 0:
+            return "nothing_compared"
+        if self.first_divergence is not None:
+            return "diverged"
+        if self.coverage is not None and not self.coverage.complete:
+            return "incomplete"
+        return "pass"
+
+    @property
     def passed(self) -> bool:
-        return self.compared > 0 and self.first_divergence is None
+        return self.verdict == "pass"
 
     def to_frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.rows).set_index("name")
@@ -196,14 +227,18 @@ class DiffResult:
         return json_safe({"rows": self.rows, "first_divergence": self.first_divergence,
                            "logits": self.logits, "only_in_candidate": self.only_in_candidate,
                            "only_in_reference": self.only_in_reference, "dtype": self.dtype,
-                           "passed": self.passed})
+                           "coverage": self.coverage.to_json_dict() if self.coverage else None,
+                           "verdict": self.verdict, "passed": self.passed})
 
 
 def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = None,
-               floors: dict | None = None) -> DiffResult:
+               floors: dict | None = None, allow_missing: bool = False) -> DiffResult:
+    """Every name of either dump, in forward order. Floors: `dtype` if given, else floor_dtype(cand, ref).
+    Passes only when no row exceeds and every reference tensor was compared, declared in the candidate's
+    `not_produced` metadata, or allow_missing is set."""
     cand, ref = _as_dump(cand), _as_dump(ref)
     _check_prompts(cand, ref)
-    dtype = _require_dtype(dtype or cand.metadata.get("dtype") or _lowest_precision(cand, ref))
+    dtype = _require_dtype(dtype) if dtype else floor_dtype(cand, ref)
     names = sort_forward(set(cand.tensors) | set(ref.tensors))
     num_layers = num_layers or _infer_num_layers(names)
     rows = [compare_tensor(name, cand.tensors.get(name), ref.tensors.get(name),
@@ -211,9 +246,13 @@ def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = Non
     logits = None
     if "logits" in cand.tensors and "logits" in ref.tensors:
         c, r = cand.tensors["logits"], ref.tensors["logits"]
+        if is_last_position("logits", c, r):
+            r = r[-1:]
         if c.numel() == r.numel():
             logits = logits_metrics(c.reshape(r.shape), r)
-    return DiffResult(rows=rows, dtype=dtype, logits=logits,
+    coverage = measure(cand.tensors, ref.tensors, declared_absent(cand.metadata, _label(cand, "candidate")),
+                       allow_missing)
+    return DiffResult(rows=rows, dtype=dtype, logits=logits, coverage=coverage,
                       only_in_candidate=[r["name"] for r in rows if r["status"] == "only_in_candidate"],
                       only_in_reference=[r["name"] for r in rows if r["status"] == "only_in_reference"])
 

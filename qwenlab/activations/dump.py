@@ -15,7 +15,7 @@ from qwenlab.atomic import atomic_path
 from qwenlab.errors import QwenlabError
 from qwenlab.versions import package_versions
 
-JSON_KEYS = ("prompt_ids", "versions")
+JSON_KEYS = ("prompt_ids", "versions", "not_produced")
 JSON_KEYS_MARKER = "json_keys"
 
 
@@ -107,15 +107,25 @@ def write_dump(path, tensors: dict[str, torch.Tensor], metadata: dict | None = N
     return path
 
 
-def read_dump(path) -> Dump:
-    path = Path(path)
+def _open(path: Path, read):
     if not path.is_file():
         raise QwenlabError(f"dump not found: {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            raw = handle.metadata()
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            return read(handle)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise QwenlabError(f"{path}: not a readable safetensors dump ({reason})") from None
+
+
+def read_metadata(path) -> dict:
+    """The decoded metadata alone (no tensor is read)."""
+    path = Path(path)
+    return decode_metadata(_open(path, lambda handle: handle.metadata()), path)
+
+
+def read_dump(path) -> Dump:
+    path = Path(path)
+    raw, tensors = _open(path, lambda handle: (handle.metadata(), {name: handle.get_tensor(name)
+                                                                   for name in handle.keys()}))
     return Dump(tensors=tensors, metadata=decode_metadata(raw, path), path=path)

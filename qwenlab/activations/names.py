@@ -27,6 +27,24 @@ LAYER_POINTS = (
 HEAD_POINTS = ("embed",)
 TAIL_POINTS = ("norm", "logits")
 
+# Each tensor's dimensions in a dump (token-major, batch dropped); `heads*head_dim` is a head-major flatten.
+HIDDEN_DIMS = ("T", "hidden")
+POINT_DIMS = {
+    "embed": HIDDEN_DIMS,
+    "attn.q_proj": ("T", "heads*head_dim"),
+    "attn.k_proj": ("T", "kv_heads*head_dim"),
+    "attn.v_proj": ("T", "kv_heads*head_dim"),
+    "attn.q_norm": ("T", "heads", "head_dim"),
+    "attn.k_norm": ("T", "kv_heads", "head_dim"),
+    "attn.q_rope": ("T", "heads", "head_dim"),
+    "attn.k_rope": ("T", "kv_heads", "head_dim"),
+    "attn.context": ("T", "heads*head_dim"),
+    "mlp.gate_proj": ("T", "intermediate"),
+    "mlp.up_proj": ("T", "intermediate"),
+    "mlp.act": ("T", "intermediate"),
+    "logits": ("T", "vocab"),
+}
+
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _POINT_INDEX = {point: i for i, point in enumerate(LAYER_POINTS)}
 
@@ -41,6 +59,17 @@ def canonical_names(num_layers: int) -> list[str]:
         names.extend(layer_name(layer, point) for point in LAYER_POINTS)
     names.extend(TAIL_POINTS)
     return names
+
+
+def point_dims(name_or_point: str) -> tuple[str, ...]:
+    """The dimension names of a canonical tensor, e.g. ('T', 'heads', 'head_dim') for layers.0.attn.q_norm."""
+    point = split_name(name_or_point)[1]
+    return POINT_DIMS.get(point, HIDDEN_DIMS)
+
+
+def is_canonical(name: str) -> bool:
+    layer, point = split_name(name)
+    return point in _POINT_INDEX if layer is not None else point in HEAD_POINTS + TAIL_POINTS
 
 
 def split_name(name: str) -> tuple[int | None, str]:

@@ -59,15 +59,29 @@ def diff_prompts(model, ref_model, tokenizer, prompts, attention: str | None = N
     return out
 
 
-def diff_candidate(path, ref_model, floors=None) -> tuple[PromptDiff, dict]:
-    """A dump written elsewhere vs a reference capture on the dump's own prompt_ids. -> (diff, candidate metadata)."""
+def diff_candidate(path, ref_model, floors=None, allow_missing: bool = False) -> tuple[PromptDiff, dict]:
+    """A dump written elsewhere vs a reference capture on the dump's own prompt_ids. -> (diff, candidate metadata).
+    A candidate without a single canonical name is an error (nothing would be checked), not a regression."""
     dump = read_dump(path)
     ids = dump.prompt_ids
     if not ids:
         raise QwenlabError(f"{path}: the dump's metadata has no prompt_ids: nothing to run the reference on")
     ref = reference_tensors(ref_model, list(ids))
-    result = diff_dumps(dump, Dump(ref, {"prompt_ids": list(ids)}), floors=floors)
+    result = diff_dumps(dump, Dump(ref, {"prompt_ids": list(ids)}), floors=floors, allow_missing=allow_missing)
+    if result.verdict == "nothing_compared":
+        hint = next(iter(result.coverage.suggestions.items()), None)
+        raise QwenlabError(f"{path}: none of its {len(dump.tensors)} tensor names is a canonical name "
+                           f"(doc/dump-format.md)" + (f"; e.g. {hint[0]} -> {hint[1]}" if hint else ""))
     return PromptDiff(f"candidate: {Path(path).name}", list(ids), ref, result), dump.metadata
+
+
+def missing_reason(diffs: list[PromptDiff]) -> str | None:
+    """Why a diff with reference tensors missing from the candidate (undeclared, not allowed) does not pass."""
+    missing = sort_forward({n for d in diffs if not d.result.coverage.complete for n in d.result.coverage.missing})
+    if not missing:
+        return None
+    return (f"candidate lacks {len(missing)} reference tensors (first: {missing[0]}); list them in its not_produced "
+            "metadata or pass -p allow_missing=true")
 
 
 def candidate_identity(metadata: dict, config) -> pd.Series:
@@ -89,6 +103,7 @@ def summary_frame(diffs: list[PromptDiff]) -> pd.DataFrame:
         worst = (compared["rel_l2"] / compared["floor"]).idxmax() if not compared.empty else None
         logits = d.result.logits or {}
         rows.append({"prompt": d.label, "tokens": len(d.ids), "compared": d.result.compared,
+                     "coverage": d.result.coverage.fraction, "verdict": d.result.verdict,
                      "first_divergence": d.result.first_divergence,
                      "max_rel_l2": compared["rel_l2"].max() if not compared.empty else float("nan"),
                      "closest_to_floor": worst, "kl_mean": logits.get("kl_mean"), "kl_max": logits.get("kl_max"),
@@ -166,12 +181,13 @@ def verdict(thresholds: dict, *, dtype: str, diffs: list[PromptDiff], summary: p
         "prompts": len(diffs),
         "prompt_tokens": [len(d.ids) for d in diffs],
         "compared_tensors": int(summary["compared"].sum()),
-        "divergent_prompts": int((~summary["passed"]).sum()),
+        "divergent_prompts": int((summary["verdict"] == "diverged").sum()),
         "first_divergence": first,
         "max_rel_l2": float(table["rel_l2"].max()),
         "closest_to_floor": closest_to_floor(table),
         "only_in_candidate": sorted({n for d in diffs for n in d.result.only_in_candidate}),
         "only_in_reference": sorted({n for d in diffs for n in d.result.only_in_reference}),
+        "coverage": float(summary["coverage"].min()),
         "logits": logits,
         "per_prompt": summary.reset_index().to_dict(orient="records"),
         "planted": localised.to_dict(orient="index"),
@@ -183,6 +199,8 @@ def verdict(thresholds: dict, *, dtype: str, diffs: list[PromptDiff], summary: p
               thresholds["max_divergent_prompts"])
     if first:
         reasons.append(f"first divergent tensor: {first}")
+    if missing_reason(diffs):
+        reasons.append(missing_reason(diffs))
     dumped_for = (candidate_meta or {}).get("config_hash")
     if candidate and dumped_for not in (None, config_hash):
         reasons.append(f"candidate was dumped for config {dumped_for}, not this checkpoint's {config_hash}")

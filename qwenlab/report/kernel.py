@@ -1,6 +1,7 @@
 """Running one notebook for `qwenlab report`: papermill on the `qwenlab` Jupyter kernel (installed when missing),
 in the repo root, figures inline, the kernel's own stderr in the run's logs/."""
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -10,6 +11,48 @@ from qwenlab.errors import QwenlabError
 from qwenlab.paths import REPO_ROOT
 
 KERNEL = "qwenlab"
+_launched: list = []  # the kernel managers papermill created for the notebook now running
+
+
+def tracked_kernel_manager():
+    """papermill's kernel manager class, remembering each instance so an interrupted report can stop its kernel."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class TrackedKernelManager(AsyncKernelManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _launched.append(self)
+
+    return TrackedKernelManager
+
+
+def quiet_abandoned_tasks(log: Path):
+    """After an interrupt, the cell's coroutine nbclient left behind ends later (DeadKernelError) or is destroyed
+    pending, and asyncio would print that with a traceback at exit: it goes to the notebook's log instead."""
+    from jupyter_core.utils import ensure_event_loop
+
+    def to_log(loop, context):
+        with open(log, "a") as f:
+            f.write(f"after the interrupt: {context.get('message')} {context.get('exception')!r}\n")
+
+    ensure_event_loop().set_exception_handler(to_log)
+
+
+def stop_kernels(timeout: float = 10.0):
+    """Kill what is left of the kernel processes started for the running notebook (their own session: the group)."""
+    for km in _launched:
+        process = getattr(km.provisioner, "process", None) if km.provisioner is not None else None
+        if process is None or process.poll() is not None:
+            continue
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            process.kill()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    _launched.clear()
 
 
 def ensure_kernel(name: str = KERNEL):
@@ -68,15 +111,22 @@ def kernel_stderr_to(log: Path):
 
 
 def execute(notebook: Path, output: Path, params: dict, timeout: float | None, log: Path) -> dict | None:
-    """Run one notebook; None when it ran through, else {ename, evalue, cell_index, exec_count} of what stopped it."""
+    """Run one notebook; None when it ran through, else {ename, evalue, cell_index, exec_count} of what stopped it.
+    Its log is created first: report/interrupt.py reads an existing log as 'this notebook had started'."""
+    log.touch()
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    _launched.clear()
     try:
         with kernel_stderr_to(log):
             papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=KERNEL,
                                        cwd=str(REPO_ROOT), progress_bar=False, request_save_on_cell_execute=True,
-                                       execution_timeout=timeout)
+                                       execution_timeout=timeout, kernel_manager_class=tracked_kernel_manager())
+    except KeyboardInterrupt:  # SIGINT/SIGTERM (report/interrupt.py): nbclient's shutdown ran; make sure it took
+        stop_kernels()
+        quiet_abandoned_tasks(log)
+        raise
     except PapermillExecutionError as e:
         return {"ename": e.ename, "evalue": e.evalue, "cell_index": e.cell_index, "exec_count": e.exec_count}
     except Exception as e:  # kernel died, cell timeout, kernel failed to start: the notebook errored

@@ -4,7 +4,7 @@ import base64
 from html import escape
 from pathlib import Path
 
-COLOURS = {"pass": "#1a7f37", "regressed": "#cf222e", "error": "#cf222e"}
+COLOURS = {"pass": "#1a7f37", "regressed": "#cf222e", "error": "#cf222e", "interrupted": "#9a6700"}
 MAX_EMBED_BYTES = 3_000_000
 MAX_METRIC_ROWS = 200
 
@@ -82,9 +82,13 @@ def notebook_row(i: int, stem: str, e: dict) -> str:
     if e.get("reasons"):
         details.append('<ul class="reasons">' + "".join(f"<li>{escape(str(r))}</li>" for r in e["reasons"]) + "</ul>")
     return (f'<tr class="verdict-{escape(e["verdict"])}" id="nb-{escape(stem)}"><td>{i}</td><td>{link}</td>'
-            f'<td>{badge(e["verdict"])}</td><td>{e.get("duration_s", "")} s</td>'
+            f'<td>{badge(e["verdict"])}</td><td>{_seconds(e.get("duration_s"))}</td>'
             f'<td>{"".join(details) or "<span class=muted>all checks within thresholds</span>"}</td>'
             f"<td>{files}</td></tr>")
+
+
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value} s"
 
 
 def flatten(metrics, prefix: str = "") -> list[tuple[str, object]]:
@@ -124,6 +128,17 @@ def figure_html(run_dir: Path, rel: str) -> str:
     return f'<figure><img src="{src}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
 
 
+def interruption_html(h: dict) -> str:
+    """The interrupted run's notice: which notebook was running, which never ran."""
+    if h.get("status") != "interrupted":
+        return ""
+    running = h.get("interrupted_notebook")
+    where = f"during <b>{escape(running)}</b>" if running else "between notebooks"
+    not_run = ", ".join(escape(stem) for stem in h.get("not_run") or []) or "none"
+    return (f'<p id="interrupted">This run was interrupted {where} by {escape(str(h.get("signal")))}: '
+            f"a partial run, not a result (not run: {not_run}).</p>")
+
+
 def render_index(record: dict, run_dir: Path) -> str:
     h = record["header"]
     notebooks = record["notebooks"]
@@ -141,7 +156,7 @@ def render_index(record: dict, run_dir: Path) -> str:
 <style>{STYLE}</style></head><body>
 <h1>qwenlab report: {escape(h.get('model_name', ''))}</h1>
 <p><span class="banner" id="overall" style="background:{COLOURS.get(verdict, '#59636e')}">overall: {escape(str(verdict))}</span>
-&nbsp; {escape(summary)} &nbsp; <a href="metrics.json">metrics.json</a></p>
+&nbsp; {escape(summary)} &nbsp; <a href="metrics.json">metrics.json</a></p>{interruption_html(h)}
 <h2>Run</h2><table class="header">{header}</table>
 <h2>Notebooks</h2>
 <table class="notebooks"><tr><th>#</th><th>notebook</th><th>verdict</th><th>time</th><th>reasons / error</th>

@@ -20,6 +20,8 @@ from qwenlab.model.config import read_config
 from qwenlab.model.loader import resolve_device
 from qwenlab.model.tiny import resolve_model_dir
 from qwenlab.paths import NOTEBOOKS_DIR, REPO_ROOT, REPORTS_DIR
+from qwenlab.report.candidate import check_candidate
+from qwenlab.report.interrupt import stoppable, watch
 from qwenlab.report.kernel import ensure_kernel, execute, kernel_environment
 from qwenlab.report.pages import html_exporter, notebook_html, render_index
 from qwenlab.report.params import (
@@ -155,6 +157,7 @@ def run_report(args) -> int:
     standard = {"model_dir": str(model_dir), "device": device, "dtype": args.dtype, "out_dir": None,
                 "thresholds_dir": thresholds_dir}
     plan = plan_parameters(notebooks, declared, standard, candidate, global_params, scoped, all_notebooks)
+    check_candidate(candidate)
     ensure_kernel()
 
     run_dir = make_run_dir(out, model_dir.name, now)
@@ -170,6 +173,7 @@ def run_report(args) -> int:
               "command": command_line(args)}
     record = {"schema": SCHEMA_VERSION, "header": header, "verdict": None, "counts": {}, "notebooks": {}}
     write_json_atomic(run_dir / "metrics.json", record)
+    watch(record, run_dir, [nb.stem for nb in notebooks], started)  # Ctrl-C / SIGTERM from here marks this run
 
     exporter = html_exporter()
     total = len(notebooks)
@@ -233,5 +237,5 @@ def register(subparsers):
     p = subparsers.add_parser("report", help="run every numbered notebook (papermill) into reports/<run>/",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.set_defaults(func=run_report)
+    p.set_defaults(func=stoppable(run_report))
 

@@ -105,12 +105,13 @@ def test_floor_overrides_and_unknown_dtype():
         floor_for("embed", "nvfp4", 3)
 
 
-def test_missing_names_are_listed_not_fatal():
+def test_missing_names_are_listed_and_pass_only_when_allowed():
     ref = synthetic()
     cand = {n: t for n, t in ref.items() if n != "layers.0.attn.q_rope"}
     cand["layers.0.attn.extra_probe"] = torch.zeros(2)
     result = diff_dumps(cand, ref)
-    assert result.passed
+    assert not result.passed and result.verdict == "incomplete" and result.first_divergence is None
+    assert diff_dumps(cand, ref, allow_missing=True).passed
     assert result.only_in_reference == ["layers.0.attn.q_rope"]
     assert result.only_in_candidate == ["layers.0.attn.extra_probe"]
     row = next(r for r in result.rows if r["name"] == "layers.0.attn.q_rope")
@@ -173,11 +174,11 @@ def test_json_frame_grid_and_styler():
     ref = synthetic()
     cand = dict(ref, **{"layers.2.mlp.act": perturb(ref["layers.2.mlp.act"], 1e-3)})
     cand.pop("layers.0.output")
-    result = diff_dumps(cand, ref)
+    result = diff_dumps(cand, ref, allow_missing=True)
     payload = result.to_json_dict()
     text = json.dumps(payload, allow_nan=False)
     assert set(payload) == {"rows", "first_divergence", "logits", "only_in_candidate",
-                            "only_in_reference", "dtype", "passed"}
+                            "only_in_reference", "dtype", "coverage", "verdict", "passed"}
     assert json.loads(text)["first_divergence"] == "layers.2.mlp.act"
     frame = result.to_frame()
     assert frame.index[0] == "embed" and bool(frame.loc["layers.2.mlp.act", "exceeds"])

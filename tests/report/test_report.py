@@ -7,8 +7,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from qwenlab import cli
+from qwenlab.activations.dump import write_dump
 from qwenlab.model.config import read_config
 from qwenlab.model.tiny import ensure_tiny
 from qwenlab.report import params as report_params
@@ -37,8 +39,7 @@ def rows(index_html: str) -> dict:
 
 def test_passing_run_writes_the_layout_and_merged_metrics(tmp_path, tiny, monkeypatch, capsys):
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    candidate = tmp_path / "cand.safetensors"
-    candidate.write_bytes(b"not read by the fake notebook")
+    candidate = write_dump(tmp_path / "cand.safetensors", {"embed": torch.zeros(1, 2)}, {"prompt_ids": [1]})
     out = tmp_path / "reports"
 
     rc = run(out, "--only", "01,02_regress", "--candidate", str(candidate), "-p", "scale=2",
