@@ -29,6 +29,10 @@
 #    no cache (`replay`), with the tokens each turn re-used from the cache vs prefilled;
 # 3. latency per token and per turn, kv vs replay (the plot);
 # 4. stop tokens 151645 `<|im_end|>` / 151643 `<|endoftext|>` on prompts that make the model emit one.
+#
+# kv decoding runs on the `engine` parameter's engine: under `auto`, on a GPU, the CUDA-graph engine (the same forward,
+# its one-token step captured over a static cache), so its tokens and logits are checked against the plain forward
+# (replay) and the reference like any kv path; on the CPU, eager.
 
 # %% tags=["parameters"]
 model_dir = ""  # checkpoint directory (HF layout); empty: the embedded tiny fixture
@@ -50,6 +54,7 @@ latency_new_tokens = 96
 latency_positions = [64, 256, 1024, 2048]  # context lengths for the cost-per-token curve
 stop_prompts = ["Hello<|im_end|>", "The end.<|endoftext|>"]  # raw prompts expected to make the model emit a stop id
 stop_new_tokens = 8
+engine = "auto"  # kv decoding: auto (the CUDA graph engine on a GPU, else eager), graph or eager
 
 # %%
 import os
@@ -86,7 +91,7 @@ print(f"model {model_path} · {run_dtype} on {model.device} · stop ids {stop_id
 
 # %%
 prompt_ids = {label: encode_prompt(tok, p) for label, p in zip(prompts, prompts)}
-greedy, steps = dp.greedy_parity(model, reference, prompt_ids, max_new_tokens, stop_ids)
+greedy, steps = dp.greedy_parity(model, reference, prompt_ids, max_new_tokens, stop_ids, engine=engine)
 display(greedy.drop(columns=["kv_ids", "reference_ids"]).T)
 for label, row in greedy.iterrows():
     print(f"{label!r}: {tok.decode(row['kv_ids'])!r}")
@@ -102,7 +107,7 @@ for label, row in greedy.iterrows():
 # tokens must equal `replay`'s, and so must the logits behind them (max rel_l2 / KL per turn).
 
 # %%
-chat = dp.chat_parity(model, tok, chat_turns, chat_new_tokens, enable_thinking=chat_enable_thinking)
+chat = dp.chat_parity(model, tok, chat_turns, chat_new_tokens, enable_thinking=chat_enable_thinking, engine=engine)
 display(chat.drop(columns=["ids", "text"]).set_index(["strategy", "turn"]))
 
 # %% [markdown]
@@ -117,8 +122,8 @@ display(chat.drop(columns=["ids", "text"]).set_index(["strategy", "turn"]))
 # Timings on a shared CPU are noisy (isolated spikes are other processes); they are recorded, not judged.
 
 # %%
-latency = dp.latency_profile(model, dp.filler_ids(tok, latency_prompt_tokens), latency_new_tokens)
-by_position = dp.latency_by_position(model, tok, latency_positions)
+latency = dp.latency_profile(model, dp.filler_ids(tok, latency_prompt_tokens), latency_new_tokens, engine=engine)
+by_position = dp.latency_by_position(model, tok, latency_positions, engine=engine)
 display(dp.latency_summary(latency))
 display(by_position.pivot(index="position", columns="mode", values="ms_per_token"))
 fig = plots.latency_plot(latency, by_position)
@@ -146,7 +151,8 @@ figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "turn_latency")
 # %%
 stop_prompt_ids = {p: encode_prompt(tok, p) for p in stop_prompts}
 synthetic = (prompts[-1], prompt_ids[prompts[-1]])
-stops = dp.stop_cases(model, stop_prompt_ids, stop_ids, stop_new_tokens, reference, synthetic=synthetic)
+stops = dp.stop_cases(model, stop_prompt_ids, stop_ids, stop_new_tokens, reference, synthetic=synthetic,
+                      engine=engine)
 display(stops)
 
 # %% [markdown]

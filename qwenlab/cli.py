@@ -9,7 +9,7 @@ from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.diff_text import nothing_compared, summary_text
 from qwenlab.bench import decode as bench_decode
 from qwenlab.errors import QwenlabError, run_command
-from qwenlab.generation.decode import check_context, generate
+from qwenlab.generation.decode import ENGINES, check_context, generate
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory import stress
 from qwenlab.model.config import read_generation_config
@@ -80,13 +80,16 @@ def cmd_generate(args):
         def on_token(token):
             if token not in ckpt.tokenizer.stop_ids:
                 print(stream.push(token), end="", flush=True)
-    gen = generate(ckpt.model, ids, params, mode=args.mode, tokenizer=ckpt.tokenizer, on_token=on_token)
+    gen = generate(ckpt.model, ids, params, mode=args.mode, engine=args.engine, tokenizer=ckpt.tokenizer,
+                   on_token=on_token)
     if args.json:
         print(json.dumps(gen.to_json(), ensure_ascii=False))
     else:
         print(stream.flush())
+        compiled = f", compile+capture {gen.compile_s:.1f} s" if gen.compile_s else ""
         print(f"[{len(gen.ids)} tokens, stop: {gen.stop_reason}, prefill {gen.prefill_s * 1e3:.1f} ms, "
-              f"decode {gen.decode_tok_s:.1f} tok/s, {ckpt.model.device}, {ckpt.model.dtype}]", file=sys.stderr)
+              f"decode {gen.decode_tok_s:.1f} tok/s, {ckpt.model.device}, {ckpt.model.dtype}, engine {gen.engine}"
+              f"{compiled}{f' ({gen.engine_note})' if gen.engine_note else ''}]", file=sys.stderr)
 
 
 def cmd_capture(args):
@@ -135,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=("kv", "replay"), default="kv")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="auto (default): the CUDA-graph engine on a GPU, else eager; graph; eager")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 

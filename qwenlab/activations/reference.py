@@ -2,6 +2,7 @@
 
 transformers is imported lazily here and nowhere on the qwenlab forward path.
 """
+import logging
 import os
 from contextlib import contextmanager
 
@@ -12,11 +13,19 @@ from qwenlab.model.probe import Probe
 from qwenlab.versions import package_versions as versions  # noqa: F401  (re-exported)
 
 
+def quiet_optional_imports():
+    """transformers imports torchao when it is installed, which logs a line per prebuilt extension it cannot load
+    on this machine and torch warns about its pytree registrations: noise in every report, not a problem."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="cpu", attention: str = "eager",
                    direct_to_device: bool = False):
     """Qwen3ForCausalLM from the checkpoint, eager attention by default (the trusted side of every diff).
     direct_to_device loads the weights straight onto `device` (device_map), transformers' fastest load."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_optional_imports()
     from transformers import Qwen3ForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -15,29 +15,21 @@ from qwenlab.generation.sampling import SamplingParams
 REQUIRED_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 
 
-class StepLogitsRecorder:
-    """Stands in for the model inside generate(): forwards every call and keeps the last position's logits, i.e.
-    the logits each generated token was chosen from (prefill first, then one per decode step)."""
-    def __init__(self, model):
-        self.model = model
-        self.logits: list[torch.Tensor] = []
+class StepLogits(list):
+    """generate()'s on_logits callback: keeps the logits each generated token was chosen from (float32, CPU)."""
 
-    def __call__(self, ids, **kwargs):
-        out = self.model(ids, **kwargs)
-        self.logits.append(out[0, -1].detach().float().cpu())
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+    def __call__(self, logits: torch.Tensor):
+        self.append(logits.detach().float().cpu())
 
 
 def generate_recorded(model, prompt_ids, params: SamplingParams, mode: str = "kv", stop_ids=(),
-                      cache=None) -> tuple[Generation, torch.Tensor]:
+                      cache=None, engine: str = "auto") -> tuple[Generation, torch.Tensor]:
     """generate() as is, plus the [n_tokens, vocab] logits behind each generated token. No tokenizer is passed,
     so only the given stop_ids stop it (stop_ids=() really means none)."""
-    recorder = StepLogitsRecorder(model)
-    gen = generate(recorder, list(prompt_ids), params, stop_ids=tuple(stop_ids), mode=mode, cache=cache)
-    return gen, torch.stack(recorder.logits[: len(gen.ids)])
+    steps = StepLogits()
+    gen = generate(model, list(prompt_ids), params, stop_ids=tuple(stop_ids), mode=mode, cache=cache, engine=engine,
+                   on_logits=steps)
+    return gen, torch.stack(steps)
 
 
 def first_mismatch(a: list[int], b: list[int]) -> int | None:
@@ -73,9 +65,10 @@ def explained(at: int | None, margin: float | None, flip_margin: float) -> bool:
     return at is None or (margin is not None and margin <= flip_margin)
 
 
-def compare_modes(model, prompt_ids, params: SamplingParams, stop_ids=(), cache=None) -> dict:
-    """kv (optionally into a given cache) vs replay on one prompt: tokens and the logits of every step."""
-    kv, kv_logits = generate_recorded(model, prompt_ids, params, "kv", stop_ids, cache)
+def compare_modes(model, prompt_ids, params: SamplingParams, stop_ids=(), cache=None, engine: str = "auto") -> dict:
+    """kv (optionally into a given cache; `engine` decodes it) vs replay on one prompt: tokens and the logits of
+    every step."""
+    kv, kv_logits = generate_recorded(model, prompt_ids, params, "kv", stop_ids, cache, engine)
     rp, rp_logits = generate_recorded(model, prompt_ids, params, "replay", stop_ids)
     at = first_mismatch(kv.ids, rp.ids)
     shared = len(kv.ids) if at is None else at + 1  # steps with the same context on both sides
@@ -95,13 +88,14 @@ def reference_step_logits(ref_model, prompt_ids, gen_ids) -> torch.Tensor:
     return logits[start:start + len(gen_ids)].float().cpu()
 
 
-def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int,
-                  stop_ids=()) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """prompts: label -> ids. -> (one row per prompt, one row per prompt x step). Greedy, same stop ids everywhere."""
+def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int, stop_ids=(),
+                  engine: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """prompts: label -> ids. -> (one row per prompt, one row per prompt x step). Greedy, same stop ids everywhere;
+    kv decodes with `engine` (the CUDA graph under auto on a GPU), replay is always the plain forward."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     rows, step_frames = [], []
     for label, ids in prompts.items():
-        modes = compare_modes(model, ids, params, stop_ids)
+        modes = compare_modes(model, ids, params, stop_ids, engine=engine)
         kv = modes["kv"]
         hf = reference_generate(ref_model, ids, max_new_tokens, stop_ids)
         at_ref = first_mismatch(kv.ids, hf)
@@ -111,7 +105,7 @@ def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int,
         steps.insert(0, "prompt", label)
         steps.insert(1, "step", range(len(steps)))
         step_frames.append(steps)
-        rows.append({"prompt": label, "prompt_tokens": len(ids), "kv_tokens": len(kv.ids),
+        rows.append({"prompt": label, "prompt_tokens": len(ids), "kv_engine": kv.engine, "kv_tokens": len(kv.ids),
                      "replay_tokens": len(modes["replay"].ids), "reference_tokens": len(hf),
                      "kv_equals_replay": modes["identical"], "kv_equals_reference": at_ref is None,
                      "first_mismatch_replay": modes["first_mismatch"], "first_mismatch_reference": at_ref,
@@ -127,21 +121,20 @@ def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int,
 
 def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
                 strategies=("replay", "rebuild", "session"), system: str | None = None,
-                enable_thinking: bool | None = None, max_len: int = 2048) -> pd.DataFrame:
+                enable_thinking: bool | None = None, max_len: int = 2048, engine: str = "auto") -> pd.DataFrame:
     """The same conversation under each strategy, compared turn by turn with the first strategy's: the tokens, and
     the logits behind every token (max rel_l2 and KL, up to the first token where the two part)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     rows, logits = [], {}
     for strategy in strategies:
-        recorder = StepLogitsRecorder(model)
-        session = ChatSession(recorder, tokenizer, system=system, enable_thinking=enable_thinking, strategy=strategy,
-                              max_len=max_len)
+        session = ChatSession(model, tokenizer, system=system, enable_thinking=enable_thinking, strategy=strategy,
+                              max_len=max_len, engine=engine)
         for k, text in enumerate(user_turns, start=1):
-            start = len(recorder.logits)
-            turn = session.send(text, params)
+            steps = StepLogits()
+            turn = session.send(text, params, on_logits=steps)
             gen = turn.generation
-            logits[strategy, k] = torch.stack(recorder.logits[start:start + len(gen.ids)])
-            rows.append({"strategy": strategy, "turn": k, "prompt_tokens": len(gen.prompt_ids),
+            logits[strategy, k] = torch.stack(steps)
+            rows.append({"strategy": strategy, "turn": k, "engine": gen.engine, "prompt_tokens": len(gen.prompt_ids),
                          "reused_tokens": turn.reused_tokens, "prefill_tokens": turn.prefill_tokens,
                          "new_tokens": len(gen.ids), "stop_reason": gen.stop_reason,
                          "prefill_ms": gen.prefill_s * 1000, "turn_s": gen.prefill_s + sum(gen.step_s),
@@ -161,13 +154,13 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
     return pd.concat([frame, pd.DataFrame(stats, index=frame.index)], axis=1)
 
 
-def latency_profile(model, prompt_ids, max_new_tokens: int, modes=("kv", "replay")) -> pd.DataFrame:
+def latency_profile(model, prompt_ids, max_new_tokens: int, modes=("kv", "replay"), engine: str = "auto") -> pd.DataFrame:
     """Per generated token and mode: the position it was computed at and the ms it took (no stop tokens, so every
     run is max_new_tokens long). The final step only samples (no forward) and is left out."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     rows = []
     for mode in modes:
-        gen = generate(model, list(prompt_ids), params, stop_ids=(), mode=mode)
+        gen = generate(model, list(prompt_ids), params, stop_ids=(), mode=mode, engine=engine)
         rows += [{"mode": mode, "step": k, "position": len(prompt_ids) + k, "step_ms": seconds * 1000,
                   "prefill_ms": gen.prefill_s * 1000} for k, seconds in enumerate(gen.step_s[:-1])]
     return pd.DataFrame(rows)
@@ -185,7 +178,8 @@ def latency_summary(steps: pd.DataFrame, edge: int = 10) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("mode")
 
 
-def latency_by_position(model, tokenizer, positions, steps: int = 4, modes=("kv", "replay")) -> pd.DataFrame:
+def latency_by_position(model, tokenizer, positions, steps: int = 4, modes=("kv", "replay"),
+                        engine: str = "auto") -> pd.DataFrame:
     """Cost of one new token at each context length, from short generate() runs on filler prompts of that length:
     the median of `steps` decode steps (the prefill is recorded apart). Positions beyond the model's context are
     dropped. Replay's cost grows with the context, kv's should not (much)."""
@@ -195,7 +189,7 @@ def latency_by_position(model, tokenizer, positions, steps: int = 4, modes=("kv"
     for position in [p for p in positions if 0 < p <= limit]:
         ids = filler_ids(tokenizer, position)
         for mode in modes:
-            gen = generate(model, ids, params, stop_ids=(), mode=mode)
+            gen = generate(model, ids, params, stop_ids=(), mode=mode, engine=engine)
             rows.append({"mode": mode, "position": position, "ms_per_token": 1000 * pd.Series(gen.step_s[:-1]).median(),
                          "prefill_ms": gen.prefill_s * 1000})
     return pd.DataFrame(rows)
@@ -210,9 +204,9 @@ def growth(by_position: pd.DataFrame) -> dict:
     return out
 
 
-def _stop_case(model, label, ids, stop_ids, params, ref_model) -> dict:
-    free = generate(model, ids, params, stop_ids=())
-    stopped = generate(model, ids, params, stop_ids=stop_ids)
+def _stop_case(model, label, ids, stop_ids, params, ref_model, engine: str = "auto") -> dict:
+    free = generate(model, ids, params, stop_ids=(), engine=engine)
+    stopped = generate(model, ids, params, stop_ids=stop_ids, engine=engine)
     at = next((i for i, t in enumerate(free.ids) if t in stop_ids), None)
     exercised = at is not None
     expected = free.ids[: at + 1] if exercised else free.ids
@@ -230,7 +224,8 @@ def _stop_case(model, label, ids, stop_ids, params, ref_model) -> dict:
 
 
 def stop_cases(model, prompts: dict, stop_ids, max_new_tokens: int = 8, ref_model=None,
-               synthetic: tuple[str, list[int]] | None = None, synthetic_step: int = 2) -> pd.DataFrame:
+               synthetic: tuple[str, list[int]] | None = None, synthetic_step: int = 2,
+               engine: str = "auto") -> pd.DataFrame:
     """prompts: label -> ids. Each prompt runs once with no stop ids (free run) and once with `stop_ids`.
     A case is exercised when the free run emits a stop id; honoured when the stopped run is exactly the free run up
     to and including that token, with stop_reason 'stop_token'. The reference's generate must stop at the same place.
@@ -238,11 +233,12 @@ def stop_cases(model, prompts: dict, stop_ids, max_new_tokens: int = 8, ref_mode
     exercises the stop logic whatever the weights (a random-weight model may never emit 151645 or 151643)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     stop_ids = tuple(stop_ids)
-    rows = [_stop_case(model, label, ids, stop_ids, params, ref_model) for label, ids in prompts.items()]
+    rows = [_stop_case(model, label, ids, stop_ids, params, ref_model, engine) for label, ids in prompts.items()]
     if synthetic is not None and synthetic_step < max_new_tokens - 1:
         label, ids = synthetic
-        token = generate(model, ids, params, stop_ids=()).ids[synthetic_step]
-        rows.append(_stop_case(model, f"{label} (synthetic: stop on {token})", ids, (token,), params, ref_model))
+        token = generate(model, ids, params, stop_ids=(), engine=engine).ids[synthetic_step]
+        rows.append(_stop_case(model, f"{label} (synthetic: stop on {token})", ids, (token,), params, ref_model,
+                               engine))
     return pd.DataFrame(rows).set_index("prompt")
 
 
@@ -296,6 +292,7 @@ def dtype_limits(thresholds: dict, dtype: str) -> dict:
 def greedy_metrics(greedy: pd.DataFrame) -> dict:
     return {
         "prompts": len(greedy),
+        "kv_engine": sorted(set(greedy["kv_engine"])) if "kv_engine" in greedy else [],
         "new_tokens": greedy["kv_tokens"].tolist(),
         "kv_equals_replay": bool(greedy["kv_equals_replay"].all()),
         "kv_equals_reference": bool(greedy["kv_equals_reference"].all()),

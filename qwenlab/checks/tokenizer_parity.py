@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from qwenlab.activations.reference import quiet_optional_imports
 from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.errors import QwenlabError
 from qwenlab.model.tokenizer import byte_level_char_to_byte
@@ -101,6 +102,7 @@ class TiktokenQwen:
 def hf_tokenizer(tokenizer_dir):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_optional_imports()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)

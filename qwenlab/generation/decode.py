@@ -77,13 +77,14 @@ def new_cache(model: Qwen3, max_len: int, preallocate: bool = True, engine: str 
 
 def generate(model: Qwen3, prompt_ids: list[int], params: SamplingParams = SamplingParams(), *,
              stop_ids=(), mode: str = "kv", cache: KVCache | None = None, engine: str = "auto",
-             on_token: Callable[[int], None] | None = None,
+             on_token: Callable[[int], None] | None = None, on_logits: Callable[[torch.Tensor], None] | None = None,
              should_stop: Callable[[], bool] | None = None, tokenizer=None) -> Generation:
     """Generates after prompt_ids. `ids` holds the generated tokens, the stop token included when one ended it.
 
     With `cache`, only the prompt tokens beyond cache.length are prefilled (a chat session's new turn).
     stop_reason: 'stop_token', 'max_new_tokens', 'context_full' or 'stopped' (should_stop() returned True).
     With a tokenizer, stop_ids default to its stop ids and `text` is filled (the stop token left out).
+    on_logits(logits [V]) sees the logits each generated token is chosen from, whichever engine runs.
     """
     if tokenizer is not None and not stop_ids:
         stop_ids = tokenizer.stop_ids
@@ -123,6 +124,8 @@ def generate(model: Qwen3, prompt_ids: list[int], params: SamplingParams = Sampl
             out.stop_reason = "stopped"
             break
         t0 = time.perf_counter()
+        if on_logits is not None:
+            on_logits(logits[0, -1])
         token = sampler(logits[0, -1])
         out.ids.append(token)
         if on_token is not None:

@@ -1,0 +1,30 @@
+"""`qwenlab bench` runs on the CPU and the tiny fixture and prints its table and JSON (its numbers are not judged
+here: speed figures come from running it on the GPU, see doc/performance.md)."""
+import json
+import subprocess
+import sys
+
+ARGS = ["--prompt-tokens", "8", "--new-tokens", "4", "--prefill-tokens", "32", "--device", "cpu"]
+
+
+def run(*extra):
+    done = subprocess.run([sys.executable, "-m", "qwenlab", "bench", *ARGS, *extra], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_bench_prints_the_table_with_qwenlab_and_transformers_rows():
+    out = run("--hf", "dynamic").stdout
+    assert "copy bandwidth" in out and "floor" in out and "torch 2." in out
+    rows = [line.split() for line in out.splitlines()[1:] if line.startswith(("qwenlab ", "transformers "))]
+    assert [r[0] for r in rows] == ["qwenlab", "qwenlab", "transformers"]
+    assert "the graph engine needs CUDA" in out  # the graph row says why it ran eager on the CPU
+
+
+def test_bench_json(tmp_path):
+    result = json.loads(run("--hf", "off", "--engines", "eager", "--json", "--out", str(tmp_path / "b.json")).stdout)
+    assert json.loads((tmp_path / "b.json").read_text()) == result
+    row = result["rows"][0]
+    assert row["impl"] == "qwenlab" and row["engine"] == "eager" and row["decode_tok_s"] > 0
+    assert result["weight_bytes"] > 0 and result["floor_tok_s"] > 0 and result["facts"]["device"] == "cpu"
