@@ -50,7 +50,7 @@ def _prompt_ids(args, tokenizer) -> list[int]:
 
 
 def cmd_tiny(args):
-    path = write_checkpoint(args.dir, args.preset, args.seed)
+    path = write_checkpoint(args.dir, args.preset, args.seed, str(resolve_device(args.device or "cpu")))
     digest = verify(path, args.preset) if args.seed == 0 else "(seed != 0: not checked)"
     print(f"wrote {args.preset} checkpoint to {path} (sha256 {digest})")
 
@@ -119,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="write a deterministic tiny Qwen3 checkpoint (HF layout)")
     p.add_argument("dir", type=Path)
-    p.add_argument("--preset", default="tiny", help="tiny (default) | tiny-untied | qwen3-4b")
+    p.add_argument("--preset", default="tiny", help="tiny (default) | tiny-untied | qwen3-4b | qwen3-32b")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="where to draw the random bf16 weights (cpu default; cuda is "
+                                                   "much faster for qwen3-32b)")
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("tokenize", help="text -> token ids with the checkpoint's tokenizer")

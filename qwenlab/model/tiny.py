@@ -31,6 +31,10 @@ PRESETS = {
     "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
                      tie_word_embeddings=True, rope_theta=5_000_000.0, dtype="bfloat16", style="v5", shards=4),
+    # The Qwen3-32B shape (65.5 GB in bf16): one copy fits an 80 GB GPU, two do not (multi-GPU placement).
+    "qwen3-32b": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                      num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                      tie_word_embeddings=False, rope_theta=1_000_000.0, dtype="bfloat16", style="v5", shards=17),
 }
 # sha256 of model.safetensors written by `qwenlab tiny` for the deterministic presets.
 CHECKSUMS_FILE = DATA_DIR / "tiny_checksums.json"
@@ -89,44 +93,47 @@ def _numpy_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     return w
 
 
-def _torch_weights(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Same recipe with torch's generator: fast enough for a 4B-parameter shape, not byte-stable across versions."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in expected_shapes(config_from_dict(cfg)).items():
-        if len(shape) == 1:
-            t = 1 + 0.1 * torch.randn(shape, generator=gen)
-        else:
-            std = 0.5 if "embed" in name or "lm_head" in name else 1 / np.sqrt(shape[1])
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                std /= np.sqrt(2 * cfg["num_hidden_layers"])
-            t = torch.randn(shape, generator=gen) * std
-        out[name] = t.to(dtype)
-    return out
+def _torch_tensor(cfg: dict, name: str, shape: tuple, index: int, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The same recipe with torch's generator, one seed per tensor (so shards can be made one at a time, on a GPU
+    for the large shapes): fast, not byte-stable across torch versions."""
+    gen = torch.Generator(device).manual_seed(seed * 1_000_003 + index)
+    if len(shape) == 1:
+        t = 1 + 0.1 * torch.randn(shape, generator=gen, device=device)
+    else:
+        std = 0.5 if "embed" in name or "lm_head" in name else 1 / np.sqrt(shape[1])
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            std /= np.sqrt(2 * cfg["num_hidden_layers"])
+        t = torch.randn(shape, generator=gen, device=device) * std
+    return t.to(dtype).cpu()
 
 
-def _shard(weights: dict, n: int) -> list[dict]:
-    names = list(weights)
-    return [{k: weights[k] for k in names[i::n]} for i in range(n)] if n > 1 else [weights]
+def _shards(cfg: dict, preset: str, seed: int, device) -> list:
+    """The checkpoint's shards as functions that make their tensors, so a large one never sits in memory whole."""
+    n, dtype = PRESETS[preset]["shards"], PRESETS[preset]["dtype"]
+    if dtype == "float32":
+        weights = {k: torch.from_numpy(v) for k, v in _numpy_weights(cfg, seed).items()}
+        names = list(weights)
+        return [lambda part=names[i::n]: {k: weights[k] for k in part} for i in range(n)]
+    shapes = expected_shapes(config_from_dict(cfg))
+    order = {name: i for i, name in enumerate(shapes)}
+    names = list(shapes)
+    return [lambda part=names[i::n]: {k: _torch_tensor(cfg, k, shapes[k], order[k], seed, getattr(torch, dtype), device)
+                                      for k in part} for i in range(n)]
 
 
-def write_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> Path:
-    """Writes into a temp folder then renames, so a failed run never leaves a half-written checkpoint."""
+def write_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
+    """Writes into a temp folder then renames, so a failed run never leaves a half-written checkpoint. `device`
+    draws the random weights of the bf16 presets there (a GPU makes the 32B shape in seconds, not minutes)."""
     if preset not in PRESETS:
         raise QwenlabError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise QwenlabError(f"{out_dir}: exists and is not empty (refusing to overwrite)")
     cfg = config_json(preset)
-    dtype = PRESETS[preset]["dtype"]
-    if dtype == "float32":
-        weights = {k: torch.from_numpy(v) for k, v in _numpy_weights(cfg, seed).items()}
-    else:
-        weights = _torch_weights(cfg, seed, getattr(torch, dtype))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _write_files(tmp, cfg, weights, PRESETS[preset]["shards"])
+        _write_files(tmp, cfg, _shards(cfg, preset, seed, device))
         if out_dir.exists():
             out_dir.rmdir()
         tmp.chmod(0o755)
@@ -137,21 +144,22 @@ def write_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> Path:
     return out_dir
 
 
-def _write_files(d: Path, cfg: dict, weights: dict, shards: int):
+def _write_files(d: Path, cfg: dict, shards: list):
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
            "do_sample": False, "transformers_version": cfg.get("transformers_version")}
     (d / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-    parts = _shard(weights, shards)
-    if len(parts) == 1:
-        save_file(parts[0], str(d / "model.safetensors"), metadata={"format": "pt"})
+    if len(shards) == 1:
+        save_file(shards[0](), str(d / "model.safetensors"), metadata={"format": "pt"})
     else:
-        weight_map = {}
-        for i, part in enumerate(parts):
-            fname = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        weight_map, total = {}, 0
+        for i, make in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            part = make()
             save_file(part, str(d / fname), metadata={"format": "pt"})
             weight_map |= {k: fname for k in part}
-        total = sum(t.numel() * t.element_size() for t in weights.values())
+            total += sum(t.numel() * t.element_size() for t in part.values())
+            del part
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     src = qwen3_tokenizer_dir()
