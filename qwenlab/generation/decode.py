@@ -14,6 +14,7 @@ from qwenlab.errors import QwenlabError
 from qwenlab.generation.graph import captured_step, graph_unavailable, pooled_cache
 from qwenlab.generation.sampling import Sampler, SamplingParams
 from qwenlab.model.kv_cache import KVCache, StaticKVCache
+from qwenlab.model.placement import layer_devices
 from qwenlab.model.qwen3 import Qwen3
 
 MODES = ("kv", "replay")
@@ -71,8 +72,8 @@ def new_cache(model: Qwen3, max_len: int, preallocate: bool = True, engine: str 
     is asked for (preallocate=False: its shapes change every step, so it always decodes eager)."""
     if preallocate and choose_engine(engine, model)[0] == "graph":
         return StaticKVCache.for_config(model.config, max_len=max_len, dtype=model.dtype, device=model.device)
-    return KVCache.for_config(model.config, max_len=max_len, dtype=model.dtype, device=model.device,
-                              preallocate=preallocate)
+    return KVCache.for_config(model.config, max_len=max_len, dtype=model.dtype,
+                              device=layer_devices(model) or model.device, preallocate=preallocate)
 
 
 def generate(model: Qwen3, prompt_ids: list[int], params: SamplingParams = SamplingParams(), *,

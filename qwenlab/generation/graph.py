@@ -12,6 +12,7 @@ import weakref
 import torch
 
 from qwenlab.model.kv_cache import StaticKVCache
+from qwenlab.model.placement import is_split, layer_devices
 from qwenlab.model.qwen3 import Qwen3
 
 _compiled: "weakref.WeakKeyDictionary[Qwen3, object]" = weakref.WeakKeyDictionary()
@@ -23,6 +24,8 @@ def graph_unavailable(model: Qwen3) -> str | None:
     """Why the graph engine cannot run for this model, or None when it can."""
     if model.device.type != "cuda":
         return f"the graph engine needs CUDA (the model is on {model.device})"
+    if is_split(model):
+        return f"the model is split across {', '.join(sorted(set(layer_devices(model))))}: a graph captures one device"
     if not torch.cuda.is_available():
         return "CUDA is not available"
     return None

@@ -15,8 +15,9 @@ class KVCache:
         self.preallocate = preallocate
         self.length = 0
         shape = (batch, num_kv_heads, max_len if preallocate else 0, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devices = device if isinstance(device, (list, tuple)) else [device] * num_layers  # one per layer when split
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
 
     @classmethod
     def for_config(cls, config, *, max_len: int | None = None, dtype, device, **kwargs):

@@ -8,6 +8,7 @@ from safetensors import SafetensorError, safe_open
 
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import Qwen3Config, read_config, read_generation_config
+from qwenlab.model.placement import parse_device_map, place
 from qwenlab.model.qwen3 import Qwen3
 from qwenlab.model.tokenizer import Tokenizer
 
@@ -131,14 +132,17 @@ class Checkpoint:
         return self.path.name
 
 
-def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = None) -> Qwen3:
+def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = None, device_map=None) -> Qwen3:
+    """device_map (a spec or one device per layer, qwenlab.model.placement) splits the layers across devices:
+    the weights are staged in host memory, then each part moves to its device; `device` is then unused."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise QwenlabError(f"--model {checkpoint_dir}: not a directory")
     cfg = read_config(checkpoint_dir)
     files = validate(checkpoint_dir, cfg)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev, cfg)
+    split = parse_device_map(device_map, cfg.num_hidden_layers) if device_map else None
+    dev = torch.device("cpu") if split else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch.device(split[0]) if split else dev, cfg)
     with torch.device("meta"):
         model = Qwen3(cfg)
     state = {}
@@ -152,12 +156,14 @@ def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = No
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    if split:
+        place(model, split)
     return model.eval()
 
 
-def load(checkpoint_dir, dtype: str | None = None, device: str | None = None) -> Checkpoint:
+def load(checkpoint_dir, dtype: str | None = None, device: str | None = None, device_map=None) -> Checkpoint:
     checkpoint_dir = Path(checkpoint_dir)
-    model = load_model(checkpoint_dir, dtype, device)
+    model = load_model(checkpoint_dir, dtype, device, device_map)
     gen = read_generation_config(checkpoint_dir)
     tok = Tokenizer.from_dir(checkpoint_dir, generation_config=gen)
     return Checkpoint(checkpoint_dir, model.config, gen, model, tok)
