@@ -21,9 +21,11 @@ def quiet_optional_imports():
 
 
 def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="cpu", attention: str = "eager",
-                   direct_to_device: bool = False):
+                   direct_to_device: bool = False, device_map=None, max_memory: dict | None = None):
     """Qwen3ForCausalLM from the checkpoint, eager attention by default (the trusted side of every diff).
-    direct_to_device loads the weights straight onto `device` (device_map), transformers' fastest load."""
+    direct_to_device loads the weights straight onto `device`, transformers' fastest load. device_map ("auto",
+    "balanced" or accelerate's dict) with max_memory ({gpu index: bytes}) splits it across GPUs through accelerate,
+    the maintained engine for that in the transformers ecosystem."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_optional_imports()
     from transformers import Qwen3ForCausalLM
@@ -33,12 +35,17 @@ def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="c
     hf_logging.set_verbosity_error()
 
     try:
-        placement = {"device_map": str(device)} if direct_to_device and torch.device(device).type != "cpu" else {}
+        if device_map is not None:
+            placement = {"device_map": device_map, **({"max_memory": max_memory} if max_memory else {})}
+        elif direct_to_device and torch.device(device).type != "cpu":
+            placement = {"device_map": str(device)}
+        else:
+            placement = {}
         model = Qwen3ForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype, attn_implementation=attention,
                                                  local_files_only=True, **placement)
     except (OSError, ValueError) as e:
         raise QwenlabError(f"{checkpoint_dir}: transformers could not load it ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval()
+    return (model if placement else model.to(device)).eval()
 
 
 @contextmanager

@@ -1,0 +1,60 @@
+"""Run one numbered notebook with parameters, with papermill when it is installed, else as its jupytext percent
+script with the parameters injected after its parameters cell (the lent GPU machine has no Jupyter stack).
+
+    python scripts/run_notebook.py notebooks/03_layer_diffs.ipynb OUT.ipynb model_dir=/tmp/m plant_bugs=False
+
+VALUE is a Python literal when it parses as one (numbers, True/False, lists, quoted strings), else a string.
+Exit status: the notebook's (a cell that raises fails the run).
+"""
+import ast
+import importlib.util
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+MARKER = '# %% tags=["parameters"]'
+
+
+def parse(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        try:
+            params[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            params[name] = text
+    return params
+
+
+def as_script(notebook: Path, out: Path, params: dict) -> int:
+    source = notebook.with_suffix(".py").read_text()
+    start = source.index(MARKER)
+    end = source.index("\n# %%", start + len(MARKER))
+    inject = "\n# injected by scripts/run_notebook.py\n" + "".join(f"{k} = {v!r}\n" for k, v in params.items())
+    script = out.with_suffix(".py")
+    script.write_text(source[:end] + inject + source[end:])
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def main() -> int:
+    notebook, out, *pairs = sys.argv[1:]
+    notebook, out, params = Path(notebook), Path(out), parse(pairs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("papermill") and importlib.util.find_spec("ipykernel"):
+        kernels = subprocess.run([sys.executable, "-m", "jupyter", "kernelspec", "list"], capture_output=True, text=True)
+        kernel = "qwenlab" if "qwenlab" in kernels.stdout.split() else "python3"
+        import papermill
+
+        papermill.execute_notebook(str(notebook), str(out), parameters=params, kernel_name=kernel, cwd=os.getcwd(),
+                                   progress_bar=False)
+        return 0
+    print(f"papermill/ipykernel not importable: running {notebook.with_suffix('.py')} as a script", flush=True)
+    return as_script(notebook, out, params)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
