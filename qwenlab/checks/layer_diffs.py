@@ -47,14 +47,16 @@ def reference_tensors(ref_model, ids: list[int]) -> dict:
     return capture_reference(ref_model, ids, Probe(to_cpu=True))
 
 
-def diff_prompts(model, ref_model, tokenizer, prompts, attention: str | None = None, floors=None) -> list[PromptDiff]:
-    """Captures qwenlab and the reference on each prompt and diffs them (reference tensors kept for reuse)."""
+def diff_prompts(model, ref_model, tokenizer, prompts, attention: str | None = None, floors=None,
+                 dtype: str | None = None) -> list[PromptDiff]:
+    """Captures qwenlab and the reference on each prompt and diffs them (reference tensors kept for reuse); dtype:
+    whose floors (default the candidate's)."""
     out = []
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt)
         ref = reference_tensors(ref_model, ids)
         cand = capture_qwenlab(model, ids, attention=attention)
-        out.append(PromptDiff(prompt_label(prompt), ids, ref, diff_dumps(cand, ref, floors=floors)))
+        out.append(PromptDiff(prompt_label(prompt), ids, ref, diff_dumps(cand, ref, dtype=dtype, floors=floors)))
     return out
 
 
