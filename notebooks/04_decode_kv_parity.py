@@ -29,6 +29,9 @@
 #    no cache (`replay`), with the tokens each turn re-used from the cache vs prefilled;
 # 3. latency per token and per turn, kv vs replay (the plot);
 # 4. stop tokens 151645 `<|im_end|>` / 151643 `<|endoftext|>` on prompts that make the model emit one.
+#
+# With `quant` set (or an NVFP4 `model_dir`), the model is NVFP4 and the reference is transformers on the same NVFP4
+# numbers (`quant_reference`), judged with the bfloat16 limits (doc/nvfp4.md).
 
 # %% tags=["parameters"]
 model_dir = ""  # checkpoint directory (HF layout); empty: the embedded tiny fixture
@@ -36,6 +39,7 @@ device = "cpu"
 dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
+quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
 prompts = [
     "The quick brown fox",
     "chat:Write a haiku about the sea.",
@@ -50,13 +54,15 @@ latency_new_tokens = 96
 latency_positions = [64, 256, 1024, 2048]  # context lengths for the cost-per-token curve
 stop_prompts = ["Hello<|im_end|>", "The end.<|endoftext|>"]  # raw prompts expected to make the model emit a stop id
 stop_new_tokens = 8
+quant_reference = "quantized"  # a quantized model against: quantized (transformers, same NVFP4 numbers) | unquantized
+unquantized_model = ""  # quant_reference unquantized with an NVFP4 model_dir: the checkpoint it came from
 
 # %%
 import os
 
 from IPython.display import display
 
-from qwenlab.activations.reference import load_reference
+from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.checks import decode_parity as dp
 from qwenlab.checks import nbutil, plots
 from qwenlab.checks.layer_diffs import encode_prompt
@@ -67,10 +73,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "04_decode_kv_parity"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = resolve_model_dir(model_dir)
-ckpt = load(model_path, dtype, device)
+ckpt = load(model_path, dtype, device, quant)
 model, tok = ckpt.model, ckpt.tokenizer
 run_dtype = str(model.dtype).removeprefix("torch.")
-reference = load_reference(model_path, model.dtype, model.device)
+reference = load_reference_for(ckpt, quant_reference, unquantized_model or None)
 stop_ids = tok.stop_ids
 print(f"model {model_path} · {run_dtype} on {model.device} · stop ids {stop_ids}")
 
@@ -164,7 +170,8 @@ display(stops)
 # * every exercised stop case is honoured, and at least `min_stop_cases_exercised` were exercised.
 
 # %%
-limits = {key: value[run_dtype] for key, value in thresholds.items() if isinstance(value, dict)}
+limit_dtype = "bfloat16" if getattr(model, "quantization", None) else run_dtype  # NVFP4: doc/nvfp4.md
+limits = {key: value[limit_dtype] for key, value in thresholds.items() if isinstance(value, dict)}
 numbers = dp.parity_numbers(greedy, chat, limits["flip_margin"])
 latency_table = dp.latency_summary(latency)
 stop_failures = int((stops["exercised"] & ~(stops["honoured"] & stops["reference_agrees"])).sum())
