@@ -62,7 +62,11 @@ import os
 
 import pandas as pd
 import torch
-from IPython.display import display
+
+try:
+    from IPython.display import display
+except ImportError:  # run as a plain script (scripts/gpu_nvfp4_evidence.sh without jupyter)
+    display = print
 
 from qwenlab.activations.diff import rel_l2_grid, styled
 from qwenlab.activations.nvfp4_reference import load_reference_for

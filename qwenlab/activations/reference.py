@@ -2,6 +2,7 @@
 
 transformers is imported lazily here and nowhere on the qwenlab forward path.
 """
+import inspect
 import json
 import os
 import warnings
@@ -42,7 +43,9 @@ def _quantized_kwargs(checkpoint_dir) -> dict:
         return {}
     from transformers import CompressedTensorsConfig
 
-    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    new_api = "dequantize" in inspect.signature(CompressedTensorsConfig.__init__).parameters  # transformers >= 5.2x
+    config = CompressedTensorsConfig(dequantize=True) if new_api else CompressedTensorsConfig(run_compressed=False)
+    return {"quantization_config": config}
 
 
 @contextmanager

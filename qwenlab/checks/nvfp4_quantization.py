@@ -3,6 +3,7 @@
 corpus, high-precision variants, planted interop bugs, memory. doc/nvfp4.md."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from qwenlab.activations.capture import capture_qwenlab
-from qwenlab.activations.diff import diff_dumps, tensor_metrics
+from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.nvfp4_reference import unquantized_dir
 from qwenlab.activations.planted_nvfp4 import first_quantized_point, nvfp4_bugs
 from qwenlab.checks.layer_diffs import PromptDiff, first_divergence, pooled_logits, worst_frame
@@ -44,22 +45,26 @@ def source_dir(ckpt, unquantized_model: str = "") -> Path | None:
         return None
 
 
-def read_source_tensor(folder: Path, name: str, files: dict) -> torch.Tensor:
+def read_source_tensor(name: str, files: dict, device) -> torch.Tensor:
     with safe_open(str(files[name]), framework="pt", device="cpu") as f:
-        return f.get_tensor(name).to(torch.float32)
+        return f.get_tensor(name).to(device=device, dtype=torch.float32)
 
 
+@torch.no_grad()
 def weight_errors(model, folder: Path) -> pd.DataFrame:
-    """Per quantized weight: its dequantized values against the unquantized checkpoint's."""
+    """Per quantized weight: its dequantized values against the unquantized checkpoint's (on the model's device,
+    norms accumulated in float64)."""
     files, rows = weight_files(folder), []
     tied = model.config.tie_word_embeddings
     for name, module in nvfp4_modules(model).items():
-        source = read_source_tensor(folder, "model.embed_tokens.weight" if name == "lm_head" and tied
-                                    else f"{name}.weight", files)
-        m = tensor_metrics(codec.dequantize(module.nvfp4().to("cpu")), source)
-        kind = name.rsplit(".", 1)[-1]
-        rows.append({"module": name, "kind": kind, "shape": list(source.shape), "rel_l2": m["rel_l2"],
-                     "nmse_db": m["nmse_db"], "max_abs": m["max_abs"], "amax": source.abs().max().item()})
+        source = read_source_tensor("model.embed_tokens.weight" if name == "lm_head" and tied else f"{name}.weight",
+                                    files, module.packed.device)
+        delta = codec.dequantize(module.nvfp4()) - source
+        rel_l2 = (torch.linalg.vector_norm(delta, dtype=torch.float64)
+                  / torch.linalg.vector_norm(source, dtype=torch.float64)).item()
+        rows.append({"module": name, "kind": name.rsplit(".", 1)[-1], "shape": list(source.shape), "rel_l2": rel_l2,
+                     "nmse_db": 20 * math.log10(rel_l2) if rel_l2 > 0 else -math.inf,
+                     "max_abs": delta.abs().max().item(), "amax": source.abs().max().item()})
     return pd.DataFrame(rows).set_index("module")
 
 

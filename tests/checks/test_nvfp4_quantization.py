@@ -33,9 +33,9 @@ def references(quantized):
 @pytest.fixture(scope="module")
 def views(quantized, references):
     ref_q, ref_u = references
-    floor = THRESHOLDS["unquantized_floor"]
-    diffs_q = ld.diff_prompts(quantized.model, ref_q, quantized.tokenizer, [PROMPT], dtype=nq.QUANTIZED_REFERENCE_DTYPE)
-    diffs_u = ld.diff_prompts(quantized.model, ref_u, quantized.tokenizer, [PROMPT], floors=nq.unquantized_floors(floor))
+    model, tok, floor = quantized.model, quantized.tokenizer, THRESHOLDS["unquantized_floor"]
+    diffs_q = ld.diff_prompts(model, ref_q, tok, [PROMPT], dtype=nq.QUANTIZED_REFERENCE_DTYPE)
+    diffs_u = ld.diff_prompts(model, ref_u, tok, [PROMPT], floors=nq.unquantized_floors(floor))
     return diffs_q, diffs_u
 
 
