@@ -9,6 +9,8 @@ Magnitudes above 6 saturate to 6. The sign is kept when a value rounds to zero (
 
 Two codes share a byte: the element with the even index in the low nibble, the odd one in the high nibble.
 """
+import functools
+
 import torch
 
 from qwenlab.errors import QwenlabError
@@ -18,10 +20,12 @@ E2M1_MAX = 6.0
 SIGN_BIT = 0b1000
 
 
+@functools.lru_cache(maxsize=None)
 def _grid(device) -> torch.Tensor:
     return torch.tensor(MAGNITUDES, dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=None)
 def code_values(device=None) -> torch.Tensor:
     """float32 [16]: the value of every code, 0..7 positive, 8..15 negative (code 8 is -0.0)."""
     grid = _grid(device)
@@ -58,8 +62,10 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+@functools.lru_cache(maxsize=None)
 def pair_values(device=None) -> torch.Tensor:
-    """float32 [256, 2]: the two values a byte holds, (low nibble, high nibble). A one-gather unpack + decode."""
+    """float32 [256, 2]: the two values a byte holds, (low nibble, high nibble). A one-gather unpack + decode.
+    (The tables are made once per device and shared: never modify them.)"""
     byte = torch.arange(256, device=device)
     values = code_values(device)
     return torch.stack((values[byte & 0x0F], values[byte >> 4]), dim=-1)
