@@ -49,11 +49,9 @@ corpus = [
     "Water boils at one hundred degrees Celsius at sea level.",
     "def add(a, b):\n    return a + b\n",
     "chat:Give me three tips for a good night's sleep.",
-    "Die Katze schläft auf dem Sofa, und draußen regnet es.",
-    "東京は日本の首都です。",
-    "In 1969, two astronauts walked on the Moon while a third orbited above.",
+    "Die Katze schläft auf dem Sofa, und draußen regnet es. 東京は日本の首都です。",
 ]  # prompts for the KL statistics (plus the perplexity text)
-perplexity_tokens = 256  # tokens of data/nvfp4_perplexity_text.txt
+perplexity_tokens = 192  # tokens of data/nvfp4_perplexity_text.txt
 run_variants = True  # lm_head / first and last layers in high precision, W4A4
 plant_bugs = True  # the three planted interop bugs
 
