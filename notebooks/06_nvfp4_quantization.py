@@ -73,6 +73,7 @@ from qwenlab.checks import layer_diffs as ld
 from qwenlab.checks import nbutil, nvfp4_plots, plots
 from qwenlab.checks import nvfp4_kl as kl
 from qwenlab.checks import nvfp4_quantization as nq
+from qwenlab.errors import QwenlabError
 from qwenlab.model.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -87,7 +88,13 @@ model, tok, info = ckpt.model, ckpt.tokenizer, ckpt.model.quantization
 source = nq.source_dir(ckpt, unquantized_model)
 use_quantized = quant_reference in ("quantized", "both")
 use_unquantized = quant_reference in ("unquantized", "both") and source is not None
-ref_q = load_reference_for(ckpt, "quantized") if use_quantized else None
+ref_q = ref_q_error = None
+if use_quantized:
+    try:
+        ref_q = load_reference_for(ckpt, "quantized")
+    except QwenlabError as e:  # e.g. compressed-tensors not installed: the verdict says so, the rest still runs
+        ref_q_error = str(e)
+        print(f"quantized reference unavailable: {e}")
 ref_u = load_reference(source, model.dtype, model.device) if use_unquantized else None
 print(f"model {model_path} · {model.dtype} on {model.device}")
 print(info.summary())
@@ -97,8 +104,8 @@ print(f"unquantized checkpoint: {source or 'none (set unquantized_model): the un
 # ## 1. Per-weight quantization error
 #
 # Every quantized weight dequantized and compared with the unquantized checkpoint's: rel_l2 = |W_q - W| / |W| and
-# NMSE in dB (20 log10 rel_l2). FP4 E2M1 with one E4M3 scale per 16 values gives about -20 dB on Gaussian-like
-# weights; a tensor far worse than its neighbours has outliers its blocks cannot hold.
+# NMSE in dB (20 log10 rel_l2; the figure shows SNR = -NMSE). FP4 E2M1 with one E4M3 scale per 16 values gives
+# about -20 dB on Gaussian-like weights; a tensor far worse than its neighbours has outliers its blocks cannot hold.
 
 # %%
 weights = nq.weight_errors(model, source) if source is not None else None
@@ -185,14 +192,14 @@ if run_variants and corpus_data is not None:
 
 # %%
 planted_frame = None
-if plant_bugs and diffs_q:
-    honest_u = diffs_u[0].result if diffs_u else None
-    result = nq.planted(model, diffs_q[0].ids, diffs_q[0].reference, diffs_u[0].reference if diffs_u else None,
-                        floor_u, honest_u)
+if plant_bugs and (diffs_q or diffs_u):
+    first_q, first_u = diffs_q[0] if diffs_q else None, diffs_u[0] if diffs_u else None
+    result = nq.planted(model, (first_q or first_u).ids, first_q and first_q.reference,
+                        first_u and first_u.reference, floor_u, first_u and first_u.result)
     planted_frame = result.frame
     display(planted_frame)
     expected = nq.expected_first(model)
-    honest_q = next(r["rel_l2"] for r in diffs_q[0].result.rows if r["name"] == expected)
+    honest_q = next(r["rel_l2"] for r in first_q.result.rows if r["name"] == expected) if first_q else None
     fig = nvfp4_plots.planted_figure(planted_frame, honest_q)
     nbutil.save_figure(fig, out_dir, NOTEBOOK, "planted_bugs")
 
@@ -219,8 +226,10 @@ display(memory)
 metrics, reasons = nq.verdict(thresholds, info=info, weights=weights, quantized=diffs_q, unquantized=diffs_u,
                               corpus_stats=corpus_stats, variant_frame=variant_frame, planted_frame=planted_frame,
                               memory=memory)
+if ref_q_error:
+    reasons.append(f"the quantized reference did not load: {ref_q_error}")
 metrics |= {"dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-            "quant_reference": quant_reference,
+            "quant_reference": quant_reference, "quantized_reference_error": ref_q_error,
             "unquantized_model": str(source) if source else None}
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

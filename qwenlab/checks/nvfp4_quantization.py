@@ -99,26 +99,28 @@ class PlantedResult:
     results: dict = field(default_factory=dict)  # (bug, reference) -> DiffResult
 
 
-def planted(model, ids: list[int], quantized_ref: dict, unquantized_ref: dict | None, floor: float,
+def planted(model, ids: list[int], quantized_ref: dict | None, unquantized_ref: dict | None, floor: float,
             honest_unquantized=None) -> PlantedResult:
     """Each bug against the quantized reference (bf16 floors: where does it start?) and the unquantized one (how far
-    above honest NVFP4 noise does it stand at the first quantized tensor?)."""
+    above honest NVFP4 noise does it stand at the first quantized tensor?). Either reference may be missing;
+    `found` / `localised` come from the quantized one when it ran, else from the unquantized one's noise floor."""
     rows, results = [], {}
     for bug in nvfp4_bugs(model):
         bad = bug.build()
         cand = capture_qwenlab(bad, ids)
         del bad
-        q = results[(bug.name, "quantized")] = diff_dumps(cand, quantized_ref, dtype=QUANTIZED_REFERENCE_DTYPE)
-        row = {"bug": bug.name, "description": bug.description, "expected": bug.expected,
-               "found": q.first_divergence, "localised": q.first_divergence == bug.expected,
-               "rel_l2_vs_quantized": _rel_l2(q, bug.expected)}
+        row = {"bug": bug.name, "description": bug.description, "expected": bug.expected}
         if unquantized_ref is not None:
             u = results[(bug.name, "unquantized")] = diff_dumps(cand, unquantized_ref, floors=unquantized_floors(floor))
             honest = _rel_l2(honest_unquantized, bug.expected)
-            row |= {"found_vs_unquantized": u.first_divergence, "rel_l2_vs_unquantized": _rel_l2(u, bug.expected),
-                    "honest_rel_l2_vs_unquantized": honest,
+            row |= {"found": u.first_divergence, "found_vs_unquantized": u.first_divergence,
+                    "rel_l2_vs_unquantized": _rel_l2(u, bug.expected), "honest_rel_l2_vs_unquantized": honest,
                     "times_honest_noise": _rel_l2(u, bug.expected) / honest if honest else float("nan"),
                     "logits_kl_mean_vs_unquantized": (u.logits or {}).get("kl_mean")}
+        if quantized_ref is not None:
+            q = results[(bug.name, "quantized")] = diff_dumps(cand, quantized_ref, dtype=QUANTIZED_REFERENCE_DTYPE)
+            row |= {"found": q.first_divergence, "rel_l2_vs_quantized": _rel_l2(q, bug.expected)}
+        row["localised"] = row.get("found") == bug.expected
         rows.append(row)
     return PlantedResult(pd.DataFrame(rows).set_index("bug"), results)
 
