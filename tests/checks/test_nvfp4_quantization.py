@@ -109,3 +109,11 @@ def test_corpus_and_verdict_pass_on_honest_nvfp4(quantized, references, views):
                                   memory=memory)
     assert reasons == [] and metrics["quantized_reference"]["first_divergence"] is None
     assert metrics["memory"][0]["rel_error"] == 0
+
+
+def test_planted_bugs_without_the_quantized_reference(quantized, views):
+    """Where compressed-tensors is missing (the GPU machine): the unquantized reference's noise floor names them."""
+    _, diffs_u = views
+    frame = nq.planted(quantized.model, diffs_u[0].ids, None, diffs_u[0].reference, THRESHOLDS["unquantized_floor"],
+                       diffs_u[0].result).frame
+    assert frame["localised"].all() and "rel_l2_vs_quantized" not in frame
