@@ -38,6 +38,7 @@ device = "cpu"
 dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
+quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
 prompt = "chat:What is the capital of France? 你好 👋"  # raw text, or chat:<user turn>
 handcrafted = ["random", "one_hot", "zeros"]  # stand-in tables to compare with the checkpoint's
 seed = 1234  # for the random handcrafted table (not 0: the fixtures are generated from seed 0)
@@ -49,7 +50,7 @@ import pandas as pd
 from IPython.display import display
 
 from qwenlab.activations.diff import floor_for
-from qwenlab.activations.reference import load_reference
+from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.checks import embedding_checks as ec
 from qwenlab.checks import nbutil, plots
 from qwenlab.checks.layer_diffs import encode_prompt
@@ -60,9 +61,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "02_embedding_checks"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = resolve_model_dir(model_dir)
-ckpt = load(model_path, dtype, device)
+ckpt = load(model_path, dtype, device, quant)
 model, tok = ckpt.model, ckpt.tokenizer
-reference = load_reference(model_path, model.dtype, model.device)
+reference = load_reference_for(ckpt)  # a quantized model: transformers on the same NVFP4 numbers
 ids = encode_prompt(tok, prompt)
 used_vocab = tok.vocab_size
 file_table = ec.read_file_tensor(model_path, ec.EMBED)

@@ -29,6 +29,10 @@
 #
 # The second section is the notebook's own proof that the table works: known bugs are planted in copies of qwenlab's
 # model and the diff must name each one's expected tensor.
+#
+# With `quant` set (or an NVFP4 `model_dir`), qwenlab's model is NVFP4 and the reference is transformers on the same
+# NVFP4 numbers (`quant_reference`); the floors are then bfloat16's, as transformers dequantizes through bfloat16.
+# Notebook 06 answers the NVFP4 questions in full (doc/nvfp4.md).
 
 # %% tags=["parameters"]
 model_dir = ""  # checkpoint directory (HF layout); empty: the embedded tiny fixture
@@ -36,6 +40,7 @@ device = "cpu"
 dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
+quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
 prompts = [
     "The quick brown fox jumps over the lazy dog.",
     "chat:What is the capital of France? Answer in one word.",
@@ -45,6 +50,8 @@ candidate = ""  # activation dump (.safetensors) from another implementation; em
 allow_missing = False  # pass although the candidate lacks reference tensors it does not declare in not_produced
 attention = ""  # qwenlab attention, sdpa or eager; empty: the model's default
 plant_bugs = True  # run the planted-bug section
+quant_reference = "quantized"  # a quantized model against: quantized (transformers, same NVFP4 numbers) | unquantized
+unquantized_model = ""  # quant_reference unquantized with an NVFP4 model_dir: the checkpoint it came from
 
 # %%
 import os
@@ -55,7 +62,7 @@ from IPython.display import display
 from qwenlab.activations import planted
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import rel_l2_grid, styled
-from qwenlab.activations.reference import load_reference
+from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.checks import layer_diffs as ld
 from qwenlab.checks import nbutil, plots
 from qwenlab.model.loader import load
@@ -66,9 +73,10 @@ NOTEBOOK = "03_layer_diffs"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 floors = thresholds.get("floors") or None
 model_path = resolve_model_dir(model_dir)
-ckpt = load(model_path, dtype, device)
+ckpt = load(model_path, dtype, device, quant)
 model, tok = ckpt.model, ckpt.tokenizer
-reference = load_reference(model_path, model.dtype, model.device)
+reference = load_reference_for(ckpt, quant_reference, unquantized_model or None)
+floors_dtype = "bfloat16" if getattr(model, "quantization", None) else None  # NVFP4: doc/nvfp4.md
 print(f"model {model_path} · {model.dtype} on {model.device} · {model.config.num_hidden_layers} layers")
 
 # %% [markdown]
@@ -85,7 +93,8 @@ if candidate:
     diffs = [cand_diff]
 else:
     cand_meta = {}
-    diffs = ld.diff_prompts(model, reference, tok, prompts, attention=attention or None, floors=floors)
+    diffs = ld.diff_prompts(model, reference, tok, prompts, attention=attention or None, floors=floors,
+                            dtype=floors_dtype)
 summary = ld.summary_frame(diffs)
 display(summary)
 
@@ -150,7 +159,7 @@ if plant_bugs:
     plant_ref = first_prompt.reference if first_prompt else ld.reference_tensors(reference, plant_ids)
     bugs = planted.standard_bugs(model)
     localised, planted_results = planted.localise(
-        bugs, plant_ids, plant_ref, floors=floors,
+        bugs, plant_ids, plant_ref, floors=floors, dtype=floors_dtype,
         capture=lambda m, ids: capture_qwenlab(m, ids, attention=attention or None))
     display(localised)
 else:
@@ -179,6 +188,7 @@ if planted_results:
 run_dtype = str(model.dtype).removeprefix("torch.") if not candidate else diffs[0].result.dtype
 metrics, reasons = ld.verdict(thresholds, dtype=run_dtype, diffs=diffs, summary=summary, table=table, logits=logits,
                               localised=localised, plant_bugs=plant_bugs, candidate=candidate,
-                              candidate_meta=cand_meta, config_hash=ckpt.config.config_hash())
+                              candidate_meta=cand_meta, config_hash=ckpt.config.config_hash(),
+                              limit_dtype=floors_dtype)
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

@@ -33,6 +33,9 @@
 # kv decoding runs on the `engine` parameter's engine: under `auto`, on a GPU, the CUDA-graph engine (the same forward,
 # its one-token step captured over a static cache), so its tokens and logits are checked against the plain forward
 # (replay) and the reference like any kv path; on the CPU, eager.
+#
+# With `quant` set (or an NVFP4 `model_dir`), the model is NVFP4 and the reference is transformers on the same NVFP4
+# numbers (`quant_reference`), judged with the bfloat16 limits (doc/nvfp4.md).
 
 # %% tags=["parameters"]
 model_dir = ""  # checkpoint directory (HF layout); empty: the embedded tiny fixture
@@ -40,6 +43,7 @@ device = "cpu"
 dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
+quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
 prompts = [
     "The quick brown fox",
     "chat:Write a haiku about the sea.",
@@ -55,13 +59,15 @@ latency_positions = [64, 256, 1024, 2048]  # context lengths for the cost-per-to
 stop_prompts = ["Hello<|im_end|>", "The end.<|endoftext|>"]  # raw prompts expected to make the model emit a stop id
 stop_new_tokens = 8
 engine = "auto"  # kv decoding: auto (the CUDA graph engine on a GPU, else eager), graph or eager
+quant_reference = "quantized"  # a quantized model against: quantized (transformers, same NVFP4 numbers) | unquantized
+unquantized_model = ""  # quant_reference unquantized with an NVFP4 model_dir: the checkpoint it came from
 
 # %%
 import os
 
 from IPython.display import display
 
-from qwenlab.activations.reference import load_reference
+from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.checks import decode_parity as dp
 from qwenlab.checks import nbutil, plots
 from qwenlab.checks.layer_diffs import encode_prompt
@@ -72,10 +78,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "04_decode_kv_parity"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = resolve_model_dir(model_dir)
-ckpt = load(model_path, dtype, device)
+ckpt = load(model_path, dtype, device, quant)
 model, tok = ckpt.model, ckpt.tokenizer
 run_dtype = str(model.dtype).removeprefix("torch.")
-reference = load_reference(model_path, model.dtype, model.device)
+reference = load_reference_for(ckpt, quant_reference, unquantized_model or None)
 stop_ids = tok.stop_ids
 print(f"model {model_path} · {run_dtype} on {model.device} · stop ids {stop_ids}")
 
@@ -171,7 +177,9 @@ display(stops)
 # * every exercised stop case is honoured, and at least `min_stop_cases_exercised` were exercised.
 
 # %%
+limit_dtype = "bfloat16" if getattr(model, "quantization", None) else run_dtype  # NVFP4: doc/nvfp4.md
 metrics, reasons = dp.verdict(thresholds, dtype=run_dtype, greedy=greedy, chat=chat, chat_turns=chat_turns,
-                              latency=latency, by_position=by_position, stops=stops, stop_ids=stop_ids)
+                              latency=latency, by_position=by_position, stops=stops, stop_ids=stop_ids,
+                              limit_dtype=limit_dtype)
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

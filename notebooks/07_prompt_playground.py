@@ -29,8 +29,9 @@
 #   keeps its KV cache across turns, *Reset chat* starts over; *thinking* toggles the chat template's
 #   `enable_thinking`);
 # - **sampling**: temperature (0 = greedy), top-k (0 = off), top-p, max new tokens, seed; **decode** `kv` (cache)
-#   or `replay` (recompute everything each token: the slow path kept for parity); **quantization** `none` (NVFP4 is
-#   listed but not available yet);
+#   or `replay` (recompute everything each token: the slow path kept for parity); **quantization** `none` (the
+#   checkpoint as it is), `nvfp4` or `nvfp4-w4a4` (quantized at load, doc/nvfp4.md; the model reloads, and
+#   *Compare*/*Inspect* then use transformers on the same NVFP4 numbers);
 # - **Generate / Stop**: generation runs in a background thread, so the kernel stays responsive and *Stop* ends it
 #   at the next token (stop reason `stopped`); text streams through the tokenizer's incremental decoder, so a
 #   character split across tokens never shows half;
@@ -50,6 +51,7 @@ device = "cpu"
 dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
+quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
 demo_prompt = "Explain the KV cache in one sentence:"  # non-empty: run one generation through the button path
 demo_max_new_tokens = 24
 demo_decode_mode = "kv"  # kv | replay
@@ -71,7 +73,7 @@ from qwenlab.playground.core import figure_png
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "07_prompt_playground"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
-pg = Playground(model_dir or None, device=device or None, dtype=dtype or None, out_dir=out_dir)
+pg = Playground(model_dir or None, device=device or None, dtype=dtype or None, out_dir=out_dir, quant=quant or None)
 display(pg.widget)
 
 # %% [markdown]

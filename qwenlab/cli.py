@@ -7,19 +7,22 @@ from pathlib import Path
 from qwenlab.activations.capture import capture_to_file
 from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.diff_text import nothing_compared, summary_text
+from qwenlab.activations.nvfp4_reference import REFERENCES
 from qwenlab.bench import decode as bench_decode
 from qwenlab.errors import QwenlabError, run_command
 from qwenlab.generation.decode import ENGINES, check_context, generate
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory import stress
+from qwenlab.model import quantize
 from qwenlab.model.config import read_generation_config
 from qwenlab.model.loader import load, parse_dtype, resolve_device
+from qwenlab.model.nvfp4_load import parse_quant
 from qwenlab.model.tiny import resolve_model_dir, verify, write_checkpoint
 from qwenlab.model.tokenizer import Tokenizer
 from qwenlab.report import run as report_run
 
 # Commands defined beside their logic, each adding its own subparser.
-PLUGIN_COMMANDS = (report_run.register, stress.register, bench_decode.register)
+PLUGIN_COMMANDS = (report_run.register, stress.register, quantize.register, bench_decode.register)
 
 
 def _model_args(p: argparse.ArgumentParser):
@@ -27,6 +30,8 @@ def _model_args(p: argparse.ArgumentParser):
                    help="Qwen3 checkpoint directory in HF layout (default: the embedded tiny fixture)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--quant", default=None, help="none | nvfp4 | nvfp4-w4a4 (default: as the checkpoint is; nvfp4 "
+                                                 "quantizes a bf16/fp32 checkpoint's linears at load, doc/nvfp4.md)")
 
 
 def _text_args(p: argparse.ArgumentParser, flag: str):
@@ -57,6 +62,7 @@ def cmd_tiny(args):
 
 def cmd_tokenize(args):
     resolve_device(args.device)
+    parse_quant(args.quant)
     if args.dtype != "auto":
         parse_dtype(args.dtype)
     model_dir = _model_dir(args)
@@ -71,7 +77,7 @@ def cmd_tokenize(args):
 
 
 def cmd_generate(args):
-    ckpt = load(_model_dir(args), args.dtype, args.device)
+    ckpt = load(_model_dir(args), args.dtype, args.device, args.quant)
     ids = _prompt_ids(args, ckpt.tokenizer)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
     stream = ckpt.tokenizer.stream()
@@ -90,13 +96,17 @@ def cmd_generate(args):
         print(f"[{len(gen.ids)} tokens, stop: {gen.stop_reason}, prefill {gen.prefill_s * 1e3:.1f} ms, "
               f"decode {gen.decode_tok_s:.1f} tok/s, {ckpt.model.device}, {ckpt.model.dtype}, engine {gen.engine}"
               f"{compiled}{f' ({gen.engine_note})' if gen.engine_note else ''}]", file=sys.stderr)
+    quantization = getattr(ckpt.model, "quantization", None)
+    if quantization is not None:
+        print(f"[{quantization.summary()}]", file=sys.stderr)
 
 
 def cmd_capture(args):
-    ckpt = load(_model_dir(args), args.dtype, args.device)
+    ckpt = load(_model_dir(args), args.dtype, args.device, args.quant)
     ids = _prompt_ids(args, ckpt.tokenizer)
     check_context(ckpt.model, len(ids))
-    path = capture_to_file(ckpt, ids, args.impl, args.out, attention=args.attention)
+    path = capture_to_file(ckpt, ids, args.impl, args.out, attention=args.attention, reference=args.reference,
+                           unquantized_model=args.unquantized_model)
     print(f"wrote {path} ({args.impl}, {len(ids)} tokens)")
 
 
@@ -150,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     _text_args(p, "--prompt")
     p.add_argument("--impl", choices=("qwenlab", "reference"), required=True)
     p.add_argument("--attention", choices=("sdpa", "eager"), default=None, help="qwenlab attention kernel")
+    p.add_argument("--reference", choices=REFERENCES, default="quantized",
+                   help="for a quantized model and --impl reference: transformers on the same NVFP4 checkpoint "
+                        "(quantized, default) or on the bf16/fp32 one it came from (unquantized)")
+    p.add_argument("--unquantized-model", type=Path, default=None,
+                   help="with --reference unquantized when --model is already NVFP4: the checkpoint it came from")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_capture)
 

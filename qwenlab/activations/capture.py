@@ -6,7 +6,8 @@ import torch
 from qwenlab import __version__
 from qwenlab.activations.dump import write_dump
 from qwenlab.activations.names import canonical_names
-from qwenlab.activations.reference import capture_reference, load_reference, reference_name, versions
+from qwenlab.activations.nvfp4_reference import load_reference_for, quantization
+from qwenlab.activations.reference import capture_reference, reference_name, versions
 from qwenlab.errors import QwenlabError
 from qwenlab.model.loader import Checkpoint
 from qwenlab.model.probe import Probe
@@ -27,8 +28,9 @@ def capture_qwenlab(model, ids: list[int], include=None, attention: str | None =
 
 
 def capture(ckpt: Checkpoint, ids: list[int], impl: str, *, include=None, attention: str | None = None,
-            reference_model=None) -> tuple[dict, dict]:
-    """-> (tensors, metadata) for `impl` on the checkpoint's weights, in the loaded model's dtype and device."""
+            reference_model=None, reference: str = "quantized", unquantized_model=None) -> tuple[dict, dict]:
+    """-> (tensors, metadata) for `impl` on the checkpoint's weights, in the loaded model's dtype and device.
+    For a quantized model, `reference` picks transformers' side (qwenlab.activations.nvfp4_reference)."""
     if impl not in IMPLS:
         raise QwenlabError(f"--impl {impl!r}: choose one of {', '.join(IMPLS)}")
     model = ckpt.model
@@ -36,7 +38,7 @@ def capture(ckpt: Checkpoint, ids: list[int], impl: str, *, include=None, attent
         tensors = capture_qwenlab(model, ids, include, attention)
         producer = f"qwenlab {__version__} ({attention or model.model.layers[0].self_attn.impl} attention)"
     else:
-        ref = reference_model or load_reference(ckpt.path, model.dtype, model.device)
+        ref = reference_model or load_reference_for(ckpt, reference, unquantized_model)
         tensors = capture_reference(ref, ids, Probe(include=include, to_cpu=True))
         producer = reference_name()
     meta = {"producer": producer, "impl": impl, "model": ckpt.name, "model_path": str(ckpt.path),
@@ -45,6 +47,11 @@ def capture(ckpt: Checkpoint, ids: list[int], impl: str, *, include=None, attent
     if include is not None:
         meta["not_produced"] = [name for name in canonical_names(ckpt.config.num_hidden_layers)
                                 if not any(fnmatchcase(name, pattern) for pattern in include)]
+    info = quantization(model)
+    if info is not None:
+        meta["quantization"] = info.summary()
+        if impl == "reference":
+            meta["reference"] = reference
     return tensors, meta
 
 

@@ -117,22 +117,22 @@ def standard_bugs(model) -> list[PlantedBug]:
     return bugs
 
 
-def diff_planted(bug: PlantedBug, ids: list[int], reference: dict, *, capture: Callable, floors=None):
+def diff_planted(bug: PlantedBug, ids: list[int], reference: dict, *, capture: Callable, floors=None, dtype=None):
     """Builds the bug's model, captures it on `ids` (capture(model, ids) -> tensors) and diffs it against the
-    reference tensors; the copy is dropped before returning."""
+    reference tensors (floors of `dtype`, default the candidate's); the copy is dropped before returning."""
     bad = bug.build()
     try:
-        return diff_dumps(capture(bad, ids), reference, floors=floors)
+        return diff_dumps(capture(bad, ids), reference, dtype=dtype, floors=floors)
     finally:
         del bad
 
 
 def localise(bugs: list[PlantedBug], ids: list[int], reference: dict, *, capture: Callable,
-             floors=None) -> tuple[pd.DataFrame, dict]:
+             floors=None, dtype=None) -> tuple[pd.DataFrame, dict]:
     """-> (one row per bug: expected vs found first divergence, localised?; {bug name: DiffResult})."""
     rows, results = [], {}
     for bug in bugs:
-        result = results[bug.name] = diff_planted(bug, ids, reference, capture=capture, floors=floors)
+        result = results[bug.name] = diff_planted(bug, ids, reference, capture=capture, floors=floors, dtype=dtype)
         row = result.first_divergence_row or {}
         logits = result.logits or {}
         rows.append({"bug": bug.name, "description": bug.description, "expected": bug.expected,

@@ -2,9 +2,13 @@
 
 transformers is imported lazily here and nowhere on the qwenlab forward path.
 """
+import inspect
+import json
 import logging
 import os
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -41,11 +45,28 @@ def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="c
             placement = {"device_map": str(device)}
         else:
             placement = {}
-        model = Qwen3ForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype, attn_implementation=attention,
-                                                 local_files_only=True, **placement)
-    except (OSError, ValueError) as e:
+        with warnings.catch_warnings():  # "the quantization_config from the model will be used": as intended
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = Qwen3ForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype, attn_implementation=attention,
+                                                     local_files_only=True, **placement,
+                                                     **_quantized_kwargs(checkpoint_dir))
+    except (OSError, ValueError, ImportError) as e:
         raise QwenlabError(f"{checkpoint_dir}: transformers could not load it ({str(e).splitlines()[0]})") from None
     return (model if placement else model.to(device)).eval()
+
+
+def _quantized_kwargs(checkpoint_dir) -> dict:
+    """A compressed-tensors checkpoint (NVFP4 among others) is decompressed at load (dequantize=True: dense weights,
+    computed through bfloat16 by compressed-tensors); the compressed-tensors package must be installed."""
+    config = Path(checkpoint_dir) / "config.json"
+    quant = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if not quant or quant.get("quant_method") != "compressed-tensors":
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    new_api = "dequantize" in inspect.signature(CompressedTensorsConfig.__init__).parameters  # transformers >= 5.2x
+    config = CompressedTensorsConfig(dequantize=True) if new_api else CompressedTensorsConfig(run_compressed=False)
+    return {"quantization_config": config}
 
 
 @contextmanager

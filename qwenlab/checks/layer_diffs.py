@@ -48,14 +48,16 @@ def reference_tensors(ref_model, ids: list[int]) -> dict:
     return capture_reference(ref_model, ids, Probe(to_cpu=True))
 
 
-def diff_prompts(model, ref_model, tokenizer, prompts, attention: str | None = None, floors=None) -> list[PromptDiff]:
-    """Captures qwenlab and the reference on each prompt and diffs them (reference tensors kept for reuse)."""
+def diff_prompts(model, ref_model, tokenizer, prompts, attention: str | None = None, floors=None,
+                 dtype: str | None = None) -> list[PromptDiff]:
+    """Captures qwenlab and the reference on each prompt and diffs them (reference tensors kept for reuse); dtype:
+    whose floors (default the candidate's)."""
     out = []
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt)
         ref = reference_tensors(ref_model, ids)
         cand = capture_qwenlab(model, ids, attention=attention)
-        out.append(PromptDiff(prompt_label(prompt), ids, ref, diff_dumps(cand, ref, floors=floors)))
+        out.append(PromptDiff(prompt_label(prompt), ids, ref, diff_dumps(cand, ref, dtype=dtype, floors=floors)))
     return out
 
 
@@ -171,7 +173,8 @@ def pooled_logits(diffs: list[PromptDiff]) -> dict:
 
 def verdict(thresholds: dict, *, dtype: str, diffs: list[PromptDiff], summary: pd.DataFrame, table: pd.DataFrame,
             logits: dict, localised: pd.DataFrame, plant_bugs: bool = True, candidate: str = "",
-            candidate_meta: dict | None = None, config_hash: str | None = None) -> tuple[dict, list[str]]:
+            candidate_meta: dict | None = None, config_hash: str | None = None,
+            limit_dtype: str | None = None) -> tuple[dict, list[str]]:
     """Notebook 03's metrics and the thresholds they exceed (an empty list passes). `candidate_meta` and
     `config_hash` (this checkpoint's) tell whether a candidate dump was made for another config."""
     first = first_divergence(table)
@@ -204,7 +207,7 @@ def verdict(thresholds: dict, *, dtype: str, diffs: list[PromptDiff], summary: p
     dumped_for = (candidate_meta or {}).get("config_hash")
     if candidate and dumped_for not in (None, config_hash):
         reasons.append(f"candidate was dumped for config {dumped_for}, not this checkpoint's {config_hash}")
-    kl_limit = thresholds["max_kl_mean"].get(dtype, thresholds["max_kl_mean"]["float32"])
+    kl_limit = thresholds["max_kl_mean"].get(limit_dtype or dtype, thresholds["max_kl_mean"]["float32"])
     check_max(reasons, "logits KL mean", logits.get("kl_mean", float("nan")), kl_limit)
     if plant_bugs:
         check_min(reasons, "planted bugs localised (fraction)",

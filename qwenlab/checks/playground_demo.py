@@ -37,11 +37,14 @@ def verdict(pg, thresholds: dict) -> tuple[dict, list[str]]:
         return {"demo_ran": False}, [f"demo generation failed: {pg.status}"]
     check = pg.check_against_generate()
     dtype = str(pg.ckpt.model.dtype).removeprefix("torch.")
+    quantization = getattr(pg.ckpt.model, "quantization", None)
     metrics = {"demo_ran": True, "dtype": dtype, "device": str(pg.ckpt.model.device),
                "tokens": len(pg.result.ids), "stop_reason": pg.result.stop_reason,
                "text_equal": check["text_equal"], "ids_equal": check["ids_equal"],
                "decode_tok_s": pg.result.decode_tok_s, "prefill_s": pg.result.prefill_s,
                "elapsed_s": pg.readouts.get("elapsed_s"), "rss_bytes": pg.readouts.get("rss_bytes")}
+    if quantization is not None:  # against the quantized reference (bfloat16 rounding): judged as bfloat16
+        metrics["quantization"], dtype = quantization.summary(), "bfloat16"
     if thresholds.get("require_text_equal", True) and not (check["text_equal"] and check["ids_equal"]):
         reasons.append("streamed text/ids differ from generate() with the same settings")
     check_min(reasons, "tokens", metrics["tokens"], thresholds.get("min_tokens", 1))

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qwenlab.generation.decode import new_cache
+from qwenlab.model import nvfp4_load
 from qwenlab.model.config import Qwen3Config
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "int8": 1}
@@ -96,6 +97,25 @@ def weight_bytes(cfg: Qwen3Config, dtype="bfloat16", *, base_dtype="bfloat16",
         }
     out["total"] = sum(out.values())
     return out
+
+
+def quantized_weight_bytes(model) -> int:
+    """Predicted weight bytes of a model loaded with NVFP4 linears (model.quantization): the unquantized model in its
+    dtype, each quantized linear replaced by its NVFP4 bytes (+4 for an input scale); a quantized head of a tied model
+    is a copy of its own. Falls back to weight_bytes for an unquantized model."""
+    info = getattr(model, "quantization", None)
+    cfg = model.config
+    total = weight_bytes(cfg, model.dtype)["total"]
+    if info is None:
+        return total
+    b, shapes = bytes_per_element(model.dtype), nvfp4_load.linear_shapes(cfg)
+    for name in info.quantized:
+        out_features, in_features = shapes[name]
+        if not (name == "lm_head" and cfg.tie_word_embeddings):
+            total -= int(out_features * in_features * b)
+        module = model.get_submodule(name)
+        total += nvfp4_linear_bytes(out_features, in_features) + (4 if module.input_scale is not None else 0)
+    return total
 
 
 def kv_bytes_per_token(cfg: Qwen3Config, dtype="bfloat16") -> int:
@@ -241,10 +261,11 @@ def weights_check(model, measured_cuda_bytes: float, rel_threshold: float):
     the load left resident. Returns a DataFrame of compare() rows."""
     import pandas as pd
 
-    predicted = weight_bytes(model.config, model.dtype)["total"]
-    rows = [compare("weights: parameter storage", measured_weight_bytes(model), predicted, rel_threshold),
-            compare("weights: parameter count", measured_param_count(model), param_counts(model.config)["total"],
-                    rel_threshold)]
+    predicted = quantized_weight_bytes(model)
+    rows = [compare("weights: parameter storage", measured_weight_bytes(model), predicted, rel_threshold)]
+    if getattr(model, "quantization", None) is None:  # NVFP4 weights are buffers: no parameter count to compare
+        rows.append(compare("weights: parameter count", measured_param_count(model),
+                            param_counts(model.config)["total"], rel_threshold))
     if not math.isnan(measured_cuda_bytes):
         rows.append(compare("weights: CUDA allocated after load", measured_cuda_bytes, predicted, rel_threshold))
     return pd.DataFrame(rows)

@@ -19,6 +19,7 @@ from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory.scripted_chat import MB, Policy, load_script
 from qwenlab.memory.stress_matrix import DEFAULT_LEAK_MB, StressConfig, StressResult, run_iteration, run_matrix
 from qwenlab.model.loader import load
+from qwenlab.model.nvfp4_load import parse_quant
 from qwenlab.model.tiny import resolve_model_dir
 
 ON_OFF = {"on": True, "off": False}
@@ -49,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny fixture)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
+    p.add_argument("--quant", default=None, help="nvfp4 | nvfp4-w4a4 (doc/nvfp4.md); default: as the checkpoint is")
     p.add_argument("--strategies", default="session,rebuild,replay", help="comma-separated subset")
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--turns", type=int, default=6, help="user turns of data/chat_script.json to play (max 6)")
@@ -81,7 +83,9 @@ def config_from_args(args) -> StressConfig:
         raise QwenlabError(f"--strategies {args.strategies!r}: choose from {', '.join(STRATEGIES)}")
     if args.iterations < 1 or args.turns < 1:
         raise QwenlabError("--iterations and --turns must be >= 1")
-    return StressConfig(model_dir=args.model, device=args.device, dtype=args.dtype, strategies=strategies,
+    parse_quant(args.quant)
+    return StressConfig(model_dir=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                        strategies=strategies,
                         iterations=args.iterations, turns=args.turns, max_new_tokens=args.max_new_tokens,
                         fresh_process=args.fresh_process, empty_cache=ON_OFF[args.empty_cache],
                         preallocate=ON_OFF[args.preallocate],
@@ -93,7 +97,7 @@ def config_from_args(args) -> StressConfig:
 def one_iteration(cfg: StressConfig, strategy: str, iteration: int) -> dict:
     """The child of --fresh-process: load, run one chat, print the record. A crash exits non-zero."""
     system, script = load_script(cfg.script)
-    ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device)
+    ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device, cfg.quant)
     if cfg.crash_iteration == iteration:
         raise RuntimeError(f"planted crash in iteration {iteration}")
     policy = Policy(strategy, cfg.preallocate, cfg.empty_cache, cfg.expandable_segments, cfg.max_len)

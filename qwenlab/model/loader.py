@@ -7,6 +7,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qwenlab.errors import QwenlabError
+from qwenlab.model import nvfp4_load
 from qwenlab.model.config import Qwen3Config, read_config, read_generation_config
 from qwenlab.model.placement import parse_device_map, place
 from qwenlab.model.qwen3 import Qwen3
@@ -105,18 +106,24 @@ def _check_size(path: Path):
         raise QwenlabError(f"{path}: truncated ({path.stat().st_size} bytes, header promises {8 + n + end})")
 
 
-def validate(checkpoint_dir: Path, cfg: Qwen3Config) -> dict[str, Path]:
+def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None,
+             exclude=None) -> tuple[dict[str, Path], "nvfp4_load.QuantPlan"]:
+    """-> (tensor name -> file, which linears are NVFP4), every expected tensor checked before any compute."""
     files = weight_files(checkpoint_dir)
     shapes = {}
     for path in sorted(set(files.values())):
         shapes |= _header(path)
+    plan = nvfp4_load.plan(checkpoint_dir, cfg, shapes, files, quant, exclude)
+    stored = {f"{m}.weight" for m in plan.stored}
     for name, shape in expected_shapes(cfg).items():
+        if name in stored:
+            continue
         if name not in shapes:
             raise QwenlabError(f"{checkpoint_dir}: tensor {name} is missing from the checkpoint")
         if shapes[name] != shape:
             raise QwenlabError(f"{checkpoint_dir}: tensor {name} has shape {list(shapes[name])}, "
                                f"config.json implies {list(shape)}")
-    return files
+    return files, plan
 
 
 @dataclass
@@ -132,38 +139,51 @@ class Checkpoint:
         return self.path.name
 
 
-def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = None, device_map=None) -> Qwen3:
-    """device_map (a spec or one device per layer, qwenlab.model.placement) splits the layers across devices:
-    the weights are staged in host memory, then each part moves to its device; `device` is then unused."""
+def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = None, quant: str | None = None,
+               exclude=None, device_map=None) -> Qwen3:
+    """quant / exclude: NVFP4 (qwenlab.model.nvfp4_load); the result's `quantization` says what was done.
+    device_map (a spec or one device per layer, qwenlab.model.placement) splits the layers across devices: the
+    weights are staged in host memory, then each part moves to its device; `device` is then unused."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise QwenlabError(f"--model {checkpoint_dir}: not a directory")
     cfg = read_config(checkpoint_dir)
-    files = validate(checkpoint_dir, cfg)
+    files, plan = validate(checkpoint_dir, cfg, quant, exclude)
     split = parse_device_map(device_map, cfg.num_hidden_layers) if device_map else None
     dev = torch.device("cpu") if split else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch.device(split[0]) if split else dev, cfg)
     with torch.device("meta"):
         model = Qwen3(cfg)
+    handles = {}
+
+    def get(name):
+        path = files[name]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return handles[path].get_tensor(name)
+
     state = {}
-    by_file: dict[Path, list[str]] = {}
-    for name in expected_shapes(cfg):
-        by_file.setdefault(files[name], []).append(name)
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in names:
-                state[name] = f.get_tensor(name).to(device=dev, dtype=torch_dtype)
-    if cfg.tie_word_embeddings:
+    try:
+        info = nvfp4_load.build(model, plan, get, dev, torch_dtype, state)
+        for name in expected_shapes(cfg):
+            if name not in plan.replaced_weights:
+                state[name] = get(name).to(device=dev, dtype=torch_dtype)
+    finally:
+        handles.clear()
+    if cfg.tie_word_embeddings and "lm_head.weight" not in plan.replaced_weights:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    if info is not None:
+        model.quantization = info
     if split:
         place(model, split)
     return model.eval()
 
 
-def load(checkpoint_dir, dtype: str | None = None, device: str | None = None, device_map=None) -> Checkpoint:
+def load(checkpoint_dir, dtype: str | None = None, device: str | None = None, quant: str | None = None,
+         exclude=None, device_map=None) -> Checkpoint:
     checkpoint_dir = Path(checkpoint_dir)
-    model = load_model(checkpoint_dir, dtype, device, device_map)
+    model = load_model(checkpoint_dir, dtype, device, quant, exclude, device_map)
     gen = read_generation_config(checkpoint_dir)
     tok = Tokenizer.from_dir(checkpoint_dir, generation_config=gen)
     return Checkpoint(checkpoint_dir, model.config, gen, model, tok)

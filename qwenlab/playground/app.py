@@ -14,7 +14,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qwenlab.activations.reference import load_reference, versions
+from qwenlab.activations.nvfp4_reference import load_reference_for
+from qwenlab.activations.reference import versions
 from qwenlab.atomic import json_safe
 from qwenlab.errors import QwenlabError
 from qwenlab.generation.chat import ChatSession
@@ -31,9 +32,11 @@ TABLE_REFRESH_S = 1.0
 class Playground(PlaygroundWidgets):
     def __init__(self, model_dir=None, device=None, dtype=None, out_dir=None, *, checkpoint=None,
                  reference_model=None, preload: bool = False, compare_max_new_tokens: int = 64,
-                 refresh_s: float = 0.05):
+                 refresh_s: float = 0.05, quant: str | None = None):
         """model_dir None/"" = the embedded tiny model; `checkpoint` (a loader.Checkpoint) and `reference_model`
-        reuse models already loaded elsewhere instead of loading on first use."""
+        reuse models already loaded elsewhere instead of loading on first use. quant: the quantization dropdown's
+        first value (nvfp4, nvfp4-w4a4; a `checkpoint` given must have been loaded with it); changing the
+        dropdown reloads the model (and its reference) at the next job."""
         self.model_dir, self.device, self.dtype, self.out_dir = model_dir or None, device or None, dtype or None, out_dir
         self.compare_max_new_tokens, self.refresh_s = compare_max_new_tokens, refresh_s
         self._given_checkpoint, self.reference_model = checkpoint, reference_model
@@ -44,6 +47,8 @@ class Playground(PlaygroundWidgets):
         self._recorder, self._history_before, self._job = None, [], ""
         self._stop, self._load_lock, self._worker = threading.Event(), threading.Lock(), None
         self._build_widgets()
+        self.quantization.value = quant if quant in core.QUANTIZATIONS else "none"
+        self._given_quant = self._ckpt_quant = core.quant_arg(self.quantization.value)
         self._set_status("ready: type a prompt and press Generate (the model loads on first use)")
         if preload:
             self._start("load", self._ensure_model)
@@ -180,15 +185,19 @@ class Playground(PlaygroundWidgets):
 
     def _ensure_model(self):
         with self._load_lock:
-            if self.ckpt is not None:
+            quant = core.quant_arg(self.quantization.value)
+            if self.ckpt is not None and quant == self._ckpt_quant:
                 return self.ckpt
-
-            if self._given_checkpoint is not None:
+            if self.ckpt is not None:  # the quantization changed: a new model, chat cache and reference
+                self.ckpt = self.session = self.reference_model = None
+            self._ckpt_quant = quant
+            if self._given_checkpoint is not None and quant == self._given_quant:
                 return self._use_checkpoint(self._given_checkpoint)
             self._set_status(f"loading model {self.model_dir or '(embedded tiny-qwen3)'} …", "info")
             try:
-                path = resolve_model_dir(self.model_dir)
-                ckpt = load(path, self.dtype, self.device)
+                given = self._given_checkpoint
+                path = given.path if given is not None and not self.model_dir else resolve_model_dir(self.model_dir)
+                ckpt = load(path, self.dtype, self.device, quant=quant)
             except QwenlabError as e:
                 raise QwenlabError(f"model failed to load: {e}") from None
             except Exception as e:
@@ -207,7 +216,7 @@ class Playground(PlaygroundWidgets):
         if self.reference_model is None:
             self._set_status("loading the reference (HF transformers, eager) …", "info")
             try:
-                self.reference_model = load_reference(ckpt.path, ckpt.model.dtype, ckpt.model.device)
+                self.reference_model = load_reference_for(ckpt, "quantized")
             except QwenlabError as e:
                 raise QwenlabError(f"reference failed to load: {e}") from None
         return self.reference_model

@@ -104,7 +104,9 @@ def inspect_layers(ckpt, hf_model, ids: list[int]):
     check_context(ckpt.model, len(ids))
     cand, cand_meta = capture(ckpt, ids, "qwenlab")
     ref, ref_meta = capture(ckpt, ids, "reference", reference_model=hf_model)
-    return diff_dumps(Dump(cand, cand_meta), Dump(ref, ref_meta), num_layers=ckpt.config.num_hidden_layers)
+    floors_dtype = "bfloat16" if getattr(ckpt.model, "quantization", None) else None  # NVFP4: doc/nvfp4.md
+    return diff_dumps(Dump(cand, cand_meta), Dump(ref, ref_meta), dtype=floors_dtype,
+                      num_layers=ckpt.config.num_hidden_layers)
 
 
 def heatmap_figure(result):

@@ -15,8 +15,9 @@ from qwenlab.generation.sampling import SamplingParams
 
 INPUT_MODES = ("prompt", "chat")
 DECODE_MODES = ("kv", "replay")
-# name -> why it cannot be used yet (None = available). A later issue fills in nvfp4.
-QUANTIZATIONS = {"none": None, "nvfp4": "not available yet"}
+# name -> why it cannot be used (None = available). "none" = the checkpoint as it is (an NVFP4 checkpoint stays
+# NVFP4); nvfp4 / nvfp4-w4a4 quantize a bf16/fp32 checkpoint at load (doc/nvfp4.md).
+QUANTIZATIONS = {"none": None, "nvfp4": None, "nvfp4-w4a4": None}
 TOP_K = 5
 
 
@@ -53,6 +54,11 @@ class Settings:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def quant_arg(quantization: str) -> str | None:
+    """The dropdown's value as the loader's quant argument."""
+    return None if quantization in ("none", "", None) else quantization
 
 
 def chat_messages(settings: Settings, history: list[dict] = ()) -> list[dict]:

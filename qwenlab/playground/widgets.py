@@ -84,8 +84,10 @@ class PlaygroundWidgets:
     def _on_quantization(self, change):
         why = core.QUANTIZATIONS.get(change["new"])
         if why is not None:
-            self._set_status(f"quantization {change['new']}: {why} (planned in a later issue); using none", "warn")
+            self._set_status(f"quantization {change['new']}: {why}; using none", "warn")
             self.quantization.value = "none"
+        elif self.ckpt is not None:
+            self._set_status(f"quantization {change['new']}: the model reloads with it at the next Generate", "info")
 
     # ---- rendering -----------------------------------------------------------------------------------------
     def _set_busy(self, busy: bool):
@@ -103,9 +105,11 @@ class PlaygroundWidgets:
             where = self.model_dir or "embedded tiny-qwen3"
             return f"<b>qwenlab playground</b> · model {html.escape(str(where))} (loads on first use)"
         c, m = self.ckpt.config, self.ckpt.model
+        quantization = getattr(m, "quantization", None)
+        quant = f" · {html.escape(quantization.summary())}" if quantization is not None else ""
         return (f"<b>qwenlab playground</b> · {html.escape(self.ckpt.name)} · {c.num_hidden_layers} layers · "
                 f"hidden {c.hidden_size} · {str(m.dtype).removeprefix('torch.')} on {m.device} · "
-                f"config {c.config_hash()[:12]}")
+                f"config {c.config_hash()[:12]}{quant}")
 
     def _show_live(self, s, n, tok_s, elapsed, stop_reason, prefill_s=None):
         device = self.ckpt.model.device if self.ckpt else None

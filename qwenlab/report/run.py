@@ -18,6 +18,7 @@ from qwenlab.atomic import write_json_atomic, write_text_atomic
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import read_config
 from qwenlab.model.loader import resolve_device
+from qwenlab.model.nvfp4_load import parse_quant
 from qwenlab.model.tiny import resolve_model_dir
 from qwenlab.paths import NOTEBOOKS_DIR, REPO_ROOT, REPORTS_DIR
 from qwenlab.report.candidate import check_candidate
@@ -116,7 +117,8 @@ def command_line(args) -> str:
 
     parts = ["qwenlab", "report"]
     for flag, value in (("--model", args.model), ("--device", args.device), ("--dtype", args.dtype),
-                        ("--out", args.out), ("--only", args.only), ("--thresholds-dir", args.thresholds_dir),
+                        ("--quant", args.quant), ("--out", args.out), ("--only", args.only),
+                        ("--thresholds-dir", args.thresholds_dir),
                         ("--candidate", args.candidate), ("--notebooks-dir", args.notebooks_dir),
                         ("--timeout", args.timeout)):
         if value is not None:
@@ -147,6 +149,7 @@ def run_report(args) -> int:
     model_dir, config_hash = resolve_model(args.model)
 
     device = str(resolve_device(args.device))
+    quant = parse_quant(args.quant) or ""
     all_notebooks = discover(args.notebooks_dir or NOTEBOOKS_DIR)
     notebooks = select(all_notebooks, args.only)
     thresholds_dir = existing(args.thresholds_dir, "--thresholds-dir", Path.is_dir) or ""
@@ -155,7 +158,7 @@ def run_report(args) -> int:
     declared = {nb.stem: declared_parameters(nb) for nb in notebooks}
     out = Path(args.out).expanduser().resolve() if args.out else REPORTS_DIR
     standard = {"model_dir": str(model_dir), "device": device, "dtype": args.dtype, "out_dir": None,
-                "thresholds_dir": thresholds_dir}
+                "thresholds_dir": thresholds_dir, "quant": quant}
     plan = plan_parameters(notebooks, declared, standard, candidate, global_params, scoped, all_notebooks)
     check_candidate(candidate)
     ensure_kernel()
@@ -166,7 +169,8 @@ def run_report(args) -> int:
     commit, dirty = git_commit()
     header = {"run": run_dir.name, "run_dir": str(run_dir), "started_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
               "finished_utc": None, "duration_s": None, "status": "running", "git_commit": commit, "git_dirty": dirty,
-              "versions": versions(), "device": device, "dtype": args.dtype, "model_path": str(model_dir),
+              "versions": versions(), "device": device, "dtype": args.dtype, "quant": quant or None,
+              "model_path": str(model_dir),
               "model_name": model_dir.name, "config_hash": config_hash, "thresholds_dir": thresholds_dir or None,
               "candidate": candidate, "parameters": {"global": global_params, "scoped": scoped},
               "seeds": seeds(declared, plan), "notebooks_dir": str(Path(args.notebooks_dir or NOTEBOOKS_DIR).resolve()),
@@ -220,6 +224,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="Qwen3 checkpoint directory in HF layout (default: the embedded tiny fixture)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="default float32")
+    p.add_argument("--quant", default=None, help="nvfp4 | nvfp4-w4a4: every notebook loads the model quantized "
+                                                 "(notebooks 02-04 and 07 against the quantized reference, "
+                                                 "doc/nvfp4.md); default: as the checkpoint is")
     p.add_argument("--out", type=Path, default=None, help="reports folder (default: <repo>/reports)")
     p.add_argument("--only", default=None, help="comma-separated notebooks to run: 01,03 or 03_layer_diffs")
     p.add_argument("--thresholds-dir", default=None, help="folder of <notebook>.json thresholds "

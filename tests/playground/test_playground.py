@@ -131,9 +131,21 @@ def test_error_messages_do_not_raise(pg, tmp_path):
     assert "nothing is running" in pg.status
 
 
-def test_nvfp4_is_refused(pg):
+def test_nvfp4_reloads_the_model_quantized(pg, ckpt):
+    run(pg, prompt=PROMPT, max_new_tokens=6)
+    assert pg.ckpt is ckpt
     pg.quantization.value = "nvfp4"
-    assert pg.quantization.value == "none" and "not available yet" in pg.status
+    assert "reloads" in pg.status
+    run(pg, prompt=PROMPT, max_new_tokens=6)
+    assert pg.ckpt is not ckpt and pg.ckpt.model.quantization.kernel == "dequantize"
+    assert "nvfp4 (quantized at load)" in pg.header.value
+    quantized = load(ensure_tiny(), "float32", "cpu", quant="nvfp4")
+    direct = generate(quantized.model, ckpt.tokenizer.encode(PROMPT), SamplingParams(max_new_tokens=6),
+                      tokenizer=ckpt.tokenizer)
+    assert pg.output_text == direct.text
+    pg.quantization.value = "none"
+    run(pg, prompt=PROMPT, max_new_tokens=6)
+    assert pg.ckpt is ckpt
 
 
 def test_export_json(pg, tmp_path):

@@ -19,7 +19,7 @@ def test_report_passes_and_writes_the_run_folder(report):
     code, run, metrics = report
     assert code == 0 and metrics["verdict"] == "pass"
     names = ["01_tokenizer_parity", "02_embedding_checks", "03_layer_diffs", "04_decode_kv_parity",
-             "05_memory_fluctuation", "07_prompt_playground"]
+             "05_memory_fluctuation", "06_nvfp4_quantization", "07_prompt_playground"]
     assert list(metrics["notebooks"]) == names
     for name in names:
         assert (run / f"{name}.ipynb").is_file() and (run / f"{name}.html").is_file()
@@ -47,6 +47,11 @@ def test_report_numbers(report):
     assert dec["replay_over_kv"] > 1
     mem = nb["05_memory_fluctuation"]["metrics"]
     assert mem["kv_rel_error"] == 0 and mem["stress_crashes"] == 0
+    nvfp4 = nb["06_nvfp4_quantization"]["metrics"]
+    assert nvfp4["quantized_reference"]["first_divergence"] is None and nvfp4["weights"]["tensors"] == 28
+    assert nvfp4["unquantized_reference"]["first_divergence"] is None and nvfp4["corpus"]["positions"] > 100
+    assert nvfp4["planted_localised"] == nvfp4["planted_total"] == 3 and nvfp4["planted_min_times_honest"] > 5
+    assert nvfp4["memory"][0]["rel_error"] == 0 and len(nvfp4["variants"]) == 4
     play = nb["07_prompt_playground"]["metrics"]
     assert play["text_equal"] is True and play["tokens"] > 0
 

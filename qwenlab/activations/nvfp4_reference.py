@@ -1,0 +1,92 @@
+"""The two references of an NVFP4 model (doc/nvfp4.md):
+
+    quantized     transformers running the same NVFP4 numbers: a compressed-tensors checkpoint, decompressed at load
+                  (through bfloat16, so the floors against it are bfloat16's). Answers "is my NVFP4 path right?".
+                  A compressed-tensors checkpoint is used as it is; a ModelOpt one goes through compressed-tensors'
+                  own converter first; a model quantized at load is exported (qwenlab.model.quantize.export). Both
+                  into a temp folder, never into the model's folder, removed once transformers has loaded it.
+    unquantized   transformers on the bf16/fp32 checkpoint the quantized one came from. Answers "what does NVFP4
+                  cost?"; for a checkpoint that is already NVFP4 it must be given (unquantized_model).
+"""
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from qwenlab.activations.reference import load_reference
+from qwenlab.errors import QwenlabError
+from qwenlab.model.config import read_config
+from qwenlab.model.quantize import export
+from qwenlab.quant.layouts import COMPRESSED_TENSORS, MODELOPT
+
+REFERENCES = ("quantized", "unquantized")
+
+
+def quantization(model):
+    return getattr(model, "quantization", None)
+
+
+def check_reference(reference: str):
+    if reference not in REFERENCES:
+        raise QwenlabError(f"--reference {reference!r}: choose one of {', '.join(REFERENCES)}")
+
+
+def unquantized_dir(ckpt, unquantized_model=None) -> Path:
+    """The bf16/fp32 checkpoint behind ckpt: the one given, or ckpt's own folder when it was quantized at load."""
+    info = quantization(ckpt.model)
+    if unquantized_model:
+        path = Path(unquantized_model)
+        if read_config(path).config_hash() != ckpt.config.config_hash():
+            raise QwenlabError(f"--unquantized-model {path}: its config.json describes another architecture than "
+                               f"{ckpt.path} (config hash {read_config(path).config_hash()} != "
+                               f"{ckpt.config.config_hash()})")
+        return path
+    if info is None or info.source != "checkpoint":
+        return ckpt.path
+    raise QwenlabError(f"{ckpt.path} is already NVFP4 ({info.layout}): the unquantized reference needs the bf16/fp32 "
+                       "checkpoint it came from (--unquantized-model DIR / parameter unquantized_model)")
+
+
+def convert_modelopt(src: Path, dst: Path, kept: list[str]):
+    """compressed-tensors' ModelOpt -> compressed-tensors converter (its own code: an independent reading)."""
+    try:
+        from compressed_tensors.entrypoints.convert import ModelOptNvfp4Converter, convert_checkpoint
+    except ImportError:
+        raise QwenlabError(f"{src}: a ModelOpt checkpoint's quantized reference needs the compressed-tensors package "
+                           "(pip install compressed-tensors)") from None
+    convert_checkpoint(str(src), str(dst), ModelOptNvfp4Converter(ignore=list(kept), targets=["Linear"]),
+                       max_workers=1, device="cpu")
+
+
+@contextmanager
+def quantized_checkpoint(ckpt):
+    """Yields a compressed-tensors NVFP4 checkpoint folder holding ckpt's quantized numbers."""
+    info = quantization(ckpt.model)
+    if info is None:
+        raise QwenlabError(f"{ckpt.path}: the model is not quantized (load it with quant='nvfp4'), there is no "
+                           "quantized reference")
+    if info.source == "checkpoint" and info.layout == COMPRESSED_TENSORS:
+        yield ckpt.path
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="qwenlab-nvfp4-reference-"))
+    try:
+        folder = tmp / f"{ckpt.name}-compressed-tensors"
+        if info.source == "checkpoint" and info.layout == MODELOPT:
+            convert_modelopt(ckpt.path, folder, info.kept)
+        else:
+            export(ckpt, folder, COMPRESSED_TENSORS)
+        yield folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_reference_for(ckpt, reference: str = "quantized", unquantized_model=None, dtype=None, device=None):
+    """transformers' model for ckpt: the plain reference for an unquantized model, else the one `reference` names."""
+    check_reference(reference)
+    dtype, device = dtype or ckpt.model.dtype, device or ckpt.model.device
+    if quantization(ckpt.model) is None:
+        return load_reference(ckpt.path, dtype, device)
+    if reference == "unquantized":
+        return load_reference(unquantized_dir(ckpt, unquantized_model), dtype, device)
+    with quantized_checkpoint(ckpt) as folder:
+        return load_reference(folder, dtype, device)

@@ -1,0 +1,206 @@
+"""Notebook 06: is my NVFP4 path right (against transformers on the same NVFP4 numbers), and what does NVFP4 cost
+(against the unquantized model)? Per-weight error, activation diffs against both references, KL statistics over a
+corpus, high-precision variants, planted interop bugs, memory. doc/nvfp4.md."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+
+from qwenlab.activations.capture import capture_qwenlab
+from qwenlab.activations.diff import diff_dumps
+from qwenlab.activations.nvfp4_reference import unquantized_dir
+from qwenlab.activations.planted_nvfp4 import first_quantized_point, nvfp4_bugs
+from qwenlab.checks.layer_diffs import PromptDiff, first_divergence, pooled_logits, worst_frame
+from qwenlab.checks.nbutil import check_max, check_min
+from qwenlab.errors import QwenlabError
+from qwenlab.memory.predict import compare, measured_weight_bytes, quantized_weight_bytes
+from qwenlab.model.loader import load, load_model, weight_files
+from qwenlab.model.nvfp4_load import DEFAULT_KEEP
+from qwenlab.quant import codec
+from qwenlab.quant.linear import nvfp4_modules
+from qwenlab.quant.quant_config import read_quant_config
+
+QUANTIZED_REFERENCE_DTYPE = "bfloat16"  # the reference dequantizes through bfloat16: its floors are bfloat16's
+
+
+def load_quantized(model_path, dtype, device, quant: str = ""):
+    """The model under test: an NVFP4 checkpoint as it is, any other quantized at load (quant, default nvfp4)."""
+    is_nvfp4 = read_quant_config(model_path) is not None
+    ckpt = load(model_path, dtype, device, quant=quant or (None if is_nvfp4 else "nvfp4"))
+    if getattr(ckpt.model, "quantization", None) is None:
+        raise QwenlabError(f"{model_path}: loaded unquantized (quant={quant!r}); notebook 06 needs an NVFP4 model")
+    return ckpt
+
+
+def source_dir(ckpt, unquantized_model: str = "") -> Path | None:
+    """The unquantized checkpoint behind the model, or None (an NVFP4 checkpoint with no unquantized_model)."""
+    try:
+        return unquantized_dir(ckpt, unquantized_model or None)
+    except QwenlabError:
+        return None
+
+
+def read_source_tensor(name: str, files: dict, device) -> torch.Tensor:
+    with safe_open(str(files[name]), framework="pt", device="cpu") as f:
+        return f.get_tensor(name).to(device=device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def weight_errors(model, folder: Path) -> pd.DataFrame:
+    """Per quantized weight: its dequantized values against the unquantized checkpoint's (on the model's device,
+    norms accumulated in float64)."""
+    files, rows = weight_files(folder), []
+    tied = model.config.tie_word_embeddings
+    for name, module in nvfp4_modules(model).items():
+        source = read_source_tensor("model.embed_tokens.weight" if name == "lm_head" and tied else f"{name}.weight",
+                                    files, module.packed.device)
+        delta = codec.dequantize(module.nvfp4()) - source
+        rel_l2 = (torch.linalg.vector_norm(delta, dtype=torch.float64)
+                  / torch.linalg.vector_norm(source, dtype=torch.float64)).item()
+        rows.append({"module": name, "kind": name.rsplit(".", 1)[-1], "shape": list(source.shape), "rel_l2": rel_l2,
+                     "nmse_db": 20 * math.log10(rel_l2) if rel_l2 > 0 else -math.inf,
+                     "max_abs": delta.abs().max().item(), "amax": source.abs().max().item()})
+    return pd.DataFrame(rows).set_index("module")
+
+
+def unquantized_floors(floor: float) -> dict:
+    return {"float32": floor, "bfloat16": floor, "float16": floor}
+
+
+def variants(num_layers: int) -> dict:
+    """name -> (quant, exclude): which linears stay in high precision."""
+    last = num_layers - 1
+    return {"all linears, lm_head kept": ("nvfp4", list(DEFAULT_KEEP)),
+            "lm_head quantized too": ("nvfp4", []),
+            "first and last layers kept": ("nvfp4", ["lm_head", "model.layers.0.*", f"model.layers.{last}.*"]),
+            "W4A4 emulated (activations too)": ("nvfp4-w4a4", list(DEFAULT_KEEP))}
+
+
+def variant_table(folder: Path, dtype, device, corpus, num_layers: int) -> pd.DataFrame:
+    rows = []
+    for name, (quant, exclude) in variants(num_layers).items():
+        model = load_model(folder, dtype, device, quant=quant, exclude=exclude)
+        stats = corpus.stats(model)
+        rows.append({"variant": name, "quantized_linears": len(model.quantization.quantized),
+                     "weight_MiB": measured_weight_bytes(model) / 2**20,
+                     **{k: stats[k] for k in ("kl_mean", "kl_p99", "same_top1_pct", "delta_p_rms", "ppl_ratio")}})
+        del model
+    return pd.DataFrame(rows).set_index("variant")
+
+
+@dataclass
+class PlantedResult:
+    frame: pd.DataFrame
+    results: dict = field(default_factory=dict)  # (bug, reference) -> DiffResult
+
+
+def planted(model, ids: list[int], quantized_ref: dict | None, unquantized_ref: dict | None, floor: float,
+            honest_unquantized=None) -> PlantedResult:
+    """Each bug against the quantized reference (bf16 floors: where does it start?) and the unquantized one (how far
+    above honest NVFP4 noise does it stand at the first quantized tensor?). Either reference may be missing;
+    `found` / `localised` come from the quantized one when it ran, else from the unquantized one's noise floor."""
+    rows, results = [], {}
+    for bug in nvfp4_bugs(model):
+        bad = bug.build()
+        cand = capture_qwenlab(bad, ids)
+        del bad
+        row = {"bug": bug.name, "description": bug.description, "expected": bug.expected}
+        if unquantized_ref is not None:
+            u = results[(bug.name, "unquantized")] = diff_dumps(cand, unquantized_ref, floors=unquantized_floors(floor))
+            honest = _rel_l2(honest_unquantized, bug.expected)
+            row |= {"found": u.first_divergence, "found_vs_unquantized": u.first_divergence,
+                    "rel_l2_vs_unquantized": _rel_l2(u, bug.expected), "honest_rel_l2_vs_unquantized": honest,
+                    "times_honest_noise": _rel_l2(u, bug.expected) / honest if honest else float("nan"),
+                    "logits_kl_mean_vs_unquantized": (u.logits or {}).get("kl_mean")}
+        if quantized_ref is not None:
+            q = results[(bug.name, "quantized")] = diff_dumps(cand, quantized_ref, dtype=QUANTIZED_REFERENCE_DTYPE)
+            row |= {"found": q.first_divergence, "rel_l2_vs_quantized": _rel_l2(q, bug.expected)}
+        row["localised"] = row.get("found") == bug.expected
+        rows.append(row)
+    return PlantedResult(pd.DataFrame(rows).set_index("bug"), results)
+
+
+def _rel_l2(result, name: str) -> float:
+    if result is None:
+        return float("nan")
+    row = next((r for r in result.rows if r["name"] == name), None)
+    return float(row["rel_l2"]) if row else float("nan")
+
+
+def memory_check(model, rel_threshold: float, cuda_allocated: float = float("nan")) -> pd.DataFrame:
+    """The memory model's NVFP4 estimate against the parameter + buffer storage of the loaded model and, on CUDA,
+    the allocated bytes its load left (cuda_allocated)."""
+    predicted = quantized_weight_bytes(model)
+    rows = [compare("weights: parameter + buffer storage", measured_weight_bytes(model), predicted, rel_threshold)]
+    if cuda_allocated == cuda_allocated:
+        rows.append(compare("weights: CUDA allocated after load", cuda_allocated, predicted, rel_threshold))
+    return pd.DataFrame(rows)
+
+
+def expected_first(model) -> str | None:
+    return first_quantized_point(model)
+
+
+def diff_summary(diffs: list[PromptDiff] | None) -> dict:
+    """First divergence (forward order, worst over prompts), divergent prompts, largest rel_l2, pooled logits."""
+    if not diffs:
+        return {"ran": False}
+    table = worst_frame(diffs)
+    return {"ran": True, "first_divergence": first_divergence(table),
+            "divergent_prompts": sum(not d.result.passed for d in diffs), "max_rel_l2": float(table["rel_l2"].max()),
+            "logits": pooled_logits(diffs)}
+
+
+def verdict(thresholds: dict, *, info, weights: pd.DataFrame | None, quantized: list[PromptDiff] | None,
+            unquantized: list[PromptDiff] | None, corpus_stats: dict | None, variant_frame: pd.DataFrame | None,
+            planted_frame: pd.DataFrame | None, memory: pd.DataFrame) -> tuple[dict, list[str]]:
+    """Notebook 06's metrics and the reasons it regressed (empty: pass). Sections that did not run (no
+    unquantized checkpoint, plant_bugs off) are recorded as such and not gated."""
+    reasons: list[str] = []
+    q, u = diff_summary(quantized), diff_summary(unquantized)
+    metrics = {"quantization": info.to_json(), "summary": info.summary(), "quantized_reference": q,
+               "unquantized_reference": u}
+    if weights is not None and not weights.empty:
+        metrics["weights"] = {"tensors": len(weights), "max_rel_l2": float(weights["rel_l2"].max()),
+                              "mean_nmse_db": float(weights["nmse_db"].mean()),
+                              "worst": str(weights["rel_l2"].idxmax())}
+        check_max(reasons, "per-weight rel_l2 (max)", metrics["weights"]["max_rel_l2"], thresholds["max_weight_rel_l2"])
+    if q["ran"]:
+        limits = thresholds["quantized_reference"]
+        check_max(reasons, "prompts diverging from the quantized reference", q["divergent_prompts"],
+                  limits["max_divergent_prompts"])
+        if q["first_divergence"]:
+            reasons.append(f"against the quantized reference, first divergent tensor: {q['first_divergence']}")
+        check_max(reasons, "logits KL mean vs the quantized reference", q["logits"].get("kl_mean", float("nan")),
+                  limits["max_kl_mean"])
+    if u["ran"]:
+        check_max(reasons, "prompts over the NVFP4 noise floor vs the unquantized reference", u["divergent_prompts"],
+                  thresholds["unquantized_reference"]["max_divergent_prompts"])
+    if corpus_stats:
+        limits = thresholds["unquantized_reference"]
+        metrics["corpus"] = {k: v for k, v in corpus_stats.items() if k != "kl_per_position"}
+        check_max(reasons, "corpus KL mean vs unquantized", corpus_stats["kl_mean"], limits["max_kl_mean"])
+        check_min(reasons, "corpus same top-1 % vs unquantized", corpus_stats["same_top1_pct"],
+                  limits["min_same_top1_pct"])
+        check_max(reasons, "perplexity ratio NVFP4 / unquantized", corpus_stats["ppl_ratio"], limits["max_ppl_ratio"])
+    if variant_frame is not None:
+        metrics["variants"] = variant_frame.to_dict(orient="index")
+    if planted_frame is not None and not planted_frame.empty:
+        metrics["planted"] = planted_frame.to_dict(orient="index")
+        metrics["planted_total"] = len(planted_frame)
+        metrics["planted_localised"] = int(planted_frame["localised"].sum())
+        check_min(reasons, "planted NVFP4 bugs localised (fraction)", metrics["planted_localised"] / len(planted_frame),
+                  thresholds["min_planted_localised_fraction"])
+        if "times_honest_noise" in planted_frame:
+            metrics["planted_min_times_honest"] = float(planted_frame["times_honest_noise"].min())
+            check_min(reasons, "planted bug / honest NVFP4 rel_l2 at the first quantized tensor (min)",
+                      metrics["planted_min_times_honest"], thresholds["min_planted_times_honest"])
+    metrics["memory"] = memory.to_dict(orient="records")
+    for row in metrics["memory"]:
+        check_max(reasons, f"{row['quantity']} rel error", row["rel_error"], thresholds["weights_rel_error_max"])
+    return metrics, reasons

