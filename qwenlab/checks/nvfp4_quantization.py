@@ -22,8 +22,8 @@ from qwenlab.memory.predict import compare, measured_weight_bytes, quantized_wei
 from qwenlab.model.loader import load, load_model, weight_files
 from qwenlab.model.nvfp4_load import DEFAULT_KEEP
 from qwenlab.quant import codec
+from qwenlab.quant.configs import read_quant_config
 from qwenlab.quant.linear import nvfp4_modules
-from qwenlab.quant.quant_config import read_quant_config
 
 QUANTIZED_REFERENCE_DTYPE = "bfloat16"  # the reference dequantizes through bfloat16: its floors are bfloat16's
 

@@ -13,9 +13,9 @@ import torch
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import Qwen3Config
 from qwenlab.quant import codec
+from qwenlab.quant.configs import QuantConfig, read_quant_config
 from qwenlab.quant.layouts import LAYOUTS, check_patterns, is_excluded
 from qwenlab.quant.linear import NVFP4Linear, QuantInfo, set_activations
-from qwenlab.quant.quant_config import QuantConfig, read_quant_config
 from qwenlab.quant.reader import QuantizedModule, quantized_modules, read_module, tensor_dtypes
 
 QUANT_MODES = ("none", "nvfp4", "nvfp4-w4a4")

@@ -16,9 +16,9 @@ from qwenlab.model.loader import expected_shapes, load, weight_files
 from qwenlab.model.nvfp4_load import DEFAULT_KEEP
 from qwenlab.paths import DATA_DIR
 from qwenlab.quant.codec import tensor_scale_from_amax
+from qwenlab.quant.configs import HF_QUANT_CONFIG, compressed_tensors_config, modelopt_files
 from qwenlab.quant.layouts import COMPRESSED_TENSORS, LAYOUTS, MODELOPT, get_layout
 from qwenlab.quant.linear import nvfp4_modules
-from qwenlab.quant.quant_config import HF_QUANT_CONFIG, compressed_tensors_config, modelopt_files
 from qwenlab.quant.writer import DEFAULT_SHARD_BYTES, check_destination, write_checkpoint
 
 CALIBRATION_SKIP = ("special_tokens", "edge")
