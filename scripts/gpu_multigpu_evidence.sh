@@ -20,11 +20,7 @@ print_env
 nvidia-smi -L || true
 tokenizer_shim || exit 2
 echo "command: $0 (CKPT=$CKPT PRESET=$PRESET RUNS=$RUNS)"
-step "$PRESET checkpoint, weights drawn on the GPU"
-if [ -f "$CKPT/config.json" ]; then echo "exists, reused"; else
-  $PY -m qwenlab tiny "$CKPT" --preset "$PRESET" --device cuda || { echo "checkpoint failed"; exit 1; }
-fi
-du -sh "$CKPT"
+make_checkpoint "$CKPT" "$PRESET" cuda || exit 1
 for run in $RUNS; do
   case $run in
     split) visible=$(seq -s, 0 $(($(nvidia-smi -L | wc -l) - 1))) ;;

