@@ -70,12 +70,12 @@ class PositionStats:
         dp = pd.Series(self.delta_p, dtype=float)
         nll_c, nll_r = self.nll_candidate[-last:] if last else self.nll_candidate, \
             self.nll_reference[-last:] if last else self.nll_reference
-        ppl_c = math.exp(sum(nll_c) / max(len(nll_c), 1))
-        ppl_r = math.exp(sum(nll_r) / max(len(nll_r), 1))
+        mean_c, mean_r = sum(nll_c) / max(len(nll_c), 1), sum(nll_r) / max(len(nll_r), 1)
+        ppl_c, ppl_r = _exp(mean_c), _exp(mean_r)
         return {"positions": len(self.kl), "kl_mean": kl.mean(), "kl_median": kl.median(), "kl_p99": kl.quantile(0.99),
                 "kl_max": kl.max(), "same_top1_pct": 100.0 * sum(self.same_top1) / max(len(self.same_top1), 1),
                 "delta_p_rms": math.sqrt((dp ** 2).mean()) if len(dp) else float("nan"),
-                "ppl_candidate": ppl_c, "ppl_reference": ppl_r, "ppl_ratio": ppl_c / ppl_r}
+                "ppl_candidate": ppl_c, "ppl_reference": ppl_r, "ppl_ratio": _exp(mean_c - mean_r)}
 
 
 def perplexity_ids(tokenizer, max_tokens: int, path=PERPLEXITY_TEXT) -> list[int]:
@@ -101,3 +101,9 @@ class Corpus:
             pooled.add(qwenlab_logits(model, ids), ref, ids)
         text = len(self.sequences[-1])
         return pooled.summary(last=text - 1) | {"ppl_tokens": text, "kl_per_position": pooled.kl}
+
+
+def _exp(x: float) -> float:
+    """exp that saturates to inf: a random-weight model's perplexity overflows a float (the ratio, taken as the
+    exp of the difference of mean NLLs, stays finite)."""
+    return math.exp(x) if x < 709 else math.inf

@@ -117,3 +117,13 @@ def test_planted_bugs_without_the_quantized_reference(quantized, views):
     frame = nq.planted(quantized.model, diffs_u[0].ids, None, diffs_u[0].reference, THRESHOLDS["unquantized_floor"],
                        diffs_u[0].result).frame
     assert frame["localised"].all() and "rel_l2_vs_quantized" not in frame
+
+
+def test_perplexity_of_a_random_large_model_saturates_instead_of_overflowing():
+    from qwenlab.checks.nvfp4_kl import PositionStats
+
+    stats = PositionStats(kl=[0.1], same_top1=[True], delta_p=[0.0], nll_candidate=[900.0, 901.0],
+                        nll_reference=[899.0, 900.0])
+    summary = stats.summary()
+    assert summary["ppl_candidate"] == float("inf") and summary["ppl_reference"] == float("inf")
+    assert abs(summary["ppl_ratio"] - 2.718281828) < 1e-6
