@@ -37,6 +37,7 @@ dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
 quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
+device_map = ""  # qwenlab's layers across devices: balanced | 0:0-31,1:32-63 (doc/placement.md); empty: on device
 corpus_path = ""  # JSONL with id/category/text; empty: data/tokenizer_corpus.jsonl
 prompt = "What is the capital of France? Antworte bitte kurz. 你好 👋"  # for the byte-fallback demonstration
 chat = True  # render `prompt` as a user turn with the chat template first
@@ -56,7 +57,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "01_tokenizer_parity"
 pd.set_option("display.max_colwidth", 60)
 model_path = resolve_model_dir(model_dir)
-ckpt = load(model_path, dtype, device, quant)
+ckpt = load(model_path, dtype, device, quant, device_map=device_map or None)
 ours = ckpt.tokenizer
 hf = tp.hf_tokenizer(model_path)
 tik = tp.TiktokenQwen(model_path)

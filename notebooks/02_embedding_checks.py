@@ -39,6 +39,7 @@ dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
 quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
+device_map = ""  # qwenlab's layers across devices: balanced | 0:0-31,1:32-63 (doc/placement.md); empty: on device
 prompt = "chat:What is the capital of France? 你好 👋"  # raw text, or chat:<user turn>
 handcrafted = ["random", "one_hot", "zeros"]  # stand-in tables to compare with the checkpoint's
 seed = 1234  # for the random handcrafted table (not 0: the fixtures are generated from seed 0)
@@ -61,7 +62,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "02_embedding_checks"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = resolve_model_dir(model_dir)
-ckpt = load(model_path, dtype, device, quant)
+ckpt = load(model_path, dtype, device, quant, device_map=device_map or None)
 model, tok = ckpt.model, ckpt.tokenizer
 reference = load_reference_for(ckpt)  # a quantized model: transformers on the same NVFP4 numbers
 ids = encode_prompt(tok, prompt)

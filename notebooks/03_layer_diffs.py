@@ -33,6 +33,12 @@
 # With `quant` set (or an NVFP4 `model_dir`), qwenlab's model is NVFP4 and the reference is transformers on the same
 # NVFP4 numbers (`quant_reference`); the floors are then bfloat16's, as transformers dequantizes through bfloat16.
 # Notebook 06 answers the NVFP4 questions in full (doc/nvfp4.md).
+#
+# Before anything loads, a plan says where the two models go (doc/placement.md): both on `device` (`resident`), one
+# at a time through dumps on disk (`sequential`, when both do not fit), or each split across the visible GPUs by
+# layers (`split`; qwenlab by `device_map`, the reference through accelerate). `placement` may force one; a request
+# that cannot fit stops here with the numbers. The planted-bug section needs the resident model and is skipped
+# otherwise.
 
 # %% tags=["parameters"]
 model_dir = ""  # checkpoint directory (HF layout); empty: the embedded tiny fixture
@@ -52,6 +58,8 @@ attention = ""  # qwenlab attention, sdpa or eager; empty: the model's default
 plant_bugs = True  # run the planted-bug section
 quant_reference = "quantized"  # a quantized model against: quantized (transformers, same NVFP4 numbers) | unquantized
 unquantized_model = ""  # quant_reference unquantized with an NVFP4 model_dir: the checkpoint it came from
+placement = "auto"  # auto | resident | sequential | split (doc/placement.md)
+device_map = ""  # qwenlab's layers across GPUs when split: balanced | 0:0-31,1:32-63; empty: from the plan
 
 # %%
 import os
@@ -62,10 +70,10 @@ from IPython.display import display
 from qwenlab.activations import planted
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import rel_l2_grid, styled
-from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.checks import layer_diffs as ld
 from qwenlab.checks import nbutil, plots
-from qwenlab.model.loader import load
+from qwenlab.checks import placement as pl
+from qwenlab.model.config import read_config
 from qwenlab.model.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -73,11 +81,9 @@ NOTEBOOK = "03_layer_diffs"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 floors = thresholds.get("floors") or None
 model_path = resolve_model_dir(model_dir)
-ckpt = load(model_path, dtype, device, quant)
-model, tok = ckpt.model, ckpt.tokenizer
-reference = load_reference_for(ckpt, quant_reference, unquantized_model or None)
-floors_dtype = "bfloat16" if getattr(model, "quantization", None) else None  # NVFP4: doc/nvfp4.md
-print(f"model {model_path} · {model.dtype} on {model.device} · {model.config.num_hidden_layers} layers")
+config = read_config(model_path)
+plan = pl.plan_for(model_path, dtype, device, prompts, placement, device_map, quant)
+print(f"model {model_path} · {config.num_hidden_layers} layers\n{plan.describe()}")
 
 # %% [markdown]
 # ## 1. Capture and diff
@@ -87,14 +93,15 @@ print(f"model {model_path} · {model.dtype} on {model.device} · {model.config.n
 # delta-p of the reference's top token).
 
 # %%
+pl.reset_peaks()
+run = pl.run_layer_diffs(model_path, dtype, device, prompts, plan, nbutil.resolve_out_dir(out_dir) / "dumps",
+                         candidate=candidate, allow_missing=allow_missing, attention=attention or None, floors=floors,
+                         quant=quant, quant_reference=quant_reference, unquantized_model=unquantized_model,
+                         device_map=device_map)
+diffs, cand_meta, ckpt, reference = run.diffs, run.candidate_meta, run.ckpt, run.reference
+floors_dtype = "bfloat16" if ckpt is not None and getattr(ckpt.model, "quantization", None) else None
 if candidate:
-    cand_diff, cand_meta = ld.diff_candidate(candidate, reference, floors=floors, allow_missing=allow_missing)
-    display(ld.candidate_identity(cand_meta, ckpt.config).to_frame("candidate"))
-    diffs = [cand_diff]
-else:
-    cand_meta = {}
-    diffs = ld.diff_prompts(model, reference, tok, prompts, attention=attention or None, floors=floors,
-                            dtype=floors_dtype)
+    display(ld.candidate_identity(cand_meta, config).to_frame("candidate"))
 summary = ld.summary_frame(diffs)
 display(summary)
 
@@ -126,7 +133,7 @@ display(styled(table[columns]))
 unique_floors = table["floor"].dropna().unique()
 fig = plots.rel_l2_heatmap(rel_l2_grid(table), floor=unique_floors[0] if len(unique_floors) == 1 else None,
                            exceeds=ld.exceeds_grid(table),
-                           title=f"{'candidate' if candidate else 'qwenlab'} vs reference: rel_l2 ({ckpt.name})")
+                           title=f"{'candidate' if candidate else 'qwenlab'} vs reference: rel_l2 ({model_path.name})")
 figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "rel_l2_heatmap")
 
 # %% [markdown]
@@ -153,18 +160,20 @@ display(pd.Series(logits, name="logits vs reference").to_frame())
 # * only 2 layers loaded, the rest left at zeros (the story's 2 of 36): `layers.2.input_layernorm`.
 
 # %%
+plant_bugs = plant_bugs and ckpt is not None and plan.placement == "resident"
 if plant_bugs:
     first_prompt = diffs[0] if not candidate else None
-    plant_ids = first_prompt.ids if first_prompt else ld.encode_prompt(tok, prompts[0])
+    plant_ids = first_prompt.ids if first_prompt else ld.encode_prompt(run.tokenizer, prompts[0])
     plant_ref = first_prompt.reference if first_prompt else ld.reference_tensors(reference, plant_ids)
-    bugs = planted.standard_bugs(model)
+    bugs = planted.standard_bugs(ckpt.model)
     localised, planted_results = planted.localise(
         bugs, plant_ids, plant_ref, floors=floors, dtype=floors_dtype,
         capture=lambda m, ids: capture_qwenlab(m, ids, attention=attention or None))
     display(localised)
 else:
     localised, planted_results = pd.DataFrame(columns=["expected", "found", "localised"]), {}
-    print("planted-bug section skipped (plant_bugs is False)")
+    print(f"planted-bug section skipped (plant_bugs is False, or placement {plan.placement}: the bugs are planted in "
+          "copies of a resident model)")
 
 # %% [markdown]
 # The same heatmap for one planted bug (layer 1 without q_norm when the model has 2+ layers): everything before the
@@ -185,10 +194,11 @@ if planted_results:
 # this dtype, and (when the section ran) every planted bug is localised at its expected tensor.
 
 # %%
-run_dtype = str(model.dtype).removeprefix("torch.") if not candidate else diffs[0].result.dtype
+run_dtype = run.dtype if not candidate else diffs[0].result.dtype
 metrics, reasons = ld.verdict(thresholds, dtype=run_dtype, diffs=diffs, summary=summary, table=table, logits=logits,
                               localised=localised, plant_bugs=plant_bugs, candidate=candidate,
-                              candidate_meta=cand_meta, config_hash=ckpt.config.config_hash(),
+                              candidate_meta=cand_meta, config_hash=config.config_hash(),
                               limit_dtype=floors_dtype)
+metrics |= pl.placement_metrics(run)
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

@@ -44,6 +44,7 @@ dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
 quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
+device_map = ""  # qwenlab's layers across devices: balanced | 0:0-31,1:32-63 (doc/placement.md); empty: on device
 prompts = [
     "The quick brown fox",
     "chat:Write a haiku about the sea.",
@@ -78,7 +79,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "04_decode_kv_parity"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = resolve_model_dir(model_dir)
-ckpt = load(model_path, dtype, device, quant)
+ckpt = load(model_path, dtype, device, quant, device_map=device_map or None)
 model, tok = ckpt.model, ckpt.tokenizer
 run_dtype = str(model.dtype).removeprefix("torch.")
 reference = load_reference_for(ckpt, quant_reference, unquantized_model or None)

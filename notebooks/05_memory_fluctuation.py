@@ -45,6 +45,7 @@ dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
 quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
+device_map = ""  # qwenlab's layers across devices: balanced | 0:0-31,1:32-63 (doc/placement.md); empty: on device
 strategies = "session,rebuild,replay"  # conversation strategies to compare and stress
 turns = 6  # user turns of data/chat_script.json (at most 6)
 max_new_tokens = 16  # per turn, in the timeline, empty-cache and strategy sections
@@ -112,7 +113,7 @@ print(f"allocator config: {allocator}")
 # %%
 tracker = MemoryTracker(device, interval_s=interval_s or None)
 with tracker.phase("load"):
-    ckpt = load(model_path, dtype, device, quant)
+    ckpt = load(model_path, dtype, device, quant, device_map=device_map or None)
 model = ckpt.model
 cuda = mem_device.is_cuda(model.device)
 load_frame = tracker.frame()
@@ -221,6 +222,7 @@ display(strategies_frame.pivot(index="turn", columns="strategy",
 # %%
 stress_result = stress_matrix.run_matrix(
     stress_matrix.StressConfig(strategies=tuple(strategy_list), iterations=iterations, turns=turns, quant=quant or None,
+                               device_map=device_map or None,
                                max_new_tokens=stress_max_new_tokens, preallocate=preallocate,
                                leak_threshold_mb=mf.leak_threshold(thresholds, model.device)),
     ckpt=ckpt)

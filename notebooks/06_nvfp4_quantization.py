@@ -39,6 +39,7 @@ dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
 quant = ""  # nvfp4 (W4A16) | nvfp4-w4a4; empty: nvfp4, or as stored when model_dir is already NVFP4
+device_map = ""  # qwenlab's layers across devices: balanced | 0:0-31,1:32-63 (doc/placement.md); empty: on device
 quant_reference = "both"  # quantized | unquantized | both: the references to compare with
 unquantized_model = ""  # the bf16/fp32 checkpoint an NVFP4 model_dir came from; empty: model_dir (quantized at load)
 prompts = [
@@ -82,7 +83,7 @@ thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = resolve_model_dir(model_dir)
 cuda = torch.device(device).type == "cuda"
 allocated_before = torch.cuda.memory_allocated() if cuda else float("nan")
-ckpt = nq.load_quantized(model_path, dtype, device, quant)
+ckpt = nq.load_quantized(model_path, dtype, device, quant, device_map)
 allocated_load = (torch.cuda.memory_allocated() - allocated_before) if cuda else float("nan")
 model, tok, info = ckpt.model, ckpt.tokenizer, ckpt.model.quantization
 source = nq.source_dir(ckpt, unquantized_model)

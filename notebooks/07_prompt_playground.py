@@ -52,6 +52,7 @@ dtype = "float32"
 out_dir = ""  # run folder of `qwenlab report`; empty: reports/scratch
 thresholds_dir = ""  # folder of <notebook>.json thresholds; empty: data/thresholds
 quant = ""  # nvfp4 | nvfp4-w4a4: load the model quantized (doc/nvfp4.md); empty: as the checkpoint is
+device_map = ""  # qwenlab's layers across devices: balanced | 0:0-31,1:32-63 (doc/placement.md); empty: on device
 demo_prompt = "Explain the KV cache in one sentence:"  # non-empty: run one generation through the button path
 demo_max_new_tokens = 24
 demo_decode_mode = "kv"  # kv | replay
@@ -73,7 +74,8 @@ from qwenlab.playground.core import figure_png
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "07_prompt_playground"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
-pg = Playground(model_dir or None, device=device or None, dtype=dtype or None, out_dir=out_dir, quant=quant or None)
+pg = Playground(model_dir or None, device=device or None, dtype=dtype or None, out_dir=out_dir, quant=quant or None,
+                device_map=device_map or None)
 display(pg.widget)
 
 # %% [markdown]

@@ -34,7 +34,10 @@ def as_script(notebook: Path, out: Path, params: dict) -> int:
     end = source.index("\n# %%", start + len(MARKER))
     inject = "\n# injected by scripts/run_notebook.py\n" + "".join(f"{k} = {v!r}\n" for k, v in params.items())
     script = out.with_suffix(".py")
-    script.write_text(source[:end] + inject + source[end:])
+    source = source[:end] + inject + source[end:]
+    if importlib.util.find_spec("IPython") is None:  # tables are displayed with IPython's display: print them
+        source = source.replace("from IPython.display import display\n", "display = print\n")
+    script.write_text(source)
     os.environ.setdefault("MPLBACKEND", "Agg")
     runpy.run_path(str(script), run_name="__main__")
     return 0

@@ -116,7 +116,8 @@ def run_bench(args) -> int:
 def format_table(r: dict) -> str:
     f = r["facts"]
     versions = " · ".join(f"{k} {f[k]}" for k in ("torch", "transformers", "triton", "python") if k in f)
-    where = f"{f['name']} · driver {f['driver']} · CUDA {f['cuda']}" if "driver" in f else f"cpu ({f['threads']} threads)"
+    where = (f"{f['name']} · driver {f['driver']} · CUDA {f['cuda']}" if "driver" in f
+             else f"cpu ({f['threads']} threads)")
     lines = [f"qwenlab bench · {where} · {versions}",
              f"model {r['model']}: {r['layers']} layers, {r['dtype']}, weights {r['weight_bytes'] / 1e9:.3f} GB; copy "
              f"bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s -> floor {r['floor_ms_per_token']:.2f} ms/token "
@@ -133,7 +134,8 @@ def format_table(r: dict) -> str:
         lines.append(f"{row['impl']:<13} {row['engine']:<25} {num('decode_tok_s', '7.1f')} "
                      f"{num('ms_per_token', '7.2f')} {num('weight_gb_s', '6.0f')} {num('pct_of_floor', '6.1f')} "
                      f"{num('ttft_s', '8.1f', 1e3)} {num('prefill_tok_s', '13.0f')} "
-                     f"{num('peak_allocated_bytes', '8.2f', 1 / GiB)} {num('compile_s', '9.1f')} {num('load_s', '6.1f')}")
+                     f"{num('peak_allocated_bytes', '8.2f', 1 / GiB)} {num('compile_s', '9.1f')} "
+                     f"{num('load_s', '6.1f')}")
     notes = [f"  {row['impl']} {row['engine']}: {row['note']}" for row in r["rows"] if row.get("note")]
     return "\n".join(lines + (["notes:"] + notes if notes else []))
 

@@ -154,7 +154,8 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
     return pd.concat([frame, pd.DataFrame(stats, index=frame.index)], axis=1)
 
 
-def latency_profile(model, prompt_ids, max_new_tokens: int, modes=("kv", "replay"), engine: str = "auto") -> pd.DataFrame:
+def latency_profile(model, prompt_ids, max_new_tokens: int, modes=("kv", "replay"),
+                    engine: str = "auto") -> pd.DataFrame:
     """Per generated token and mode: the position it was computed at and the ms it took (no stop tokens, so every
     run is max_new_tokens long). The final step only samples (no forward) and is left out."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)

@@ -28,8 +28,11 @@ from qwenlab.quant.linear import nvfp4_modules
 QUANTIZED_REFERENCE_DTYPE = "bfloat16"  # the reference dequantizes through bfloat16: its floors are bfloat16's
 
 
-def load_quantized(model_path, dtype, device, quant: str = ""):
+def load_quantized(model_path, dtype, device, quant: str = "", device_map: str = ""):
     """The model under test: an NVFP4 checkpoint as it is, any other quantized at load (quant, default nvfp4)."""
+    if device_map:
+        raise QwenlabError(f"device_map {device_map!r}: notebook 06 runs the NVFP4 model and its references on one "
+                           "device")
     is_nvfp4 = read_quant_config(model_path) is not None
     ckpt = load(model_path, dtype, device, quant=quant or (None if is_nvfp4 else "nvfp4"))
     if getattr(ckpt.model, "quantization", None) is None:

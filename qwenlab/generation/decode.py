@@ -104,7 +104,8 @@ def generate(model: Qwen3, prompt_ids: list[int], params: SamplingParams = Sampl
     if used == "graph":
         try:
             step, out.compile_s = captured_step(model, cache)
-            out.engine_note = f"attention: {step.kernels['attention']}; Triton GEMV for {step.kernels['gemv'] or 'none'}"
+            gemv = step.kernels["gemv"] or "none"
+            out.engine_note = f"attention: {step.kernels['attention']}; Triton GEMV for {gemv}"
         except Exception as e:  # noqa: BLE001 - capture can fail for reasons of the platform; decode still works
             out.engine, out.engine_note = "eager", f"graph capture failed: {type(e).__name__}: {str(e)[:200]}"
     sampler = Sampler(params, model.device, on_device=step is not None)

@@ -4,7 +4,8 @@ The cache holds max_len slots of which the first pos+1 are valid (pos = the quer
 the device, so the captured graph serves every length). Each program takes one KV head and one chunk of slots:
 the G query heads that share that KV head are scored together, softmax runs online over the chunk's valid slots,
 and chunks past the valid length return at once, so the cost follows the context, not max_len. Up to 1024 slots
-one chunk covers the cache; above, a second kernel merges the chunks' partial results. Scores and softmax are float32; probabilities meet V in the cache's dtype, as in the
+one chunk covers the cache; above, a second kernel merges the chunks' partial results. Scores and softmax are
+float32; probabilities meet V in the cache's dtype, as in the
 eager path.
 """
 import torch
@@ -111,7 +112,8 @@ def decode_attention_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     m_part = torch.empty((kv_heads, n_chunks, gp) if split else (1,), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     _attend_kernel[(kv_heads, n_chunks)](q, k, v, pos, out, o_part, m_part, l_part, k.stride(1), k.stride(2),
-                                         v.stride(1), v.stride(2), n_chunks, SM_SCALE=dim ** -0.5, G=group, GP=gp, D=dim,
+                                         v.stride(1), v.stride(2), n_chunks, SM_SCALE=dim ** -0.5, G=group, GP=gp,
+                                         D=dim,
                                          DP=dp, CHUNK=chunk, BLOCK=BLOCK, SPLIT=split, IEEE=q.dtype == torch.float32)
     if split:
         _merge_kernel[(kv_heads,)](o_part, m_part, l_part, pos, out, n_chunks, G=group, GP=gp, D=dim, DP=dp,

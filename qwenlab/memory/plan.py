@@ -50,7 +50,8 @@ class Plan:
         lines = [f"placement: {self.placement} (qwenlab needs {self.qwenlab_bytes / GB:.2f} GB, the reference "
                  f"{self.reference_bytes / GB:.2f} GB; {free})"]
         if self.layer_devices:
-            lines.append("qwenlab layers: " + ", ".join(f"{dev} {a}-{b}" for dev, (a, b) in _ranges(self.layer_devices)))
+            spans = ", ".join(f"{dev} {a}-{b}" for dev, (a, b) in _ranges(self.layer_devices))
+            lines.append(f"qwenlab layers: {spans}")
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 
 
@@ -127,8 +128,9 @@ def plan(cfg: Qwen3Config, dtype: str, prompt_tokens: int, device: str = "cpu", 
         result.placement = "resident"
     elif placement in ("auto", "sequential") and max(q, r) <= usable:
         result.placement = "sequential"
-        result.notes.append(f"both at once need {(q + r) / GB:.1f} GB, {usable / GB:.1f} GB usable on "
-                            f"{devices[0].name}: one model at a time, diffed from dumps")
+        result.notes.append("one model at a time, diffed from dumps: " + (
+            "as asked" if placement == "sequential" else
+            f"both at once need {(q + r) / GB:.1f} GB, {usable / GB:.1f} GB usable on {devices[0].name}"))
     elif placement in ("auto", "split") and len(devices) > 1 and devices[0].name != "cpu":
         total = sum(d.free for d in devices) * HEADROOM
         if q + r <= total:

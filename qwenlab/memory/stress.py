@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
     p.add_argument("--quant", default=None, help="nvfp4 | nvfp4-w4a4 (doc/nvfp4.md); default: as the checkpoint is")
+    p.add_argument("--device-map", default=None, help="qwenlab's layers split across devices: balanced | 0:0-31,1:32-63 "
+                                                       "(GPU index or device, then layers; doc/placement.md)")
     p.add_argument("--strategies", default="session,rebuild,replay", help="comma-separated subset")
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--turns", type=int, default=6, help="user turns of data/chat_script.json to play (max 6)")
@@ -85,6 +87,7 @@ def config_from_args(args) -> StressConfig:
         raise QwenlabError("--iterations and --turns must be >= 1")
     parse_quant(args.quant)
     return StressConfig(model_dir=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                        device_map=args.device_map,
                         strategies=strategies,
                         iterations=args.iterations, turns=args.turns, max_new_tokens=args.max_new_tokens,
                         fresh_process=args.fresh_process, empty_cache=ON_OFF[args.empty_cache],
@@ -97,7 +100,7 @@ def config_from_args(args) -> StressConfig:
 def one_iteration(cfg: StressConfig, strategy: str, iteration: int) -> dict:
     """The child of --fresh-process: load, run one chat, print the record. A crash exits non-zero."""
     system, script = load_script(cfg.script)
-    ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device, cfg.quant)
+    ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device, cfg.quant, device_map=cfg.device_map)
     if cfg.crash_iteration == iteration:
         raise RuntimeError(f"planted crash in iteration {iteration}")
     policy = Policy(strategy, cfg.preallocate, cfg.empty_cache, cfg.expandable_segments, cfg.max_len)

@@ -59,6 +59,7 @@ class StressConfig:
     device: str | None = None
     dtype: str = "auto"
     quant: str | None = None  # nvfp4 / nvfp4-w4a4 (doc/nvfp4.md); None: as the checkpoint is
+    device_map: str | None = None  # qwenlab's layers across devices (doc/placement.md); None: all on `device`
     strategies: tuple = ("session", "rebuild", "replay")
     iterations: int = 10
     turns: int = 6
@@ -134,7 +135,7 @@ def _one_iteration_cmd(cfg: StressConfig, strategy: str, iteration: int) -> list
            "--dtype", cfg.dtype, "--empty-cache", "on" if cfg.empty_cache else "off",
            "--preallocate", "on" if cfg.preallocate else "off"]
     for flag, value in (("--model", cfg.model_dir), ("--device", cfg.device), ("--max-len", cfg.max_len),
-                        ("--script", cfg.script), ("--quant", cfg.quant)):
+                        ("--script", cfg.script), ("--quant", cfg.quant), ("--device-map", cfg.device_map)):
         if value is not None:
             cmd += [flag, str(value)]
     if cfg.leak_mb:
@@ -182,7 +183,7 @@ def run_matrix(cfg: StressConfig, ckpt=None, progress=None) -> StressResult:
     else:
         allocator = apply_allocator_config(cfg.expandable_segments)
         if ckpt is None:
-            ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device, cfg.quant)
+            ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device, cfg.quant, device_map=cfg.device_map)
         device = str(ckpt.model.device)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     records = []

@@ -44,7 +44,8 @@ def parse_device_map(spec, num_layers: int) -> list[str]:
         raise QwenlabError(f"device map has {len(layers)} entries for {num_layers} layers")
     for name in set(layers):
         device = torch.device(name)
-        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and (device.index or 0) >= visible:
             raise QwenlabError(f"device map names {name}, which is not visible on this machine")
     return layers
 

@@ -183,7 +183,8 @@ class DecoderLayer(nn.Module):
 def _fuse(linears: list[nn.Linear]) -> nn.Linear:
     """One Linear over the concatenated weights (and biases); each given module is re-pointed at its slice."""
     with torch.device("meta"):
-        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=linears[0].bias is not None)
+        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears),
+                          bias=linears[0].bias is not None)
     for name in ("weight", "bias"):
         parts = [getattr(m, name) for m in linears]
         if parts[0] is None:

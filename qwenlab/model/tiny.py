@@ -93,7 +93,8 @@ def _numpy_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     return w
 
 
-def _torch_tensor(cfg: dict, name: str, shape: tuple, index: int, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
+def _torch_tensor(cfg: dict, name: str, shape: tuple, index: int, seed: int, dtype: torch.dtype,
+                  device) -> torch.Tensor:
     """The same recipe with torch's generator, one seed per tensor (so shards can be made one at a time, on a GPU
     for the large shapes): fast, not byte-stable across torch versions."""
     gen = torch.Generator(device).manual_seed(seed * 1_000_003 + index)

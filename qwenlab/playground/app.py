@@ -32,7 +32,7 @@ TABLE_REFRESH_S = 1.0
 class Playground(PlaygroundWidgets):
     def __init__(self, model_dir=None, device=None, dtype=None, out_dir=None, *, checkpoint=None,
                  reference_model=None, preload: bool = False, compare_max_new_tokens: int = 64,
-                 refresh_s: float = 0.05, quant: str | None = None):
+                 refresh_s: float = 0.05, quant: str | None = None, device_map=None):
         """model_dir None/"" = the embedded tiny model; `checkpoint` (a loader.Checkpoint) and `reference_model`
         reuse models already loaded elsewhere instead of loading on first use. quant: the quantization dropdown's
         first value (nvfp4, nvfp4-w4a4; a `checkpoint` given must have been loaded with it); changing the
@@ -47,6 +47,7 @@ class Playground(PlaygroundWidgets):
         self._recorder, self._history_before, self._job = None, [], ""
         self._stop, self._load_lock, self._worker = threading.Event(), threading.Lock(), None
         self._build_widgets()
+        self.device_map = device_map  # qwenlab's layers across devices (doc/placement.md)
         self.quantization.value = quant if quant in core.QUANTIZATIONS else "none"
         self._given_quant = self._ckpt_quant = core.quant_arg(self.quantization.value)
         self._set_status("ready: type a prompt and press Generate (the model loads on first use)")
@@ -197,7 +198,7 @@ class Playground(PlaygroundWidgets):
             try:
                 given = self._given_checkpoint
                 path = given.path if given is not None and not self.model_dir else resolve_model_dir(self.model_dir)
-                ckpt = load(path, self.dtype, self.device, quant=quant)
+                ckpt = load(path, self.dtype, self.device, quant=quant, device_map=self.device_map)
             except QwenlabError as e:
                 raise QwenlabError(f"model failed to load: {e}") from None
             except Exception as e:

@@ -7,7 +7,7 @@ from pathlib import Path
 from qwenlab.errors import QwenlabError
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
-STANDARD_PARAMS = ("model_dir", "device", "dtype", "out_dir", "thresholds_dir", "quant")
+STANDARD_PARAMS = ("model_dir", "device", "dtype", "out_dir", "thresholds_dir", "quant", "device_map")
 
 
 def discover(notebooks_dir) -> list[Path]:
@@ -58,7 +58,7 @@ def parse_param_args(pairs: list[str]) -> tuple[dict, dict]:
             raise QwenlabError(f"-p {pair!r}: {pname!r} is not a parameter name")
         if pname in STANDARD_PARAMS:
             raise QwenlabError(f"-p {pname}: set by the report itself (use --model, --device, --dtype, --out, "
-                               "--thresholds-dir, --quant)")
+                               "--thresholds-dir, --quant, --device-map)")
         (scoped.setdefault(target, {}) if dot else global_params)[pname] = parse_value(value)
     return global_params, scoped
 

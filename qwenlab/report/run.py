@@ -117,7 +117,8 @@ def command_line(args) -> str:
 
     parts = ["qwenlab", "report"]
     for flag, value in (("--model", args.model), ("--device", args.device), ("--dtype", args.dtype),
-                        ("--quant", args.quant), ("--out", args.out), ("--only", args.only),
+                        ("--quant", args.quant), ("--device-map", args.device_map), ("--out", args.out),
+                        ("--only", args.only),
                         ("--thresholds-dir", args.thresholds_dir),
                         ("--candidate", args.candidate), ("--notebooks-dir", args.notebooks_dir),
                         ("--timeout", args.timeout)):
@@ -158,7 +159,7 @@ def run_report(args) -> int:
     declared = {nb.stem: declared_parameters(nb) for nb in notebooks}
     out = Path(args.out).expanduser().resolve() if args.out else REPORTS_DIR
     standard = {"model_dir": str(model_dir), "device": device, "dtype": args.dtype, "out_dir": None,
-                "thresholds_dir": thresholds_dir, "quant": quant}
+                "thresholds_dir": thresholds_dir, "quant": quant, "device_map": args.device_map or ""}
     plan = plan_parameters(notebooks, declared, standard, candidate, global_params, scoped, all_notebooks)
     check_candidate(candidate)
     ensure_kernel()
@@ -170,6 +171,7 @@ def run_report(args) -> int:
     header = {"run": run_dir.name, "run_dir": str(run_dir), "started_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
               "finished_utc": None, "duration_s": None, "status": "running", "git_commit": commit, "git_dirty": dirty,
               "versions": versions(), "device": device, "dtype": args.dtype, "quant": quant or None,
+              "device_map": args.device_map,
               "model_path": str(model_dir),
               "model_name": model_dir.name, "config_hash": config_hash, "thresholds_dir": thresholds_dir or None,
               "candidate": candidate, "parameters": {"global": global_params, "scoped": scoped},
@@ -227,6 +229,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--quant", default=None, help="nvfp4 | nvfp4-w4a4: every notebook loads the model quantized "
                                                  "(notebooks 02-04 and 07 against the quantized reference, "
                                                  "doc/nvfp4.md); default: as the checkpoint is")
+    p.add_argument("--device-map", default=None,
+                   help="qwenlab's layers split across devices in every notebook that loads the model: balanced | "
+                        "0:0-31,1:32-63 (doc/placement.md); notebook 03 also plans where its reference goes")
     p.add_argument("--out", type=Path, default=None, help="reports folder (default: <repo>/reports)")
     p.add_argument("--only", default=None, help="comma-separated notebooks to run: 01,03 or 03_layer_diffs")
     p.add_argument("--thresholds-dir", default=None, help="folder of <notebook>.json thresholds "
