@@ -60,13 +60,16 @@ def place(model: nn.Module, layer_devices: list[str]) -> nn.Module:
     """Moves the model's parts to their devices (from wherever they were loaded) and installs the input moves."""
     first, last = torch.device(layer_devices[0]), torch.device(layer_devices[-1])
     backbone = model.model
+    tied = model.lm_head.weight.data_ptr() == backbone.embed_tokens.weight.data_ptr()
     backbone.embed_tokens.to(first)
     for layer, name in zip(backbone.layers, layer_devices):
         layer.to(torch.device(name))
         layer.register_forward_pre_hook(_inputs_to(torch.device(name)))
     backbone.norm.to(last)
     backbone.norm.register_forward_pre_hook(_inputs_to(last))
-    if model.lm_head.weight is not backbone.embed_tokens.weight:
+    if tied:  # .to() copies; the head keeps sharing the embedding's (moved) weight
+        model.lm_head.weight = backbone.embed_tokens.weight
+    else:
         model.lm_head.to(last)
     model.lm_head.register_forward_pre_hook(_inputs_to(model.lm_head.weight.device))
     model.layer_devices = list(layer_devices)

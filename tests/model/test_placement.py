@@ -25,6 +25,7 @@ def test_device_map_specs():
 def test_split_on_the_cpu_gives_the_unsplit_model_s_activations_and_tokens(tiny_dir, tiny):
     split = load(tiny_dir, "float32", "cpu", device_map="cpu:0-1,cpu:2-3")
     assert split.model.layer_devices == ["cpu"] * 4 and not is_split(split.model)
+    assert split.model.lm_head.weight is split.model.model.embed_tokens.weight  # still tied after the move
     hooks = [len(layer._forward_pre_hooks) for layer in split.model.model.layers]
     assert hooks == [1, 1, 1, 1]
     ids = torch.tensor(tiny.tokenizer.encode("Have you ever seen a UFO?"))
