@@ -3,6 +3,7 @@ half-written or overwritten on failure. JSON is written strict: NaN and infiniti
 import json
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,24 @@ def atomic_path(path):
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path, mode: int = 0o755):
+    """Yields a temp folder beside `path` to fill; on success it becomes `path` (which must be absent or empty),
+    on failure it is removed: a failed run never leaves a half-written folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        tmp.chmod(mode)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -2,13 +2,13 @@
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from qwenlab.atomic import atomic_dir
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import config_from_dict
 from qwenlab.model.loader import expected_shapes
@@ -131,17 +131,8 @@ def write_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, device: str =
     if out_dir.exists() and any(out_dir.iterdir()):
         raise QwenlabError(f"{out_dir}: exists and is not empty (refusing to overwrite)")
     cfg = config_json(preset)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_files(tmp, cfg, _shards(cfg, preset, seed, device))
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.chmod(0o755)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

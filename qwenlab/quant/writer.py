@@ -3,12 +3,12 @@ when larger than max_shard_bytes) and every other file of the source (tokenizer,
 Written into a temp folder beside DST and renamed at the end: a failed run leaves no half-written DST."""
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from qwenlab.atomic import atomic_dir
 from qwenlab.errors import QwenlabError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -63,9 +63,7 @@ def write_checkpoint(dst, src_dir, config: dict, tensors: dict[str, torch.Tensor
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     dst = Path(dst)
     check_destination(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         copy_side_files(Path(src_dir), tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_json or {}).items():
@@ -73,11 +71,4 @@ def write_checkpoint(dst, src_dir, config: dict, tensors: dict[str, torch.Tensor
         _write_weights(tmp, {k: v.contiguous() for k, v in tensors.items()}, max_shard_bytes)
         for path in tmp.iterdir():
             path.chmod(0o644)
-        if dst.exists():
-            dst.rmdir()
-        tmp.chmod(0o755)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
