@@ -36,14 +36,31 @@ def qwenlab_rows(model, prompt, new_tokens, prefill_ids, engines, load_s) -> lis
     prefill_s = _prefill_seconds(lambda: model(torch.tensor(prefill_ids, device=device),
                                               cache=new_cache(model, len(prefill_ids)), last_only=True), device)
     for engine in engines:
-        warm = generate(model, prompt, params, stop_ids=(-1,), engine=engine)
+        margins = []
+        warm = generate(model, prompt, params, stop_ids=(-1,), engine=engine, on_logits=lambda l: margins.append(
+            float(torch.topk(l.float(), 2).values.diff().neg())))  # untimed run: the top-2 gap behind each token
         row = {"impl": "qwenlab", "engine": warm.engine, "note": warm.engine_note, "compile_s": warm.compile_s,
-               "load_s": load_s, "prefill_tok_s": len(prefill_ids) / prefill_s}
+               "load_s": load_s, "prefill_tok_s": len(prefill_ids) / prefill_s, "ids": warm.ids,
+               "top2_margins": margins}
         with peak_allocated(device, row):
             run = generate(model, prompt, params, stop_ids=(-1,), engine=engine)
         row |= {"decode_tok_s": decode_rate(run.step_s), "ttft_s": run.prefill_s + run.step_s[0]}
         rows.append(row)
     return rows
+
+
+def graph_vs_eager(rows: list[dict]) -> dict | None:
+    """Where the graph engine's greedy tokens first part from the eager engine's, with both top-2 logit margins
+    there: in bf16 a flip at a near-tie is rounding, a flip at a clear margin is a bug."""
+    by_engine = {r["engine"]: r for r in rows if r["impl"] == "qwenlab"}
+    if "graph" not in by_engine or "eager" not in by_engine:
+        return None
+    graph, eager = by_engine["graph"], by_engine["eager"]
+    at = next((i for i, (a, b) in enumerate(zip(graph["ids"], eager["ids"])) if a != b), None)
+    out = {"tokens": min(len(graph["ids"]), len(eager["ids"])), "first_parting": at}
+    if at is not None:
+        out |= {"graph_top2_margin": graph["top2_margins"][at], "eager_top2_margin": eager["top2_margins"][at]}
+    return out
 
 
 def hf_rows(model_dir, dtype, device, prompt, new_tokens, prefill_ids, static: bool) -> list[dict]:
@@ -106,7 +123,8 @@ def run_bench(args) -> int:
     result = {"facts": facts, "model": str(model_dir), "layers": cfg.num_hidden_layers, "dtype": str(dtype)[6:],
               "weight_bytes": wbytes, "copy_bandwidth_gb_s": bandwidth / 1e9, "floor_ms_per_token": floor_s * 1e3,
               "floor_tok_s": 1 / floor_s, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "prefill_tokens": args.prefill_tokens, "budget_bytes": budget, "rows": rows}
+              "prefill_tokens": args.prefill_tokens, "budget_bytes": budget, "rows": rows,
+              "graph_vs_eager": graph_vs_eager(rows)}
     if args.out:
         Path(args.out).write_text(json.dumps(json_safe(result), indent=1))
     print(json.dumps(json_safe(result)) if args.json else format_table(result))
@@ -137,6 +155,12 @@ def format_table(r: dict) -> str:
                      f"{num('peak_allocated_bytes', '8.2f', 1 / GiB)} {num('compile_s', '9.1f')} "
                      f"{num('load_s', '6.1f')}")
     notes = [f"  {row['impl']} {row['engine']}: {row['note']}" for row in r["rows"] if row.get("note")]
+    parting = r.get("graph_vs_eager")
+    if parting:
+        lines.append(f"greedy graph vs eager over {parting['tokens']} tokens: " + (
+            "identical" if parting["first_parting"] is None else
+            f"first part at token {parting['first_parting']} (top-2 margin graph {parting['graph_top2_margin']:.3g}, "
+            f"eager {parting['eager_top2_margin']:.3g})"))
     return "\n".join(lines + (["notes:"] + notes if notes else []))
 
 

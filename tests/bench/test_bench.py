@@ -20,6 +20,7 @@ def test_bench_prints_the_table_with_qwenlab_and_transformers_rows():
     rows = [line.split() for line in out.splitlines()[1:] if line.startswith(("qwenlab ", "transformers "))]
     assert [r[0] for r in rows] == ["qwenlab", "qwenlab", "transformers"]
     assert "the graph engine needs CUDA" in out  # the graph row says why it ran eager on the CPU
+    assert "greedy graph vs eager over" not in out  # on the CPU both rows ran eager: nothing to compare
 
 
 def test_bench_json(tmp_path):
@@ -28,3 +29,16 @@ def test_bench_json(tmp_path):
     row = result["rows"][0]
     assert row["impl"] == "qwenlab" and row["engine"] == "eager" and row["decode_tok_s"] > 0
     assert result["weight_bytes"] > 0 and result["floor_tok_s"] > 0 and result["facts"]["device"] == "cpu"
+
+
+def test_graph_vs_eager_names_the_first_parting_token_and_both_margins():
+    from qwenlab.bench.decode import graph_vs_eager
+
+    rows = [{"impl": "qwenlab", "engine": "graph", "ids": [5, 6, 7, 8], "top2_margins": [3.0, 2.0, 0.01, 1.0]},
+            {"impl": "qwenlab", "engine": "eager", "ids": [5, 6, 9, 9], "top2_margins": [3.0, 2.0, 0.02, 1.5]},
+            {"impl": "transformers", "engine": "generate, dynamic cache"}]
+    assert graph_vs_eager(rows) == {"tokens": 4, "first_parting": 2, "graph_top2_margin": 0.01,
+                                    "eager_top2_margin": 0.02}
+    rows[1]["ids"] = [5, 6, 7, 8]
+    assert graph_vs_eager(rows) == {"tokens": 4, "first_parting": None}
+    assert graph_vs_eager(rows[:1]) is None
