@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from qwenlab.activations.reference import versions
+from qwenlab.bench.measure import sync
 from qwenlab.generation.decode import generate
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory.predict import measured_weight_bytes, quantized_weight_bytes
@@ -40,11 +41,6 @@ def linear_bytes(model) -> int:
         elif isinstance(module, torch.nn.Linear):
             total += module.weight.untyped_storage().nbytes()
     return total
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def allocated(device) -> float:

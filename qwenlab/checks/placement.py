@@ -2,7 +2,6 @@
 are resident (on one device, or each split across GPUs: qwenlab by layer ranges, the reference through
 accelerate), or they run one at a time: qwenlab captures every prompt into dumps on disk and is freed, then the
 reference loads and captures, and the diff reads the two sets of dumps. A candidate dump needs only the reference."""
-import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.activations.reference import capture_reference, load_reference
 from qwenlab.checks.layer_diffs import PromptDiff, diff_candidate, diff_prompts, encode_prompt, prompt_label
 from qwenlab.errors import QwenlabError
+from qwenlab.memory.device import empty_cache, settle
 from qwenlab.memory.plan import Plan, plan
 from qwenlab.model.config import read_config, read_generation_config
 from qwenlab.model.loader import load, resolve_device, resolve_dtype
@@ -53,9 +53,9 @@ def plan_for(model_dir, dtype: str, device: str, prompts, placement: str = "auto
 
 
 def free(device):
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
+    """Before the next model loads: the last one's memory collected and handed back to the driver."""
+    settle(device)
+    empty_cache(device)
 
 
 def run_layer_diffs(model_dir, dtype: str, device: str, prompts, the_plan: Plan, dump_dir, *, candidate: str = "",

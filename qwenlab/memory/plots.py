@@ -141,7 +141,7 @@ def plot_kv(frame, per_token: int, title: str = ""):
     import matplotlib.pyplot as plt
 
     top = max(frame["predicted_bytes"].max(), frame["kv_nbytes"].max())
-    div, unit = (2 ** 30, "GiB") if top >= 4 * 2 ** 30 else (2 ** 20, "MiB")
+    div, unit = unit_for(top)
     xs = sorted(frame["length"].unique())
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(xs, [per_token * x / div for x in xs], color="0.3", lw=1, label=f"predicted ({per_token:,} B/token)")
