@@ -1,4 +1,5 @@
-"""Forward time of qwenlab vs transformers on one checkpoint, and the overhead of full probing, side by side.
+"""Forward time of qwenlab vs transformers on one checkpoint, with hook points unused and reading every canonical
+activation, side by side.
 
     python bench/forward_bench.py                       # embedded tiny fixture, CPU, float32
     python bench/forward_bench.py --model DIR --device cuda --dtype bfloat16 --tokens 512
@@ -15,10 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from qwenlab.activations.reference import capture_reference, load_reference, versions  # noqa: E402
+from qwenlab.activations.capture import capture_qwenlab  # noqa: E402
+from qwenlab.activations.reference import capture_reference, load_reference  # noqa: E402
 from qwenlab.model.loader import load  # noqa: E402
-from qwenlab.model.probe import Probe  # noqa: E402
 from qwenlab.model.tiny import ensure_tiny  # noqa: E402
+from qwenlab.versions import package_versions as versions  # noqa: E402
 
 
 def timed(fn, device, repeat: int) -> float:
@@ -53,13 +55,11 @@ def main():
     hf_x = x[None]
 
     rows = []
-    for attention in ("sdpa", "eager"):
-        model.set_attention(attention)
-        rows.append((f"qwenlab ({attention})", timed(lambda: model(x), device, args.repeat)))
-    model.set_attention("sdpa")
     with torch.inference_mode():
+        for attention in ("sdpa", "eager"):
+            rows.append((f"qwenlab ({attention})", timed(lambda: model(x, attention=attention), device, args.repeat)))
         rows.append(("transformers (eager)", timed(lambda: hf(input_ids=hf_x, use_cache=False), device, args.repeat)))
-    rows.append(("qwenlab (sdpa) + full probe", timed(lambda: model(x, probe=Probe()), device, args.repeat)))
+    rows.append(("qwenlab (sdpa), every hook read", timed(lambda: capture_qwenlab(model, ids), device, args.repeat)))
     rows.append(("transformers + hook capture", timed(lambda: capture_reference(hf, ids), device, args.repeat)))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -73,7 +73,7 @@ def main():
     print(f"{'path':<30} {'ms':>10} {'vs qwenlab':>11} {'vs HF':>8}")
     for label, seconds in rows:
         print(f"{label:<30} {seconds * 1e3:>10.2f} {seconds / base:>10.2f}x {seconds / hf_time:>7.2f}x")
-    print(f"full-probe overhead: {(rows[3][1] / base - 1) * 100:+.1f}% over the unprobed forward")
+    print(f"reading every hook point: {(rows[3][1] / base - 1) * 100:+.1f}% over the forward with none read")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from qwenlab.activations.reference import versions
 from qwenlab.bench.measure import sync
 from qwenlab.generation.decode import generate
 from qwenlab.generation.sampling import SamplingParams
@@ -24,6 +23,7 @@ from qwenlab.model.loader import load
 from qwenlab.model.tiny import ensure_tiny
 from qwenlab.quant import fp4_gemm
 from qwenlab.quant.linear import KERNEL_TEXT, NVFP4Linear
+from qwenlab.versions import package_versions as versions
 
 PROMPT = "The lighthouse on the northern point had been dark for eleven years when the town decided to restore it."
 
@@ -69,7 +69,7 @@ def measure(label: str, folder: str, quant: str | None, device: torch.device, dt
            "weight_bytes": measured_weight_bytes(model), "predicted_weight_bytes": quantized_weight_bytes(model),
            "linear_weight_bytes": linear_bytes(model), "cuda_allocated_by_load": allocated(device) - before,
            "cuda_peak_during_load": peak(device) - before}
-    info = getattr(model, "quantization", None)
+    info = model.quantization
     row["path"] = KERNEL_TEXT[info.kernel] if info else "dense (torch matmul in the run dtype)"
     row["quantization"] = info.summary() if info else None
     ids = ckpt.tokenizer.encode(PROMPT)

@@ -68,23 +68,22 @@ import os
 
 from IPython.display import display
 
-from qwenlab.activations.nvfp4_reference import load_reference_for
+import qwenlab as ql
 from qwenlab.checks import decode_parity as dp
 from qwenlab.checks import nbutil, plots
 from qwenlab.checks.layer_diffs import encode_prompt
-from qwenlab.model.loader import load
-from qwenlab.model.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 NOTEBOOK = "04_decode_kv_parity"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
-model_path = resolve_model_dir(model_dir)
-ckpt = load(model_path, dtype, device, quant, device_map=device_map or None)
+ckpt = ql.load(ql.LoadSpec.from_params(model_dir, dtype, device, quant, device_map))
 model, tok = ckpt.model, ckpt.tokenizer
 run_dtype = str(model.dtype).removeprefix("torch.")
-reference = load_reference_for(ckpt, quant_reference, unquantized_model or None)
+reference = ql.load_reference(ckpt, quant_reference, unquantized_model or None)
 stop_ids = tok.stop_ids
-print(f"model {model_path} · {run_dtype} on {model.device} · stop ids {stop_ids}")
+kv_engine = ql.Engine(model, engine)  # one engine for every kv decode below: compiled and captured once
+print(f"model {ckpt.path} · {run_dtype} on {model.device} · stop ids {stop_ids} · kv engine {kv_engine.kind}"
+      + (f" ({kv_engine.note})" if kv_engine.note else ""))
 
 # %% [markdown]
 # ## 1. Greedy tokens: kv vs replay vs transformers `generate`
@@ -98,7 +97,7 @@ print(f"model {model_path} · {run_dtype} on {model.device} · stop ids {stop_id
 
 # %%
 prompt_ids = {label: encode_prompt(tok, p) for label, p in zip(prompts, prompts)}
-greedy, steps = dp.greedy_parity(model, reference, prompt_ids, max_new_tokens, stop_ids, engine=engine)
+greedy, steps = dp.greedy_parity(model, reference, prompt_ids, max_new_tokens, stop_ids, engine=kv_engine)
 display(greedy.drop(columns=["kv_ids", "reference_ids"]).T)
 for label, row in greedy.iterrows():
     print(f"{label!r}: {tok.decode(row['kv_ids'])!r}")
@@ -114,7 +113,8 @@ for label, row in greedy.iterrows():
 # tokens must equal `replay`'s, and so must the logits behind them (max rel_l2 / KL per turn).
 
 # %%
-chat = dp.chat_parity(model, tok, chat_turns, chat_new_tokens, enable_thinking=chat_enable_thinking, engine=engine)
+chat = dp.chat_parity(model, tok, chat_turns, chat_new_tokens, enable_thinking=chat_enable_thinking,
+                      engine=kv_engine)
 display(chat.drop(columns=["ids", "text"]).set_index(["strategy", "turn"]))
 
 # %% [markdown]
@@ -129,8 +129,8 @@ display(chat.drop(columns=["ids", "text"]).set_index(["strategy", "turn"]))
 # Timings on a shared CPU are noisy (isolated spikes are other processes); they are recorded, not judged.
 
 # %%
-latency = dp.latency_profile(model, dp.filler_ids(tok, latency_prompt_tokens), latency_new_tokens, engine=engine)
-by_position = dp.latency_by_position(model, tok, latency_positions, engine=engine)
+latency = dp.latency_profile(model, dp.filler_ids(tok, latency_prompt_tokens), latency_new_tokens, engine=kv_engine)
+by_position = dp.latency_by_position(model, tok, latency_positions, engine=kv_engine)
 display(dp.latency_summary(latency))
 display(by_position.pivot(index="position", columns="mode", values="ms_per_token"))
 fig = plots.latency_plot(latency, by_position)
@@ -159,7 +159,7 @@ figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "turn_latency")
 stop_prompt_ids = {p: encode_prompt(tok, p) for p in stop_prompts}
 synthetic = (prompts[-1], prompt_ids[prompts[-1]])
 stops = dp.stop_cases(model, stop_prompt_ids, stop_ids, stop_new_tokens, reference, synthetic=synthetic,
-                      engine=engine)
+                      engine=kv_engine)
 display(stops)
 
 # %% [markdown]
@@ -178,7 +178,7 @@ display(stops)
 # * every exercised stop case is honoured, and at least `min_stop_cases_exercised` were exercised.
 
 # %%
-limit_dtype = "bfloat16" if getattr(model, "quantization", None) else run_dtype  # NVFP4: doc/nvfp4.md
+limit_dtype = "bfloat16" if model.quantization else run_dtype  # NVFP4: doc/nvfp4.md
 metrics, reasons = dp.verdict(thresholds, dtype=run_dtype, greedy=greedy, chat=chat, chat_turns=chat_turns,
                               latency=latency, by_position=by_position, stops=stops, stop_ids=stop_ids,
                               limit_dtype=limit_dtype)

@@ -221,8 +221,7 @@ display(strategies_frame.pivot(index="turn", columns="strategy",
 
 # %%
 stress_result = stress_matrix.run_matrix(
-    stress_matrix.StressConfig(strategies=tuple(strategy_list), iterations=iterations, turns=turns, quant=quant or None,
-                               device_map=device_map or None,
+    stress_matrix.StressConfig(ckpt.spec, strategies=tuple(strategy_list), iterations=iterations, turns=turns,
                                max_new_tokens=stress_max_new_tokens, preallocate=preallocate,
                                leak_threshold_mb=mf.leak_threshold(thresholds, model.device)),
     ckpt=ckpt)

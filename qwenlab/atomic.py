@@ -63,6 +63,8 @@ def json_safe(value):
         return [json_safe(v) for v in value]
     if hasattr(value, "item") and callable(value.item):
         return json_safe(value.item())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return value
 
 

@@ -1,4 +1,6 @@
-"""`qwenlab` / `python -m qwenlab`: every command takes --model DIR (default: the embedded tiny fixture)."""
+"""`qwenlab` / `python -m qwenlab`: the workbench's commands. Those that load a model share --model DIR (default:
+the embedded tiny fixture), --dtype, --device, --quant and --device-map; `tiny`, `diff` and `quantize` take their
+own arguments. Errors are one line (exit 2); --debug shows the traceback of an internal error."""
 import argparse
 import json
 import sys
@@ -8,32 +10,23 @@ from qwenlab.activations.capture import capture_to_file
 from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.diff_text import nothing_compared, summary_text
 from qwenlab.activations.nvfp4_reference import REFERENCES
+from qwenlab.arguments import COUNT, NON_NEGATIVE, SEED, TEMPERATURE, TOP_P
 from qwenlab.bench import decode as bench_decode
-from qwenlab.errors import QwenlabError, run_command
-from qwenlab.generation.decode import ENGINES, check_context, generate
+from qwenlab.errors import Parser, QwenlabError, add_debug_flag, parse, run_command
+from qwenlab.generation.decode import check_context, generate
+from qwenlab.generation.engine import ENGINES
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory import stress
 from qwenlab.model import quantize
 from qwenlab.model.config import read_generation_config
-from qwenlab.model.loader import load, parse_dtype, resolve_device
-from qwenlab.model.nvfp4_load import parse_quant
+from qwenlab.model.loader import load, resolve_device
+from qwenlab.model.spec import LoadSpec, add_load_arguments
 from qwenlab.model.tiny import expected_digest, resolve_model_dir, verify, write_checkpoint
 from qwenlab.model.tokenizer import Tokenizer
 from qwenlab.report import run as report_run
 
 # Commands defined beside their logic, each adding its own subparser.
 PLUGIN_COMMANDS = (report_run.register, stress.register, quantize.register, bench_decode.register)
-
-
-def _model_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", type=Path, default=None,
-                   help="Qwen3 checkpoint directory in HF layout (default: the embedded tiny fixture)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--quant", default=None, help="none | nvfp4 | nvfp4-w4a4 (default: as the checkpoint is; nvfp4 "
-                                                 "quantizes a bf16/fp32 checkpoint's linears at load, doc/nvfp4.md)")
-    p.add_argument("--device-map", default=None, help="qwenlab's layers split across devices: balanced | 0:0-31,1:32-63 "
-                                                       "(GPU index or device, then layers; doc/placement.md)")
 
 
 def _text_args(p: argparse.ArgumentParser, flag: str):
@@ -64,10 +57,6 @@ def cmd_tiny(args):
 
 
 def cmd_tokenize(args):
-    resolve_device(args.device)
-    parse_quant(args.quant)
-    if args.dtype != "auto":
-        parse_dtype(args.dtype)
     model_dir = _model_dir(args)
     tok = Tokenizer.from_dir(model_dir, read_generation_config(model_dir))
     ids = _prompt_ids(args, tok)
@@ -80,7 +69,7 @@ def cmd_tokenize(args):
 
 
 def cmd_generate(args):
-    ckpt = load(_model_dir(args), args.dtype, args.device, args.quant, device_map=args.device_map)
+    ckpt = load(LoadSpec.from_args(args))
     ids = _prompt_ids(args, ckpt.tokenizer)
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
     stream = ckpt.tokenizer.stream()
@@ -99,13 +88,13 @@ def cmd_generate(args):
         print(f"[{len(gen.ids)} tokens, stop: {gen.stop_reason}, prefill {gen.prefill_s * 1e3:.1f} ms, "
               f"decode {gen.decode_tok_s:.1f} tok/s, {ckpt.model.device}, {ckpt.model.dtype}, engine {gen.engine}"
               f"{compiled}{f' ({gen.engine_note})' if gen.engine_note else ''}]", file=sys.stderr)
-    quantization = getattr(ckpt.model, "quantization", None)
+    quantization = ckpt.model.quantization
     if quantization is not None:
         print(f"[{quantization.summary()}]", file=sys.stderr)
 
 
 def cmd_capture(args):
-    ckpt = load(_model_dir(args), args.dtype, args.device, args.quant, device_map=args.device_map)
+    ckpt = load(LoadSpec.from_args(args))
     ids = _prompt_ids(args, ckpt.tokenizer)
     check_context(ckpt.model, len(ids))
     path = capture_to_file(ckpt, ids, args.impl, args.out, attention=args.attention, reference=args.reference,
@@ -127,7 +116,8 @@ def cmd_diff(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwenlab", description=__doc__)
+    parser = Parser(prog="qwenlab", description=__doc__)
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny", help="write a deterministic tiny Qwen3 checkpoint (HF layout)")
@@ -139,19 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("tokenize", help="text -> token ids with the checkpoint's tokenizer")
-    _model_args(p)  # --dtype/--device are validated for uniformity; tokenizing loads no weights
+    p.add_argument("--model", type=Path, default=None,
+                   help="Qwen3 checkpoint directory in HF layout (default: the embedded tiny fixture)")
     _text_args(p, "--text")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("generate", help="decode after a prompt (greedy at --temperature 0)")
-    _model_args(p)
+    add_load_arguments(p)
     _text_args(p, "--prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=COUNT, default=64)
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="0 (default): off")
+    p.add_argument("--top-p", type=TOP_P, default=1.0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--mode", choices=("kv", "replay"), default="kv")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="auto (default): the CUDA-graph engine on a GPU, else eager; graph; eager")
@@ -159,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("capture", help="write a canonical activation dump (.safetensors) for one prompt")
-    _model_args(p)
+    add_load_arguments(p)
     _text_args(p, "--prompt")
     p.add_argument("--impl", choices=("qwenlab", "reference"), required=True)
     p.add_argument("--attention", choices=("sdpa", "eager"), default=None, help="qwenlab attention kernel")
@@ -190,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(args.command, args.func, args)
+    args = parse(build_parser(), argv)
+    return args if isinstance(args, int) else run_command(args.command, args.func, args)
 
 
 if __name__ == "__main__":

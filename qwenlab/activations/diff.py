@@ -20,6 +20,7 @@ from qwenlab.activations.layout import diagnose_layout, is_last_position
 from qwenlab.activations.names import LAYER_POINTS, sort_forward, split_name
 from qwenlab.atomic import json_safe
 from qwenlab.errors import QwenlabError
+from qwenlab.sequences import first_difference
 
 NAN = float("nan")
 METRIC_KEYS = ("max_abs", "mean_abs", "rel_l2", "cosine", "nmse_db")
@@ -151,7 +152,7 @@ def _check_prompts(cand: Dump, ref: Dump) -> None:
     a, b = cand.metadata.get("prompt_ids"), ref.metadata.get("prompt_ids")
     if a is None or b is None or list(a) == list(b):
         return
-    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    at = first_difference(list(a), list(b))
     raise QwenlabError(f"dumps are for different prompts: candidate has {len(a)} ids, "
                        f"reference has {len(b)}, first difference at position {at}")
 

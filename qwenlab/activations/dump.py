@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from qwenlab.atomic import atomic_path
 from qwenlab.errors import QwenlabError
+from qwenlab.model.dtypes import dtype_name
 from qwenlab.versions import package_versions
 
 JSON_KEYS = ("prompt_ids", "versions", "not_produced")
@@ -62,7 +63,7 @@ def encode_metadata(metadata: dict) -> dict[str, str]:
 
 def _plain(value):
     if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
+        return dtype_name(value)
     if isinstance(value, torch.device):
         return str(value)
     if isinstance(value, torch.Tensor):

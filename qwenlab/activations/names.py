@@ -1,75 +1,19 @@
-"""Canonical activation names (doc/dump-format.md) and their forward order."""
+"""Canonical activation names (doc/dump-format.md) and their forward order, read off the model's hook points
+(qwenlab.model.hooks): the module tree is the one place they are defined."""
 
 from __future__ import annotations
 
+import functools
 import re
 
-LAYER_POINTS = (
-    "input",
-    "input_layernorm",
-    "attn.q_proj",
-    "attn.k_proj",
-    "attn.v_proj",
-    "attn.q_norm",
-    "attn.k_norm",
-    "attn.q_rope",
-    "attn.k_rope",
-    "attn.context",
-    "attn.o_proj",
-    "post_attention_residual",
-    "post_attention_layernorm",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.act",
-    "mlp.down_proj",
-    "output",
-)
-HEAD_POINTS = ("embed",)
-TAIL_POINTS = ("norm", "logits")
+from qwenlab.model.config import Qwen3Config
+from qwenlab.model.hf_names import meta_model
+from qwenlab.model.hooks import HIDDEN, hook_points
 
-# Each tensor's dimensions in a dump (token-major, batch dropped); `heads*head_dim` is a head-major flatten.
-HIDDEN_DIMS = ("T", "hidden")
-POINT_DIMS = {
-    "embed": HIDDEN_DIMS,
-    "attn.q_proj": ("T", "heads*head_dim"),
-    "attn.k_proj": ("T", "kv_heads*head_dim"),
-    "attn.v_proj": ("T", "kv_heads*head_dim"),
-    "attn.q_norm": ("T", "heads", "head_dim"),
-    "attn.k_norm": ("T", "kv_heads", "head_dim"),
-    "attn.q_rope": ("T", "heads", "head_dim"),
-    "attn.k_rope": ("T", "kv_heads", "head_dim"),
-    "attn.context": ("T", "heads*head_dim"),
-    "mlp.gate_proj": ("T", "intermediate"),
-    "mlp.up_proj": ("T", "intermediate"),
-    "mlp.act": ("T", "intermediate"),
-    "logits": ("T", "vocab"),
-}
-
+_ONE_LAYER = Qwen3Config(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=8,
+                         rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=True)
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-_POINT_INDEX = {point: i for i, point in enumerate(LAYER_POINTS)}
-
-
-def layer_name(layer: int, point: str) -> str:
-    return f"layers.{layer}.{point}"
-
-
-def canonical_names(num_layers: int) -> list[str]:
-    names = list(HEAD_POINTS)
-    for layer in range(num_layers):
-        names.extend(layer_name(layer, point) for point in LAYER_POINTS)
-    names.extend(TAIL_POINTS)
-    return names
-
-
-def point_dims(name_or_point: str) -> tuple[str, ...]:
-    """The dimension names of a canonical tensor, e.g. ('T', 'heads', 'head_dim') for layers.0.attn.q_norm."""
-    point = split_name(name_or_point)[1]
-    return POINT_DIMS.get(point, HIDDEN_DIMS)
-
-
-def is_canonical(name: str) -> bool:
-    layer, point = split_name(name)
-    return point in _POINT_INDEX if layer is not None else point in HEAD_POINTS + TAIL_POINTS
 
 
 def split_name(name: str) -> tuple[int | None, str]:
@@ -77,6 +21,46 @@ def split_name(name: str) -> tuple[int | None, str]:
     if match:
         return int(match.group(1)), match.group(2)
     return None, name
+
+
+def _points() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], dict[str, tuple[str, ...]]]:
+    points = hook_points(meta_model(_ONE_LAYER))
+    head, layer, tail = [], [], []
+    for name in points:
+        index, point = split_name(name)
+        (layer if index is not None else tail if layer else head).append(point)
+    dims = {split_name(name)[1]: p.dims for name, p in points.items() if p.dims != HIDDEN}
+    return tuple(head), tuple(layer), tuple(tail), dims
+
+
+HEAD_POINTS, LAYER_POINTS, TAIL_POINTS, POINT_DIMS = _points()
+HIDDEN_DIMS = HIDDEN
+_POINT_INDEX = {point: i for i, point in enumerate(LAYER_POINTS)}
+
+
+def layer_name(layer: int, point: str) -> str:
+    return f"layers.{layer}.{point}"
+
+
+@functools.lru_cache(maxsize=8)
+def _names_of(config: Qwen3Config) -> tuple[str, ...]:
+    return tuple(hook_points(meta_model(config)))
+
+
+def canonical_names(layers_or_config: int | Qwen3Config) -> list[str]:
+    """Every canonical name of a model, forward order (a config gives its exact set; a layer count the dense one)."""
+    if isinstance(layers_or_config, Qwen3Config):
+        return list(_names_of(layers_or_config))
+    names = list(HEAD_POINTS)
+    for layer in range(layers_or_config):
+        names.extend(layer_name(layer, point) for point in LAYER_POINTS)
+    return names + list(TAIL_POINTS)
+
+
+def point_dims(name_or_point: str) -> tuple[str, ...]:
+    """The dimension names of a canonical tensor, e.g. ('T', 'heads', 'head_dim') for layers.0.attn.q_norm."""
+    point = split_name(name_or_point)[1]
+    return POINT_DIMS.get(point, HIDDEN_DIMS)
 
 
 def forward_order_key(name: str) -> tuple:

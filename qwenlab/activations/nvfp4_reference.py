@@ -22,10 +22,6 @@ from qwenlab.quant.layouts import COMPRESSED_TENSORS, MODELOPT
 REFERENCES = ("quantized", "unquantized")
 
 
-def quantization(model):
-    return getattr(model, "quantization", None)
-
-
 def check_reference(reference: str):
     if reference not in REFERENCES:
         raise QwenlabError(f"--reference {reference!r}: choose one of {', '.join(REFERENCES)}")
@@ -33,7 +29,7 @@ def check_reference(reference: str):
 
 def unquantized_dir(ckpt, unquantized_model=None) -> Path:
     """The bf16/fp32 checkpoint behind ckpt: the one given, or ckpt's own folder when it was quantized at load."""
-    info = quantization(ckpt.model)
+    info = ckpt.model.quantization
     if unquantized_model:
         path = Path(unquantized_model)
         if read_config(path).config_hash() != ckpt.config.config_hash():
@@ -61,7 +57,7 @@ def convert_modelopt(src: Path, dst: Path, kept: list[str]):
 @contextmanager
 def quantized_checkpoint(ckpt):
     """Yields a compressed-tensors NVFP4 checkpoint folder holding ckpt's quantized numbers."""
-    info = quantization(ckpt.model)
+    info = ckpt.model.quantization
     if info is None:
         raise QwenlabError(f"{ckpt.path}: the model is not quantized (load it with quant='nvfp4'), there is no "
                            "quantized reference")
@@ -80,13 +76,23 @@ def quantized_checkpoint(ckpt):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_reference_for(ckpt, reference: str = "quantized", unquantized_model=None, dtype=None, device=None):
-    """transformers' model for ckpt: the plain reference for an unquantized model, else the one `reference` names."""
+@contextmanager
+def reference_dir(ckpt, reference: str = "quantized", unquantized_model=None):
+    """The folder transformers loads as ckpt's reference: the checkpoint itself for an unquantized model, else the
+    one `reference` names (a converted or exported NVFP4 folder lives only inside the block)."""
     check_reference(reference)
+    if ckpt.model.quantization is None:
+        yield ckpt.path
+    elif reference == "unquantized":
+        yield unquantized_dir(ckpt, unquantized_model)
+    else:
+        with quantized_checkpoint(ckpt) as folder:
+            yield folder
+
+
+def load_reference_for(ckpt, reference: str = "quantized", unquantized_model=None, dtype=None, device=None, **kw):
+    """transformers' model for ckpt: the plain reference for an unquantized model, else the one `reference` names.
+    dtype/device default to the model's; keyword arguments go to load_reference (device_map, max_memory)."""
     dtype, device = dtype or ckpt.model.dtype, device or ckpt.model.device
-    if quantization(ckpt.model) is None:
-        return load_reference(ckpt.path, dtype, device)
-    if reference == "unquantized":
-        return load_reference(unquantized_dir(ckpt, unquantized_model), dtype, device)
-    with quantized_checkpoint(ckpt) as folder:
-        return load_reference(folder, dtype, device)
+    with reference_dir(ckpt, reference, unquantized_model) as folder:
+        return load_reference(folder, dtype, device, **kw)

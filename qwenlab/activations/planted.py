@@ -1,92 +1,26 @@
-"""Known bugs planted in a deep copy of a Qwen3 model; the diff against the reference must point at each one.
+"""Known bugs planted in a run of qwenlab's model; the diff against the reference must point at each one.
 
-Each plant function returns a new model and leaves the given one untouched. `expected_*` name the canonical
-tensor where a correct diff finds the first divergence.
+A planted bug never copies the model and leaves it as it was: it is a set of activation patches (replace hooks at
+canonical names, qwenlab.model.hooks), parameter substitutions for one call (torch.func.functional_call) and/or
+module hooks removed after the call, applied while its prompt is captured. So it runs under any placement
+(resident, split or sequential) and at any model size. `expected` names the canonical tensor where a correct diff
+finds the first divergence.
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
-from typing import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import pandas as pd
 import torch
-from torch import nn
 
+from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.names import LAYER_POINTS, layer_name
-
-# The parameters (relative to a decoder layer) each activation point applies first: where swapped weights show.
-POINT_PARAMS = {
-    "input_layernorm": ("input_layernorm.weight",),
-    "attn.q_proj": ("self_attn.q_proj.weight", "self_attn.q_proj.bias"),
-    "attn.k_proj": ("self_attn.k_proj.weight", "self_attn.k_proj.bias"),
-    "attn.v_proj": ("self_attn.v_proj.weight", "self_attn.v_proj.bias"),
-    "attn.q_norm": ("self_attn.q_norm.weight",),
-    "attn.k_norm": ("self_attn.k_norm.weight",),
-    "attn.o_proj": ("self_attn.o_proj.weight", "self_attn.o_proj.bias"),
-    "post_attention_layernorm": ("post_attention_layernorm.weight",),
-    "mlp.gate_proj": ("mlp.gate_proj.weight",),
-    "mlp.up_proj": ("mlp.up_proj.weight",),
-    "mlp.down_proj": ("mlp.down_proj.weight",),
-}
-
-
-def rope_theta_off(model, factor: float = 10.0):
-    """RoPE base multiplied by `factor` (a wrong rope_theta read from the config, or a hard-coded 10000)."""
-    bad = copy.deepcopy(model)
-    bad.rope_theta = model.rope_theta * factor
-    return bad
-
-
-def skip_q_norm(model, layer: int):
-    """Layer `layer` applies no per-head RMSNorm to the queries (Qwen2-style attention)."""
-    bad = copy.deepcopy(model)
-    bad.model.layers[layer].self_attn.q_norm = nn.Identity()
-    return bad
-
-
-def swap_layers(model, i: int, j: int):
-    """Layers i and j hold each other's weights (a shard or index mapped to the wrong layer)."""
-    bad = copy.deepcopy(model)
-    a, b = bad.model.layers[i], bad.model.layers[j]
-    state_a = {k: v.clone() for k, v in a.state_dict().items()}
-    a.load_state_dict(b.state_dict())
-    b.load_state_dict(state_a)
-    return bad
-
-
-def drop_layers(model, keep: int):
-    """Only the first `keep` layers are loaded; the rest keep the zeros they were allocated with."""
-    bad = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer in bad.model.layers[keep:]:
-            for p in layer.parameters():
-                p.zero_()
-    return bad
-
-
-def expected_rope_theta_off() -> str:
-    return layer_name(0, "attn.q_rope")
-
-
-def expected_skip_q_norm(layer: int) -> str:
-    return layer_name(layer, "attn.q_norm")
-
-
-def expected_swap_layers(model, i: int, j: int) -> str:
-    """The first activation point (forward order) of layer min(i, j) whose own weights differ between i and j."""
-    first = min(i, j)
-    a, b = model.model.layers[i].state_dict(), model.model.layers[j].state_dict()
-    for point in LAYER_POINTS:
-        names = [n for n in POINT_PARAMS.get(point, ()) if n in a]
-        if any(not torch.equal(a[n], b[n]) for n in names):
-            return layer_name(first, point)
-    return "logits"
-
-
-def expected_drop_layers(keep: int) -> str:
-    return layer_name(keep, "input_layernorm")
+from qwenlab.model.hf_names import hf_state_dict
+from qwenlab.model.hooks import reference_paths
+from qwenlab.model.qwen3 import Rotary, rotate_half
 
 
 @dataclass
@@ -94,7 +28,90 @@ class PlantedBug:
     name: str
     description: str
     expected: str
-    build: Callable[[], nn.Module]
+    replace: dict[str, Callable] = field(default_factory=dict)  # canonical name -> fn(tensor, name) -> tensor
+    overrides: Callable[[], dict] | None = None  # -> {parameter/buffer name: tensor}, made when the bug runs
+    patch: Callable[[torch.nn.Module], ContextManager] | None = None  # module hooks for the capture only
+
+    def capture(self, model, ids: list[int], attention: str | None = None) -> dict:
+        """The bug's activations on `ids`, as capture_qwenlab gives them for the correct model."""
+        overrides = self.overrides() if self.overrides is not None else None
+        with self.patch(model) if self.patch is not None else nullcontext():
+            return capture_qwenlab(model, ids, attention=attention, replace=self.replace, overrides=overrides)
+
+
+def rope_theta_off(model, factor: float = 10.0) -> Callable[[], dict]:
+    """RoPE base multiplied by `factor` (a wrong rope_theta read from the config, or a hard-coded 10000)."""
+    rotary = model.model.rotary
+    wrong = Rotary(model.config.head_dim, model.config.rope_theta * factor).inv_freq
+    return lambda: {"model.rotary.inv_freq": wrong.to(rotary.inv_freq.device)}
+
+
+def skip_norm(layer: int, which: str = "q") -> dict[str, Callable]:
+    """Layer `layer` applies no per-head RMSNorm to the queries (or keys): Qwen2-style attention."""
+    before = {}
+
+    def keep(x, name):
+        before["x"] = x
+
+    return {layer_name(layer, f"attn.{which}_proj"): keep,
+            layer_name(layer, f"attn.{which}_norm"): lambda x, name: before["x"].reshape(x.shape)}
+
+
+def rope_theta_off_in_layer(model, layer: int, factor: float) -> dict[str, Callable]:
+    """Layer `layer` rotates q and k with RoPE base x `factor` (one layer's RoPE built from a wrong config value);
+    every other layer is right. Patches that layer's q_rope/k_rope with the rotation at the wrong base."""
+    wrong = Rotary(model.config.head_dim, model.config.rope_theta * factor).inv_freq
+    normed = {}
+
+    def keep(x, name):
+        normed[name.rsplit(".", 1)[1][0]] = x
+
+    def rotate(x, name):
+        y = normed[name.rsplit(".", 1)[1][0]]  # [B, T, heads, D], the norm's output
+        positions = torch.arange(y.shape[1], device=y.device, dtype=torch.float32)
+        freqs = positions[:, None] * wrong.to(y.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(y.dtype)[:, None], emb.sin().to(y.dtype)[:, None]
+        return y * cos + rotate_half(y) * sin
+    return {layer_name(layer, "attn.q_norm"): keep, layer_name(layer, "attn.k_norm"): keep,
+            layer_name(layer, "attn.q_rope"): rotate, layer_name(layer, "attn.k_rope"): rotate}
+
+
+def swap_layers(model, i: int, j: int) -> Callable[[], dict]:
+    """Layers i and j hold each other's weights (a shard or index mapped to the wrong layer)."""
+    a, b = model.model.layers[i], model.model.layers[j]
+
+    def overrides():
+        out = {}
+        for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+            out[f"model.layers.{i}.{name}"] = tb.to(ta.device)
+            out[f"model.layers.{j}.{name}"] = ta.to(tb.device)
+        return out
+    return overrides
+
+
+def drop_layers(num_layers: int, keep: int) -> dict[str, Callable]:
+    """Only the first `keep` layers are loaded and the rest stay zeros. A layer of zero weights (no biases in
+    Qwen3) passes its input through: both its norms output zeros, so every projection, the attention and the MLP
+    give zeros. Patching the two norm outputs to zeros is that, exactly, without touching a weight."""
+    zeros = lambda x, name: torch.zeros_like(x)  # noqa: E731
+    return {layer_name(i, point): zeros for i in range(keep, num_layers)
+            for point in ("input_layernorm", "post_attention_layernorm")}
+
+
+def expected_swap_layers(model, i: int, j: int) -> str:
+    """The first activation point (forward order) of layer min(i, j) made by a module whose weights differ."""
+    first, other = min(i, j), max(i, j)
+    state, paths = hf_state_dict(model), reference_paths(model)
+    for point in LAYER_POINTS:
+        path, kind = paths[layer_name(first, point)]
+        if kind != "output" or path == f"model.layers.{first}":
+            continue
+        mine = {k: v for k, v in state.items() if k.startswith(path + ".")}
+        theirs = [state[k.replace(f"model.layers.{first}.", f"model.layers.{other}.", 1)] for k in mine]
+        if any(not torch.equal(v, w.to(v.device)) for v, w in zip(mine.values(), theirs)):
+            return layer_name(first, point)
+    return "logits"
 
 
 def standard_bugs(model) -> list[PlantedBug]:
@@ -102,37 +119,29 @@ def standard_bugs(model) -> list[PlantedBug]:
     n = model.config.num_hidden_layers
     q_layer = min(1, n - 1)
     bugs = [
-        PlantedBug("rope_theta x10", "RoPE theta 10x the config's", expected_rope_theta_off(),
-                   lambda: rope_theta_off(model, 10.0)),
+        PlantedBug("rope_theta x10", "RoPE theta 10x the config's", layer_name(0, "attn.q_rope"),
+                   overrides=rope_theta_off(model, 10.0)),
         PlantedBug(f"skip q_norm L{q_layer}", f"layer {q_layer} skips the per-head q RMSNorm",
-                   expected_skip_q_norm(q_layer), lambda: skip_q_norm(model, q_layer)),
+                   layer_name(q_layer, "attn.q_norm"), replace=skip_norm(q_layer)),
     ]
     if n >= 2:
         i, j = (1, 2) if n >= 3 else (0, 1)
         bugs.append(PlantedBug(f"swap layers {i}<->{j}", f"layers {i} and {j} hold each other's weights",
-                               expected_swap_layers(model, i, j), lambda: swap_layers(model, i, j)))
+                               expected_swap_layers(model, i, j), overrides=swap_layers(model, i, j)))
         keep = min(2, n - 1)
         bugs.append(PlantedBug(f"only {keep} of {n} layers", f"layers {keep}..{n - 1} never loaded (zeros)",
-                               expected_drop_layers(keep), lambda: drop_layers(model, keep)))
+                               layer_name(keep, "input_layernorm"), replace=drop_layers(n, keep)))
     return bugs
 
 
-def diff_planted(bug: PlantedBug, ids: list[int], reference: dict, *, capture: Callable, floors=None, dtype=None):
-    """Builds the bug's model, captures it on `ids` (capture(model, ids) -> tensors) and diffs it against the
-    reference tensors (floors of `dtype`, default the candidate's); the copy is dropped before returning."""
-    bad = bug.build()
-    try:
-        return diff_dumps(capture(bad, ids), reference, dtype=dtype, floors=floors)
-    finally:
-        del bad
-
-
-def localise(bugs: list[PlantedBug], ids: list[int], reference: dict, *, capture: Callable,
+def localise(bugs: list[PlantedBug], reference: dict, *, capture: Callable[[PlantedBug], dict],
              floors=None, dtype=None) -> tuple[pd.DataFrame, dict]:
-    """-> (one row per bug: expected vs found first divergence, localised?; {bug name: DiffResult})."""
+    """Each bug captured (capture(bug) -> tensors, e.g. bug.capture(model, ids)) and diffed against the reference
+    tensors of the same prompt. -> (one row per bug: expected vs found first divergence, localised?;
+    {bug name: DiffResult})."""
     rows, results = [], {}
     for bug in bugs:
-        result = results[bug.name] = diff_planted(bug, ids, reference, capture=capture, floors=floors, dtype=dtype)
+        result = results[bug.name] = diff_dumps(capture(bug), reference, dtype=dtype, floors=floors)
         row = result.first_divergence_row or {}
         logits = result.logits or {}
         rows.append({"bug": bug.name, "description": bug.description, "expected": bug.expected,

@@ -1,5 +1,5 @@
-"""Interop bugs of an NVFP4 path, planted in a deep copy of a quantized model (the given one is untouched): each
-NVFP4Linear of the copy reads its (correct) tensors the wrong way, as a port to the FP4 kernels can.
+"""Interop bugs of an NVFP4 path: every NVFP4Linear reads its (correct) tensors the wrong way for one capture, as a
+port to the FP4 kernels can (the model is left as it was):
 
     nibble order swapped         the odd element read from the low nibble, the even one from the high nibble
     block scale applied twice    e2m1 x block_scale^2 x tensor_scale
@@ -12,51 +12,60 @@ NVFP4 noise.
 """
 from __future__ import annotations
 
-import copy
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from qwenlab.activations.names import sort_forward
 from qwenlab.activations.planted import PlantedBug
+from qwenlab.model.hooks import canonical_name
 from qwenlab.quant import codec
-from qwenlab.quant.linear import NVFP4Linear, nvfp4_modules
-
-MODULE_POINTS = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
-                 "self_attn.v_proj": "attn.v_proj", "self_attn.o_proj": "attn.o_proj",
-                 "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj", "mlp.down_proj": "mlp.down_proj"}
+from qwenlab.quant.linear import nvfp4_modules
 
 
-class SwappedNibbles(NVFP4Linear):
-    def dequantize_weight(self, dtype):
-        swapped = (self.packed >> 4) | (self.packed << 4)
-        return codec.dequantize(codec.NVFP4Weight(swapped, self.block_scale, self.tensor_scale), dtype)
+def swapped_nibbles(w: codec.NVFP4Weight, dtype) -> torch.Tensor:
+    return codec.dequantize(codec.NVFP4Weight((w.packed >> 4) | (w.packed << 4), w.block_scale, w.tensor_scale), dtype)
 
 
-class BlockScaleTwice(NVFP4Linear):
-    def dequantize_weight(self, dtype):
-        once = codec.dequantize(self.nvfp4(), torch.float32)
-        block = self.block_scale.to(torch.float32).repeat_interleave(codec.BLOCK, dim=1)
-        return (once * block).to(dtype)
+def block_scale_twice(w: codec.NVFP4Weight, dtype) -> torch.Tensor:
+    block = w.block_scale.to(torch.float32).repeat_interleave(codec.BLOCK, dim=1)
+    return (codec.dequantize(w, torch.float32) * block).to(dtype)
 
 
-class InvertedTensorScale(NVFP4Linear):
-    def dequantize_weight(self, dtype):
-        return codec.dequantize(codec.NVFP4Weight(self.packed, self.block_scale, 1.0 / self.tensor_scale), dtype)
+def inverted_tensor_scale(w: codec.NVFP4Weight, dtype) -> torch.Tensor:
+    return codec.dequantize(codec.NVFP4Weight(w.packed, w.block_scale, 1.0 / w.tensor_scale), dtype)
 
 
 BUGS = {
-    "nibble order swapped": (SwappedNibbles, "each byte's two FP4 codes read high nibble first"),
-    "block scale applied twice": (BlockScaleTwice, "values multiplied by the E4M3 block scale twice"),
-    "tensor scale inverted": (InvertedTensorScale, "per-tensor scale read with the other layout's convention (1/s)"),
+    "nibble order swapped": (swapped_nibbles, "each byte's two FP4 codes read high nibble first"),
+    "block scale applied twice": (block_scale_twice, "values multiplied by the E4M3 block scale twice"),
+    "tensor scale inverted": (inverted_tensor_scale, "per-tensor scale read with the other layout's convention (1/s)"),
 }
 
 
+def reading(mistake):
+    """A context in which every NVFP4Linear of the model multiplies by the weight `mistake` dequantizes."""
+    @contextmanager
+    def patch(model):
+        def hook(module, args, output):
+            x = args[0]
+            return F.linear(x, mistake(module.nvfp4(), x.dtype), module.bias)
+        handles = [m.register_forward_hook(hook) for m in nvfp4_modules(model).values()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    return patch
+
+
 def activation_point(module: str) -> str:
-    """Module name -> the canonical activation it produces first (lm_head -> logits)."""
+    """Module name -> the canonical activation it produces (lm_head -> logits)."""
     if module == "lm_head":
         return "logits"
-    parts = module.split(".")  # model.layers.<i>.<self_attn|mlp>.<name>
-    return f"layers.{parts[2]}.{MODULE_POINTS['.'.join(parts[3:])]}"
+    parent, _, name = module.rpartition(".")
+    return canonical_name(f"{parent}.hook_{name}")
 
 
 def first_quantized_point(model) -> str | None:
@@ -64,15 +73,7 @@ def first_quantized_point(model) -> str | None:
     return sort_forward(points)[0] if points else None
 
 
-def plant(model, bug_class):
-    """A deep copy of model whose every NVFP4Linear dequantizes with bug_class's mistake."""
-    bad = copy.deepcopy(model)
-    for module in nvfp4_modules(bad).values():
-        module.__class__ = bug_class
-    return bad
-
-
 def nvfp4_bugs(model) -> list[PlantedBug]:
     expected = first_quantized_point(model)
-    return [PlantedBug(name, description, expected, lambda cls=cls: plant(model, cls))
-            for name, (cls, description) in BUGS.items()]
+    return [PlantedBug(name, description, expected, patch=reading(mistake))
+            for name, (mistake, description) in BUGS.items()]

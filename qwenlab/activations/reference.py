@@ -1,20 +1,27 @@
-"""The trusted side: HF transformers' Qwen3ForCausalLM (eager attention) with hooks for the canonical names.
+"""The trusted side: HF transformers' Qwen3ForCausalLM (eager attention), its canonical activations captured by
+forward hooks on its modules. Which module holds each name comes from qwenlab's own hook points (their `reference`
+field), so the two sides share one list of names. Nothing of transformers is patched.
 
-transformers is imported lazily here and nowhere on the qwenlab forward path.
+transformers is imported lazily here (it is slow to import) and nowhere on the qwenlab forward path.
 """
+import functools
 import inspect
 import json
 import logging
 import os
 import warnings
-from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
 
 from qwenlab.errors import QwenlabError
-from qwenlab.model.probe import Probe
-from qwenlab.versions import package_versions as versions  # noqa: F401  (re-exported)
+from qwenlab.model.config import Qwen3Config, config_from_dict
+from qwenlab.model.hf_names import meta_model
+from qwenlab.model.hooks import Recorder, reference_paths
+from qwenlab.versions import package_versions
+
+REFERENCE_NAME = "transformers.Qwen3ForCausalLM(eager)"
 
 
 def quiet_optional_imports():
@@ -69,79 +76,102 @@ def _quantized_kwargs(checkpoint_dir) -> dict:
     return {"quantization_config": config}
 
 
-@contextmanager
-def _rope_tap(probe: Probe, current_layer: list):
-    """The reference applies RoPE in a module-level function, not a module: wrap that function for the capture."""
-    from transformers.models.qwen3 import modeling_qwen3 as mq
-
-    original = mq.apply_rotary_pos_emb
-
-    def tapped(q, k, cos, sin, *args, **kwargs):
-        q_out, k_out = original(q, k, cos, sin, *args, **kwargs)
-        p = f"layers.{current_layer[0]}.attn."
-        probe.record(p + "q_rope", q_out.transpose(1, 2))
-        probe.record(p + "k_rope", k_out.transpose(1, 2))
-        return q_out, k_out
-
-    mq.apply_rotary_pos_emb = tapped
-    try:
-        yield
-    finally:
-        mq.apply_rotary_pos_emb = original
+@functools.lru_cache(maxsize=8)
+def _paths(config: Qwen3Config) -> dict[str, tuple[str, str]]:
+    return reference_paths(meta_model(config))
 
 
-def _hooks(model, probe: Probe, current_layer: list):
-    def out_hook(name):
-        return lambda mod, args, out: probe.record(name, out[0] if isinstance(out, tuple) else out)
+def rope_function():
+    """transformers' own apply_rotary_pos_emb: q_rope/k_rope are the reference's function on its own q_norm/k_norm
+    outputs and RoPE tables (transformers applies RoPE in a function, not a module, so no hook sees it)."""
+    from transformers.models.qwen3 import modeling_qwen3
 
-    def in_hook(name):
-        return lambda mod, args: probe.record(name, args[0])
+    fn = getattr(modeling_qwen3, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise QwenlabError(f"transformers {package_versions(('transformers',)).get('transformers')}: "
+                           "modeling_qwen3.apply_rotary_pos_emb is gone, so the reference's q_rope/k_rope cannot "
+                           "be captured (qwenlab is tested with transformers 5.23; pin it in requirements.txt)")
+    return fn
 
-    def enter_layer(i):
-        def hook(mod, args):
-            current_layer[0] = i
+
+def _hooks(model, paths: dict, wanted, record) -> list:
+    """Forward hooks on the reference's modules for every wanted canonical name (and what RoPE needs)."""
+    modules = dict(model.named_modules())
+    rope, tables, norms = rope_function(), {}, {}
+    handles = [modules["model.rotary_emb"].register_forward_hook(lambda m, a, out: tables.update(cos_sin=out))]
+
+    def output(name):
+        return lambda m, args, out: record(name, out[0] if isinstance(out, tuple) else out)
+
+    def first_input(name):
+        return lambda m, args, kwargs: record(name, args[0] if args else kwargs["hidden_states"])
+
+    def rotated(name, which):
+        def hook(m, args, out):
+            norms[which] = out
+            if which == "k":  # k_norm runs after q_norm: both are known, rotate them as the reference does
+                q, k = rope(norms["q"].transpose(1, 2), out.transpose(1, 2), *tables["cos_sin"])
+                record(name.replace("k_rope", "q_rope"), q.transpose(1, 2), wanted)
+                record(name, k.transpose(1, 2), wanted)
         return hook
 
-    handles = [model.model.embed_tokens.register_forward_hook(out_hook("embed"))]
+    for name, (path, kind) in paths.items():
+        if path not in modules:
+            raise QwenlabError(f"reference: transformers' model has no module {path} (for {name})")
+        module = modules[path]
+        if kind == "rope":
+            if name.endswith("k_rope"):
+                q_path = path.replace("k_norm", "q_norm")
+                handles.append(modules[q_path].register_forward_hook(rotated(name, "q")))
+                handles.append(module.register_forward_hook(rotated(name, "k")))
+        elif wanted(name):
+            handles.append(module.register_forward_pre_hook(first_input(name), with_kwargs=True) if kind == "input"
+                           else module.register_forward_hook(output(name)))
+    return handles
+
+
+def _teacher_forcing(model, inputs: dict[str, torch.Tensor]) -> list:
+    """Pre-hooks feeding decoder layer i the given `layers.{i}.input` instead of what the layer before made."""
+    handles = []
     for i, layer in enumerate(model.model.layers):
-        p, attn, mlp = f"layers.{i}.", layer.self_attn, layer.mlp
-        pairs = [
-            (layer.input_layernorm, out_hook(p + "input_layernorm")),
-            (attn.q_proj, out_hook(p + "attn.q_proj")), (attn.k_proj, out_hook(p + "attn.k_proj")),
-            (attn.v_proj, out_hook(p + "attn.v_proj")), (attn.q_norm, out_hook(p + "attn.q_norm")),
-            (attn.k_norm, out_hook(p + "attn.k_norm")), (attn.o_proj, out_hook(p + "attn.o_proj")),
-            (layer.post_attention_layernorm, out_hook(p + "post_attention_layernorm")),
-            (mlp.gate_proj, out_hook(p + "mlp.gate_proj")), (mlp.up_proj, out_hook(p + "mlp.up_proj")),
-            (mlp.act_fn, out_hook(p + "mlp.act")), (mlp.down_proj, out_hook(p + "mlp.down_proj")),
-            (layer, out_hook(p + "output")),
-        ]
-        handles += [m.register_forward_hook(h) for m, h in pairs]
-        handles += [
-            layer.register_forward_pre_hook(in_hook(p + "input")),
-            attn.register_forward_pre_hook(enter_layer(i)),
-            attn.o_proj.register_forward_pre_hook(in_hook(p + "attn.context")),
-            layer.post_attention_layernorm.register_forward_pre_hook(in_hook(p + "post_attention_residual")),
-        ]
-    handles.append(model.model.norm.register_forward_hook(out_hook("norm")))
+        given = inputs.get(f"layers.{i}.input")
+        if given is None:
+            continue
+        param = next(layer.parameters())
+
+        def hook(module, args, kwargs, x=given.to(param.device, param.dtype)[None]):
+            if args:
+                return (x, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": x}
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
 
 
 @torch.inference_mode()
-def capture_reference(model, ids: list[int], probe: Probe | None = None) -> dict[str, torch.Tensor]:
-    probe = probe or Probe()
+def capture_reference(model, ids: list[int], include=None, to_cpu: bool = True,
+                      inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The reference's canonical activations on one prompt (include: names or globs; None for all). inputs:
+    {`layers.{i}.input`: tensor [T, hidden]} feeds those layers the given input (teacher forcing: each layer's
+    error is then its own, qwenlab.activations.isolated)."""
     if len({id(layer.mlp.act_fn) for layer in model.model.layers}) != len(model.model.layers):
         raise QwenlabError("reference: layers share one activation module, per-layer mlp.act hooks would collide")
-    current_layer = [0]
-    handles = _hooks(model, probe, current_layer)
+    paths = _paths(config_from_dict(model.config.to_dict(), "reference config"))
+    recorder = Recorder(to_cpu=to_cpu)
+
+    def wanted(name):
+        return include is None or any(name == p or fnmatchcase(name, p) for p in include)
+
+    def record(name, x, keep=wanted):
+        if keep(name):
+            recorder(name)(x)
+
+    handles = _teacher_forcing(model, inputs or {}) + _hooks(model, paths, wanted, record)
     try:
-        with _rope_tap(probe, current_layer):
-            input_ids = torch.tensor([ids], device=model.device)
-            logits = model(input_ids=input_ids, use_cache=False).logits
-        probe.record("logits", logits)
+        model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return probe.tensors
+    return {name: recorder.tensors[name] for name in paths if name in recorder.tensors}
 
 
 def reference_generate(model, ids: list[int], max_new_tokens: int, stop_ids=(), **generate_kwargs) -> list[int]:
@@ -153,9 +183,3 @@ def reference_generate(model, ids: list[int], max_new_tokens: int, stop_ids=(), 
                          pad_token_id=(list(stop_ids) or [0])[0], temperature=None, top_p=None, top_k=None,
                          **generate_kwargs)
     return out[0, len(ids):].tolist()
-
-
-def reference_name() -> str:
-    return "transformers.Qwen3ForCausalLM(eager)"
-
-

@@ -10,13 +10,17 @@ from pathlib import Path
 import torch
 
 from qwenlab.activations.reference import load_reference, reference_generate
+from qwenlab.arguments import COUNT
 from qwenlab.atomic import json_safe
 from qwenlab.bench.measure import copy_bandwidth, device_facts, peak_allocated, read_files, timed, weight_bytes
-from qwenlab.generation.decode import ENGINES, generate, new_cache
+from qwenlab.generation.decode import generate
+from qwenlab.generation.engine import ENGINES, Engine, graph_unavailable
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory.predict import kv_bytes_per_token
 from qwenlab.model.loader import load, resolve_device, weight_files
+from qwenlab.model.spec import LoadSpec, add_load_arguments
 from qwenlab.model.tiny import resolve_model_dir
+from qwenlab.sequences import first_difference
 
 GiB = 2 ** 30
 
@@ -30,16 +34,24 @@ def decode_rate(step_s: list[float]) -> float:
     return (len(step_s) - 1) / sum(step_s[:-1]) if len(step_s) > 1 else float("nan")
 
 
+@torch.inference_mode()
 def qwenlab_rows(model, prompt, new_tokens, prefill_ids, engines, load_s) -> list[dict]:
     device, rows = model.device, []
     params = SamplingParams(max_new_tokens=new_tokens)
+    eager = Engine(model, "eager")
     prefill_s = _prefill_seconds(lambda: model(torch.tensor(prefill_ids, device=device),
-                                              cache=new_cache(model, len(prefill_ids)), last_only=True), device)
-    for engine in engines:
+                                              cache=eager.new_cache(len(prefill_ids)), last_only=True), device)
+    for name in engines:
+        why = graph_unavailable(model) if name == "graph" else None
+        if why:  # e.g. graph on a CPU: a row that says it did not run, not a second eager row
+            rows.append({"impl": "qwenlab", "engine": name, "note": f"not run: {why}"})
+            continue
+        engine = eager if name == "eager" else Engine(model, name)
         margins = []
         warm = generate(model, prompt, params, stop_ids=(-1,), engine=engine, on_logits=lambda l: margins.append(
             float(torch.topk(l.float(), 2).values.diff().neg())))  # untimed run: the top-2 gap behind each token
-        row = {"impl": "qwenlab", "engine": warm.engine, "note": warm.engine_note, "compile_s": warm.compile_s,
+        label = warm.engine if warm.engine == name else f"{warm.engine} (asked {name})"
+        row = {"impl": "qwenlab", "engine": label, "note": warm.engine_note, "compile_s": warm.compile_s,
                "load_s": load_s, "prefill_tok_s": len(prefill_ids) / prefill_s, "ids": warm.ids,
                "top2_margins": margins}
         with peak_allocated(device, row):
@@ -52,11 +64,11 @@ def qwenlab_rows(model, prompt, new_tokens, prefill_ids, engines, load_s) -> lis
 def graph_vs_eager(rows: list[dict]) -> dict | None:
     """Where the graph engine's greedy tokens first part from the eager engine's, with both top-2 logit margins
     there: in bf16 a flip at a near-tie is rounding, a flip at a clear margin is a bug."""
-    by_engine = {r["engine"]: r for r in rows if r["impl"] == "qwenlab"}
+    by_engine = {r["engine"]: r for r in rows if r["impl"] == "qwenlab" and "ids" in r}
     if "graph" not in by_engine or "eager" not in by_engine:
         return None
     graph, eager = by_engine["graph"], by_engine["eager"]
-    at = next((i for i, (a, b) in enumerate(zip(graph["ids"], eager["ids"])) if a != b), None)
+    at = first_difference(graph["ids"], eager["ids"])
     out = {"tokens": min(len(graph["ids"]), len(eager["ids"])), "first_parting": at}
     if at is not None:
         out |= {"graph_top2_margin": graph["top2_margins"][at], "eager_top2_margin": eager["top2_margins"][at]}
@@ -101,7 +113,8 @@ def run_bench(args) -> int:
     facts = device_facts(device)
     bandwidth = copy_bandwidth(device)
     read_files(sorted(set(weight_files(model_dir).values())))
-    ckpt, load_s = timed(lambda: load(model_dir, args.dtype, str(device)), device)
+    spec = LoadSpec.from_args(args).with_(model=model_dir, device=str(device))
+    ckpt, load_s = timed(lambda: load(spec), device)
     model, cfg = ckpt.model, ckpt.config
     wbytes = weight_bytes(model)
     prompt = random_ids(args.prompt_tokens, cfg.vocab_size, 0)
@@ -148,7 +161,9 @@ def format_table(r: dict) -> str:
     for row in r["rows"]:
         def num(key, fmt, scale=1.0):
             v = row.get(key)
-            return format(v * scale, fmt) if isinstance(v, (int, float)) and v == v else "-"
+            if isinstance(v, (int, float)) and v == v:
+                return format(v * scale, fmt)
+            return "-".rjust(len(format(0.0, fmt)))
         lines.append(f"{row['impl']:<13} {row['engine']:<25} {num('decode_tok_s', '7.1f')} "
                      f"{num('ms_per_token', '7.2f')} {num('weight_gb_s', '6.0f')} {num('pct_of_floor', '6.1f')} "
                      f"{num('ttft_s', '8.1f', 1e3)} {num('prefill_tok_s', '13.0f')} "
@@ -165,13 +180,10 @@ def format_table(r: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the embedded tiny fixture; for "
-                                                             "the 4B shape: qwenlab tiny DIR --preset qwen3-4b)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--prefill-tokens", type=int, default=2048)
+    add_load_arguments(p, device_map=False)
+    p.add_argument("--prompt-tokens", type=COUNT, default=128)
+    p.add_argument("--new-tokens", type=COUNT, default=256)
+    p.add_argument("--prefill-tokens", type=COUNT, default=2048)
     p.add_argument("--engines", default="graph,eager", help=f"qwenlab engines to time, from {', '.join(ENGINES)}")
     p.add_argument("--hf", choices=("auto", "all", "dynamic", "off"), default="auto",
                    help="transformers paths: auto = dynamic cache, plus the static (compiled) cache on CUDA")

@@ -11,6 +11,7 @@ from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.generation.chat import ChatSession
 from qwenlab.generation.decode import Generation, generate
 from qwenlab.generation.sampling import SamplingParams
+from qwenlab.sequences import first_difference
 
 REQUIRED_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 
@@ -30,13 +31,6 @@ def generate_recorded(model, prompt_ids, params: SamplingParams, mode: str = "kv
     gen = generate(model, list(prompt_ids), params, stop_ids=tuple(stop_ids), mode=mode, cache=cache, engine=engine,
                    on_logits=steps)
     return gen, torch.stack(steps)
-
-
-def first_mismatch(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def step_metrics(cand: torch.Tensor, ref: torch.Tensor) -> pd.DataFrame:
@@ -70,7 +64,7 @@ def compare_modes(model, prompt_ids, params: SamplingParams, stop_ids=(), cache=
     every step."""
     kv, kv_logits = generate_recorded(model, prompt_ids, params, "kv", stop_ids, cache, engine)
     rp, rp_logits = generate_recorded(model, prompt_ids, params, "replay", stop_ids)
-    at = first_mismatch(kv.ids, rp.ids)
+    at = first_difference(kv.ids, rp.ids)
     shared = len(kv.ids) if at is None else at + 1  # steps with the same context on both sides
     steps = step_metrics(kv_logits[:shared], rp_logits[:shared])
     return {"kv": kv, "replay": rp, "kv_logits": kv_logits, "replay_logits": rp_logits, "identical": at is None,
@@ -98,7 +92,7 @@ def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int, stop_ids
         modes = compare_modes(model, ids, params, stop_ids, engine=engine)
         kv = modes["kv"]
         hf = reference_generate(ref_model, ids, max_new_tokens, stop_ids)
-        at_ref = first_mismatch(kv.ids, hf)
+        at_ref = first_difference(kv.ids, hf)
         shared = len(kv.ids) if at_ref is None else at_ref + 1
         vs_ref = step_metrics(modes["kv_logits"][:shared], reference_step_logits(ref_model, ids, hf[:shared]))
         steps = modes["steps"].add_prefix("kv_vs_replay_").join(vs_ref.add_prefix("kv_vs_reference_"), how="outer")
@@ -145,7 +139,7 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
     frame["same_tokens_as_" + base] = [ids == base_ids[t] for ids, t in zip(frame["ids"], frame["turn"])]
     stats = []
     for strategy, turn, ids in zip(frame["strategy"], frame["turn"], frame["ids"]):
-        at = first_mismatch(ids, base_ids[turn])
+        at = first_difference(ids, base_ids[turn])
         shared = len(ids) if at is None else at + 1
         steps = step_metrics(logits[strategy, turn][:shared], logits[base, turn][:shared])
         stats.append({"first_mismatch": at, "margin_at_mismatch": margin_at(steps, at),

@@ -14,8 +14,8 @@ from qwenlab.activations.diff import tensor_metrics
 from qwenlab.activations.reference import capture_reference
 from qwenlab.checks.nbutil import check_max
 from qwenlab.errors import QwenlabError
+from qwenlab.model.dtypes import dtype_name
 from qwenlab.model.loader import weight_files
-from qwenlab.model.probe import Probe
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -38,8 +38,7 @@ def rows_vs_file(loaded_rows: torch.Tensor, file_table: torch.Tensor, ids: list[
     """Prompt rows of the loaded model vs the file's rows cast to the loaded dtype: expected bitwise equal."""
     want = file_table[torch.tensor(ids)].to(loaded_rows.dtype)
     got = loaded_rows.detach().cpu()
-    return {"file_dtype": str(file_table.dtype).removeprefix("torch."),
-            "loaded_dtype": str(got.dtype).removeprefix("torch."),
+    return {"file_dtype": dtype_name(file_table.dtype), "loaded_dtype": dtype_name(got.dtype),
             "bitwise_equal": bool(torch.equal(got, want)), **tensor_metrics(got, want)}
 
 
@@ -48,7 +47,7 @@ def loaded_rows(model, ids: list[int]) -> torch.Tensor:
 
 
 def reference_embed(ref_model, ids: list[int]) -> torch.Tensor:
-    return capture_reference(ref_model, ids, Probe(include=["embed"], to_cpu=True))["embed"]
+    return capture_reference(ref_model, ids, include=["embed"])["embed"]
 
 
 def tied_head_check(model, checkpoint_dir, ref_model=None) -> dict:

@@ -1,5 +1,7 @@
 """Notebook 05's comparisons (one chat with empty_cache off and on, the strategies side by side), its leak
 threshold and its verdict."""
+import pandas as pd
+
 from qwenlab.checks.nbutil import check_max
 from qwenlab.memory.frame import fragmentation, turn_peaks
 from qwenlab.memory.scripted_chat import Policy, run_chat
@@ -10,8 +12,6 @@ from qwenlab.memory.tracker import MemoryTracker
 def compare_empty_cache(ckpt, turns, params, *, system=None, strategy: str = "rebuild", preallocate: bool = True):
     """The same chat with the allocator cache emptied after each turn and without. 'rebuild' churns the most
     (a fresh KV cache every turn), so the allocator's cached blocks show the clearest."""
-    import pandas as pd
-
     rows = []
     for on in (False, True):
         r, _ = run_chat(ckpt, Policy(strategy, preallocate, on), turns, params, system=system, step_samples=False,
@@ -24,8 +24,6 @@ def compare_strategies(ckpt, strategies, turns, params, *, system=None, prealloc
                        empty_cache: bool = False):
     """Per-turn latency, prefill tokens and memory of one scripted chat per strategy. Sampled at phase boundaries
     only, without USS, so the tracker adds next to nothing to the latencies; peaks come from the reset counters."""
-    import pandas as pd
-
     rows = []
     for strategy in strategies:
         r, _ = run_chat(ckpt, Policy(strategy, preallocate, empty_cache), turns, params, system=system,

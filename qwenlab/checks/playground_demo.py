@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from qwenlab.checks.nbutil import check_min
+from qwenlab.model.dtypes import dtype_name
 
 
 def token_prob_figure(frame: pd.DataFrame):
@@ -36,8 +37,8 @@ def verdict(pg, thresholds: dict) -> tuple[dict, list[str]]:
     if pg.result is None:
         return {"demo_ran": False}, [f"demo generation failed: {pg.status}"]
     check = pg.check_against_generate()
-    dtype = str(pg.ckpt.model.dtype).removeprefix("torch.")
-    quantization = getattr(pg.ckpt.model, "quantization", None)
+    dtype = dtype_name(pg.ckpt.model.dtype)
+    quantization = pg.ckpt.model.quantization
     metrics = {"demo_ran": True, "dtype": dtype, "device": str(pg.ckpt.model.device),
                "tokens": len(pg.result.ids), "stop_reason": pg.result.stop_reason,
                "text_equal": check["text_equal"], "ids_equal": check["ids_equal"],

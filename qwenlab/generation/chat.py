@@ -2,8 +2,10 @@
 from dataclasses import dataclass
 
 from qwenlab.errors import QwenlabError
-from qwenlab.generation.decode import Generation, check_context, generate, new_cache
+from qwenlab.generation.decode import Generation, check_context, engine_for, generate
+from qwenlab.generation.engine import Engine
 from qwenlab.generation.sampling import SamplingParams
+from qwenlab.sequences import common_prefix
 
 STRATEGIES = ("session", "rebuild", "replay")
 DEFAULT_MAX_LEN = 8192
@@ -17,15 +19,6 @@ class Turn:
     prefill_tokens: int
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class ChatSession:
     """strategy: 'session' keeps one KV cache for the whole chat and prefills only what the rendered conversation
     adds beyond the cached tokens; 'rebuild' builds a fresh cache from the full history every turn; 'replay'
@@ -33,14 +26,14 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, *, system: str | None = None, enable_thinking: bool | None = None,
                  strategy: str = "session", max_len: int | None = None, preallocate: bool = True,
-                 engine: str = "auto"):
+                 engine: "str | Engine" = "auto"):
         if strategy not in STRATEGIES:
             raise QwenlabError(f"strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
         self.model, self.tokenizer, self.strategy = model, tokenizer, strategy
         self.system, self.enable_thinking = system, enable_thinking
         self.max_len = min(max_len or DEFAULT_MAX_LEN, model.config.max_position_embeddings)
         self.preallocate = preallocate
-        self.engine = engine
+        self.engine = engine_for(model, engine)  # one engine for the whole chat: compiled once
         self.reset()
 
     def reset(self):
@@ -58,11 +51,12 @@ class ChatSession:
         check_context(self.model, len(ids), "conversation")
         reused = 0
         if self.strategy == "replay":
-            gen = generate(self.model, ids, params, mode="replay", tokenizer=self.tokenizer, **kwargs)
+            gen = generate(self.model, ids, params, mode="replay", engine=self.engine, tokenizer=self.tokenizer,
+                           **kwargs)
         else:
             if self.strategy == "rebuild" or self.cache is None:
                 self.cache = None  # drop the old cache before allocating the new one: one cache alive, not two
-                self.cache, self.cached_ids = new_cache(self.model, self.max_len, self.preallocate, self.engine), []
+                self.cache, self.cached_ids = self.engine.new_cache(self.max_len, self.preallocate), []
             reused = common_prefix(self.cached_ids, ids)
             if reused == len(ids):
                 reused -= 1  # the last prompt token must run through the model to give the next logits

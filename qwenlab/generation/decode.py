@@ -1,8 +1,7 @@
 """Token generation: kv (cache) or replay (recompute everything each step), with per-token timings.
 
-Two engines run the same forward. `eager` calls it once per token. `graph` (CUDA) prefills with it, then replays
-its one-token step as a captured CUDA graph over a static cache (qwenlab/generation/graph.py). `auto` takes
-`graph` where it can run and says in the result why it did not.
+The loop is the same for every engine (qwenlab.generation.engine): prefill with the forward, then per token
+either the captured graph's replay or the forward on one token (kv) or on the whole sequence (replay).
 """
 import time
 from dataclasses import dataclass, field
@@ -11,14 +10,10 @@ from typing import Callable
 import torch
 
 from qwenlab.errors import QwenlabError
-from qwenlab.generation.graph import captured_step, graph_unavailable, pooled_cache
+from qwenlab.generation.engine import Engine
 from qwenlab.generation.sampling import Sampler, SamplingParams
-from qwenlab.model.kv_cache import KVCache, StaticKVCache
-from qwenlab.model.placement import layer_devices
-from qwenlab.model.qwen3 import Qwen3
 
 MODES = ("kv", "replay")
-ENGINES = ("auto", "graph", "eager")
 
 
 @dataclass
@@ -30,7 +25,7 @@ class Generation:
     prefill_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
     engine: str = "eager"
-    engine_note: str = ""  # why `auto` (or a `graph` request) ran eager; for graph, which kernels it uses
+    engine_note: str = ""  # why `auto` ran eager; for graph, which kernels it uses
     compile_s: float = 0.0  # compile + graph capture in this call, not counted in prefill_s or step_s
 
     @property
@@ -48,7 +43,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def check_context(model: Qwen3, n_tokens: int, what: str = "prompt"):
+def check_context(model, n_tokens: int, what: str = "prompt"):
     limit = model.config.max_position_embeddings
     if n_tokens > limit:
         raise QwenlabError(f"{what} has {n_tokens} tokens, more than max_position_embeddings={limit}")
@@ -56,32 +51,27 @@ def check_context(model: Qwen3, n_tokens: int, what: str = "prompt"):
         raise QwenlabError(f"{what} is empty (0 tokens)")
 
 
-def choose_engine(engine: str, model: Qwen3, mode: str = "kv") -> tuple[str, str]:
-    """-> (engine that will run, why it is not the one asked for or not graph under auto; '' when nothing to say)."""
-    if engine not in ENGINES:
-        raise QwenlabError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
-    if engine == "eager":
-        return "eager", ""
-    why = graph_unavailable(model) or ("replay mode recomputes the whole sequence: no cache to capture"
-                                       if mode == "replay" else None)
-    return ("eager", why) if why else ("graph", "")
+def engine_for(model, engine: "str | Engine") -> Engine:
+    if isinstance(engine, Engine):
+        if engine.model is not model:
+            raise QwenlabError("the engine given belongs to another model")
+        return engine
+    return Engine(model, engine)
 
 
-def new_cache(model: Qwen3, max_len: int, preallocate: bool = True, engine: str = "eager") -> KVCache:
-    """A cache for `engine` as choose_engine() resolves it: static (graph-capturable) for graph unless a grown cache
-    is asked for (preallocate=False: its shapes change every step, so it always decodes eager)."""
-    if preallocate and choose_engine(engine, model)[0] == "graph":
-        return StaticKVCache.for_config(model.config, max_len=max_len, dtype=model.dtype, device=model.device)
-    return KVCache.for_config(model.config, max_len=max_len, dtype=model.dtype,
-                              device=layer_devices(model) or model.device, preallocate=preallocate)
+def new_cache(model, max_len: int, preallocate: bool = True, engine: "str | Engine" = "eager"):
+    """A cache for `engine` (static for graph unless preallocate=False: a grown cache always decodes eager)."""
+    return engine_for(model, engine).new_cache(max_len, preallocate)
 
 
-def generate(model: Qwen3, prompt_ids: list[int], params: SamplingParams = SamplingParams(), *,
-             stop_ids=(), mode: str = "kv", cache: KVCache | None = None, engine: str = "auto",
+@torch.inference_mode()
+def generate(model, prompt_ids: list[int], params: SamplingParams = SamplingParams(), *,
+             stop_ids=(), mode: str = "kv", cache=None, engine: "str | Engine" = "auto",
              on_token: Callable[[int], None] | None = None, on_logits: Callable[[torch.Tensor], None] | None = None,
              should_stop: Callable[[], bool] | None = None, tokenizer=None) -> Generation:
     """Generates after prompt_ids. `ids` holds the generated tokens, the stop token included when one ended it.
 
+    engine: auto | graph | eager, or an Engine (reused across calls: its compiled step and graphs stay).
     With `cache`, only the prompt tokens beyond cache.length are prefilled (a chat session's new turn).
     stop_reason: 'stop_token', 'max_new_tokens', 'context_full' or 'stopped' (should_stop() returned True).
     With a tokenizer, stop_ids default to its stop ids and `text` is filled (the stop token left out).
@@ -93,21 +83,9 @@ def generate(model: Qwen3, prompt_ids: list[int], params: SamplingParams = Sampl
         raise QwenlabError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
     check_context(model, len(prompt_ids))
     limit = model.config.max_position_embeddings
-    used, note = choose_engine(engine, model, mode)
-    if used == "graph" and cache is not None and not isinstance(cache, StaticKVCache):
-        used, note = "eager", "the given cache is not a StaticKVCache (make it with new_cache(..., engine=...))"
-    if mode == "kv" and cache is None:
-        needed = min(limit, len(prompt_ids) + params.max_new_tokens)
-        cache = pooled_cache(model, needed) if used == "graph" else new_cache(model, needed)
-    out = Generation(list(prompt_ids), engine=used, engine_note=note)
-    step = None
-    if used == "graph":
-        try:
-            step, out.compile_s = captured_step(model, cache)
-            gemv = step.kernels["gemv"] or "none"
-            out.engine_note = f"attention: {step.kernels['attention']}; Triton GEMV for {gemv}"
-        except Exception as e:  # noqa: BLE001 - capture can fail for reasons of the platform; decode still works
-            out.engine, out.engine_note = "eager", f"graph capture failed: {type(e).__name__}: {str(e)[:200]}"
+    run = engine_for(model, engine).prepare(mode, cache, min(limit, len(prompt_ids) + params.max_new_tokens))
+    cache, step = run.cache, run.step
+    out = Generation(list(prompt_ids), engine=run.engine, engine_note=run.note, compile_s=run.compile_s)
     sampler = Sampler(params, model.device, on_device=step is not None)
     stop_ids, device = set(stop_ids), model.device
     seq = list(prompt_ids)

@@ -3,6 +3,7 @@ and the allocator policies (emptying its cache, expandable_segments, recording i
 (qwenlab.memory) samples through this module; the stress matrix and notebook 05 apply its policies."""
 import gc
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,8 +65,6 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
     """Bytes of every distinct tensor storage on `device_type` that Python objects still reach (a gc walk): the CPU's
     counterpart of CUDA's allocated bytes. RSS cannot serve as the leak baseline on the CPU: the C allocator hands
     freed memory to new tensors, so a kept 8 MB tensor may not raise RSS at all (seen in CI)."""
-    import warnings
-
     seen, total = set(), 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

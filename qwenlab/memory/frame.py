@@ -1,11 +1,11 @@
 """Reading a tracker frame (memory/tracker.py): each turn's peak and end, phase deltas, fragmentation, and the
 unit to plot bytes in."""
+import pandas as pd
+
 NAN = float("nan")
 
 
 def turn_peaks(frame):
-    import pandas as pd
-
     f = frame[frame["turn"].notna()]
     if f.empty:
         return pd.DataFrame()

@@ -11,26 +11,24 @@ attention scores when the kernel materialises them (eager, or sdpa's math fallba
 the logits. Expect the measured prefill peak above the resident bytes to land within a
 factor of about two of it.
 """
+import gc
 import math
 from dataclasses import asdict, dataclass
 
+import pandas as pd
 import torch
 
 from qwenlab.generation.decode import new_cache
-from qwenlab.model import nvfp4_load
 from qwenlab.model.config import Qwen3Config
+from qwenlab.model.dtypes import dtype_name
+from qwenlab.model.hf_names import hf_shapes
+from qwenlab.model.hf_names import linear_shapes as hf_linear_shapes
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "int8": 1}
 # NVFP4 (NVIDIA ModelOpt): 4-bit e2m1 values, one fp8 (e4m3) scale per 16 consecutive elements of a row,
 # one fp32 global scale per tensor: 4.5 bits per element plus 4 bytes per tensor.
 NVFP4 = "nvfp4"
 NVFP4_BLOCK = 16
-
-
-def dtype_name(dtype) -> str:
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).removeprefix("torch.")
-    return str(dtype)
 
 
 def bytes_per_element(dtype) -> float:
@@ -42,26 +40,27 @@ def bytes_per_element(dtype) -> float:
     return BYTES[name]
 
 
-def linear_shapes(cfg: Qwen3Config) -> list[tuple[int, int]]:
-    """(out, in) of every projection inside the decoder layers, in checkpoint order."""
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    per_layer = [(cfg.q_size, H), (cfg.kv_size, H), (cfg.kv_size, H), (H, cfg.q_size), (I, H), (I, H), (H, I)]
-    return per_layer * cfg.num_hidden_layers
+GROUPS = ("embed_tokens", "attn_proj", "attn_bias", "mlp_proj", "norms", "lm_head")
+
+
+def weight_group(name: str) -> str:
+    """The group of an HF weight name: embed_tokens, attn_proj, attn_bias, mlp_proj, norms or lm_head."""
+    if name.startswith("model.embed_tokens."):
+        return "embed_tokens"
+    if name.startswith("lm_head."):
+        return "lm_head"
+    if name.endswith("norm.weight"):
+        return "norms"
+    if ".self_attn." in name:
+        return "attn_bias" if name.endswith(".bias") else "attn_proj"
+    return "mlp_proj"
 
 
 def param_counts(cfg: Qwen3Config) -> dict[str, int]:
-    """Parameters by group; a tied lm_head shares the embedding and counts zero."""
-    L, H, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
-    attn = L * (2 * cfg.q_size * H + 2 * cfg.kv_size * H)
-    mlp = L * 3 * cfg.intermediate_size * H
-    counts = {
-        "embed_tokens": V * H,
-        "attn_proj": attn,
-        "attn_bias": L * (cfg.q_size + 2 * cfg.kv_size + H) if cfg.attention_bias else 0,
-        "mlp_proj": mlp,
-        "norms": L * (2 * H + 2 * cfg.head_dim) + H,  # input/post-attention, q_norm/k_norm, final norm
-        "lm_head": 0 if cfg.tie_word_embeddings else V * H,
-    }
+    """Parameters by group, from the checkpoint layout (qwenlab.model.hf_names); a tied lm_head counts zero."""
+    counts = dict.fromkeys(GROUPS, 0)
+    for name, shape in hf_shapes(cfg).items():
+        counts[weight_group(name)] += math.prod(shape)
     counts["total"] = sum(counts.values())
     return counts
 
@@ -74,27 +73,18 @@ def nvfp4_linear_bytes(out_features: int, in_features: int) -> int:
 
 def weight_bytes(cfg: Qwen3Config, dtype="bfloat16", *, base_dtype="bfloat16",
                  quantize_lm_head: bool = False) -> dict[str, int]:
-    """Bytes of the weights by group. dtype='nvfp4' quantizes the decoder projections (and the untied lm_head
-    when quantize_lm_head); embeddings, norms and biases then stay in base_dtype, as NVFP4 checkpoints ship them."""
-    counts = param_counts(cfg)
-    if dtype_name(dtype) != NVFP4:
-        b = bytes_per_element(dtype)
-        out = {k: int(v * b) for k, v in counts.items() if k != "total"}
-    else:
-        b = bytes_per_element(base_dtype)
-        L, per_layer = cfg.num_hidden_layers, linear_shapes(cfg)[:7]
-        attn = L * sum(nvfp4_linear_bytes(o, i) for o, i in per_layer[:4])
-        mlp = L * sum(nvfp4_linear_bytes(o, i) for o, i in per_layer[4:])
-        head = counts["lm_head"]
-        out = {
-            "embed_tokens": int(counts["embed_tokens"] * b),
-            "attn_proj": attn,
-            "attn_bias": int(counts["attn_bias"] * b),
-            "mlp_proj": mlp,
-            "norms": int(counts["norms"] * b),
-            "lm_head": (nvfp4_linear_bytes(cfg.vocab_size, cfg.hidden_size) if quantize_lm_head else int(head * b))
-            if head else 0,
-        }
+    """Bytes of the weights by group. dtype='nvfp4' quantizes the decoder projections whose input dimension is a
+    multiple of 16 (and the lm_head when quantize_lm_head); everything else stays in base_dtype, as NVFP4
+    checkpoints ship it."""
+    quantized = dtype_name(dtype) == NVFP4
+    b = bytes_per_element(base_dtype if quantized else dtype)
+    linears = {f"{m}.weight": shape for m, shape in hf_linear_shapes(cfg).items()}
+    out = dict.fromkeys(GROUPS, 0)
+    for name, shape in hf_shapes(cfg).items():
+        group = weight_group(name)
+        as_nvfp4 = (quantized and name in linears and shape[1] % NVFP4_BLOCK == 0
+                    and (group != "lm_head" or quantize_lm_head))
+        out[group] += nvfp4_linear_bytes(*shape) if as_nvfp4 else int(math.prod(shape) * b)
     out["total"] = sum(out.values())
     return out
 
@@ -103,12 +93,12 @@ def quantized_weight_bytes(model) -> int:
     """Predicted weight bytes of a model loaded with NVFP4 linears (model.quantization): the unquantized model in its
     dtype, each quantized linear replaced by its NVFP4 bytes (+4 for an input scale); a quantized head of a tied model
     is a copy of its own. Falls back to weight_bytes for an unquantized model."""
-    info = getattr(model, "quantization", None)
+    info = model.quantization
     cfg = model.config
     total = weight_bytes(cfg, model.dtype)["total"]
     if info is None:
         return total
-    b, shapes = bytes_per_element(model.dtype), nvfp4_load.linear_shapes(cfg)
+    b, shapes = bytes_per_element(model.dtype), hf_linear_shapes(cfg)
     for name in info.quantized:
         out_features, in_features = shapes[name]
         if not (name == "lm_head" and cfg.tie_word_embeddings):
@@ -178,9 +168,10 @@ def compare(label: str, measured: float, predicted: float, rel_threshold: float)
 
 
 def measured_weight_bytes(model) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (a tied head shares the embedding)."""
+    """Bytes of the model's saved state (parameters and persistent buffers; RoPE tables are not weights), each
+    storage counted once (a tied head shares the embedding)."""
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in model.state_dict(keep_vars=True).values():
         key = (t.device, t.untyped_storage().data_ptr())
         if key not in seen:
             seen.add(key)
@@ -212,10 +203,6 @@ def measure_kv(model, lengths, *, ids_seed: int = 0):
     prefill's workspace: its peak allocated above what was resident when it started. A grown cache can cost more
     than its bytes on CUDA: its tensors reuse freed allocator blocks that are too small to split, and the allocator
     counts the whole block (on an H100, 17 MiB over 144 MiB at 1024 tokens; the preallocated cache was exact)."""
-    import gc
-
-    import pandas as pd
-
     cfg, device, dtype = model.config, model.device, model.dtype
     per_token = kv_bytes_per_token(cfg, dtype)
     gen = torch.Generator().manual_seed(ids_seed)
@@ -259,11 +246,9 @@ def measure_kv(model, lengths, *, ids_seed: int = 0):
 def weights_check(model, measured_cuda_bytes: float, rel_threshold: float):
     """Predicted weight bytes for the model's dtype vs its parameter storage and (CUDA) the allocated bytes
     the load left resident. Returns a DataFrame of compare() rows."""
-    import pandas as pd
-
     predicted = quantized_weight_bytes(model)
     rows = [compare("weights: parameter storage", measured_weight_bytes(model), predicted, rel_threshold)]
-    if getattr(model, "quantization", None) is None:  # NVFP4 weights are buffers: no parameter count to compare
+    if model.quantization is None:  # NVFP4 weights are buffers: no parameter count to compare
         rows.append(compare("weights: parameter count", measured_param_count(model),
                             param_counts(model.config)["total"], rel_threshold))
     if not math.isnan(measured_cuda_bytes):

@@ -1,5 +1,5 @@
 """One scripted multi-turn chat (data/chat_script.json) under a Policy, every turn tracked: the unit the stress
-matrix repeats and notebook 05 measures. Also the tests' planted leak."""
+matrix repeats and notebook 05 measures."""
 import json
 import math
 import time
@@ -14,22 +14,11 @@ from qwenlab.paths import DATA_DIR
 
 SCRIPT_PATH = DATA_DIR / "chat_script.json"
 MB = 2 ** 20
-_PLANTED_LEAK: list = []  # the planted leak of the tests: keeps a tensor per turn alive, like a list of logits
 
 
 def load_script(path=None) -> tuple[str | None, list[str]]:
     raw = json.loads(Path(path or SCRIPT_PATH).read_text())
     return raw.get("system"), list(raw["turns"])
-
-
-def clear_planted_leak():
-    _PLANTED_LEAK.clear()
-
-
-def plant_leak(mb: float, device):
-    import torch
-
-    _PLANTED_LEAK.append(torch.ones(int(mb * MB) // 4, dtype=torch.float32, device=device))
 
 
 @dataclass
@@ -49,8 +38,9 @@ class Policy:
 
 
 def run_chat(ckpt, policy: Policy, turns: list[str], params, *, system=None, tracker=None,
-             step_samples: bool = True, leak_mb: float = 0.0, crash_turn: int | None = None, **labels):
-    """One scripted chat under `policy`, every turn tracked. Returns (per-turn rows, tracker)."""
+             step_samples: bool = True, on_turn=None, **labels):
+    """One scripted chat under `policy`, every turn tracked. on_turn(turn index) runs after each turn (the tests
+    plant faults through it). Returns (per-turn rows, tracker)."""
     tracker = tracker or MemoryTracker(ckpt.model.device)
     device = ckpt.model.device
     start = len(tracker.rows)
@@ -59,14 +49,12 @@ def run_chat(ckpt, policy: Policy, turns: list[str], params, *, system=None, tra
     after = (lambda: empty_cache(device)) if policy.empty_cache else None
     rows = []
     for i, user in enumerate(turns):
-        if crash_turn is not None and i == crash_turn:
-            raise RuntimeError(f"planted crash at turn {i}")
         t0 = time.perf_counter()
         with tracker.labelled(strategy=policy.strategy, **labels):
             turn = tracker.track_send(session, user, params, turn=i, after_turn=after, step_samples=step_samples)
         latency = time.perf_counter() - t0
-        if leak_mb:
-            plant_leak(leak_mb, device)
+        if on_turn is not None:
+            on_turn(i)
         gen = turn.generation
         rows.append({"strategy": policy.strategy, **labels, "turn": i, "prefill_tokens": turn.prefill_tokens,
                      "tokens_computed": tokens_computed(policy.strategy, turn.prefill_tokens, len(gen.prompt_ids),

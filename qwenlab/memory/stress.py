@@ -12,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+from qwenlab.arguments import COUNT, NON_NEGATIVE, bounded_float
 from qwenlab.atomic import json_safe
 from qwenlab.errors import QwenlabError, standalone_main
 from qwenlab.generation.chat import STRATEGIES
@@ -19,8 +20,7 @@ from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory.scripted_chat import MB, Policy, load_script
 from qwenlab.memory.stress_matrix import DEFAULT_LEAK_MB, StressConfig, StressResult, run_iteration, run_matrix
 from qwenlab.model.loader import load
-from qwenlab.model.nvfp4_load import parse_quant
-from qwenlab.model.tiny import resolve_model_dir
+from qwenlab.model.spec import LoadSpec, add_load_arguments
 
 ON_OFF = {"on": True, "off": False}
 
@@ -47,32 +47,25 @@ def verdict_line(result: StressResult) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny fixture)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default)")
-    p.add_argument("--quant", default=None, help="nvfp4 | nvfp4-w4a4 (doc/nvfp4.md); default: as the checkpoint is")
-    p.add_argument("--device-map", default=None, help="qwenlab's layers split across devices: balanced | 0:0-31,1:32-63 "
-                                                       "(GPU index or device, then layers; doc/placement.md)")
+    add_load_arguments(p)
     p.add_argument("--strategies", default="session,rebuild,replay", help="comma-separated subset")
-    p.add_argument("--iterations", type=int, default=10)
-    p.add_argument("--turns", type=int, default=6, help="user turns of data/chat_script.json to play (max 6)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--iterations", type=COUNT, default=10)
+    p.add_argument("--turns", type=COUNT, default=6, help="user turns of data/chat_script.json to play (max 6)")
+    p.add_argument("--max-new-tokens", type=COUNT, default=8)
     p.add_argument("--fresh-process", action="store_true", help="each iteration in a new python process")
     p.add_argument("--empty-cache", choices=ON_OFF, default="off", help="torch.cuda.empty_cache() after each turn")
     p.add_argument("--preallocate", choices=ON_OFF, default="on", help="KV cache preallocated (on) or grown per step")
     p.add_argument("--expandable-segments", choices=ON_OFF, default=None,
                    help="PYTORCH_CUDA_ALLOC_CONF expandable_segments (honoured with --fresh-process, or when "
                         "CUDA is not initialised yet)")
-    p.add_argument("--max-len", type=int, default=None, help="KV cache length (default: min(8192, model max))")
-    p.add_argument("--leak-threshold-mb", type=float, default=None,
+    p.add_argument("--max-len", type=COUNT, default=None, help="KV cache length (default: min(8192, model max))")
+    p.add_argument("--leak-threshold-mb", type=bounded_float(0.0), default=None,
                    help=f"baseline growth that counts as a leak (default {DEFAULT_LEAK_MB['cpu']:g} on CPU, "
                         f"{DEFAULT_LEAK_MB['cuda']:g} on CUDA)")
-    p.add_argument("--warmup", type=int, default=1, help="iterations before the leak reference")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=1, help="iterations before the leak reference")
     p.add_argument("--script", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
-    p.add_argument("--plant-leak-mb", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--plant-crash-iteration", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--one-iteration", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="session", help=argparse.SUPPRESS)
     p.add_argument("--iteration", type=int, default=0, help=argparse.SUPPRESS)
@@ -83,29 +76,22 @@ def config_from_args(args) -> StressConfig:
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad or not strategies:
         raise QwenlabError(f"--strategies {args.strategies!r}: choose from {', '.join(STRATEGIES)}")
-    if args.iterations < 1 or args.turns < 1:
-        raise QwenlabError("--iterations and --turns must be >= 1")
-    parse_quant(args.quant)
-    return StressConfig(model_dir=args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                        device_map=args.device_map,
-                        strategies=strategies,
+    return StressConfig(spec=LoadSpec.from_args(args), strategies=strategies,
                         iterations=args.iterations, turns=args.turns, max_new_tokens=args.max_new_tokens,
                         fresh_process=args.fresh_process, empty_cache=ON_OFF[args.empty_cache],
                         preallocate=ON_OFF[args.preallocate],
                         expandable_segments=ON_OFF.get(args.expandable_segments),
                         max_len=args.max_len, leak_threshold_mb=args.leak_threshold_mb, warmup=args.warmup,
-                        leak_mb=args.plant_leak_mb, crash_iteration=args.plant_crash_iteration, script=args.script)
+                        script=args.script)
 
 
-def one_iteration(cfg: StressConfig, strategy: str, iteration: int) -> dict:
+def one_iteration(cfg: StressConfig, strategy: str, iteration: int, on_turn=None) -> dict:
     """The child of --fresh-process: load, run one chat, print the record. A crash exits non-zero."""
     system, script = load_script(cfg.script)
-    ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device, cfg.quant, device_map=cfg.device_map)
-    if cfg.crash_iteration == iteration:
-        raise RuntimeError(f"planted crash in iteration {iteration}")
+    ckpt = load(cfg.spec)
     policy = Policy(strategy, cfg.preallocate, cfg.empty_cache, cfg.expandable_segments, cfg.max_len)
     record = run_iteration(ckpt, policy, script[:cfg.turns], SamplingParams(max_new_tokens=cfg.max_new_tokens),
-                           iteration=iteration, system=system, leak_mb=cfg.leak_mb)
+                           iteration=iteration, system=system, on_turn=on_turn)
     if not record["ok"]:
         raise RuntimeError(record["error"])
     return record

@@ -9,6 +9,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
+import pandas as pd
+
 from qwenlab.atomic import json_safe
 from qwenlab.errors import QwenlabError
 from qwenlab.generation.sampling import SamplingParams
@@ -16,7 +19,7 @@ from qwenlab.memory.device import ALLOC_CONF_ENV, allocator_config, apply_alloca
 from qwenlab.memory.scripted_chat import MB, Policy, load_script, run_chat
 from qwenlab.memory.tracker import MemoryTracker
 from qwenlab.model.loader import load
-from qwenlab.model.tiny import resolve_model_dir
+from qwenlab.model.spec import LoadSpec
 from qwenlab.paths import REPO_ROOT
 
 DEFAULT_LEAK_MB = {"cpu": 32.0, "cuda": 8.0}
@@ -32,8 +35,7 @@ def baseline_sample(device) -> dict:
             "num_ooms": s["cuda_num_ooms"]}
 
 
-def run_iteration(ckpt, policy: Policy, turns, params, *, iteration: int, system=None, leak_mb: float = 0.0,
-                  crash: bool = False) -> dict:
+def run_iteration(ckpt, policy: Policy, turns, params, *, iteration: int, system=None, on_turn=None) -> dict:
     """One chat, caught: a crash is recorded (ok False, error), never raised. Baseline taken after it."""
     t0 = time.perf_counter()
     record = {"strategy": policy.strategy, "iteration": iteration, "ok": True, "error": "",
@@ -42,7 +44,7 @@ def run_iteration(ckpt, policy: Policy, turns, params, *, iteration: int, system
     try:
         tracker = MemoryTracker(ckpt.model.device, uss="off")
         rows, tracker = run_chat(ckpt, policy, turns, params, system=system, tracker=tracker, step_samples=False,
-                                 leak_mb=leak_mb, crash_turn=1 if crash else None, iteration=iteration)
+                                 on_turn=on_turn, iteration=iteration)
         del tracker
     except Exception as e:  # noqa: BLE001 - a crash is a result of the matrix, not an abort
         record |= {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
@@ -55,11 +57,7 @@ def run_iteration(ckpt, policy: Policy, turns, params, *, iteration: int, system
 
 @dataclass
 class StressConfig:
-    model_dir: str | None = None
-    device: str | None = None
-    dtype: str = "auto"
-    quant: str | None = None  # nvfp4 / nvfp4-w4a4 (doc/nvfp4.md); None: as the checkpoint is
-    device_map: str | None = None  # qwenlab's layers across devices (doc/placement.md); None: all on `device`
+    spec: LoadSpec = LoadSpec()
     strategies: tuple = ("session", "rebuild", "replay")
     iterations: int = 10
     turns: int = 6
@@ -71,10 +69,9 @@ class StressConfig:
     max_len: int | None = None
     leak_threshold_mb: float | None = None
     warmup: int = 1
-    leak_mb: float = 0.0  # planted leak per turn (tests)
-    crash_iteration: int | None = None  # planted crash (tests)
     timeout_s: float = 900.0
     script: str | None = None
+    child_module: str = "qwenlab.memory.stress"  # what a fresh process runs (`python -m`, --one-iteration)
 
 
 @dataclass
@@ -100,9 +97,6 @@ class StressResult:
 
 def leak_summary(iterations, threshold_mb: float, warmup: int = 1):
     """One row per strategy: baseline after warm-up, median of the last iterations, growth, slope, crashes."""
-    import numpy as np
-    import pandas as pd
-
     out = []
     for strategy, g in iterations.groupby("strategy", sort=False):
         ok = g[g["ok"]].sort_values("iteration")
@@ -130,18 +124,15 @@ def leak_summary(iterations, threshold_mb: float, warmup: int = 1):
 
 
 def _one_iteration_cmd(cfg: StressConfig, strategy: str, iteration: int) -> list[str]:
-    cmd = [sys.executable, "-m", "qwenlab.memory.stress", "--one-iteration", "--strategy", strategy,
+    spec = cfg.spec
+    cmd = [sys.executable, "-m", cfg.child_module, "--one-iteration", "--strategy", strategy,
            "--iteration", str(iteration), "--turns", str(cfg.turns), "--max-new-tokens", str(cfg.max_new_tokens),
-           "--dtype", cfg.dtype, "--empty-cache", "on" if cfg.empty_cache else "off",
+           "--dtype", spec.dtype, "--empty-cache", "on" if cfg.empty_cache else "off",
            "--preallocate", "on" if cfg.preallocate else "off"]
-    for flag, value in (("--model", cfg.model_dir), ("--device", cfg.device), ("--max-len", cfg.max_len),
-                        ("--script", cfg.script), ("--quant", cfg.quant), ("--device-map", cfg.device_map)):
+    for flag, value in (("--model", spec.model), ("--device", spec.device), ("--max-len", cfg.max_len),
+                        ("--script", cfg.script), ("--quant", spec.quant), ("--device-map", spec.device_map)):
         if value is not None:
             cmd += [flag, str(value)]
-    if cfg.leak_mb:
-        cmd += ["--plant-leak-mb", str(cfg.leak_mb)]
-    if cfg.crash_iteration == iteration:
-        cmd += ["--plant-crash-iteration", str(iteration)]
     return cmd
 
 
@@ -167,11 +158,10 @@ def _fresh_iteration(cfg: StressConfig, strategy: str, iteration: int) -> dict:
     return record
 
 
-def run_matrix(cfg: StressConfig, ckpt=None, progress=None) -> StressResult:
+def run_matrix(cfg: StressConfig, ckpt=None, progress=None, on_turn=None) -> StressResult:
     """Runs every strategy cfg.iterations times (strategies outermost). ckpt: an already loaded checkpoint for
-    in-process runs (the notebook passes its own); progress(record) is called after each iteration."""
-    import pandas as pd
-
+    in-process runs (the notebook passes its own); progress(record) is called after each iteration;
+    on_turn(strategy, iteration, turn) after each turn of an in-process run."""
     system, script = load_script(cfg.script)
     if cfg.turns > len(script):
         raise QwenlabError(f"--turns {cfg.turns}: the chat script has {len(script)} turns")
@@ -179,11 +169,11 @@ def run_matrix(cfg: StressConfig, ckpt=None, progress=None) -> StressResult:
     if cfg.fresh_process:
         allocator = "fresh process per iteration" + ("" if cfg.expandable_segments is None else
                                                      f", {ALLOC_CONF_ENV}={allocator_config(cfg.expandable_segments)}")
-        device = cfg.device or "default"
+        device = cfg.spec.device or "default"
     else:
         allocator = apply_allocator_config(cfg.expandable_segments)
         if ckpt is None:
-            ckpt = load(resolve_model_dir(cfg.model_dir), cfg.dtype, cfg.device, cfg.quant, device_map=cfg.device_map)
+            ckpt = load(cfg.spec)
         device = str(ckpt.model.device)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     records = []
@@ -193,8 +183,8 @@ def run_matrix(cfg: StressConfig, ckpt=None, progress=None) -> StressResult:
             if cfg.fresh_process:
                 record = _fresh_iteration(cfg, strategy, i)
             else:
-                record = run_iteration(ckpt, policy, turns, params, iteration=i, system=system, leak_mb=cfg.leak_mb,
-                                       crash=cfg.crash_iteration == i)
+                hook = None if on_turn is None else (lambda turn, s=strategy, i=i: on_turn(s, i, turn))
+                record = run_iteration(ckpt, policy, turns, params, iteration=i, system=system, on_turn=hook)
             records.append(record)
             if progress is not None:
                 progress(record)

@@ -19,9 +19,9 @@ import threading
 import time
 from contextlib import contextmanager
 
+import pandas as pd
 import torch
 
-from qwenlab.generation.decode import generate
 from qwenlab.memory.device import NAN, cuda_sample, host_sample, is_cuda, read_hwm, reset_hwm
 from qwenlab.memory.frame import turn_peaks
 
@@ -186,18 +186,8 @@ class MemoryTracker:
         self.mark("turn_end", "mark", turn=turn)
         return result
 
-    def track_generate(self, model, prompt_ids, params, turn=None, *, step_samples: bool = True, **kwargs):
-        self.begin("prefill", turn=turn)
-        hook = self.on_token(turn, step_samples, kwargs.pop("on_token", None))
-        try:
-            return generate(model, prompt_ids, params, on_token=hook, **kwargs)
-        finally:
-            self.end(step=hook.count[0])
-
     # results
     def frame(self):
-        import pandas as pd
-
         with self._lock:
             rows = list(self.rows)
         columns = ["t", "phase", "event", "turn", "step"]
@@ -211,8 +201,6 @@ class MemoryTracker:
         return frame
 
     def spans_frame(self):
-        import pandas as pd
-
         return pd.DataFrame(self.spans, columns=None if self.spans else ["phase", "turn", "t0", "t1"])
 
     def turn_peaks(self):

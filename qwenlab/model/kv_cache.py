@@ -61,8 +61,9 @@ class KVCache:
 class StaticKVCache(KVCache):
     """A preallocated cache whose length also lives on the device (`pos`), so a one-token step can run with static
     shapes: with `static_shapes` on, positions come from `pos`, new keys are written with index_copy_, attention
-    covers all max_len slots under a length mask, and advance() moves `pos` on the device only (a step replayed as
-    a CUDA graph runs no Python; its owner keeps `length`). Off, it behaves exactly like a preallocated KVCache."""
+    covers all max_len slots under a length mask, and advance() moves `pos` on the device only. A step replayed as
+    a CUDA graph runs no Python, so whoever replays it calls replayed() to move the host's `length` to match.
+    Off, it behaves exactly like a preallocated KVCache. Only advance(), replayed() and crop() write `length`."""
 
     def __init__(self, *args, **kwargs):
         kwargs.pop("preallocate", None)
@@ -94,6 +95,10 @@ class StaticKVCache(KVCache):
         else:
             self.length += n
             self.pos.fill_(self.length)
+
+    def replayed(self, n: int):
+        """A captured step moved `pos` by n on the device: the host's length follows."""
+        self.length += n
 
     def crop(self, length: int):
         super().crop(length)

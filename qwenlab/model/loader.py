@@ -1,4 +1,6 @@
-"""Checkpoint directory (HF layout) -> validated, lazily loaded Qwen3 + tokenizer. Safetensors only."""
+"""Checkpoint directory (HF layout) -> validated Qwen3 + tokenizer, built once and not changed afterwards.
+Safetensors only. The module tree (NVFP4 linears, fused projections, attention, per-layer devices) is decided
+before construction; each tensor is read straight to the device of the layer that owns it."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,17 +11,13 @@ from safetensors import SafetensorError, safe_open
 from qwenlab.errors import QwenlabError
 from qwenlab.model import nvfp4_load
 from qwenlab.model.config import Qwen3Config, read_config, read_generation_config
-from qwenlab.model.placement import parse_device_map, place
+from qwenlab.model.dtypes import parse_dtype, resolve_dtype  # noqa: F401  (re-exported)
+from qwenlab.model.hf_names import fused_state, hf_shapes
+from qwenlab.model.placement import device_of, parse_device_map
 from qwenlab.model.qwen3 import Qwen3
+from qwenlab.model.spec import LoadSpec
+from qwenlab.model.tiny import resolve_model_dir
 from qwenlab.model.tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise QwenlabError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -30,39 +28,6 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise QwenlabError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1)") from None
-
-
-def resolve_dtype(name: str | None, device: torch.device, config: Qwen3Config) -> torch.dtype:
-    """'auto' = float32 on CPU (exact and fast enough there), the checkpoint's dtype on an accelerator."""
-    if name in (None, "auto"):
-        return torch.float32 if device.type == "cpu" else DTYPES.get(config.torch_dtype, torch.bfloat16)
-    return parse_dtype(name)
-
-
-def expected_shapes(cfg: Qwen3Config) -> dict[str, tuple]:
-    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (H,),
-            p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (cfg.q_size, H),
-            p + "self_attn.k_proj.weight": (cfg.kv_size, H),
-            p + "self_attn.v_proj.weight": (cfg.kv_size, H),
-            p + "self_attn.o_proj.weight": (H, cfg.q_size),
-            p + "self_attn.q_norm.weight": (cfg.head_dim,),
-            p + "self_attn.k_norm.weight": (cfg.head_dim,),
-            p + "mlp.gate_proj.weight": (I, H),
-            p + "mlp.up_proj.weight": (I, H),
-            p + "mlp.down_proj.weight": (H, I),
-        }
-        if cfg.attention_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (cfg.q_size,), p + "self_attn.k_proj.bias": (cfg.kv_size,),
-                       p + "self_attn.v_proj.bias": (cfg.kv_size,), p + "self_attn.o_proj.bias": (H,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, H)
-    return shapes
 
 
 def weight_files(checkpoint_dir: Path) -> dict[str, Path]:
@@ -107,15 +72,15 @@ def _check_size(path: Path):
 
 
 def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None,
-             exclude=None) -> tuple[dict[str, Path], "nvfp4_load.QuantPlan"]:
+             exclude=None) -> tuple[dict[str, Path], nvfp4_load.QuantSelection]:
     """-> (tensor name -> file, which linears are NVFP4), every expected tensor checked before any compute."""
     files = weight_files(checkpoint_dir)
     shapes = {}
     for path in sorted(set(files.values())):
         shapes |= _header(path)
-    plan = nvfp4_load.plan(checkpoint_dir, cfg, shapes, files, quant, exclude)
-    stored = {f"{m}.weight" for m in plan.stored}
-    for name, shape in expected_shapes(cfg).items():
+    selection = nvfp4_load.select(checkpoint_dir, cfg, shapes, files, quant, exclude)
+    stored = {f"{m}.weight" for m in selection.stored}
+    for name, shape in hf_shapes(cfg).items():
         if name in stored:
             continue
         if name not in shapes:
@@ -123,7 +88,17 @@ def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None,
         if shapes[name] != shape:
             raise QwenlabError(f"{checkpoint_dir}: tensor {name} has shape {list(shapes[name])}, "
                                f"config.json implies {list(shape)}")
-    return files, plan
+    return files, selection
+
+
+def check_checkpoint(spec: LoadSpec) -> Qwen3Config:
+    """Everything the load would check before reading a weight: for commands that must fail before writing."""
+    checkpoint_dir = resolve_model_dir(spec.model)
+    if not checkpoint_dir.is_dir():
+        raise QwenlabError(f"--model {checkpoint_dir}: not a directory")
+    cfg = read_config(checkpoint_dir)
+    validate(checkpoint_dir, cfg, spec.quant, spec.exclude)
+    return cfg
 
 
 @dataclass
@@ -133,27 +108,43 @@ class Checkpoint:
     generation_config: dict
     model: Qwen3
     tokenizer: "object"
+    spec: LoadSpec = LoadSpec()
 
     @property
     def name(self) -> str:
         return self.path.name
 
 
-def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = None, quant: str | None = None,
-               exclude=None, device_map=None) -> Qwen3:
-    """quant / exclude: NVFP4 (qwenlab.model.nvfp4_load); the result's `quantization` says what was done.
-    device_map (a spec or one device per layer, qwenlab.model.placement) splits the layers across devices: the
-    weights are staged in host memory, then each part moves to its device; `device` is then unused."""
-    checkpoint_dir = Path(checkpoint_dir)
+def as_spec(spec, dtype: str | None = None, device: str | None = None, quant: str | None = None,
+            **fields) -> LoadSpec:
+    """A LoadSpec as given, or one built from a checkpoint path and the loader's keyword arguments."""
+    if isinstance(spec, LoadSpec):
+        if dtype is not None or device is not None or quant is not None or fields:
+            raise TypeError("load(LoadSpec, ...): put every option in the LoadSpec")
+        return spec
+    return LoadSpec(model=spec, dtype=dtype, device=device, quant=quant, **fields)
+
+
+def load_model(spec, dtype: str | None = None, device: str | None = None, quant: str | None = None,
+               **fields) -> Qwen3:
+    """A LoadSpec (or a path and its fields) -> the model, on its device(s), in eval mode."""
+    spec = as_spec(spec, dtype, device, quant, **fields)
+    checkpoint_dir = resolve_model_dir(spec.model)
     if not checkpoint_dir.is_dir():
         raise QwenlabError(f"--model {checkpoint_dir}: not a directory")
     cfg = read_config(checkpoint_dir)
-    files, plan = validate(checkpoint_dir, cfg, quant, exclude)
-    split = parse_device_map(device_map, cfg.num_hidden_layers) if device_map else None
-    dev = torch.device("cpu") if split else resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch.device(split[0]) if split else dev, cfg)
+    files, selection = validate(checkpoint_dir, cfg, spec.quant, spec.exclude)
+    layer_devices = parse_device_map(spec.device_map, cfg.num_hidden_layers) if spec.device_map else None
+    first = torch.device(layer_devices[0]) if layer_devices else resolve_device(spec.device)
+    torch_dtype = resolve_dtype(spec.dtype, first, cfg)
+    info = nvfp4_load.quant_info(selection, cfg, first)
+    fused = (first.type == "cuda" and info is None) if spec.fused is None else spec.fused and info is None
     with torch.device("meta"):
-        model = Qwen3(cfg)
+        model = Qwen3(cfg, attention=spec.attention, fused=fused, quantization=info, layer_devices=layer_devices)
+
+    def place(name: str) -> torch.device:
+        return device_of(name, layer_devices, cfg.tie_word_embeddings) if layer_devices else first
+
     handles = {}
 
     def get(name):
@@ -162,28 +153,30 @@ def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = No
             handles[path] = safe_open(str(path), framework="pt", device="cpu")
         return handles[path].get_tensor(name)
 
-    state = {}
     try:
-        info = nvfp4_load.build(model, plan, get, dev, torch_dtype, state)
-        for name in expected_shapes(cfg):
-            if name not in plan.replaced_weights:
-                state[name] = get(name).to(device=dev, dtype=torch_dtype)
+        state = nvfp4_load.quantized_state(selection, get, first, torch_dtype, cfg.tie_word_embeddings)
+        state = {name: t.to(place(name)) for name, t in state.items()}
+        replaced = selection.replaced_weights if info is not None else set()
+        for name in hf_shapes(cfg):
+            if name not in replaced and name not in state:
+                state[name] = get(name).to(device=place(name), dtype=torch_dtype)
     finally:
         handles.clear()
-    if cfg.tie_word_embeddings and "lm_head.weight" not in plan.replaced_weights:
+    if cfg.tie_word_embeddings and "lm_head.weight" not in replaced:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if info is not None:
-        model.quantization = info
-    if split:
-        place(model, split)
-    return model.eval()
+    model.load_state_dict(fused_state(state, model), strict=True, assign=True)
+    if cfg.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters of one tensor
+    model.model.rotary.to(place("model.embed_tokens.weight"))
+    return model.requires_grad_(False).eval()
 
 
-def load(checkpoint_dir, dtype: str | None = None, device: str | None = None, quant: str | None = None,
-         exclude=None, device_map=None) -> Checkpoint:
-    checkpoint_dir = Path(checkpoint_dir)
-    model = load_model(checkpoint_dir, dtype, device, quant, exclude, device_map)
+def load(spec, dtype: str | None = None, device: str | None = None, quant: str | None = None,
+         **fields) -> Checkpoint:
+    """load(LoadSpec(...)) or load(path, dtype, device, quant, exclude=, device_map=, attention=, fused=)."""
+    spec = as_spec(spec, dtype, device, quant, **fields)
+    model = load_model(spec)
+    checkpoint_dir = resolve_model_dir(spec.model)
     gen = read_generation_config(checkpoint_dir)
     tok = Tokenizer.from_dir(checkpoint_dir, generation_config=gen)
-    return Checkpoint(checkpoint_dir, model.config, gen, model, tok)
+    return Checkpoint(checkpoint_dir, model.config, gen, model, tok, spec)

@@ -1,13 +1,12 @@
 """A model split across devices by layer ranges: the embedding on the first device, each decoder layer on its own,
-the final norm and an untied head on the last. The forward is not touched: a pre-hook on each module that lives
-elsewhere than the embedding moves its tensor inputs (the residual, RoPE tables, mask) to its device, and each
-layer's KV cache is allocated on that layer's device. Probes and dumps gather to the CPU as always.
+the final norm and an untied head on the last. The loader reads each tensor straight to its device (device_of);
+the forward moves the residual, RoPE tables and mask when the next layer lives elsewhere, and each layer's KV cache
+is allocated on that layer's device. Captures and dumps gather to the CPU as always.
 
 A device map is a list of one device per layer, or a spec: `balanced` (equal layer counts over the visible GPUs)
 or ranges such as `0:0-31,1:32-63` (GPU index or any torch device, then first-last layer; every layer once).
 """
 import torch
-from torch import nn
 
 from qwenlab.errors import QwenlabError
 
@@ -50,37 +49,12 @@ def parse_device_map(spec, num_layers: int) -> list[str]:
     return layers
 
 
-def _inputs_to(device: torch.device):
-    def hook(module, args):
-        return tuple(a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args)
-    return hook
-
-
-def place(model: nn.Module, layer_devices: list[str]) -> nn.Module:
-    """Moves the model's parts to their devices (from wherever they were loaded) and installs the input moves."""
-    first, last = torch.device(layer_devices[0]), torch.device(layer_devices[-1])
-    backbone = model.model
-    tied = model.lm_head.weight.data_ptr() == backbone.embed_tokens.weight.data_ptr()
-    backbone.embed_tokens.to(first)
-    for layer, name in zip(backbone.layers, layer_devices):
-        layer.to(torch.device(name))
-        layer.register_forward_pre_hook(_inputs_to(torch.device(name)))
-    backbone.norm.to(last)
-    backbone.norm.register_forward_pre_hook(_inputs_to(last))
-    if tied:  # .to() copies; the head keeps sharing the embedding's (moved) weight
-        model.lm_head.weight = backbone.embed_tokens.weight
-    else:
-        model.lm_head.to(last)
-    model.lm_head.register_forward_pre_hook(_inputs_to(model.lm_head.weight.device))
-    model.layer_devices = list(layer_devices)
-    return model
-
-
-def layer_devices(model) -> list[str] | None:
-    """The per-layer devices of a placed model, or None for a model on one device."""
-    return getattr(model, "layer_devices", None)
-
-
-def is_split(model) -> bool:
-    devices = layer_devices(model)
-    return devices is not None and len(set(devices)) > 1
+def device_of(name: str, layer_devices: list[str], tied: bool) -> torch.device:
+    """The device of an HF-named tensor in a split model: a decoder layer's tensors on that layer's device, the
+    embedding (and a tied head) on the first layer's, the final norm and an untied head on the last layer's."""
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return torch.device(layer_devices[int(parts[2])])
+    if parts[0] == "lm_head" and not tied or name.startswith("model.norm."):
+        return torch.device(layer_devices[-1])
+    return torch.device(layer_devices[0])

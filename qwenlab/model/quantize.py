@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from qwenlab import __version__
 from qwenlab.errors import QwenlabError, standalone_main
-from qwenlab.model.loader import expected_shapes, load, weight_files
+from qwenlab.model.hf_names import hf_shapes
+from qwenlab.model.loader import load, weight_files
 from qwenlab.model.nvfp4_load import DEFAULT_KEEP
 from qwenlab.paths import DATA_DIR
 from qwenlab.quant.codec import tensor_scale_from_amax
@@ -32,9 +33,10 @@ def calibration_texts(n: int) -> list[str]:
     return rows[::step][:n]
 
 
-@torch.no_grad()
-def calibrate(ckpt, n_texts: int, max_tokens: int = 64) -> int:
-    """Sets input_scale on every NVFP4Linear that has none: amax of its input over the texts / 2688. -> tokens."""
+@torch.inference_mode()
+def calibrate(ckpt, n_texts: int, max_tokens: int = 64) -> tuple[dict[str, torch.Tensor], int]:
+    """Input scales for every NVFP4Linear that has none: amax of its input over the texts / 2688.
+    -> ({module: scale}, tokens). The forward pre-hooks that watch the inputs are removed before returning."""
     modules = {name: m for name, m in nvfp4_modules(ckpt.model).items() if m.input_scale is None}
     amax = {name: torch.zeros((), device=ckpt.model.device) for name in modules}
 
@@ -54,39 +56,46 @@ def calibrate(ckpt, n_texts: int, max_tokens: int = 64) -> int:
     finally:
         for h in hooks:
             h.remove()
-    for name, m in modules.items():
-        m.input_scale = tensor_scale_from_amax(amax[name])
-    return tokens
+    return {name: tensor_scale_from_amax(amax[name]) for name in modules}, tokens
 
 
-def quantized_tensors(ckpt, layout_name: str) -> dict[str, torch.Tensor]:
+def input_scales(ckpt, calibrated: dict | None = None) -> dict[str, torch.Tensor]:
+    """Each quantized linear's input scale: the checkpoint's own, else the calibrated one (absent: none)."""
+    own = {name: m.input_scale for name, m in nvfp4_modules(ckpt.model).items() if m.input_scale is not None}
+    return {**(calibrated or {}), **own}
+
+
+def quantized_tensors(ckpt, layout_name: str, scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     layout = LAYOUTS[layout_name]
     out = {}
     for name, m in nvfp4_modules(ckpt.model).items():
         out[f"{name}.{layout.packed}"] = m.packed.cpu()
         out[f"{name}.{layout.block_scale}"] = m.block_scale.cpu()
         out[f"{name}.{layout.tensor_scale}"] = layout.scale_to_file(m.tensor_scale).cpu()
-        if m.input_scale is not None:
-            out[f"{name}.{layout.input_scale}"] = layout.scale_to_file(m.input_scale).cpu()
+        if name in scales:
+            out[f"{name}.{layout.input_scale}"] = layout.scale_to_file(scales[name]).cpu()
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias.detach().cpu()
     return out
 
 
-def export(ckpt, dst, layout: str = COMPRESSED_TENSORS, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """A loaded NVFP4 model written as a checkpoint: its quantized linears as they are, every other tensor copied
-    from the checkpoint it was loaded from (as stored there), the quant config of `layout`."""
+def export(ckpt, dst, layout: str = COMPRESSED_TENSORS, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+           calibrated: dict | None = None) -> dict:
+    """A loaded NVFP4 model written as a checkpoint: its quantized linears as they are (input scales its own or
+    `calibrated`), every other tensor copied from the checkpoint it was loaded from (as stored there), the quant
+    config of `layout`."""
     get_layout(layout)
     info, modules = ckpt.model.quantization, nvfp4_modules(ckpt.model)
-    if layout == MODELOPT and any(m.input_scale is None for m in modules.values()):
+    scales = input_scales(ckpt, calibrated)
+    if layout == MODELOPT and any(name not in scales for name in modules):
         raise QwenlabError("--format modelopt: ModelOpt NVFP4 checkpoints carry input_scale: calibrate (--calibrate N, "
                            "N > 0) or write --format compressed-tensors")
     raw = json.loads((ckpt.path / "config.json").read_text())
     raw.pop("quantization_config", None)
-    tensors = quantized_tensors(ckpt, layout)
+    tensors = quantized_tensors(ckpt, layout, scales)
     replaced = {f"{m}.weight" for m in info.quantized}
     files = weight_files(ckpt.path)
-    for name in expected_shapes(ckpt.config):
+    for name in hf_shapes(ckpt.config):
         if name not in replaced:
             with safe_open(str(files[name]), framework="pt", device="cpu") as f:
                 tensors[name] = f.get_tensor(name)
@@ -96,7 +105,7 @@ def export(ckpt, dst, layout: str = COMPRESSED_TENSORS, max_shard_bytes: int = D
     if layout == MODELOPT:
         raw["quantization_config"], extra[HF_QUANT_CONFIG] = modelopt_files(info.kept, __version__)
     else:
-        activations = all(m.input_scale is not None for m in modules.values())
+        activations = all(name in scales for name in modules)
         raw["quantization_config"] = compressed_tensors_config(info.kept, activations)
     write_checkpoint(dst, ckpt.path, raw, dict(sorted(tensors.items())), extra, max_shard_bytes)
     return {"dst": str(dst), "format": layout, "source": info.source, "quantized": len(info.quantized),
@@ -113,8 +122,8 @@ def quantize_checkpoint(src, dst, layout: str = COMPRESSED_TENSORS, exclude=None
     if dst.resolve() == src.resolve():
         raise QwenlabError(f"{dst}: the destination is the source checkpoint")
     ckpt = load(src, dtype, device, quant="nvfp4", exclude=exclude)
-    tokens = calibrate(ckpt, calibration_texts_n) if calibration_texts_n > 0 else 0
-    return export(ckpt, dst, layout, max_shard_bytes) | {"src": str(src), "calibration_tokens": tokens}
+    scales, tokens = calibrate(ckpt, calibration_texts_n) if calibration_texts_n > 0 else ({}, 0)
+    return export(ckpt, dst, layout, max_shard_bytes, scales) | {"src": str(src), "calibration_tokens": tokens}
 
 
 def parse_size(text: str) -> int:

@@ -1,13 +1,20 @@
-"""Qwen3 forward in plain torch, HF parameter names, optional probe. No transformers import here."""
-import functools
+"""Qwen3 forward in plain torch, HF parameter names, hook points at the canonical activation names.
 
+The module tree is fixed at construction (the loader builds it): which linears are NVFP4, whether q/k/v and
+gate/up are fused into one registered parameter each (`qkv_proj`, `gate_up_proj`; qwenlab.model.packing maps
+them to and from HF names), the attention implementation and the per-layer devices of a split model.
+No transformers import here.
+"""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qwenlab.model.config import Qwen3Config
+from qwenlab.model.hooks import HIDDEN, HookPoint
 from qwenlab.model.kv_cache import KVCache
-from qwenlab.model.probe import Probe
+from qwenlab.quant.linear import NVFP4Linear, QuantInfo
+
+ATTENTIONS = ("sdpa", "eager")
 
 
 class RMSNorm(nn.Module):
@@ -23,73 +30,87 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class Rotary(nn.Module):
+    """RoPE tables. inv_freq is computed on the CPU in float32 exactly as the reference does, once, at
+    construction (a buffer: it follows the model's device; not saved in checkpoints)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta ** exponents), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, head_dim] for integer positions, computed in float32 like the reference."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-@torch.compiler.disable  # a cached device tensor: compiled code must not recompute (or copy) it
-@functools.lru_cache(maxsize=16)
-def inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """Computed on the CPU in float32 exactly as the reference does, then kept on the device (no copy per step)."""
-    return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))).to(device)
+def make_linear(name: str, in_features: int, out_features: int, bias: bool, quant: QuantInfo | None) -> nn.Module:
+    """nn.Linear, or NVFP4Linear when the loader's QuantInfo lists `name` (an HF module name) as quantized."""
+    if quant is not None and name in quant.quantized:
+        return NVFP4Linear(in_features, out_features, bias, has_input_scale=name in quant.input_scales,
+                           activations=quant.activations, kernel=quant.kernel)
+    return nn.Linear(in_features, out_features, bias=bias)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
-    """cos/sin of shape [T, head_dim] for integer positions, computed in float32 like the reference."""
-    freqs = positions.float()[:, None] * inv_freq(head_dim, float(theta), positions.device)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def project(linear: nn.Module, x: torch.Tensor, kernels) -> torch.Tensor:
+    """linear(x), or the decode engine's kernel for it when the engine passes its kernels."""
+    return linear(x) if kernels is None else kernels.linear(linear, x)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen3Config, layer: int):
+    def __init__(self, cfg: Qwen3Config, prefix: str, fused: bool, quant: QuantInfo | None):
         super().__init__()
-        self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=bias)
+        self.sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        if fused:
+            self.qkv_proj = nn.Linear(H, sum(self.sizes), bias=bias)
+        else:
+            self.q_proj = make_linear(prefix + "q_proj", H, cfg.q_size, bias, quant)
+            self.k_proj = make_linear(prefix + "k_proj", H, cfg.kv_size, bias, quant)
+            self.v_proj = make_linear(prefix + "v_proj", H, cfg.kv_size, bias, quant)
+        self.hook_q_proj = HookPoint(("T", "heads*head_dim"), ("q_proj", "output"))
+        self.hook_k_proj = HookPoint(("T", "kv_heads*head_dim"), ("k_proj", "output"))
+        self.hook_v_proj = HookPoint(("T", "kv_heads*head_dim"), ("v_proj", "output"))
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.impl = "sdpa"
-        self.qkv_proj = None  # one Linear whose weight slices are q/k/v_proj's parameters, see fuse_projections()
-        self.decode_kernel = None  # fn(q, k, v, pos) for one token over a whole static cache (the graph engine's)
+        self.hook_q_norm = HookPoint(("T", "heads", "head_dim"), ("q_norm", "output"))
+        self.hook_k_norm = HookPoint(("T", "kv_heads", "head_dim"), ("k_norm", "output"))
+        self.hook_q_rope = HookPoint(("T", "heads", "head_dim"), ("q_norm", "rope"))
+        self.hook_k_rope = HookPoint(("T", "kv_heads", "head_dim"), ("k_norm", "rope"))
+        self.hook_context = HookPoint(("T", "heads*head_dim"), ("o_proj", "input"))
+        self.o_proj = make_linear(prefix + "o_proj", cfg.q_size, H, bias, quant)
+        self.hook_o_proj = HookPoint(HIDDEN, ("o_proj", "output"))
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, probe: Probe | None):
+    def projections(self, x, kernels):
+        if hasattr(self, "qkv_proj"):
+            return project(self.qkv_proj, x, kernels).split(self.sizes, dim=-1)
+        return project(self.q_proj, x, kernels), project(self.k_proj, x, kernels), project(self.v_proj, x, kernels)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, attention: str, kernels):
         B, T, _ = x.shape
-        p = f"layers.{self.layer}.attn."
-        if self.qkv_proj is not None:
-            q_lin, k_lin, v_lin = self.qkv_proj(x).split([self.q_proj.out_features, self.k_proj.out_features,
-                                                          self.v_proj.out_features], dim=-1)
-        else:
-            q_lin, k_lin, v_lin = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = self.q_norm(q_lin.view(B, T, self.n_heads, self.head_dim))
-        k = self.k_norm(k_lin.view(B, T, self.n_kv, self.head_dim))
-        v = v_lin.view(B, T, self.n_kv, self.head_dim)
-        if probe is not None:
-            for name, t in (("q_proj", q_lin), ("k_proj", k_lin), ("v_proj", v_lin), ("q_norm", q), ("k_norm", k)):
-                probe.record(p + name, t)
-        q = q.transpose(1, 2) * cos + rotate_half(q.transpose(1, 2)) * sin
-        k = k.transpose(1, 2) * cos + rotate_half(k.transpose(1, 2)) * sin
-        v = v.transpose(1, 2)
-        if probe is not None:
-            probe.record(p + "q_rope", q.transpose(1, 2))
-            probe.record(p + "k_rope", k.transpose(1, 2))
+        q, k, v = self.projections(x, kernels)
+        q, k, v = self.hook_q_proj(q), self.hook_k_proj(k), self.hook_v_proj(v)
+        q = self.hook_q_norm(self.q_norm(q.view(B, T, self.n_heads, self.head_dim))).transpose(1, 2)
+        k = self.hook_k_norm(self.k_norm(k.view(B, T, self.n_kv, self.head_dim))).transpose(1, 2)
+        q = self.hook_q_rope((q * cos + rotate_half(q) * sin).transpose(1, 2)).transpose(1, 2)
+        k = self.hook_k_rope((k * cos + rotate_half(k) * sin).transpose(1, 2)).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        if T == 1 and cache is not None and cache.static_shapes and self.decode_kernel is not None:
-            ctx = self.decode_kernel(q, k, v, cache.pos)
+            k, v = cache.update(layer, k, v)
+        if T == 1 and cache is not None and cache.static_shapes and kernels is not None:
+            ctx = kernels.attention(q, k, v, cache.pos)
         else:
-            ctx = attend(q, k, v, mask, self.impl)
-        ctx = ctx.transpose(1, 2).reshape(B, T, -1)
-        out = self.o_proj(ctx)
-        if probe is not None:
-            probe.record(p + "context", ctx)
-            probe.record(p + "o_proj", out)
-        return out
+            ctx = attend(q, k, v, mask, attention)
+        ctx = self.hook_context(ctx.transpose(1, 2).reshape(B, T, -1))
+        return self.hook_o_proj(project(self.o_proj, ctx, kernels))
 
 
 def causal_mask(T: int, S: int, past: int, device) -> torch.Tensor:
@@ -97,12 +118,12 @@ def causal_mask(T: int, S: int, past: int, device) -> torch.Tensor:
     return torch.arange(S, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]
 
 
-def attend(q, k, v, mask, impl: str):
+def attend(q, k, v, mask, attention: str):
     """q [B,H,T,D], k/v [B,KVH,S,D] -> [B,H,T,D]; eager mirrors the reference's math op for op.
     mask: boolean [T, S], or None when the queries are the last T of the S keys (causal)."""
     T, S = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
-    if impl == "sdpa":
+    if attention == "sdpa":
         if T == 1:
             return decode_attention(q, k, v, mask)
         if mask is None and T == S:
@@ -132,109 +153,83 @@ def decode_attention(q, k, v, mask=None):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Qwen3Config, layer: int):
+    def __init__(self, cfg: Qwen3Config, prefix: str, fused: bool, quant: QuantInfo | None):
         super().__init__()
-        self.layer = layer
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj = None  # one Linear whose halves are gate_proj's and up_proj's, see fuse_projections()
-
-    def forward(self, x, probe: Probe | None):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        if fused:
+            self.gate_up_proj = nn.Linear(H, 2 * I, bias=False)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        act = F.silu(gate)
-        out = self.down_proj(act * up)
-        if probe is not None:
-            p = f"layers.{self.layer}.mlp."
-            for name, t in (("gate_proj", gate), ("up_proj", up), ("act", act), ("down_proj", out)):
-                probe.record(p + name, t)
-        return out
+            self.gate_proj = make_linear(prefix + "gate_proj", H, I, False, quant)
+            self.up_proj = make_linear(prefix + "up_proj", H, I, False, quant)
+        self.hook_gate_proj = HookPoint(("T", "intermediate"), ("gate_proj", "output"))
+        self.hook_up_proj = HookPoint(("T", "intermediate"), ("up_proj", "output"))
+        self.hook_act = HookPoint(("T", "intermediate"), ("act_fn", "output"))
+        self.down_proj = make_linear(prefix + "down_proj", I, H, False, quant)
+        self.hook_down_proj = HookPoint(HIDDEN, ("down_proj", "output"))
+
+    def forward(self, x, kernels):
+        if hasattr(self, "gate_up_proj"):
+            gate, up = project(self.gate_up_proj, x, kernels).chunk(2, dim=-1)
+        else:
+            gate, up = project(self.gate_proj, x, kernels), project(self.up_proj, x, kernels)
+        gate, up = self.hook_gate_proj(gate), self.hook_up_proj(up)
+        act = self.hook_act(F.silu(gate))
+        return self.hook_down_proj(project(self.down_proj, act * up, kernels))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3Config, layer: int):
+    def __init__(self, cfg: Qwen3Config, layer: int, fused: bool, quant: QuantInfo | None):
         super().__init__()
-        self.layer = layer
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg, layer)
+        prefix = f"model.layers.{layer}."
+        self.hook_input = HookPoint(HIDDEN, ("", "input"))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hook_input_layernorm = HookPoint(HIDDEN, ("input_layernorm", "output"))
+        self.self_attn = Attention(cfg, prefix + "self_attn.", fused, quant)
+        self.hook_post_attention_residual = HookPoint(HIDDEN, ("post_attention_layernorm", "input"))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hook_post_attention_layernorm = HookPoint(HIDDEN, ("post_attention_layernorm", "output"))
+        self.mlp = MLP(cfg, prefix + "mlp.", fused, quant)
+        self.hook_output = HookPoint(HIDDEN, ("", "output"))
 
-    def forward(self, x, cos, sin, mask, cache, probe):
-        p = f"layers.{self.layer}."
-        h = self.input_layernorm(x)
-        if probe is not None:
-            probe.record(p + "input", x)
-            probe.record(p + "input_layernorm", h)
-        x = x + self.self_attn(h, cos, sin, mask, cache, probe)
-        h = self.post_attention_layernorm(x)
-        if probe is not None:
-            probe.record(p + "post_attention_residual", x)
-            probe.record(p + "post_attention_layernorm", h)
-        x = x + self.mlp(h, probe)
-        if probe is not None:
-            probe.record(p + "output", x)
-        return x
-
-
-def _fuse(linears: list[nn.Linear]) -> nn.Linear:
-    """One Linear over the concatenated weights (and biases); each given module is re-pointed at its slice."""
-    with torch.device("meta"):
-        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears),
-                          bias=linears[0].bias is not None)
-    for name in ("weight", "bias"):
-        parts = [getattr(m, name) for m in linears]
-        if parts[0] is None:
-            continue
-        whole = torch.cat([t.detach() for t in parts])
-        start = 0
-        for m, t in zip(linears, parts):
-            setattr(m, name, nn.Parameter(whole[start:start + t.shape[0]], requires_grad=t.requires_grad))
-            start += t.shape[0]
-        setattr(fused, name, nn.Parameter(whole, requires_grad=False))
-    return fused
+    def forward(self, x, cos, sin, mask, cache, layer: int, attention: str, kernels):
+        x = self.hook_input(x)
+        h = self.hook_input_layernorm(self.input_layernorm(x))
+        x = self.hook_post_attention_residual(x + self.self_attn(h, cos, sin, mask, cache, layer, attention, kernels))
+        h = self.hook_post_attention_layernorm(self.post_attention_layernorm(x))
+        return self.hook_output(x + self.mlp(h, kernels))
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: Qwen3Config, fused: bool, quant: QuantInfo | None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.hook_embed = HookPoint(HIDDEN, ("embed_tokens", "output"))
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, fused, quant) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hook_norm = HookPoint(HIDDEN, ("norm", "output"))
 
 
 class Qwen3(nn.Module):
-    """`model(ids)` -> logits [B, T, V]. Module names match HF checkpoints (model.layers.0.self_attn.q_proj...)."""
+    """`model(ids)` -> logits [B, T, V]. Module names match HF checkpoints (model.layers.0.self_attn.q_proj...).
 
-    def __init__(self, cfg: Qwen3Config):
+    attention: "sdpa" or "eager" (a forward may ask for the other one without changing the model); fused: q/k/v and
+    gate/up as one parameter each; quantization: the loader's QuantInfo (None: dense); layer_devices: one device per
+    decoder layer for a model split across devices (None: one device)."""
+
+    def __init__(self, cfg: Qwen3Config, *, attention: str = "sdpa", fused: bool = False,
+                 quantization: QuantInfo | None = None, layer_devices: list[str] | None = None):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
         self.config = cfg
-        self.rope_theta = cfg.rope_theta
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def set_attention(self, impl: str):
-        if impl not in ("sdpa", "eager"):
-            raise ValueError(f"attention impl must be 'sdpa' or 'eager', not {impl!r}")
-        for layer in self.model.layers:
-            layer.self_attn.impl = impl
-        return self
-
-    def fuse_projections(self):
-        """One matmul for q/k/v and one for gate/up: each layer's weights move into one fused storage and the
-        HF-named parameters become slices of it, so names, probes and dumps stay, and memory does not double.
-        Only plain nn.Linear projections are fused; idempotent. The fused Linear is kept out of the module tree
-        (state_dict, named_modules and .to() see only the HF names)."""
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if attn.qkv_proj is None and all(type(m) is nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
-                attn.__dict__["qkv_proj"] = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            if mlp.gate_up_proj is None and all(type(m) is nn.Linear for m in (mlp.gate_proj, mlp.up_proj)):
-                mlp.__dict__["gate_up_proj"] = _fuse([mlp.gate_proj, mlp.up_proj])
-        return self
+        self.attention = attention
+        self.fused = fused
+        self.quantization = quantization
+        self.layer_devices = list(layer_devices) if layer_devices else None
+        self.model = Backbone(cfg, fused, quantization)
+        self.lm_head = make_linear("lm_head", cfg.hidden_size, cfg.vocab_size, False, quantization)
+        self.hook_logits = HookPoint(("T", "vocab"), ("lm_head", "output"))
 
     @property
     def dtype(self):
@@ -244,27 +239,36 @@ class Qwen3(nn.Module):
     def device(self):
         return self.model.embed_tokens.weight.device
 
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, probe: Probe | None = None,
-                last_only: bool = False):
+    @property
+    def is_split(self) -> bool:
+        return self.layer_devices is not None and len(set(self.layer_devices)) > 1
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
+                attention: str | None = None, kernels=None) -> torch.Tensor:
+        """ids [T] or [B, T] -> logits [B, T, V] ([B, 1, V] with last_only). cache: positions continue after its
+        length and keys/values are written to it. attention overrides the model's for this call only. kernels:
+        the decode engine's (qwenlab.generation), for a one-token step over a static cache."""
         if ids.dim() == 1:
             ids = ids[None]
         T = ids.shape[1]
         positions = cache.positions(T, ids.device) if cache is not None else torch.arange(T, device=ids.device)
         mask = cache.attention_mask(T) if cache is not None else None
-        x = self.model.embed_tokens(ids)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.rope_theta, x.dtype)
-        if probe is not None:
-            probe.record("embed", x)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, probe)
+        attention = attention or self.attention
+        x = self.model.hook_embed(self.model.embed_tokens(ids))
+        cos, sin = self.model.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self.layer_devices is not None and x.device != torch.device(self.layer_devices[i]):
+                x, cos, sin, mask = _moved(torch.device(self.layer_devices[i]), x, cos, sin, mask)
+            x = layer(x, cos, sin, mask, cache, i, attention, kernels)
         if cache is not None:
-            cache.advance(ids.shape[1])
-        x = self.model.norm(x)
+            cache.advance(T)
+        x = self.model.norm(x.to(self.model.norm.weight.device))
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
-        if probe is not None:
-            probe.record("norm", x)
-            probe.record("logits", logits)
-        return logits
+        x = self.model.hook_norm(x)
+        head = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else self.lm_head.packed
+        return self.hook_logits(project(self.lm_head, x.to(head.device), kernels))
+
+
+def _moved(device, *tensors):
+    return tuple(t.to(device, non_blocking=True) if t is not None else None for t in tensors)

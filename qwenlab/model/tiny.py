@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from qwenlab.atomic import atomic_dir
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import config_from_dict
-from qwenlab.model.loader import expected_shapes
+from qwenlab.model.hf_names import hf_shapes
 from qwenlab.model.tokenizer_files import TOKENIZER_FILES, qwen3_tokenizer_dir
 from qwenlab.paths import DATA_DIR
 
@@ -27,6 +27,14 @@ PRESETS = {
     "tiny-untied": dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
                         num_key_value_heads=3, head_dim=24, max_position_embeddings=2048,
                         tie_word_embeddings=False, rope_theta=10_000.0, dtype="float32", style="v4", shards=3),
+    # 24 narrow layers: where a bug confined to one deep layer must be found under bf16 noise (tests).
+    "tiny-deep": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
+                      dtype="float32", style="v5", shards=1),
+    # A valid Qwen3 whose MLP width (200) is not a multiple of 16: NVFP4 cannot quantize down_proj (K = 200).
+    "tiny-k200": dict(hidden_size=64, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
+                      dtype="float32", style="v5", shards=1),
     # The real Qwen3-4B(-Instruct-2507) shape with random bf16 weights: same cost as the real model.
     "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
@@ -115,7 +123,7 @@ def _shards(cfg: dict, preset: str, seed: int, device) -> list:
         weights = {k: torch.from_numpy(v) for k, v in _numpy_weights(cfg, seed).items()}
         names = list(weights)
         return [lambda part=names[i::n]: {k: weights[k] for k in part} for i in range(n)]
-    shapes = expected_shapes(config_from_dict(cfg))
+    shapes = hf_shapes(config_from_dict(cfg))
     order = {name: i for i, name in enumerate(shapes)}
     names = list(shapes)
     return [lambda part=names[i::n]: {k: _torch_tensor(cfg, k, shapes[k], order[k], seed, getattr(torch, dtype), device)

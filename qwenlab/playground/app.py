@@ -15,16 +15,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qwenlab.activations.nvfp4_reference import load_reference_for
-from qwenlab.activations.reference import versions
 from qwenlab.atomic import json_safe
 from qwenlab.errors import QwenlabError
 from qwenlab.generation.chat import ChatSession
 from qwenlab.generation.decode import check_context, generate
+from qwenlab.generation.engine import Engine
+from qwenlab.model.dtypes import dtype_name
 from qwenlab.model.loader import load
+from qwenlab.model.spec import LoadSpec
 from qwenlab.model.tiny import resolve_model_dir
 from qwenlab.paths import resolve_out_dir
 from qwenlab.playground import compare, core
 from qwenlab.playground.widgets import PlaygroundWidgets
+from qwenlab.versions import package_versions
 
 TABLE_REFRESH_S = 1.0
 
@@ -44,7 +47,7 @@ class Playground(PlaygroundWidgets):
         self.result = self.settings_used = self.comparison = self.layer_diff = self.layer_figure = None
         self.history: list[dict] = []
         self.output_text, self.last_error, self._status_text, self.readouts = "", None, "", {}
-        self._recorder, self._history_before, self._job = None, [], ""
+        self._recorder, self._history_before, self._job, self.engine = None, [], "", None
         self._stop, self._load_lock, self._worker = threading.Event(), threading.Lock(), None
         self._build_widgets()
         self.device_map = device_map  # qwenlab's layers across devices (doc/placement.md)
@@ -96,7 +99,7 @@ class Playground(PlaygroundWidgets):
         ckpt = self.ckpt
         model = None if ckpt is None else {
             "path": str(ckpt.path), "name": ckpt.name, "config_hash": ckpt.config.config_hash(),
-            "dtype": str(ckpt.model.dtype).removeprefix("torch."), "device": str(ckpt.model.device),
+            "dtype": dtype_name(ckpt.model.dtype), "device": str(ckpt.model.device),
             "num_hidden_layers": ckpt.config.num_hidden_layers}
 
         return {"kind": "qwenlab.playground.app", "version": 1,
@@ -108,7 +111,7 @@ class Playground(PlaygroundWidgets):
                 "layer_diff": None if self.layer_diff is None else {
                     "first_divergence": self.layer_diff.first_divergence, "passed": self.layer_diff.passed,
                     "dtype": self.layer_diff.dtype},
-                "versions": versions()}
+                "versions": package_versions()}
 
     def save_json(self, path=None) -> Path:
         if path is None:
@@ -190,7 +193,7 @@ class Playground(PlaygroundWidgets):
             if self.ckpt is not None and quant == self._ckpt_quant:
                 return self.ckpt
             if self.ckpt is not None:  # the quantization changed: a new model, chat cache and reference
-                self.ckpt = self.session = self.reference_model = None
+                self.ckpt = self.session = self.reference_model = self.engine = None
             self._ckpt_quant = quant
             if self._given_checkpoint is not None and quant == self._given_quant:
                 return self._use_checkpoint(self._given_checkpoint)
@@ -198,7 +201,7 @@ class Playground(PlaygroundWidgets):
             try:
                 given = self._given_checkpoint
                 path = given.path if given is not None and not self.model_dir else resolve_model_dir(self.model_dir)
-                ckpt = load(path, self.dtype, self.device, quant=quant, device_map=self.device_map)
+                ckpt = load(LoadSpec(path, self.dtype, self.device, quant, device_map=self.device_map))
             except QwenlabError as e:
                 raise QwenlabError(f"model failed to load: {e}") from None
             except Exception as e:
@@ -208,7 +211,8 @@ class Playground(PlaygroundWidgets):
             return ckpt
 
     def _use_checkpoint(self, ckpt):
-        self._recorder = core.TokenRecorder(ckpt.model)
+        self._recorder = core.TokenRecorder()
+        self.engine = Engine(ckpt.model, "auto")  # the graph engine on a GPU: compiled once, kept for every job
         self.ckpt = ckpt
         self.header.value = self._header_html()
         return ckpt
@@ -226,8 +230,8 @@ class Playground(PlaygroundWidgets):
         strategy = "session" if s.decode_mode == "kv" else "replay"
         system = s.system if s.system.strip() else None
         if self.session is None:
-            self.session = ChatSession(self._recorder, ckpt.tokenizer, system=system, enable_thinking=s.thinking,
-                                       strategy=strategy)
+            self.session = ChatSession(ckpt.model, ckpt.tokenizer, system=system, enable_thinking=s.thinking,
+                                       strategy=strategy, engine=self.engine)
             return self.session
         session = self.session
         session.enable_thinking = s.thinking
@@ -269,20 +273,22 @@ class Playground(PlaygroundWidgets):
         self._set_status("generating … (Stop ends it)", "info")
         extra = {}
         if session is not None:
-            turn = session.send(s.prompt, params, on_token=on_token, should_stop=self._stop.is_set)
+            turn = session.send(s.prompt, params, on_token=on_token, on_logits=rec.on_logits,
+                                should_stop=self._stop.is_set)
             gen, extra = turn.generation, {"reused_tokens": turn.reused_tokens, "prefill_tokens": turn.prefill_tokens}
         else:
             ids = tok.encode(s.prompt)
             check_context(ckpt.model, len(ids))
-            gen = generate(rec, ids, params, mode=s.decode_mode, on_token=on_token, should_stop=self._stop.is_set,
-                           tokenizer=tok)
+            gen = generate(ckpt.model, ids, params, mode=s.decode_mode, engine=self.engine, on_token=on_token,
+                           on_logits=rec.on_logits, should_stop=self._stop.is_set, tokenizer=tok)
         self.output_text += stream.flush()
         elapsed = time.perf_counter() - live["t0"]
         self.result = gen
         self.history.append({"input_mode": s.input_mode, "prompt": s.prompt, "settings": s.to_json(),
                              "output_text": self.output_text, "tokens": len(gen.ids), "elapsed_s": elapsed,
                              **extra, **gen.to_json()})
-        self._show_live(s, len(gen.ids), gen.decode_tok_s, elapsed, gen.stop_reason, gen.prefill_s)
+        self._show_live(s, len(gen.ids), gen.decode_tok_s, elapsed, gen.stop_reason, gen.prefill_s, gen.engine,
+                        gen.engine_note)
         self.table_html.value = core.token_table_html(self.token_table)
         level = "warn" if gen.stop_reason == "stopped" else "ok"
         self._set_status(f"done: {len(gen.ids)} tokens, stop reason {gen.stop_reason}", level)

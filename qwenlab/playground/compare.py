@@ -104,7 +104,7 @@ def inspect_layers(ckpt, hf_model, ids: list[int]):
     check_context(ckpt.model, len(ids))
     cand, cand_meta = capture(ckpt, ids, "qwenlab")
     ref, ref_meta = capture(ckpt, ids, "reference", reference_model=hf_model)
-    floors_dtype = "bfloat16" if getattr(ckpt.model, "quantization", None) else None  # NVFP4: doc/nvfp4.md
+    floors_dtype = "bfloat16" if ckpt.model.quantization else None  # NVFP4: doc/nvfp4.md
     return diff_dumps(Dump(cand, cand_meta), Dump(ref, ref_meta), dtype=floors_dtype,
                       num_layers=ckpt.config.num_hidden_layers)
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import pandas as pd
+import psutil
 import torch
 
 from qwenlab.errors import QwenlabError
@@ -91,21 +92,16 @@ def token_label(tokenizer, token_id: int) -> str:
 
 
 class TokenRecorder:
-    """Wraps the model for generate(): keeps the log-probabilities of each step's last position, and on_token()
-    turns them into a row (chosen token's logprob, top-k alternatives). Everything else is the model's."""
+    """generate()'s on_logits and on_token callbacks: on_logits keeps the log-probabilities each token is chosen
+    from, on_token() turns them into a row (chosen token's logprob, top-k alternatives). Whichever engine runs."""
 
-    def __init__(self, model, k: int = TOP_K):
-        self.model, self.k = model, k
+    def __init__(self, k: int = TOP_K):
+        self.k = k
         self.rows: list[dict] = []
         self._pending = None
 
-    def __getattr__(self, name):
-        return getattr(self.__dict__["model"], name)
-
-    def __call__(self, *args, **kwargs):
-        logits = self.model(*args, **kwargs)
-        self._pending = torch.log_softmax(logits[0, -1].float(), dim=-1)
-        return logits
+    def on_logits(self, logits: torch.Tensor):
+        self._pending = torch.log_softmax(logits.float(), dim=-1)
 
     def reset(self):
         self.rows, self._pending = [], None
@@ -143,8 +139,6 @@ def token_table_html(frame: pd.DataFrame, max_rows: int = 400) -> str:
 
 
 def memory_readouts(device) -> dict:
-    import psutil
-
     out = {"rss_bytes": psutil.Process().memory_info().rss}
     if device is not None and torch.device(device).type == "cuda":
         out["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
@@ -166,6 +160,9 @@ def readout_html(r: dict) -> str:
     if not r:
         return "<span class='qwenlab-readout'>tokens – · tok/s – · elapsed – · stop reason –</span>"
     parts = [f"tokens <b>{r['tokens']}</b>", f"<b>{r['tok_s']:.1f}</b> tok/s", f"elapsed <b>{r['elapsed_s']:.2f} s</b>"]
+    if r.get("engine"):
+        note = f" <span title='{html.escape(r.get('engine_note') or '')}'>ⓘ</span>" if r.get("engine_note") else ""
+        parts.append(f"engine <b class='qwenlab-engine'>{r['engine']}</b>{note}")
     if r.get("prefill_s") is not None:
         parts.append(f"prefill <b>{r['prefill_s'] * 1e3:.0f} ms</b>")
     parts.append(f"stop reason <b class='qwenlab-stop-reason'>{r['stop_reason'] or 'running'}</b>")

@@ -105,16 +105,17 @@ class PlaygroundWidgets:
             where = self.model_dir or "embedded tiny-qwen3"
             return f"<b>qwenlab playground</b> · model {html.escape(str(where))} (loads on first use)"
         c, m = self.ckpt.config, self.ckpt.model
-        quantization = getattr(m, "quantization", None)
+        quantization = m.quantization
         quant = f" · {html.escape(quantization.summary())}" if quantization is not None else ""
         return (f"<b>qwenlab playground</b> · {html.escape(self.ckpt.name)} · {c.num_hidden_layers} layers · "
                 f"hidden {c.hidden_size} · {str(m.dtype).removeprefix('torch.')} on {m.device} · "
                 f"config {c.config_hash()[:12]}{quant}")
 
-    def _show_live(self, s, n, tok_s, elapsed, stop_reason, prefill_s=None):
+    def _show_live(self, s, n, tok_s, elapsed, stop_reason, prefill_s=None, engine="", engine_note=""):
         device = self.ckpt.model.device if self.ckpt else None
         self.readouts = {"tokens": n, "tok_s": tok_s, "elapsed_s": elapsed, "prefill_s": prefill_s,
-                         "stop_reason": stop_reason, **core.memory_readouts(device)}
+                         "stop_reason": stop_reason, "engine": engine, "engine_note": engine_note,
+                         **core.memory_readouts(device)}
         self.readout_html.value = self._readout_html()
         self.output_html.value = self._output_html(s)
 

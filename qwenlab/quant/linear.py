@@ -26,7 +26,7 @@ KERNEL_TEXT = {
 
 class NVFP4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, has_input_scale: bool = False,
-                 device=None):
+                 device=None, activations: str = "w4a16", kernel: str = "dequantize"):
         super().__init__()
         codec.check_shape((out_features, in_features), "NVFP4Linear")
         self.in_features, self.out_features = in_features, out_features
@@ -37,20 +37,17 @@ class NVFP4Linear(nn.Module):
         self.register_buffer("input_scale", torch.empty((), dtype=torch.float32, device=device)
                              if has_input_scale else None)
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        self.activations = "w4a16"
-        self.kernel = "dequantize"
+        if activations not in ACTIVATIONS or kernel not in KERNEL_TEXT:
+            raise ValueError(f"activations {activations!r} / kernel {kernel!r}: choose from {ACTIVATIONS} / "
+                             f"{tuple(KERNEL_TEXT)}")
+        self.activations, self.kernel = activations, kernel
 
     @classmethod
     def from_weight(cls, weight: codec.NVFP4Weight, bias: torch.Tensor | None = None,
-                    input_scale: torch.Tensor | None = None) -> "NVFP4Linear":
+                    input_scale: torch.Tensor | None = None, **kwargs) -> "NVFP4Linear":
         N, K = weight.shape
-        module = cls(K, N, bias is not None, input_scale is not None, device="meta")
-        state = {"packed": weight.packed, "block_scale": weight.block_scale, "tensor_scale": weight.tensor_scale}
-        if input_scale is not None:
-            state["input_scale"] = input_scale.to(torch.float32).reshape(())
-        if bias is not None:
-            state["bias"] = bias
-        module.load_state_dict(state, strict=True, assign=True)
+        module = cls(K, N, bias is not None, input_scale is not None, device="meta", **kwargs)
+        module.load_state_dict(module_state(weight, bias, input_scale), strict=True, assign=True)
         return module
 
     def nvfp4(self) -> codec.NVFP4Weight:
@@ -76,32 +73,39 @@ class NVFP4Linear(nn.Module):
                 f"{self.activations}, kernel={self.kernel}")
 
 
+def module_state(weight: codec.NVFP4Weight, bias: torch.Tensor | None = None,
+                 input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """An NVFP4Linear's state dict (its buffer names) for a quantized weight."""
+    state = {"packed": weight.packed, "block_scale": weight.block_scale, "tensor_scale": weight.tensor_scale}
+    if input_scale is not None:
+        state["input_scale"] = input_scale.to(torch.float32).reshape(())
+    if bias is not None:
+        state["bias"] = bias
+    return state
+
+
 def nvfp4_modules(model: nn.Module) -> dict[str, NVFP4Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, NVFP4Linear)}
 
 
-def set_activations(model: nn.Module, activations: str) -> str:
-    """w4a16 or w4a4 on every NVFP4Linear; returns the kernel that will run (scaled_mm only where it is native and
-    agrees with the emulation)."""
+def choose_kernel(activations: str, device) -> str:
+    """The kernel NVFP4Linear runs for `activations` on `device`: scaled_mm only where FP4 tensor cores exist and
+    agree with the emulation (a wrong scale layout is never silently used)."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
-    modules = list(nvfp4_modules(model).values())
-    kernel = "dequantize" if activations == "w4a16" else "emulate-w4a4"
-    if activations == "w4a4" and modules and use_native_fp4(modules[0]):
-        kernel = "scaled_mm"
-    for m in modules:
-        m.activations, m.kernel = activations, kernel
-    return kernel
+    if activations == "w4a16":
+        return "dequantize"
+    return "scaled_mm" if native_fp4_matches(torch.device(device)) else "emulate-w4a4"
 
 
 @torch.no_grad()
-def use_native_fp4(module: NVFP4Linear, tolerance: float = 1e-2) -> bool:
-    """True on a device with FP4 tensor cores where scaled_mm's output matches the emulated W4A4 on a random input
-    (a wrong scale layout would not be silently used)."""
-    device = module.packed.device
+def native_fp4_matches(device: torch.device, tolerance: float = 1e-2) -> bool:
+    """True on a device with FP4 tensor cores where scaled_mm's output matches the emulated W4A4 on random data."""
     if not fp4_gemm.available(device):
         return False
-    x = torch.randn(32, module.in_features, device=device, dtype=torch.bfloat16)
+    gen = torch.Generator(device).manual_seed(0)
+    module = NVFP4Linear.from_weight(codec.quantize(torch.randn(256, 256, device=device, generator=gen)))
+    x = torch.randn(32, module.in_features, device=device, dtype=torch.bfloat16, generator=gen)
     try:
         native = fp4_gemm.linear(x, module.nvfp4(), module.input_scale).float()
     except (RuntimeError, TypeError, NotImplementedError):
@@ -112,21 +116,25 @@ def use_native_fp4(module: NVFP4Linear, tolerance: float = 1e-2) -> bool:
 
 @dataclass
 class QuantInfo:
-    """What the loader did: set as `model.quantization` (absent on an unquantized model)."""
+    """What the loader chose, given to the model's constructor (`model.quantization`; None on a dense model)."""
     method: str
     source: str  # "checkpoint" or "quantized at load"
     layout: str | None  # the checkpoint's layout (None when quantized at load)
     exclude: list[str]
     quantized: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # linears left in high precision
+    input_scales: list[str] = field(default_factory=list)  # quantized linears that carry an input scale
+    unquantizable: list[str] = field(default_factory=list)  # kept: K is not a multiple of 16
     activations: str = "w4a16"
     kernel: str = "dequantize"
 
     def summary(self) -> str:
         where = f"checkpoint, {self.layout} layout" if self.source == "checkpoint" else self.source
         kept = ", ".join(self.kept) if len(self.kept) <= 4 else f"{len(self.kept)} linears"
-        return (f"{self.method} ({where}): {len(self.quantized)} linears quantized, kept in high precision: "
-                f"{kept or 'none'}; {self.activations.upper()}; kernel {KERNEL_TEXT[self.kernel]}")
+        why = (f" ({len(self.unquantizable)} of them because K is not a multiple of {codec.BLOCK})"
+               if self.unquantizable else "")
+        return (f"{self.method}, {where}: {len(self.quantized)} linears quantized; kept in high precision: "
+                f"{kept or 'none'}{why}; {self.activations.upper()}; kernel {KERNEL_TEXT[self.kernel]}")
 
     def to_json(self) -> dict:
         return asdict(self)

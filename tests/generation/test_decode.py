@@ -97,10 +97,10 @@ def test_should_stop_stops_with_reason_stopped(tiny):
 def test_rebuild_never_holds_two_caches(tiny, monkeypatch):
     import weakref
 
-    import qwenlab.generation.chat as chat
+    from qwenlab.generation.engine import Engine
 
     alive = []
-    original = chat.new_cache
+    original = Engine.new_cache
 
     def tracking_new_cache(*args, **kwargs):
         assert sum(ref() is not None for ref in alive) == 0, "the previous turn's cache is still referenced"
@@ -108,7 +108,7 @@ def test_rebuild_never_holds_two_caches(tiny, monkeypatch):
         alive.append(weakref.ref(cache))
         return cache
 
-    monkeypatch.setattr(chat, "new_cache", tracking_new_cache)
+    monkeypatch.setattr(Engine, "new_cache", tracking_new_cache)
     session = ChatSession(tiny.model, tiny.tokenizer, strategy="rebuild")
     for user in ("one", "two", "three"):
         session.send(user, SamplingParams(max_new_tokens=4))

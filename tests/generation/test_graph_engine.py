@@ -1,6 +1,7 @@
-"""The decode engines. On the CPU: engine choice and fallback, the static-shape one-token forward the CUDA graph
-captures (run eagerly here) against the ordinary cached forward, fused projections as views. On CUDA (skipped
-elsewhere): graph and eager give identical greedy tokens in float32."""
+"""The decode engines. On the CPU: engine choice and what a user is told, the static-shape one-token forward the
+CUDA graph captures (run eagerly here) against the ordinary cached forward, fused projections as registered
+parameters. On CUDA (skipped elsewhere): graph and eager give identical greedy tokens in float32, the playground
+runs the graph engine, and a deep copy and .to() of a fused model compute the same thing."""
 import copy
 
 import pytest
@@ -8,38 +9,43 @@ import torch
 
 from qwenlab.errors import QwenlabError
 from qwenlab.generation.chat import ChatSession
-from qwenlab.generation.decode import choose_engine, generate, new_cache
+from qwenlab.generation.decode import generate
+from qwenlab.generation.engine import Engine
 from qwenlab.generation.sampling import SamplingParams
+from qwenlab.model.hf_names import hf_state_dict
 from qwenlab.model.kv_cache import KVCache, StaticKVCache
 from qwenlab.model.loader import load
-from qwenlab.model.probe import Probe
 
 GREEDY = SamplingParams(max_new_tokens=24)
 
 
-def test_auto_falls_back_to_eager_on_cpu_and_says_why(tiny):
+def test_auto_runs_eager_on_cpu_and_says_why_graph_refuses(tiny):
     ids = tiny.tokenizer.encode("Hello there")
-    for engine in ("auto", "graph"):
-        gen = generate(tiny.model, ids, GREEDY, stop_ids=(-1,), engine=engine)
-        assert gen.engine == "eager" and "CUDA" in gen.engine_note and gen.compile_s == 0.0
-        assert gen.to_json()["engine"] == "eager"
+    gen = generate(tiny.model, ids, GREEDY, stop_ids=(-1,), engine="auto")
+    assert gen.engine == "eager" and "needs CUDA" in gen.engine_note and gen.compile_s == 0.0
+    assert gen.to_json()["engine"] == "eager"
     assert generate(tiny.model, ids, GREEDY, stop_ids=(-1,), engine="eager").engine_note == ""
-    assert generate(tiny.model, ids, GREEDY, stop_ids=(-1,), engine="auto").ids == \
-        generate(tiny.model, ids, GREEDY, stop_ids=(-1,), engine="eager").ids
+    assert gen.ids == generate(tiny.model, ids, GREEDY, stop_ids=(-1,), engine="eager").ids
+    with pytest.raises(QwenlabError, match="engine graph: the graph engine needs CUDA"):
+        generate(tiny.model, ids, GREEDY, engine="graph")
 
 
 def test_engine_choice(tiny):
-    assert choose_engine("eager", tiny.model) == ("eager", "")
     with pytest.raises(QwenlabError, match="engine='fast'"):
-        choose_engine("fast", tiny.model)
-    assert type(new_cache(tiny.model, 16, engine="auto")) is KVCache
+        Engine(tiny.model, "fast")
+    assert type(Engine(tiny.model, "auto").new_cache(16)) is KVCache
     with pytest.raises(QwenlabError, match="engine='fast'"):
         generate(tiny.model, [1, 2], GREEDY, engine="fast")
+    other = load(tiny.path, "float32", "cpu").model
+    with pytest.raises(QwenlabError, match="another model"):
+        generate(other, [1, 2], GREEDY, engine=Engine(tiny.model, "eager"))
 
 
-def test_chat_session_takes_an_engine(tiny):
-    session = ChatSession(tiny.model, tiny.tokenizer, engine="graph")
+def test_chat_session_keeps_one_engine(tiny):
+    engine = Engine(tiny.model, "auto")
+    session = ChatSession(tiny.model, tiny.tokenizer, engine=engine)
     turn = session.send("Hi", SamplingParams(max_new_tokens=4))
+    assert session.engine is engine
     assert turn.generation.engine == "eager" and "CUDA" in turn.generation.engine_note
 
 
@@ -53,15 +59,16 @@ def _static_steps(model, ids, new_tokens):
         cache.static_shapes = True
         step = model(torch.tensor([[tokens[-1]]]), cache=cache, last_only=True)[0, -1]
         cache.static_shapes = False
-        cache.length += 1
+        cache.replayed(1)
         logits.append(step)
     return tokens, torch.stack(logits[:-1]), cache
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_static_shape_step_equals_the_cached_forward(tiny, attention):
-    model = copy.deepcopy(tiny.model).set_attention(attention)
-    ids = tiny.tokenizer.encode_chat([{"role": "user", "content": "Have you ever seen a UFO?"}])
+@torch.inference_mode()
+def test_static_shape_step_equals_the_cached_forward(tiny_dir, attention):
+    ckpt = load(tiny_dir, "float32", "cpu", attention=attention)
+    model, ids = ckpt.model, ckpt.tokenizer.encode_chat([{"role": "user", "content": "Have you ever seen a UFO?"}])
     tokens, static_logits, cache = _static_steps(model, ids, 16)
     assert int(cache.pos) == cache.length == len(ids) + 16
     ref = generate(model, ids, SamplingParams(max_new_tokens=16), stop_ids=(-1,), engine="eager")
@@ -71,6 +78,7 @@ def test_static_shape_step_equals_the_cached_forward(tiny, attention):
     assert ((static_logits - no_cache).norm() / no_cache.norm()).item() < 1e-5
 
 
+@torch.inference_mode()
 def test_static_cache_crop_moves_the_device_position(tiny):
     cache = StaticKVCache.for_config(tiny.config, max_len=32, dtype=torch.float32, device="cpu", preallocate=False)
     assert cache.preallocate and cache.max_len == 32
@@ -80,38 +88,19 @@ def test_static_cache_crop_moves_the_device_position(tiny):
     assert cache.length == 2 and int(cache.pos) == 2
 
 
-def test_fused_projections_are_views_and_change_nothing(tiny_dir):
-    ckpt = load(tiny_dir, "float32", "cpu")
-    model = ckpt.model
-    ids = torch.tensor(ckpt.tokenizer.encode("The quick brown fox"))
-    before_probe = Probe()
-    before = model(ids, probe=before_probe)
-    keys, nbytes = list(model.state_dict()), _storage_bytes(model)
-    model.fuse_projections().fuse_projections()
-    after_probe = Probe()
-    after = model(ids, probe=after_probe)
-    assert list(model.state_dict()) == keys and _storage_bytes(model) == nbytes
-    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    qkv = attn.qkv_proj.weight
-    assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
-    assert attn.k_proj.weight.data_ptr() == qkv[attn.q_proj.out_features:].data_ptr()
-    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_proj.weight[mlp.gate_proj.out_features:].data_ptr()
-    assert "qkv_proj" not in dict(model.named_modules()).get("model.layers.0.self_attn")._modules
-    assert list(after_probe.tensors) == list(before_probe.tensors)
-    assert ((after - before).norm() / before.norm()).item() < 1e-6
-    with torch.no_grad():
-        attn.k_proj.weight.zero_()  # an in-place change through the HF name reaches the fused storage
-    assert qkv[attn.q_proj.out_features:attn.q_proj.out_features + attn.k_proj.out_features].abs().sum() == 0
-
-
-def _storage_bytes(model) -> int:
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in list(model.parameters()) + list(model.buffers())}
-    for layer in model.model.layers:
-        for fused in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
-            if fused is not None:
-                storages[fused.weight.untyped_storage().data_ptr()] = fused.weight.untyped_storage().nbytes()
-    return sum(storages.values())
+@torch.inference_mode()
+def test_fused_projections_are_registered_parameters_under_hf_names(tiny_dir, tiny):
+    fused = load(tiny_dir, "float32", "cpu", fused=True).model
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert fused.fused and "qkv_proj" in attn._modules and "gate_up_proj" in mlp._modules
+    assert not hasattr(attn, "q_proj") and "model.layers.0.self_attn.qkv_proj.weight" in fused.state_dict()
+    plain, joined = hf_state_dict(tiny.model), hf_state_dict(fused)
+    assert list(plain) == list(joined) and all(torch.equal(plain[n], joined[n]) for n in plain)
+    ids = torch.tensor(tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog"))
+    a, b = tiny.model(ids), fused(ids)
+    assert ((a - b).norm() / a.norm()).item() < 1e-6
+    twin = copy.deepcopy(fused)  # the fused weights are ordinary parameters: a copy computes the same thing
+    assert torch.equal(twin(ids), b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
@@ -124,6 +113,22 @@ def test_graph_and_eager_give_identical_greedy_tokens_on_cuda(fixture, request):
         graph = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="graph")
         assert graph.engine == "graph", graph.engine_note
         assert graph.ids == eager.ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@torch.inference_mode()
+def test_deep_copy_and_to_of_a_fused_cuda_model_give_identical_logits(tiny_dir):
+    model = load(tiny_dir, "float32", "cuda").model
+    assert model.fused  # fused by default on CUDA
+    ids = torch.tensor([9707, 11, 1879, 0, 15920, 30, 2585, 2669], device="cuda")
+    generate(model, ids.tolist(), SamplingParams(max_new_tokens=8), engine="graph")  # a graph generate first
+    logits = model(ids)
+    assert torch.equal(copy.deepcopy(model)(ids), logits)
+    moved = copy.deepcopy(model).to("cpu")
+    assert moved.model.rotary.inv_freq.device.type == "cpu"
+    assert ((moved(ids.cpu()) - logits.cpu()).norm() / logits.cpu().norm()).item() < 1e-5
+    back = moved.to("cuda")
+    assert torch.equal(back(ids), logits)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton decode-attention kernel needs a GPU")

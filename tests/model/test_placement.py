@@ -1,14 +1,14 @@
-"""A model split by layer ranges: the device map spec, and on the CPU the split path itself (layers mapped to "cpu"
-twice, so every input-moving hook and the per-layer KV cache run) against the unsplit model."""
+"""A model split by layer ranges: the device map spec, the device of each tensor, and on the CPU the split path
+(layers mapped to "cpu" twice: per-layer KV cache devices, tied head) against the unsplit model."""
 import pytest
 import torch
 
+from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.errors import QwenlabError
 from qwenlab.generation.decode import generate, new_cache
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.model.loader import load
-from qwenlab.model.placement import is_split, parse_device_map
-from qwenlab.model.probe import Probe
+from qwenlab.model.placement import device_of, parse_device_map
 
 
 def test_device_map_specs():
@@ -22,29 +22,34 @@ def test_device_map_specs():
                 parse_device_map(bad, 4)
 
 
+def test_each_tensor_goes_to_the_device_of_its_layer():
+    layers = ["cuda:0", "cuda:0", "cuda:1"]
+    assert device_of("model.embed_tokens.weight", layers, tied=True) == torch.device("cuda:0")
+    assert device_of("model.layers.2.mlp.down_proj.weight", layers, tied=True) == torch.device("cuda:1")
+    assert device_of("model.norm.weight", layers, tied=True) == torch.device("cuda:1")
+    assert device_of("lm_head.weight", layers, tied=False) == torch.device("cuda:1")
+    assert device_of("lm_head.weight", layers, tied=True) == torch.device("cuda:0")
+
+
 def test_split_on_the_cpu_gives_the_unsplit_model_s_activations_and_tokens(tiny_dir, tiny):
     split = load(tiny_dir, "float32", "cpu", device_map="cpu:0-1,cpu:2-3")
-    assert split.model.layer_devices == ["cpu"] * 4 and not is_split(split.model)
-    assert split.model.lm_head.weight is split.model.model.embed_tokens.weight  # still tied after the move
-    hooks = [len(layer._forward_pre_hooks) for layer in split.model.model.layers]
-    assert hooks == [1, 1, 1, 1]
-    ids = torch.tensor(tiny.tokenizer.encode("Have you ever seen a UFO?"))
-    a, b = Probe(to_cpu=True), Probe(to_cpu=True)
-    tiny.model(ids, probe=a)
-    split.model(ids, probe=b)
-    assert list(a.tensors) == list(b.tensors)
-    assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
+    assert split.model.layer_devices == ["cpu"] * 4 and not split.model.is_split
+    assert split.model.lm_head.weight is split.model.model.embed_tokens.weight  # tied
+    ids = tiny.tokenizer.encode("Have you ever seen a UFO?")
+    a, b = capture_qwenlab(tiny.model, ids), capture_qwenlab(split.model, ids)
+    assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
     cache = new_cache(split.model, 64)
     assert [k.device.type for k in cache.k] == ["cpu"] * 4
     params = SamplingParams(max_new_tokens=12)
-    assert generate(split.model, ids.tolist(), params, stop_ids=(-1,)).ids == \
-        generate(tiny.model, ids.tolist(), params, stop_ids=(-1,)).ids
+    assert generate(split.model, ids, params, stop_ids=(-1,)).ids == generate(tiny.model, ids, params, stop_ids=(-1,)).ids
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CPU + CUDA split needs a GPU")
+@torch.inference_mode()
 def test_split_across_cuda_and_cpu(tiny_dir, tiny):
     split = load(tiny_dir, "float32", device_map="0:0-1,cpu:2-3")
-    assert is_split(split.model) and split.model.layer_devices == ["cuda:0", "cuda:0", "cpu", "cpu"]
+    assert split.model.is_split and split.model.layer_devices == ["cuda:0", "cuda:0", "cpu", "cpu"]
+    assert split.model.model.layers[3].mlp.down_proj.weight.device.type == "cpu"
     ids = tiny.tokenizer.encode("Have you ever seen a UFO?")
     ref = tiny.model(torch.tensor(ids))
     out = split.model(torch.tensor(ids, device="cuda:0"))

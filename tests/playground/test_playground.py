@@ -1,6 +1,7 @@
 """The playground driven from Python, no browser: the same handlers the buttons call."""
 import json
 import math
+import shutil
 import time
 
 import pytest
@@ -138,7 +139,7 @@ def test_nvfp4_reloads_the_model_quantized(pg, ckpt):
     assert "reloads" in pg.status
     run(pg, prompt=PROMPT, max_new_tokens=6)
     assert pg.ckpt is not ckpt and pg.ckpt.model.quantization.kernel == "dequantize"
-    assert "nvfp4 (quantized at load)" in pg.header.value
+    assert "nvfp4, quantized at load" in pg.header.value
     quantized = load(ensure_tiny(), "float32", "cpu", quant="nvfp4")
     direct = generate(quantized.model, ckpt.tokenizer.encode(PROMPT), SamplingParams(max_new_tokens=6),
                       tokenizer=ckpt.tokenizer)
@@ -197,29 +198,30 @@ def test_compare_and_inspect_agree_on_tiny_fp32(ckpt, reference, tmp_path):
 
 
 def test_planted_rope_bug_is_marked(ckpt, reference, tmp_path):
-    """A wrong RoPE base (one of the story's bugs): compare marks token 0, inspect names the first q_rope."""
-    pg = Playground(checkpoint=ckpt, reference_model=reference, out_dir=tmp_path)
-    original = ckpt.model.rope_theta
-    ckpt.model.rope_theta = 10.0
-    try:
-        run(pg, prompt=PROMPT, max_new_tokens=8)
-        pg.compare_button.click()
-        assert pg.wait(300)
-        comp = pg.comparison
-        assert comp.first_disagreement == 0 and "top1" in comp.kind, comp.summary()
-        assert comp.qwenlab_top[0]["id"] != comp.reference_top[0]["id"]
-        assert "first disagreement at generated token 0" in pg.status
-        assert "qwenlab-compare" in pg.compare_html.value
-        pg.inspect_button.click()
-        assert pg.wait(300)
-        assert pg.layer_diff.first_divergence == "layers.0.attn.q_rope", pg.status
-        assert "layers.0.attn.q_rope" in pg.layers_html.value
-        metrics, reasons = playground_demo.verdict(pg, {"require_reference_agreement": {"float32": True},
-                                                        "require_layers_within_floor": {"float32": True}})
-        assert metrics["text_equal"] and metrics["reference_agree"] is False
-        assert any("reference comparison" in r for r in reasons) and any("q_rope" in r for r in reasons)
-    finally:
-        ckpt.model.rope_theta = original
+    """A wrong RoPE base (one of the story's bugs): a checkpoint whose config.json says rope_theta 10 beside the
+    right reference: compare marks token 0, inspect names the first q_rope."""
+    bad_dir = tmp_path / "bad-rope"
+    shutil.copytree(ckpt.path, bad_dir)
+    config = json.loads((bad_dir / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 10.0
+    (bad_dir / "config.json").write_text(json.dumps(config))
+    pg = Playground(checkpoint=load(bad_dir, "float32", "cpu"), reference_model=reference, out_dir=tmp_path)
+    run(pg, prompt=PROMPT, max_new_tokens=8)
+    pg.compare_button.click()
+    assert pg.wait(300)
+    comp = pg.comparison
+    assert comp.first_disagreement == 0 and "top1" in comp.kind, comp.summary()
+    assert comp.qwenlab_top[0]["id"] != comp.reference_top[0]["id"]
+    assert "first disagreement at generated token 0" in pg.status
+    assert "qwenlab-compare" in pg.compare_html.value
+    pg.inspect_button.click()
+    assert pg.wait(300)
+    assert pg.layer_diff.first_divergence == "layers.0.attn.q_rope", pg.status
+    assert "layers.0.attn.q_rope" in pg.layers_html.value
+    metrics, reasons = playground_demo.verdict(pg, {"require_reference_agreement": {"float32": True},
+                                                    "require_layers_within_floor": {"float32": True}})
+    assert metrics["text_equal"] and metrics["reference_agree"] is False
+    assert any("reference comparison" in r for r in reasons) and any("q_rope" in r for r in reasons)
 
 
 def test_preload_then_generate_at_once(tmp_path):
@@ -228,3 +230,22 @@ def test_preload_then_generate_at_once(tmp_path):
     pg.generate_button.click()  # while the preload may still hold the lock: queued behind it, not refused
     assert pg.wait(120) and pg.result is not None, pg.status
     assert len(pg.result.ids) == 4 and pg.stop_button.disabled and "tiny-qwen3" in pg.header.value
+
+
+def test_the_readout_says_which_engine_ran(pg):
+    run(pg, prompt=PROMPT, decode_mode="kv", max_new_tokens=4)
+    assert pg.readouts["engine"] == pg.result.engine == "eager"
+    assert "needs CUDA" in pg.readouts["engine_note"] and "qwenlab-engine" in pg.readout_html.value
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the graph engine needs a GPU")
+@pytest.mark.parametrize("input_mode", ["prompt", "chat"])
+def test_the_playground_runs_the_graph_engine_on_cuda(tmp_path, input_mode):
+    pg = Playground(ensure_tiny(), device="cuda", dtype="float32", out_dir=tmp_path)
+    result = run(pg, timeout=600, prompt=PROMPT, input_mode=input_mode, decode_mode="kv", max_new_tokens=16)
+    assert result is not None, pg.status
+    assert result.engine == "graph" and pg.readouts["engine"] == "graph", result.engine_note
+    assert len(pg.token_table) == len(result.ids)  # the per-token table is filled under the graph engine too
+    direct = generate(pg.ckpt.model, result.prompt_ids, SamplingParams(max_new_tokens=16), engine="eager",
+                      tokenizer=pg.ckpt.tokenizer)
+    assert result.ids == direct.ids

@@ -67,4 +67,4 @@ def test_modelopt_checkpoint_quantized_reference_goes_through_the_converter(nvfp
 def test_stress_with_quant(tiny_dir, capsys):
     assert main(["stress", "--model", str(tiny_dir), "--quant", "nvfp4", "--iterations", "1", "--turns", "1",
                  "--strategies", "session", "--max-new-tokens", "2", "--warmup", "0", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["config"]["quant"] == "nvfp4"
+    assert json.loads(capsys.readouterr().out)["config"]["spec"]["quant"] == "nvfp4"

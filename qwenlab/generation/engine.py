@@ -1,0 +1,119 @@
+"""The decode engine: one object owns a model's decode state, so nothing is kept in modules or globals.
+
+`graph` (CUDA): prefill with the ordinary forward, then each token is one replay of a CUDA graph of the one-token
+step over a static cache (qwenlab.generation.graph), with the engine's kernels (qwenlab.generation.kernels).
+`eager`: the forward once per token. `auto`: graph where it can run, else eager, saying why.
+The engine keeps the compiled step, the kernel choices and their timings, the captured graph of each static cache
+it made, and a pooled cache for one-off generations (so the playground's second Generate reuses the graph).
+"""
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from qwenlab.errors import QwenlabError
+from qwenlab.generation.graph import CapturedStep, one_token
+from qwenlab.generation.kernels import DecodeKernels, choose_kernels
+from qwenlab.model.kv_cache import KVCache, StaticKVCache
+
+ENGINES = ("auto", "graph", "eager")
+MIN_POOLED_LEN = 512
+
+
+def graph_unavailable(model) -> str | None:
+    """Why the graph engine cannot run this model, or None when it can."""
+    if model.device.type != "cuda" or not torch.cuda.is_available():
+        return f"the graph engine needs CUDA (the model is on {model.device})"
+    if model.is_split:
+        return f"the model is split across {', '.join(sorted(set(model.layer_devices)))}: a graph captures one device"
+    return None
+
+
+@dataclass
+class Prepared:
+    """What one generation runs on: its cache, the captured step (None: eager), and what to tell the user."""
+    cache: KVCache | None
+    step: CapturedStep | None
+    engine: str
+    note: str
+    compile_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, model, kind: str = "auto", *, compile: bool = True):
+        if kind not in ENGINES:
+            raise QwenlabError(f"engine={kind!r}: choose one of {', '.join(ENGINES)}")
+        why = graph_unavailable(model) if kind != "eager" else None
+        if kind == "graph" and why:
+            raise QwenlabError(f"engine graph: {why} (use engine auto or eager)")
+        self.model, self.asked, self.compile = model, kind, compile
+        self.kind = "eager" if kind == "eager" or why else "graph"
+        self.note = why or ""
+        self.kernels: DecodeKernels | None = None
+        self.timings: dict = {}  # (N, K, dtype, device) -> (cuBLAS us, GEMV us), measured once
+        self._step_fn = None
+        self._graphs: "weakref.WeakKeyDictionary[StaticKVCache, CapturedStep]" = weakref.WeakKeyDictionary()
+        self._pool: StaticKVCache | None = None
+
+    def new_cache(self, max_len: int, preallocate: bool = True) -> KVCache:
+        """A cache this engine decodes: static (graph-capturable) for graph unless a grown one is asked for."""
+        m = self.model
+        if self.kind == "graph" and preallocate:
+            return StaticKVCache.for_config(m.config, max_len=max_len, dtype=m.dtype, device=m.device)
+        if self.asked == "graph":
+            raise QwenlabError("engine graph: a cache grown per step cannot be captured (preallocate it)")
+        return KVCache.for_config(m.config, max_len=max_len, dtype=m.dtype, device=m.layer_devices or m.device,
+                                  preallocate=preallocate)
+
+    def pooled_cache(self, needed: int) -> StaticKVCache:
+        """A static cache of at least `needed` positions, kept for the next one-off generation with its graph.
+        Lengths are powers of two from 512 (each new length captures a new graph)."""
+        limit = self.model.config.max_position_embeddings
+        if self._pool is not None and self._pool.max_len >= needed:
+            self._pool.crop(0)
+            return self._pool
+        self._pool = None
+        size = MIN_POOLED_LEN
+        while size < needed:
+            size *= 2
+        self._pool = self.new_cache(min(size, limit))
+        return self._pool
+
+    def prepare(self, mode: str, cache: KVCache | None, needed: int) -> Prepared:
+        """The cache and captured step for one generation (kv: `cache` or a pooled/new one; replay: none)."""
+        if mode == "replay":
+            note = "replay mode recomputes the whole sequence: no cache to capture" if self.asked != "eager" else ""
+            return Prepared(None, None, "eager", note)
+        if self.kind == "eager":
+            return Prepared(cache or self.new_cache(needed), None, "eager", self.note)
+        if cache is not None and not isinstance(cache, StaticKVCache):
+            if self.asked == "graph":
+                raise QwenlabError("engine graph: the given cache is not a StaticKVCache (make it with "
+                                   "Engine.new_cache)")
+            return Prepared(cache, None, "eager", "the given cache is not a StaticKVCache (make it with "
+                                                  "Engine.new_cache)")
+        cache = cache or self.pooled_cache(needed)
+        try:
+            step, seconds = self.captured(cache)
+        except Exception as e:  # noqa: BLE001 - capture fails for reasons of the platform; auto decodes eager
+            why = f"graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if self.asked == "graph":
+                raise QwenlabError(f"engine graph: {why}") from e
+            self.kind, self.note = "eager", why
+            return Prepared(cache, None, "eager", why)
+        kernels = self.kernels.describe()
+        gemv = ", ".join(kernels["gemv"]) or "no shape"
+        return Prepared(cache, step, "graph", f"attention {kernels['attention']}; Triton GEMV for {gemv}", seconds)
+
+    def captured(self, cache: StaticKVCache) -> tuple[CapturedStep, float]:
+        """The cache's captured step, made on first use. -> (step, seconds spent compiling and capturing now)."""
+        if cache in self._graphs:
+            return self._graphs[cache], 0.0
+        t0 = time.perf_counter()
+        if self.kernels is None:
+            self.kernels = choose_kernels(self.model, self.timings)
+        if self._step_fn is None:
+            self._step_fn = torch.compile(one_token, dynamic=False) if self.compile else one_token
+        step = self._graphs[cache] = CapturedStep(self.model, cache, self._step_fn, self.kernels)
+        return step, time.perf_counter() - t0
