@@ -68,10 +68,11 @@ except ImportError:  # run as a plain script (scripts/gpu_nvfp4_evidence.sh with
     display = print
 
 from qwenlab.activations.diff import rel_l2_grid, styled
+from qwenlab.activations.floors import Gates
 from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.activations.reference import load_reference
+from qwenlab.checks import floor_plots, nbutil, nvfp4_plots, plots
 from qwenlab.checks import layer_diffs as ld
-from qwenlab.checks import nbutil, nvfp4_plots, plots
 from qwenlab.checks import nvfp4_kl as kl
 from qwenlab.checks import nvfp4_quantization as nq
 from qwenlab.errors import QwenlabError
@@ -83,22 +84,26 @@ thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = resolve_model_dir(model_dir)
 cuda = torch.device(device).type == "cuda"
 allocated_before = torch.cuda.memory_allocated() if cuda else float("nan")
+workspace = nq.workspace_overhead(device)  # cuBLAS's workspace: a fixed cost of the device, allowed for below
 ckpt = nq.load_quantized(model_path, dtype, device, quant, device_map)
 allocated_load = (torch.cuda.memory_allocated() - allocated_before) if cuda else float("nan")
 model, tok, info = ckpt.model, ckpt.tokenizer, ckpt.model.quantization
+not_applicable = nq.not_applicable(ckpt)
 source = nq.source_dir(ckpt, unquantized_model)
-use_quantized = quant_reference in ("quantized", "both")
-use_unquantized = quant_reference in ("unquantized", "both") and source is not None
-ref_q = ref_q_error = None
+use_quantized = quant_reference in ("quantized", "both") and not not_applicable
+use_unquantized = quant_reference in ("unquantized", "both") and source is not None and not not_applicable
+compare_dtype = nq.compare_dtype(model)
+ref_q = truth_q = ref_q_error = None
 if use_quantized:
     try:
-        ref_q = load_reference_for(ckpt, "quantized")
+        ref_q = load_reference_for(ckpt, "quantized", dtype=getattr(torch, compare_dtype))
+        truth_q = load_reference_for(ckpt, "quantized", dtype=torch.float32)
     except QwenlabError as e:  # e.g. compressed-tensors not installed: the verdict says so, the rest still runs
         ref_q_error = str(e)
         print(f"quantized reference unavailable: {e}")
 ref_u = load_reference(source, model.dtype, model.device) if use_unquantized else None
 print(f"model {model_path} · {model.dtype} on {model.device}")
-print(info.summary())
+print(not_applicable or info.summary())
 print(f"unquantized checkpoint: {source or 'none (set unquantized_model): the unquantized sections are skipped'}")
 
 # %% [markdown]
@@ -109,7 +114,7 @@ print(f"unquantized checkpoint: {source or 'none (set unquantized_model): the un
 # about -20 dB on Gaussian-like weights; a tensor far worse than its neighbours has outliers its blocks cannot hold.
 
 # %%
-weights = nq.weight_errors(model, source) if source is not None else None
+weights = nq.weight_errors(model, source) if source is not None and not not_applicable else None
 if weights is not None:
     display(weights.describe().loc[["mean", "min", "max"], ["rel_l2", "nmse_db", "max_abs"]])
     display(weights.sort_values("rel_l2", ascending=False).head(8))
@@ -121,15 +126,23 @@ else:
 # %% [markdown]
 # ## 2. Against the quantized reference: is the NVFP4 path right?
 #
-# Same prompts, both implementations, every canonical activation. The floors are bfloat16's (transformers rounds the
-# dequantized weights through bfloat16). A red row is a bug in the NVFP4 path; the first one is where it starts.
+# Same prompts, both implementations, every canonical activation. The floors are measured (doc/floors.md): the
+# quantized reference in the comparison dtype against itself in float32, on the same prompts (a float32 run is
+# compared in bfloat16: transformers rounds the dequantized weights through bfloat16). Beside the accumulated diff,
+# each layer runs isolated, fed the float32 quantized reference's input. A red row is a bug in the NVFP4 path; the
+# first one is where it starts.
 
 # %%
 floor_u = thresholds["unquantized_floor"]
-diffs_q = ld.diff_prompts(model, ref_q, tok, prompts, dtype=nq.QUANTIZED_REFERENCE_DTYPE) if ref_q else None
+gates_q = Gates.from_thresholds(thresholds["quantized_reference"])
+diffs_q = ld.diff_prompts(model, ref_q, tok, prompts, gates_q, truth_model=truth_q, dtype=compare_dtype) \
+    if ref_q else None
 if diffs_q:
     display(ld.summary_frame(diffs_q))
     table_q = ld.worst_frame(diffs_q)
+    fig = floor_plots.ratio_by_layer_plot(ld.ratio_by_layer(table_q, ld.isolated_table(diffs_q)),
+                                          f"NVFP4 (qwenlab) vs quantized reference: error / floor ({compare_dtype})")
+    nbutil.save_figure(fig, out_dir, NOTEBOOK, "error_over_floor")
     print(f"first divergent tensor vs the quantized reference: {ld.first_divergence(table_q) or 'none'}")
     display(styled(table_q[["prompt", "status", "rel_l2", "cosine", "nmse_db", "floor", "exceeds"]]))
     fig = plots.rel_l2_heatmap(rel_l2_grid(table_q), exceeds=ld.exceeds_grid(table_q),
@@ -143,7 +156,8 @@ if diffs_q:
 # NVFP4 noise. The noise starts at the first quantized tensor and grows with depth; a bug jumps far above it.
 
 # %%
-diffs_u = ld.diff_prompts(model, ref_u, tok, prompts, floors=nq.unquantized_floors(floor_u)) if ref_u else None
+diffs_u = ld.diff_prompts(model, ref_u, tok, prompts, gates_q, overrides=nq.unquantized_floors(floor_u)) \
+    if ref_u else None
 if diffs_u:
     display(ld.summary_frame(diffs_u))
     table_u = ld.worst_frame(diffs_u)
@@ -212,7 +226,7 @@ if plant_bugs and (diffs_q or diffs_u):
 # loaded model (and on CUDA the allocated bytes the load left).
 
 # %%
-memory = nq.memory_check(model, thresholds["weights_rel_error_max"], allocated_load)
+memory = nq.memory_check(model, thresholds["weights_rel_error_max"], allocated_load, workspace)
 display(memory)
 
 # %% [markdown]
@@ -224,9 +238,12 @@ display(memory)
 # noise, and the memory estimate matches the load (thresholds in `data/thresholds/06_nvfp4_quantization.json`).
 
 # %%
-metrics, reasons = nq.verdict(thresholds, info=info, weights=weights, quantized=diffs_q, unquantized=diffs_u,
-                              corpus_stats=corpus_stats, variant_frame=variant_frame, planted_frame=planted_frame,
-                              memory=memory)
+if not_applicable:
+    metrics, reasons = {"not_applicable": not_applicable, "summary": not_applicable}, []
+else:
+    metrics, reasons = nq.verdict(thresholds, info=info, weights=weights, quantized=diffs_q, unquantized=diffs_u,
+                                  corpus_stats=corpus_stats, variant_frame=variant_frame,
+                                  planted_frame=planted_frame, memory=memory)
 if ref_q_error:
     reasons.append(f"the quantized reference did not load: {ref_q_error}")
 metrics |= {"dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),

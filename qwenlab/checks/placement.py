@@ -1,54 +1,77 @@
-"""Where notebook 03 puts its two models. The plan (qwenlab.memory.plan) is made before loading; then either both
-are resident (on one device, or each split across GPUs: qwenlab by layer ranges, the reference through
-accelerate), or they run one at a time: qwenlab captures every prompt into dumps on disk and is freed, then the
-reference loads and captures, and the diff reads the two sets of dumps. A candidate dump needs only the reference."""
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+"""How notebook 03 runs its models. The plan (qwenlab.memory.plan) is made before loading. The models then run in
+phases, each capturing every prompt into host memory before it is freed:
 
+    truth      transformers in float32 (skipped when the run is float32: the reference is then the truth)
+    reference  transformers in the run dtype, plainly and teacher-forced from the truth
+    qwenlab    qwenlab's model, plainly, teacher-forced from the truth, and with each planted bug
+
+so no two models need the device at once (placement sequential or split). Under `resident`, qwenlab's model is
+loaded first and stays (a quantized model must: its quantized reference is made from it). A model that does not fit
+one device is split across the visible GPUs: qwenlab by layer ranges, transformers through accelerate.
+A candidate dump (another runtime) replaces the qwenlab phase.
+"""
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import pandas as pd
 import torch
 
+from qwenlab.activations import planted
 from qwenlab.activations.capture import capture_qwenlab
-from qwenlab.activations.diff import diff_dumps
-from qwenlab.activations.dump import read_dump, write_dump
-from qwenlab.activations.nvfp4_reference import load_reference_for
+from qwenlab.activations.diff import normalize_dtype
+from qwenlab.activations.floors import EXACT_DTYPES, Gates
+from qwenlab.activations.nvfp4_reference import reference_dir
 from qwenlab.activations.reference import capture_reference, load_reference
-from qwenlab.checks.layer_diffs import PromptDiff, diff_candidate, diff_prompts, encode_prompt, prompt_label
+from qwenlab.checks.layer_diffs import (
+    Captures,
+    PromptDiff,
+    check_compared,
+    encode_prompt,
+    forcing,
+    prompt_diff,
+    prompt_label,
+    read_candidate,
+)
 from qwenlab.errors import QwenlabError
 from qwenlab.memory.device import empty_cache, settle
 from qwenlab.memory.plan import Plan, plan
 from qwenlab.model.config import read_config, read_generation_config
+from qwenlab.model.dtypes import dtype_name
 from qwenlab.model.loader import load, resolve_device, resolve_dtype
-from qwenlab.model.probe import Probe
+from qwenlab.model.spec import LoadSpec
+from qwenlab.model.tiny import resolve_model_dir
 from qwenlab.model.tokenizer import Tokenizer
+from qwenlab.quant.configs import read_quant_config
 
 
 @dataclass
 class LayerDiffRun:
     plan: Plan
-    diffs: list
+    diffs: list[PromptDiff]
     dtype: str
     candidate_meta: dict = field(default_factory=dict)
-    ckpt: object = None  # qwenlab's Checkpoint while resident (the planted bugs need it), else None
-    reference: object = None
+    localised: pd.DataFrame | None = None  # the planted bugs: expected vs found
+    planted_results: dict = field(default_factory=dict)  # bug name -> DiffResult
     tokenizer: object = None
     seconds: dict = field(default_factory=dict)
 
 
-def plan_for(model_dir, dtype: str, device: str, prompts, placement: str = "auto", device_map: str = "",
-             quant: str = "") -> Plan:
-    """The plan for capturing `prompts` with both models (the longest prompt sizes the KV cache and workspace)."""
-    if quant and placement not in ("auto", "resident"):
-        raise QwenlabError(f"placement {placement!r} with quant {quant!r}: only resident runs take a quantized model")
+def plan_for(spec: LoadSpec, prompts, placement: str = "auto") -> Plan:
+    """The plan for capturing `prompts` with every model (the longest prompt sizes the KV cache and workspace)."""
+    if spec.quant and placement not in ("auto", "resident"):
+        raise QwenlabError(f"placement {placement!r} with quant {spec.quant!r}: only resident runs take a quantized "
+                           "model")
+    model_dir = resolve_model_dir(spec.model)
     cfg = read_config(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir, generation_config=read_generation_config(model_dir))
     longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
-    dev = resolve_device(device)
-    name = str(resolve_dtype(dtype, dev, cfg)).removeprefix("torch.")
-    result = plan(cfg, name, longest, str(dev), placement="resident" if quant else placement,
-                  quant=quant.split("-")[0] if quant else None)
-    if device_map and result.placement != "sequential":
-        result.notes.append(f"qwenlab's layers as given: device_map {device_map}")
+    dev = resolve_device(spec.device)
+    name = dtype_name(resolve_dtype(spec.dtype, dev, cfg))
+    result = plan(cfg, name, longest, str(dev), placement="resident" if spec.quant else placement,
+                  quant=spec.quant.split("-")[0] if spec.quant else None)
+    if spec.device_map and result.placement != "sequential":
+        result.notes.append(f"qwenlab's layers as given: device_map {spec.device_map}")
     return result
 
 
@@ -58,82 +81,108 @@ def free(device):
     empty_cache(device)
 
 
-def run_layer_diffs(model_dir, dtype: str, device: str, prompts, the_plan: Plan, dump_dir, *, candidate: str = "",
-                    allow_missing: bool = False, attention: str | None = None, floors=None, quant: str = "",
+class Phases:
+    """Loads each model as the plan says and times the phases."""
+
+    def __init__(self, spec: LoadSpec, the_plan: Plan):
+        self.spec, self.plan, self.seconds = spec, the_plan, {}
+        self.device = resolve_device(spec.device)
+
+    @contextmanager
+    def timed(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+
+    def reference(self, folder, dtype: torch.dtype):
+        split = self.plan.placement == "split"
+        if split:
+            return load_reference(folder, dtype, self.device, device_map="auto",
+                                  max_memory=self.plan.reference_max_memory)
+        return load_reference(folder, dtype, self.device, direct_to_device=True)
+
+    def qwenlab(self):
+        layers = self.spec.device_map or (self.plan.layer_devices or None)
+        return load(self.spec.with_(device_map=layers))
+
+    def free(self):
+        free(self.device)
+
+
+def run_layer_diffs(spec: LoadSpec, prompts, the_plan: Plan, gates: Gates, *, candidate: str = "",
+                    allow_missing: bool = False, attention: str | None = None, overrides: dict | None = None,
                     quant_reference: str = "quantized", unquantized_model: str = "",
-                    device_map: str = "") -> LayerDiffRun:
+                    plant_bugs: bool = True) -> LayerDiffRun:
     """Captures and diffs `prompts` (or the candidate dump) under the plan."""
-    if the_plan.placement == "sequential":
-        return _sequential(model_dir, dtype, device, prompts, the_plan, dump_dir, candidate, allow_missing,
-                           attention, floors)
-    t0 = time.perf_counter()
-    split = the_plan.placement == "split"
-    ckpt = load(model_dir, dtype, device, quant or None, device_map=device_map or the_plan.layer_devices or None)
-    model = ckpt.model
-    if split:
-        reference = load_reference(model_dir, model.dtype, model.device, device_map="auto",
-                                   max_memory=the_plan.reference_max_memory)
-    else:
-        reference = load_reference_for(ckpt, quant_reference, unquantized_model or None)
-    floors_dtype = "bfloat16" if getattr(model, "quantization", None) else None  # NVFP4: doc/nvfp4.md
-    if candidate:
-        diff, meta = diff_candidate(candidate, reference, floors=floors, allow_missing=allow_missing)
-        diffs = [diff]
-    else:
-        meta = {}
-        diffs = diff_prompts(model, reference, ckpt.tokenizer, prompts, attention=attention, floors=floors,
-                             dtype=floors_dtype)
-    return LayerDiffRun(the_plan, diffs, _dtype_name(model.dtype), meta, ckpt, reference, ckpt.tokenizer,
-                        {"load_capture_diff": time.perf_counter() - t0})
-
-
-def _sequential(model_dir, dtype, device, prompts, the_plan, dump_dir, candidate, allow_missing, attention,
-                floors) -> LayerDiffRun:
-    """One model at a time, through dumps on disk."""
-    dump_dir = Path(dump_dir)
-    dump_dir.mkdir(parents=True, exist_ok=True)
-    seconds, cases, meta = {}, [], {}
+    model_dir = resolve_model_dir(spec.model)
     cfg = read_config(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir, generation_config=read_generation_config(model_dir))
-    torch_dtype = resolve_dtype(dtype, resolve_device(device), cfg)
-    t0 = time.perf_counter()
-    if not candidate:
-        ckpt = load(model_dir, dtype, device)
-        for i, prompt in enumerate(prompts):
-            ids = encode_prompt(tokenizer, prompt)
-            tensors = capture_qwenlab(ckpt.model, ids, attention=attention)
-            path = write_dump(dump_dir / f"qwenlab_{i}.safetensors", tensors,
-                              {"impl": "qwenlab", "model": ckpt.name, "config_hash": cfg.config_hash(),
-                               "dtype": _dtype_name(torch_dtype), "prompt_ids": ids})
-            cases.append((prompt_label(prompt), ids, path))
-        del ckpt
-        free(device)
-        seconds["qwenlab"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-    reference = load_reference(model_dir, torch_dtype, device, direct_to_device=True)
-    if candidate:
-        diff, meta = diff_candidate(candidate, reference, floors=floors, allow_missing=allow_missing)
-        diffs = [diff]
+    phases = Phases(spec, the_plan)
+    cand_dump = read_candidate(candidate) if candidate else None
+    if cand_dump is not None:
+        cases = [(f"candidate: {candidate.rsplit('/', 1)[-1]}", list(cand_dump.prompt_ids))]
+        declared = normalize_dtype(cand_dump.metadata.get("dtype") or "") or "float32"
+        torch_dtype = getattr(torch, declared)
     else:
-        ref_paths = [write_dump(dump_dir / f"reference_{i}.safetensors",
-                                capture_reference(reference, ids, Probe(to_cpu=True)),
-                                {"impl": "reference", "dtype": _dtype_name(torch_dtype), "prompt_ids": ids})
-                     for i, (_, ids, _) in enumerate(cases)]
-        diffs = []
-        for (label, ids, cand), ref in zip(cases, ref_paths):
-            ref_dump = read_dump(ref)
-            diffs.append(PromptDiff(label, ids, ref_dump.tensors, diff_dumps(read_dump(cand), ref_dump,
-                                                                             floors=floors)))
-    del reference
-    free(device)
-    seconds["reference"] = time.perf_counter() - t0
-    for path in [c for _, _, c in cases] + (ref_paths if not candidate else []):
-        Path(path).unlink(missing_ok=True)  # the diff holds what it needs; a 32B run's dumps are gigabytes
-    return LayerDiffRun(the_plan, diffs, _dtype_name(torch_dtype), meta, None, None, tokenizer, seconds)
+        cases = [(prompt_label(p), encode_prompt(tokenizer, p)) for p in prompts]
+        torch_dtype = resolve_dtype(spec.dtype, phases.device, cfg)
+    dtype = dtype_name(torch_dtype)
+    exact = dtype in EXACT_DTYPES
 
+    quantized = spec.quant in ("nvfp4", "nvfp4-w4a4") or (spec.quant is None and read_quant_config(model_dir))
+    ckpt = None
+    if the_plan.placement == "resident" and cand_dump is None or quantized:
+        with phases.timed("qwenlab load"):
+            ckpt = phases.qwenlab()
+    source = reference_dir(ckpt, quant_reference, unquantized_model or None) if ckpt is not None else \
+        nullcontext(model_dir)
+    truths, refs, ref_forced = [None] * len(cases), [], [None] * len(cases)
+    with source as folder:
+        if not exact and the_plan.truth:
+            with phases.timed("truth (reference, float32)"):
+                truth_model = phases.reference(folder, torch.float32)
+                truths = [capture_reference(truth_model, ids) for _, ids in cases]
+                del truth_model
+                phases.free()
+        with phases.timed(f"reference ({dtype})"):
+            ref_model = phases.reference(folder, torch_dtype)
+            refs = [capture_reference(ref_model, ids) for _, ids in cases]
+            if not exact and the_plan.truth:
+                ref_forced = [capture_reference(ref_model, ids, inputs=t) for (_, ids), t in zip(cases, truths)]
+            del ref_model
+            phases.free()
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    localised, planted_results = None, {}
+    if cand_dump is not None:
+        cands, cand_forced, meta = [cand_dump.tensors], [None], cand_dump.metadata
+    else:
+        meta = {}
+        with phases.timed("qwenlab"):
+            ckpt = ckpt or phases.qwenlab()
+            model = ckpt.model
+            cands = [capture_qwenlab(model, ids, attention=attention) for _, ids in cases]
+            cand_forced = [capture_qwenlab(model, ids, attention=attention,
+                                           replace=forcing(t if t is not None else r))
+                           for (_, ids), t, r in zip(cases, truths, refs)]
+            bug_captures = {}
+            if plant_bugs:
+                bugs = planted.standard_bugs(model)
+                bug_captures = {bug.name: bug.capture(model, cases[0][1], attention) for bug in bugs}
+    if ckpt is not None:
+        del ckpt
+        phases.free()
+
+    diffs = []
+    for (label, ids), cand, ref, truth, cf, rf in zip(cases, cands, refs, truths, cand_forced, ref_forced):
+        captures = Captures(label, ids, cand, ref, truth, cf, rf, meta)
+        diffs.append(prompt_diff(captures, dtype, gates, overrides, allow_missing))
+    if cand_dump is not None:
+        check_compared(diffs[0].result, candidate, cand_dump)
+    if cand_dump is None and plant_bugs:
+        floors = {row["name"]: row["floor"] for row in diffs[0].result.rows}
+        localised, planted_results = planted.localise(bugs, refs[0], capture=lambda bug: bug_captures[bug.name],
+                                                      floors=floors, dtype=dtype)
+    return LayerDiffRun(the_plan, diffs, dtype, meta, localised, planted_results, tokenizer, phases.seconds)
 
 
 def reset_peaks():

@@ -1,15 +1,17 @@
-"""Before loading anything: will qwenlab's model and the reference fit, and how should a comparison run?
+"""Before loading anything: will qwenlab's model and the references fit, and how should a comparison run?
 
-From config.json and the memory model: bytes for qwenlab's model (weights, KV cache of the prompt, workspace) and
-for the reference (weights, eager-attention workspace), against the free memory of each visible device (or the
-host's RAM on the CPU). The choice, in order of preference:
+From config.json and the memory model: bytes for qwenlab's model (weights, KV cache of the prompt, workspace), for
+the reference in the run dtype and for the float32 reference that measures the floors (weights, eager-attention
+workspace), against the free memory of each visible device (or the host's RAM on the CPU). The models run one
+after the other (qwenlab.checks.placement); the choice, in order of preference:
 
-    resident    both models on one device at once (what the notebooks did before)
-    sequential  one device, one model at a time: capture qwenlab, free it, load the reference, capture, diff dumps
-    split       several GPUs: each model split across them by layers, both resident
+    resident    qwenlab's model stays loaded while each reference loads beside it (a quantized model needs this)
+    sequential  one device, one model at a time
+    split       several GPUs: a model that does not fit one is split across them by layers
     impossible  an error before loading, with the numbers
 
-A request may force one (`placement`); it fails with the numbers when it cannot fit.
+When the float32 reference fits nowhere the comparison still runs, with the dtype's default floors instead of
+measured ones, and the plan says so. A request may force a placement; it fails with the numbers when it cannot fit.
 """
 from dataclasses import asdict, dataclass, field
 
@@ -38,6 +40,8 @@ class Plan:
     qwenlab_bytes: int
     reference_bytes: int
     devices: list[DeviceMemory]
+    truth_bytes: int = 0  # the float32 reference (0: the run is float32, the reference is the truth)
+    truth: bool = True  # False: the float32 reference fits nowhere, floors fall back to the dtype's defaults
     layer_devices: list[str] = field(default_factory=list)  # qwenlab's layer -> device, when split
     reference_max_memory: dict = field(default_factory=dict)  # accelerate's max_memory, when split
     notes: list[str] = field(default_factory=list)
@@ -47,8 +51,9 @@ class Plan:
 
     def describe(self) -> str:
         free = ", ".join(f"{d.name} {d.free / GB:.1f} GB free of {d.total / GB:.1f}" for d in self.devices)
+        truth = f", the float32 reference {self.truth_bytes / GB:.2f} GB" if self.truth_bytes else ""
         lines = [f"placement: {self.placement} (qwenlab needs {self.qwenlab_bytes / GB:.2f} GB, the reference "
-                 f"{self.reference_bytes / GB:.2f} GB; {free})"]
+                 f"{self.reference_bytes / GB:.2f} GB{truth}; {free})"]
         if self.layer_devices:
             spans = ", ".join(f"{dev} {a}-{b}" for dev, (a, b) in _ranges(self.layer_devices))
             lines.append(f"qwenlab layers: {spans}")
@@ -115,34 +120,53 @@ def split_layers(cfg: Qwen3Config, dtype: str, devices: list[DeviceMemory], shar
     return out
 
 
+def truth_bytes(cfg: Qwen3Config, dtype: str, prompt_tokens: int) -> int:
+    """Bytes of the float32 reference that measures the floors; 0 for a float32 run (its reference is the truth)."""
+    return 0 if dtype in ("float32", "float64") else model_bytes(cfg, "float32", prompt_tokens)[1]
+
+
 def plan(cfg: Qwen3Config, dtype: str, prompt_tokens: int, device: str = "cpu", *, placement: str = "auto",
          devices: list[DeviceMemory] | None = None, quant: str | None = None) -> Plan:
-    """The placement for comparing qwenlab with the reference on `device` (devices: fake sizes for tests)."""
+    """The placement for comparing qwenlab with the references on `device` (devices: fake sizes for tests)."""
     if placement not in PLACEMENTS:
         raise QwenlabError(f"placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
     devices = devices if devices is not None else visible_devices(device)
     q, r = model_bytes(cfg, dtype, prompt_tokens, quant)
+    t = truth_bytes(cfg, dtype, prompt_tokens)
     usable = devices[0].free * HEADROOM
-    result = Plan("impossible", q, r, devices)
-    if placement in ("auto", "resident") and q + r <= usable:
+    total = sum(d.free for d in devices) * HEADROOM if len(devices) > 1 and devices[0].name != "cpu" else usable
+    result = Plan("impossible", q, r, devices, t)
+    if placement in ("auto", "resident") and q + r <= usable and (q + t <= usable or quant or t > usable
+                                                                   or placement == "resident"):
         result.placement = "resident"
+        result.truth = q + t <= usable
     elif placement in ("auto", "sequential") and max(q, r) <= usable:
         result.placement = "sequential"
-        result.notes.append("one model at a time, diffed from dumps: " + (
+        result.truth = t <= usable
+        result.notes.append("one model at a time: " + (
             "as asked" if placement == "sequential" else
-            f"both at once need {(q + r) / GB:.1f} GB, {usable / GB:.1f} GB usable on {devices[0].name}"))
-    elif placement in ("auto", "split") and len(devices) > 1 and devices[0].name != "cpu":
-        total = sum(d.free for d in devices) * HEADROOM
-        if q + r <= total:
-            result.placement = "split"
-            share = q / (q + r)
-            result.layer_devices = split_layers(cfg, dtype, devices, share, quant)
-            result.reference_max_memory = {int(d.name.split(":")[1]): int(d.free * HEADROOM * (1 - share))
-                                           for d in devices}
-            result.notes.append(f"{len(devices)} GPUs: qwenlab and the reference each split by layers")
+            f"qwenlab and the reference together need {(q + r) / GB:.1f} GB, {usable / GB:.1f} GB usable on "
+            f"{devices[0].name}"))
+    elif placement in ("auto", "split") and total > usable and max(q, r) <= total:
+        result.placement = "split"
+        result.truth = t <= total
+        if q > usable or placement == "split":
+            result.layer_devices = split_layers(cfg, dtype, devices, 1.0, quant)
+        result.reference_max_memory = {int(d.name.split(":")[1]): int(d.free * HEADROOM) for d in devices}
+        result.notes.append(f"{len(devices)} GPUs: one model at a time, each split by layers when it needs to be")
+    if placement == "auto" and result.placement in ("resident", "sequential") and not result.truth and \
+            usable < t <= total:
+        result.placement, result.truth = "split", True  # the float32 reference needs the other GPUs: split it
+        result.reference_max_memory = {int(d.name.split(":")[1]): int(d.free * HEADROOM) for d in devices}
+        if q > usable:
+            result.layer_devices = split_layers(cfg, dtype, devices, 1.0, quant)
+        result.notes.append(f"the float32 reference ({t / GB:.1f} GB) is split across {len(devices)} GPUs")
+    if result.placement != "impossible" and not result.truth:
+        result.notes.append(f"the float32 reference ({t / GB:.1f} GB) fits nowhere: floors fall back to the dtype's "
+                            "defaults instead of measured ones")
     if result.placement == "impossible":
         free = ", ".join(f"{d.free / GB:.1f} GB free on {d.name}" for d in devices)
         asked = "" if placement == "auto" else f" (placement {placement})"
-        raise QwenlabError(f"does not fit{asked}: qwenlab needs {q / GB:.1f} GB and the reference {r / GB:.1f} GB "
-                           f"({(q + r) / GB:.1f} GB together); {free}")
+        raise QwenlabError(f"does not fit{asked}: qwenlab needs {q / GB:.1f} GB and the reference {r / GB:.1f} GB; "
+                           f"{free}")
     return result

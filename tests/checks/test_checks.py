@@ -17,15 +17,19 @@ from qwenlab.activations import planted
 from qwenlab.activations.capture import capture_qwenlab, capture_to_file
 from qwenlab.activations.diff import rel_l2_grid
 from qwenlab.activations.dump import read_dump, write_dump
-from qwenlab.activations.reference import load_reference
+from qwenlab.activations.floors import Gates
+from qwenlab.activations.reference import capture_reference, load_reference
 from qwenlab.checks import decode_parity as dp
 from qwenlab.checks import embedding_checks as ec
 from qwenlab.checks import layer_diffs as ld
 from qwenlab.checks import plots
 from qwenlab.checks import tokenizer_parity as tp
+from qwenlab.checks.nbutil import load_thresholds
 from qwenlab.model.kv_cache import KVCache
 from qwenlab.model.loader import load
 from qwenlab.model.tiny import ensure_tiny, write_checkpoint
+
+GATES = Gates.from_thresholds(load_thresholds(None, "03_layer_diffs"))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +176,7 @@ def test_encode_prompt(tiny):
 
 
 def test_diff_prompts_pass_and_tables(tiny, reference):
-    diffs = ld.diff_prompts(tiny.model, reference, tiny.tokenizer, ["Hello world", "chat:Hi"])
+    diffs = ld.diff_prompts(tiny.model, reference, tiny.tokenizer, ["Hello world", "chat:Hi"], GATES)
     summary = ld.summary_frame(diffs)
     assert summary["passed"].all() and summary["first_divergence"].isna().all()
     table = ld.worst_frame(diffs)
@@ -185,36 +189,35 @@ def test_diff_prompts_pass_and_tables(tiny, reference):
 def test_candidate_dump_with_a_corrupted_layer(tiny, reference, tmp_path):
     ids = tiny.tokenizer.encode("The quick brown fox jumps")
     good = capture_to_file(tiny, ids, "qwenlab", tmp_path / "good.safetensors")
-    diff, meta = ld.diff_candidate(good, reference)
+    diff = ld.diff_candidate(good, reference, GATES)
     assert diff.result.passed and diff.ids == ids
-    assert bool(ld.candidate_identity(meta, tiny.config)["same config as the reference"])
+    assert bool(ld.candidate_identity(read_dump(good).metadata, tiny.config)["same config as the reference"])
     dump = read_dump(good)
     dump.tensors["layers.2.attn.v_proj"] = dump.tensors["layers.2.attn.v_proj"] * 1.01
     del dump.tensors["layers.3.mlp.act"]
     write_dump(tmp_path / "bad.safetensors", dump.tensors, dump.metadata)
-    bad, _ = ld.diff_candidate(tmp_path / "bad.safetensors", reference)
+    bad = ld.diff_candidate(tmp_path / "bad.safetensors", reference, GATES)
     assert bad.result.first_divergence == "layers.2.attn.v_proj"
     assert bad.result.only_in_reference == ["layers.3.mlp.act"]
 
 
 def test_planted_bugs_are_localised(tiny, reference):
     ids = tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
-    ref = ld.reference_tensors(reference, ids)
+    ref = capture_reference(reference, ids)
     bugs = planted.standard_bugs(tiny.model)
     assert [b.expected for b in bugs] == ["layers.0.attn.q_rope", "layers.1.attn.q_norm",
                                           "layers.1.input_layernorm", "layers.2.input_layernorm"]
-    frame, results = planted.localise(bugs, ids, ref, capture=capture_qwenlab)
+    frame, results = planted.localise(bugs, ref, capture=lambda bug: bug.capture(tiny.model, ids))
     assert frame["localised"].all(), frame[["expected", "found"]]
     assert all(not r.passed for r in results.values())
     # the loaded model itself is untouched and still matches
-    assert tiny.model.rope_theta == tiny.config.rope_theta
     assert ld.diff_dumps(capture_qwenlab(tiny.model, ids), ref).passed
 
 
-def test_swap_expectation_follows_the_weights(tiny):
-    model = planted.swap_layers(tiny.model, 1, 2)
-    assert torch.equal(model.model.layers[1].mlp.up_proj.weight, tiny.model.model.layers[2].mlp.up_proj.weight)
-    same_norms = planted.copy.deepcopy(tiny.model)
+def test_swap_expectation_follows_the_weights(tiny_dir, tiny):
+    swapped = planted.swap_layers(tiny.model, 1, 2)()
+    assert torch.equal(swapped["model.layers.1.mlp.up_proj.weight"], tiny.model.model.layers[2].mlp.up_proj.weight)
+    same_norms = load(tiny_dir, "float32", "cpu").model
     with torch.no_grad():
         same_norms.model.layers[2].input_layernorm.weight.copy_(same_norms.model.layers[1].input_layernorm.weight)
     assert planted.expected_swap_layers(same_norms, 1, 2) == "layers.1.attn.q_proj"

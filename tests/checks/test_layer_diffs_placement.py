@@ -1,12 +1,17 @@
-"""Notebook 03's placements on the tiny fixture (CPU): sequential (one model at a time, through dumps) and a
-layer-mapped qwenlab model give the resident run's diff; the plan is made before loading."""
+"""Notebook 03's runs on the tiny fixture (CPU): a sequential run (one model at a time) and a layer-mapped qwenlab
+model give the resident run's diff; the plan is made before loading; a candidate dump needs only the references."""
 import pytest
 
+from qwenlab.activations.floors import Gates
 from qwenlab.checks import placement as pl
+from qwenlab.checks.nbutil import load_thresholds
 from qwenlab.errors import QwenlabError
 from qwenlab.memory.plan import DeviceMemory, Plan
+from qwenlab.model.spec import LoadSpec
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "chat:What is the capital of France?"]
+GATES = Gates.from_thresholds(load_thresholds(None, "03_layer_diffs"))
+SPEC = LoadSpec(dtype="float32", device="cpu")
 
 
 def _summary(run):
@@ -15,46 +20,49 @@ def _summary(run):
             for d in run.diffs]
 
 
-def test_sequential_and_split_give_the_resident_diff(tiny_dir, tmp_path):
-    resident = pl.run_layer_diffs(tiny_dir, "float32", "cpu", PROMPTS, pl.plan_for(tiny_dir, "float32", "cpu", PROMPTS),
-                                  tmp_path / "a")
-    assert resident.plan.placement == "resident" and resident.ckpt is not None
-    sequential_plan = pl.plan_for(tiny_dir, "float32", "cpu", PROMPTS, placement="sequential")
-    sequential = pl.run_layer_diffs(tiny_dir, "float32", "cpu", PROMPTS, sequential_plan, tmp_path / "b")
-    assert sequential.plan.placement == "sequential" and sequential.ckpt is None
-    assert set(sequential.seconds) == {"qwenlab", "reference"}
-    assert list((tmp_path / "b").glob("*.safetensors")) == []  # the dumps are removed once diffed
-    mapped = pl.run_layer_diffs(tiny_dir, "float32", "cpu", PROMPTS, pl.plan_for(tiny_dir, "float32", "cpu", PROMPTS),
-                                tmp_path / "c", device_map="cpu:0-1,cpu:2-3")
-    assert mapped.ckpt.model.layer_devices == ["cpu"] * 4
+def test_sequential_and_mapped_give_the_resident_diff():
+    resident = pl.run_layer_diffs(SPEC, PROMPTS, pl.plan_for(SPEC, PROMPTS), GATES)
+    assert resident.plan.placement == "resident" and "qwenlab load" in resident.seconds
+    sequential_plan = pl.plan_for(SPEC, PROMPTS, placement="sequential")
+    sequential = pl.run_layer_diffs(SPEC, PROMPTS, sequential_plan, GATES)
+    assert sequential.plan.placement == "sequential"
+    assert set(sequential.seconds) == {"reference (float32)", "qwenlab"}  # float32: the reference is the truth
+    mapped_spec = SPEC.with_(device_map="cpu:0-1,cpu:2-3")
+    mapped = pl.run_layer_diffs(mapped_spec, PROMPTS, pl.plan_for(mapped_spec, PROMPTS), GATES)
     assert _summary(resident) == _summary(sequential) == _summary(mapped)
-    assert all(d.result.passed for d in resident.diffs)
+    assert all(d.result.passed for d in resident.diffs) and resident.localised["localised"].all()
+    assert all(d.isolated is not None and not d.isolated["exceeds"].any() for d in resident.diffs)
     metrics = pl.placement_metrics(sequential)
     assert metrics["placement"]["placement"] == "sequential" and metrics["placement"]["qwenlab_bytes"] > 0
 
 
-def test_a_candidate_runs_sequentially_against_the_reference_alone(tiny_dir, tiny, tmp_path):
+def test_planted_bugs_run_under_every_placement():
+    run = pl.run_layer_diffs(SPEC, PROMPTS[:1], pl.plan_for(SPEC, PROMPTS, placement="sequential"), GATES)
+    assert run.localised is not None and run.localised["localised"].all()
+
+
+def test_a_candidate_runs_against_the_references_alone(tiny, tmp_path):
     from qwenlab.activations.capture import capture_to_file
 
     ids = tiny.tokenizer.encode(PROMPTS[0])
     dump = capture_to_file(tiny, ids, "qwenlab", tmp_path / "cand.safetensors")
-    plan = pl.plan_for(tiny_dir, "float32", "cpu", PROMPTS, placement="sequential")
-    run = pl.run_layer_diffs(tiny_dir, "float32", "cpu", PROMPTS, plan, tmp_path / "d", candidate=str(dump))
+    plan = pl.plan_for(SPEC, PROMPTS, placement="sequential")
+    run = pl.run_layer_diffs(SPEC, PROMPTS, plan, GATES, candidate=str(dump))
     assert len(run.diffs) == 1 and run.diffs[0].result.passed and run.candidate_meta["impl"] == "qwenlab"
-    assert set(run.seconds) == {"reference"}
+    assert set(run.seconds) == {"reference (float32)"} and run.localised is None
 
 
-def test_plans_that_cannot_run_stop_before_loading(tiny_dir):
+def test_plans_that_cannot_run_stop_before_loading():
     with pytest.raises(QwenlabError, match="only resident runs take a quantized model"):
-        pl.plan_for(tiny_dir, "float32", "cpu", PROMPTS, placement="sequential", quant="nvfp4")
+        pl.plan_for(SPEC.with_(quant="nvfp4"), PROMPTS, placement="sequential")
     with pytest.raises(QwenlabError, match="placement split"):
-        pl.plan_for(tiny_dir, "float32", "cpu", PROMPTS, placement="split")
+        pl.plan_for(SPEC, PROMPTS, placement="split")
 
 
 def test_the_plan_reads_well():
     plan = Plan("split", 66 * 10 ** 9, 66 * 10 ** 9, [DeviceMemory("cuda:0", 79 * 10 ** 9, 80 * 10 ** 9),
                                                      DeviceMemory("cuda:1", 79 * 10 ** 9, 80 * 10 ** 9)],
-                ["cuda:0"] * 32 + ["cuda:1"] * 32)
+                131 * 10 ** 9, True, ["cuda:0"] * 32 + ["cuda:1"] * 32)
     text = plan.describe()
     assert "placement: split" in text and "qwenlab layers: cuda:0 0-31, cuda:1 32-63" in text
-    assert "79.0 GB free of 80.0" in text
+    assert "79.0 GB free of 80.0" in text and "the float32 reference 131.00 GB" in text

@@ -9,6 +9,7 @@ import torch
 
 from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.activations.planted_nvfp4 import first_quantized_point, nvfp4_bugs
+from qwenlab.activations.floors import Gates
 from qwenlab.checks import layer_diffs as ld
 from qwenlab.checks import nbutil
 from qwenlab.checks import nvfp4_kl as kl
@@ -27,22 +28,27 @@ def quantized(tiny_dir):
 
 @pytest.fixture(scope="module")
 def references(quantized):
-    return load_reference_for(quantized, "quantized"), load_reference_for(quantized, "unquantized")
+    return (load_reference_for(quantized, "quantized", dtype=torch.bfloat16),
+            load_reference_for(quantized, "quantized", dtype=torch.float32),
+            load_reference_for(quantized, "unquantized"))
 
 
 @pytest.fixture(scope="module")
 def views(quantized, references):
-    ref_q, ref_u = references
+    ref_q, truth_q, ref_u = references
     model, tok, floor = quantized.model, quantized.tokenizer, THRESHOLDS["unquantized_floor"]
-    diffs_q = ld.diff_prompts(model, ref_q, tok, [PROMPT], dtype=nq.QUANTIZED_REFERENCE_DTYPE)
-    diffs_u = ld.diff_prompts(model, ref_u, tok, [PROMPT], floors=nq.unquantized_floors(floor))
+    gates = Gates.from_thresholds(THRESHOLDS["quantized_reference"])
+    diffs_q = ld.diff_prompts(model, ref_q, tok, [PROMPT], gates, truth_model=truth_q, dtype=nq.compare_dtype(model))
+    diffs_u = ld.diff_prompts(model, ref_u, tok, [PROMPT], gates, overrides=nq.unquantized_floors(floor))
     return diffs_q, diffs_u
 
 
 def test_honest_nvfp4_stays_under_both_floors(views):
     diffs_q, diffs_u = views
     assert diffs_q[0].result.first_divergence is None and diffs_u[0].result.first_divergence is None
-    assert diffs_q[0].result.logits["kl_mean"] < THRESHOLDS["quantized_reference"]["max_kl_mean"]
+    summary = nq.diff_summary(diffs_q, Gates.from_thresholds(THRESHOLDS["quantized_reference"]))
+    assert summary["isolated_first_divergence"] is None and summary["max_ratio_to_floor"] < 1
+    assert summary["logits"]["kl_mean"] < summary["logits_limits"]["kl_mean"]
     q_proj = next(r for r in diffs_u[0].result.rows if r["name"] == "layers.0.attn.q_proj")
     assert 0.02 < q_proj["rel_l2"] < 0.2  # NVFP4 noise: visible, and far under the floor
 
@@ -66,13 +72,12 @@ def test_excluding_the_first_module_moves_the_expected_tensor(tiny_dir):
     assert {b.expected for b in nvfp4_bugs(model)} == {"layers.0.attn.v_proj"}
 
 
-def test_planted_copies_leave_the_model_alone(quantized):
-    ids = torch.tensor(quantized.tokenizer.encode(PROMPT))
-    before = quantized.model(ids)
-    bugs = nvfp4_bugs(quantized.model)
-    after = [bug.build()(ids) for bug in bugs]
-    assert torch.equal(quantized.model(ids), before)
-    assert all(not torch.allclose(a, before) for a in after)
+def test_planted_bugs_leave_the_model_alone(quantized):
+    ids = quantized.tokenizer.encode(PROMPT)
+    before = quantized.model(torch.tensor(ids))
+    after = [bug.capture(quantized.model, ids)["logits"] for bug in nvfp4_bugs(quantized.model)]
+    assert torch.equal(quantized.model(torch.tensor(ids)), before)
+    assert all(not torch.allclose(a, before[0]) for a in after)
 
 
 def test_kl_statistics_against_a_direct_computation():
@@ -95,7 +100,7 @@ def test_kl_statistics_against_a_direct_computation():
 
 
 def test_corpus_and_verdict_pass_on_honest_nvfp4(quantized, references, views):
-    ref_q, ref_u = references
+    ref_u = references[2]
     diffs_q, diffs_u = views
     corpus = kl.Corpus.build(ref_u, [quantized.tokenizer.encode("Water boils at one hundred degrees.")],
                              kl.perplexity_ids(quantized.tokenizer, 64))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from qwenlab.activations.diff import diff_dumps
+from qwenlab.activations.floors import Gates
 from qwenlab.checks import decode_parity as dp
 from qwenlab.checks import embedding_checks as ec
 from qwenlab.checks import layer_diffs as ld
@@ -112,9 +113,10 @@ def prompt_diff(corrupt: str | None = None) -> ld.PromptDiff:
 def layer_verdict(diffs, localised=(True, True), **kwargs):
     planted = pd.DataFrame({"expected": ["layers.0.attn.q_rope", "layers.1.attn.q_norm"][: len(localised)],
                             "localised": list(localised)})
-    return ld.verdict(load_thresholds(None, "03_layer_diffs"), dtype="float32", diffs=diffs,
-                      summary=ld.summary_frame(diffs), table=ld.worst_frame(diffs), logits=ld.pooled_logits(diffs),
-                      localised=planted, **kwargs)
+    thresholds = load_thresholds(None, "03_layer_diffs")
+    return ld.verdict(thresholds, dtype="float32", diffs=diffs, summary=ld.summary_frame(diffs),
+                      table=ld.worst_frame(diffs), logits=ld.pooled_logits(diffs), localised=planted,
+                      gates=Gates.from_thresholds(thresholds), **kwargs)
 
 
 def test_layer_verdict_passes_when_every_tensor_matches():
@@ -129,7 +131,8 @@ def test_layer_verdict_regresses_on_a_divergent_tensor_and_a_missed_bug():
     metrics, reasons = layer_verdict([prompt_diff(), prompt_diff(corrupt="layers.0.output")], localised=(True, False))
     assert metrics["divergent_prompts"] == 1 and metrics["first_divergence"] == "layers.0.output"
     assert metrics["max_rel_l2"] == pytest.approx(0.1)
-    assert reasons == ["prompts with a divergent tensor = 1 exceeds 0", "first divergent tensor: layers.0.output",
+    assert reasons == ["prompts with a divergent tensor = 1 exceeds 0",
+                       "first divergent tensor: layers.0.output (rel_l2 0.1, 1e+04x its floor 1e-05)",
                        "planted bugs localised (fraction) = 0.5 is below 1"]
 
 

@@ -17,7 +17,7 @@ def gpus(*free_gb, total_gb=80):
 
 
 def test_32b_needs_about_65_gb_a_model():
-    q, r = model_bytes(Q32, "bfloat16", 32)
+    q, r = model_bytes(Q32, "bfloat16", 32)  # the float32 reference: twice the weights
     assert 65 * GB < weight_bytes(Q32, "bfloat16")["total"] < 66 * GB
     assert 65 * GB < q < 67 * GB and 65 * GB < r < 67 * GB
 
@@ -27,19 +27,26 @@ def test_4b_fits_both_models_on_one_h100():
     assert p.placement == "resident" and not p.layer_devices
 
 
-def test_32b_on_one_h100_runs_sequentially():
+def test_32b_on_one_h100_runs_sequentially_with_default_floors():
     p = plan(Q32, "bfloat16", 64, "cuda:0", devices=gpus(79))
-    assert p.placement == "sequential"
-    assert "one model at a time" in p.describe()
+    assert p.placement == "sequential" and not p.truth and 130 * GB < p.truth_bytes < 133 * GB
+    assert "one model at a time" in p.describe() and "floors fall back to the dtype's defaults" in p.describe()
 
 
-def test_32b_on_two_h100s_prefers_sequential_under_auto_and_splits_when_asked():
-    assert plan(Q32, "bfloat16", 64, "cuda:0", devices=gpus(79, 79)).placement == "sequential"
+def test_32b_on_one_h200_measures_its_floors_one_model_at_a_time():
+    p = plan(Q32, "bfloat16", 64, "cuda:0", devices=gpus(148, total_gb=150))
+    assert p.placement == "sequential" and p.truth
+
+
+def test_32b_on_two_h100s_splits_the_float32_reference_and_splits_qwenlab_when_asked():
+    auto = plan(Q32, "bfloat16", 64, "cuda:0", devices=gpus(79, 79))
+    assert auto.placement == "split" and auto.truth and not auto.layer_devices  # qwenlab fits one GPU
+    assert "float32 reference (13" in auto.describe()
     p = plan(Q32, "bfloat16", 64, "cuda:0", placement="split", devices=gpus(79, 79))
     assert p.placement == "split"
     assert len(p.layer_devices) == 64 and p.layer_devices[0] == "cuda:0" and p.layer_devices[-1] == "cuda:1"
     assert abs(p.layer_devices.count("cuda:0") - 32) <= 2
-    assert set(p.reference_max_memory) == {0, 1} and sum(p.reference_max_memory.values()) > 65 * GB
+    assert set(p.reference_max_memory) == {0, 1} and sum(p.reference_max_memory.values()) > 131 * GB
     assert "qwenlab layers: cuda:0 0-" in p.describe()
 
 
@@ -60,7 +67,9 @@ def test_impossible_requests_fail_before_loading_with_the_numbers():
 def test_cpu_plans_against_host_ram():
     host = [DeviceMemory("cpu", 12 * GB, 24 * GB)]
     assert plan(Q4, "bfloat16", 64, "cpu", devices=host).placement == "sequential"
-    assert plan(Q4, "bfloat16", 64, "cpu", devices=[DeviceMemory("cpu", 20 * GB, 24 * GB)]).placement == "resident"
+    roomy = plan(Q4, "bfloat16", 64, "cpu", devices=[DeviceMemory("cpu", 20 * GB, 24 * GB)])
+    assert roomy.placement == "sequential" and roomy.truth  # one at a time, so the float32 reference fits too
+    assert plan(Q4, "bfloat16", 64, "cpu", devices=[DeviceMemory("cpu", 30 * GB, 32 * GB)]).placement == "resident"
     with pytest.raises(QwenlabError, match="free on cpu"):
         plan(Q32, "bfloat16", 64, "cpu", devices=host)
 
