@@ -244,7 +244,6 @@ class Qwen3(nn.Module):
     def device(self):
         return self.model.embed_tokens.weight.device
 
-    @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, probe: Probe | None = None,
                 last_only: bool = False):
         if ids.dim() == 1:
