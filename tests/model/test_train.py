@@ -70,6 +70,17 @@ def test_another_seed_gives_another_run():
     assert curves[0] != curves[1]
 
 
+def test_a_time_budget_is_a_step_count_fixed_early():
+    """--train-seconds: the steps that fit are fixed after the warmup's timed steps; the run then equals
+    --train-steps with that count (whatever this machine's speed made it)."""
+    cfg = config_from_dict(config_json("trained-24l", **SMALL))
+    ids = torch.arange(1000) % 97
+    timed = train(build_model(cfg, 0, torch.device("cpu")), ids, SETTINGS, seconds=2.0, log=None)
+    assert timed.steps >= SETTINGS.warmup_steps and timed.seconds_budget == 2.0
+    counted = train(build_model(cfg, 0, torch.device("cpu")), ids, SETTINGS, steps=timed.steps, log=None)
+    assert counted.losses == timed.losses
+
+
 def test_loss_goes_down_and_the_record_says_what_ran(runs):
     (path, rec), _ = runs
     on_disk = json.loads((path / RECORD_FILE).read_text())

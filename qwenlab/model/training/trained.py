@@ -65,7 +65,7 @@ def write_trained_checkpoint(out_dir, preset: str = "trained-24l", *, steps: int
         measured["greedy_text"] = tokenizer.decode(measured["greedy_ids"])
         record = {
             "preset": preset, "overrides": overrides or {}, "steps": result.steps,
-            "train_seconds_budget": result.steps_from_seconds, "tokens_seen": result.tokens_seen,
+            "train_seconds_budget": result.seconds_budget, "tokens_seen": result.tokens_seen,
             "seconds": result.seconds, "wall_seconds": time.perf_counter() - wall, "device": device_name(dev),
             "stored_dtype": cfg.torch_dtype, "first_loss": result.losses[0],
             "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),

@@ -4,6 +4,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -98,67 +99,80 @@ class TrainResult:
     losses: list
     seconds: float
     tokens_seen: int
-    steps_from_seconds: float | None = None  # the --train-seconds budget that fixed `steps`, if any
+    seconds_budget: float | None = None  # the --train-seconds that fixed `steps`, if any
+
+
+def optimizer(model: Qwen3, s: TrainSettings) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}],
+                             lr=s.lr, betas=s.betas, eps=1e-8, fused=model.device.type == "cuda")
+
+
+def train_step(model: Qwen3, opt: torch.optim.Optimizer, window: torch.Tensor, lr: float, grad_clip: float) -> float:
+    """One AdamW step on the next-token loss of [B, T+1] ids (bf16 autocast on CUDA); returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+        logits = model(window[:, :-1])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+@contextmanager
+def deterministic(device: torch.device):
+    """Deterministic kernels while training (e.g. the embedding's backward without atomics on CUDA), warn-only."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: the first matmul
+    was, was_filling = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid, not needed for determinism
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
 
 
 def train(model: Qwen3, ids: torch.Tensor, s: TrainSettings, steps: int | None = None,
           seconds: float | None = None, calibrate_steps: int = 8, log=sys.stderr) -> TrainResult:
     """Trains `model` in place for `steps`, or for as many steps as fit `seconds` (timed over the first
     `calibrate_steps` steps, all inside the warmup, whose learning rates do not depend on the total; the run is
-    then the same as --train-steps with the number found)."""
+    then the same as --train-steps with the number found). Progress goes to `log` (None: silent)."""
+    def say(message):
+        if log is not None:
+            print(message, file=log, flush=True)
+
     check_budget(steps, seconds)
-    device = model.device
-    cuda = device.type == "cuda"
-    if cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(s.seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=s.lr, betas=s.betas, eps=1e-8, fused=cuda)
-    ids = ids.to(device)
+    opt = optimizer(model, s)
     total = steps if steps is not None else 10 ** 9
-    budget_steps = None
-    if seconds is not None:
-        calibrate_steps = max(2, min(calibrate_steps, s.warmup_steps))
+    calibrate_steps = max(2, min(calibrate_steps, s.warmup_steps))
     losses = []
     model.train()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    was_filling = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)  # e.g. the embedding's backward without atomics on CUDA
-    torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid, not needed for determinism
     start = time.perf_counter()
-    t_first = None
     try:
-        for step, window in batches(ids, s, total):
-            if step >= total:
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, s)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(window[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if step == 0:
-                t_first = time.perf_counter()
-            if seconds is not None and step + 1 == calibrate_steps:
-                per_step = (time.perf_counter() - t_first) / (calibrate_steps - 1)
-                left = seconds - (time.perf_counter() - start)
-                total = max(calibrate_steps, calibrate_steps + int(left / per_step))
-                budget_steps = seconds
-                print(f"[train] {per_step * 1e3:.0f} ms/step: {total} steps fit {seconds:g} s", file=log)
-            if (step + 1) % max(1, total // 10) == 0 or step + 1 == total:
-                print(f"[train] step {step + 1}/{total} loss {losses[-1]:.3f} lr {lr_at(step, total, s):.2e} "
-                      f"({time.perf_counter() - start:.1f} s)", file=log, flush=True)
-        if cuda:
-            torch.cuda.synchronize(device)
+        with deterministic(model.device):
+            for step, window in batches(ids.to(model.device), s, total):
+                if step >= total:
+                    break
+                losses.append(train_step(model, opt, window, lr_at(step, total, s), s.grad_clip))
+                if step == 0:
+                    t_first = time.perf_counter()
+                if seconds is not None and step + 1 == calibrate_steps:
+                    per_step = (time.perf_counter() - t_first) / (calibrate_steps - 1)
+                    left = seconds - (time.perf_counter() - start)
+                    total = calibrate_steps + max(0, int(left / per_step))
+                    say(f"[train] {per_step * 1e3:.0f} ms/step: {total} steps fit {seconds:g} s")
+                if (step + 1) % max(1, total // 10) == 0 or step + 1 == total:
+                    say(f"[train] step {step + 1}/{total} loss {losses[-1]:.3f} lr {lr_at(step, total, s):.2e} "
+                        f"({time.perf_counter() - start:.1f} s)")
     finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.utils.deterministic.fill_uninitialized_memory = was_filling
         model.eval()
     elapsed = time.perf_counter() - start
-    return TrainResult(len(losses), losses, elapsed, len(losses) * s.batch_size * s.seq_len, budget_steps)
+    return TrainResult(len(losses), losses, elapsed, len(losses) * s.batch_size * s.seq_len, seconds)
