@@ -15,7 +15,7 @@ from qwenlab.model.loader import load
 from qwenlab.model.tiny import checkpoint_digest, config_json
 from qwenlab.model.training import realism
 from qwenlab.model.training.corpus import EXCLUDED_DIRS, stdlib_dir, stdlib_files
-from qwenlab.model.training.trained import RECORD_FILE, write_trained_checkpoint
+from qwenlab.model.training.trained import RECORD_FILE, summary, write_trained_checkpoint
 from qwenlab.model.training.trainer import TrainSettings, build_model, lr_at, train
 
 SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
@@ -98,6 +98,16 @@ def test_loss_goes_down_and_the_record_says_what_ran(runs):
     assert r["heldout_tokens_scored"] == 2 * 32
     assert r["dtype"] == "float32"
     assert rec["reproduce"] == "qwenlab tiny DIR --preset trained-24l --train-steps 6 --seed 0"
+
+
+def test_summary_gives_the_curve_and_the_realism_numbers(runs):
+    (path, rec), _ = runs
+    text = summary(rec, path)
+    assert f"step 1 {rec['loss_curve'][0]:.3f}" in text and f"step 6 {rec['loss_curve'][-1]:.3f}" in text
+    assert f"held-out {rec['heldout_loss']:.3f}" in text
+    assert f"median next-token entropy {rec['realism']['median_entropy']:.2f} nats" in text
+    assert "NOT realistic: median entropy" in text  # six steps of a 2-layer model: far from trained
+    assert f"sha256 {checkpoint_digest(path)}" in text
 
 
 def test_written_checkpoint_loads_and_matches_transformers(runs):
