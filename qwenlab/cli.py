@@ -10,7 +10,7 @@ from qwenlab.activations.capture import capture_to_file
 from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.diff_text import nothing_compared, summary_text
 from qwenlab.activations.nvfp4_reference import REFERENCES
-from qwenlab.arguments import COUNT, NON_NEGATIVE, SEED, TEMPERATURE, TOP_P
+from qwenlab.arguments import COUNT, NON_NEGATIVE, SECONDS, SEED, TEMPERATURE, TOP_P
 from qwenlab.bench import decode as bench_decode
 from qwenlab.errors import Parser, QwenlabError, add_debug_flag, parse, run_command
 from qwenlab.generation.decode import check_context, generate
@@ -22,6 +22,7 @@ from qwenlab.model.config import read_generation_config
 from qwenlab.model.loader import load, resolve_device
 from qwenlab.model.spec import LoadSpec, add_load_arguments
 from qwenlab.model.tiny import expected_digest, resolve_model_dir, verify, write_checkpoint
+from qwenlab.model.training import trained
 from qwenlab.model.tokenizer import Tokenizer
 from qwenlab.report import run as report_run
 
@@ -50,6 +51,12 @@ def _prompt_ids(args, tokenizer) -> list[int]:
 
 
 def cmd_tiny(args):
+    if args.train_steps is not None or args.train_seconds is not None:
+        record = trained.write_trained_checkpoint(args.dir, args.preset, steps=args.train_steps,
+                                                  seconds=args.train_seconds, seed=args.seed,
+                                                  device=args.device or "cpu")
+        print(trained.summary(record, args.dir))
+        return 0 if record["realism"]["realistic"] else 1
     path = write_checkpoint(args.dir, args.preset, args.seed, str(resolve_device(args.device or "cpu")))
     checked = args.seed == 0 and expected_digest(args.preset) is not None  # hashing 65 GB for nothing takes minutes
     digest = verify(path, args.preset) if checked else "not checked: no committed checksum for this preset and seed"
@@ -122,10 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="write a deterministic tiny Qwen3 checkpoint (HF layout)")
     p.add_argument("dir", type=Path)
-    p.add_argument("--preset", default="tiny", help="tiny (default) | tiny-untied | qwen3-4b | qwen3-32b")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="where to draw the random bf16 weights (cpu default; cuda is "
-                                                   "much faster for qwen3-32b)")
+    p.add_argument("--preset", default="tiny",
+                   help="tiny (default) | tiny-untied | qwen3-4b | qwen3-32b | trained-24l (needs --train-steps)")
+    p.add_argument("--seed", type=SEED, default=0, help="weights seed (with --train-*: init and data order)")
+    p.add_argument("--device", default=None, help="where to draw the random bf16 weights or train (cpu default; "
+                                                   "cuda is much faster for qwen3-32b and for training)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--train-steps", type=COUNT, default=None, help="train the preset's shape for N steps on the "
+                        "standard library's .py files (qwenlab.model.training); exit 1 when its logits miss the "
+                        "realism bar")
+    budget.add_argument("--train-seconds", type=SECONDS, default=None, help="as --train-steps, with N the number of "
+                        "steps that fit S seconds (timed on the first steps; training.json records N)")
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("tokenize", help="text -> token ids with the checkpoint's tokenizer")

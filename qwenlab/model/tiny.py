@@ -43,15 +43,21 @@ PRESETS = {
     "qwen3-32b": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
                       num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                       tie_word_embeddings=False, rope_theta=1_000_000.0, dtype="bfloat16", style="v5", shards=17),
+    # Trained, not drawn: `qwenlab tiny DIR --preset trained-24l --train-steps N` (qwenlab.model.training) gives
+    # logits with real near-ties; 24 layers, tied, bf16 as real Qwen3 checkpoints are.
+    "trained-24l": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+                        dtype="bfloat16", style="v5", shards=1, trained=True),
 }
 # sha256 of model.safetensors written by `qwenlab tiny` for the deterministic presets.
 CHECKSUMS_FILE = DATA_DIR / "tiny_checksums.json"
 STOP_TOKEN_ROWS = (151643, 151645)
 
 
-def config_json(preset: str) -> dict:
-    p = {**BASE, **PRESETS[preset]}
-    raw = {k: v for k, v in p.items() if k not in ("style", "shards", "dtype", "rope_theta")}
+def config_json(preset: str, **overrides) -> dict:
+    """config.json of a preset; overrides replace preset fields (a smaller variant of a shape, for tests)."""
+    p = {**BASE, **PRESETS[preset], **overrides}
+    raw = {k: v for k, v in p.items() if k not in ("style", "shards", "dtype", "rope_theta", "trained")}
     raw |= {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "max_window_layers": p["num_hidden_layers"],
             "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True}
     if p["style"] == "v4":
@@ -133,18 +139,31 @@ def _shards(cfg: dict, preset: str, seed: int, device) -> list:
 def write_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
     """Writes into a temp folder then renames, so a failed run never leaves a half-written checkpoint. `device`
     draws the random weights of the bf16 presets there (a GPU makes the 32B shape in seconds, not minutes)."""
-    if preset not in PRESETS:
-        raise QwenlabError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise QwenlabError(f"{out_dir}: exists and is not empty (refusing to overwrite)")
+    check_preset(preset)
+    if PRESETS[preset].get("trained"):
+        raise QwenlabError(f"--preset {preset}: a trained preset; add --train-steps N (or --train-seconds S)")
+    out_dir = check_empty(out_dir)
     cfg = config_json(preset)
     with atomic_dir(out_dir) as tmp:
-        _write_files(tmp, cfg, _shards(cfg, preset, seed, device))
+        write_files(tmp, cfg, _shards(cfg, preset, seed, device))
     return out_dir
 
 
-def _write_files(d: Path, cfg: dict, shards: list):
+def check_preset(preset: str):
+    if preset not in PRESETS:
+        raise QwenlabError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+
+
+def check_empty(out_dir) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise QwenlabError(f"{out_dir}: exists and is not empty (refusing to overwrite)")
+    return out_dir
+
+
+def write_files(d: Path, cfg: dict, shards: list):
+    """config.json, generation_config.json, the weights (`shards`: functions returning name -> tensor, one file
+    each) and the real Qwen3 tokenizer files, into folder `d`."""
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
            "do_sample": False, "transformers_version": cfg.get("transformers_version")}
