@@ -29,6 +29,7 @@ FUSED_LAYER = {"qkv": 1, "o": 1, "gate_up": 1, "down": 1}
 SPLIT_LAYER = {"q": 1, "k/v": 2, "o": 1, "gate/up": 2, "down": 1}
 QUICK_SHAPES = ("qkv", "o", "gate_up", "down", "lm_head")
 ROTATE_BYTES = 512 << 20  # each method's rotated weights: many times the H200's 60 MB L2
+MAX_COPIES = 32  # prefill: at most this many weight copies per graph
 
 
 def graph_us(calls, replays: int = 5) -> float:
@@ -86,7 +87,8 @@ def decode_row(name, n, k, kernels, copy_bw, device) -> dict:
     us = {"bf16": graph_us([lambda b=b: F.linear(x, b) for b in bf16s]),
           "dequant": graph_us([lambda q=q: F.linear(x, codec.dequantize(q, x.dtype)) for q in qs[:8]], replays=2),
           "gemv": graph_us([lambda q=q: kernels.nvfp4_gemv(x, q.packed, q.block_scale, q.tensor_scale) for q in qs])}
-    row = {"shape": name, "n": n, "k": k, "first_call_s": first_call_s, "config": best_config(kernels._gemv_kernel)}
+    row = {"shape": name, "n": n, "k": k, "first_call_s": first_call_s, "config": best_config(kernels._gemv_kernel),
+           "tuning_ms": tuning(kernels._gemv_kernel)}
     for method in us:
         row[method] = {"us": us[method], "bytes": moved[method], "gb_s": moved[method] / us[method] / 1e3,
                        "pct_copy_bw": 100 * moved[method] / us[method] / 1e-6 / copy_bw, **errors(out[method], ref)}
@@ -108,17 +110,22 @@ def prefill_row(name, n, k, m, kernels, buffer, device) -> dict:
     y = kernels.nvfp4_gemm(x, q.packed, q.block_scale, q.tensor_scale)
     torch.cuda.synchronize()
     first_call_s = time.perf_counter() - t0
+    bf16s = [bf16] + [bf16.clone() for _ in range(min(MAX_COPIES, math.ceil(ROTATE_BYTES / bf16.nbytes)) - 1)]
+    qs = copies(q, nvfp4_bytes(n, k))[:MAX_COPIES]
 
-    def dequant_then_cublas():
+    def dequant_then_cublas(q):
         return F.linear(x, kernels.dequantize_into(scratch, q.packed, q.block_scale, q.tensor_scale))
 
-    out = {"bf16": F.linear(x, bf16), "gemm": y, "dequant_into": dequant_then_cublas()}
-    us = {"bf16": graph_us([lambda: F.linear(x, bf16)] * 3),
-          "gemm": graph_us([lambda: kernels.nvfp4_gemm(x, q.packed, q.block_scale, q.tensor_scale)] * 3),
-          "dequant_into": graph_us([dequant_then_cublas] * 3)}
-    dequant_us = graph_us([lambda: kernels.dequantize_into(scratch, q.packed, q.block_scale, q.tensor_scale)] * 3)
+    out = {"bf16": F.linear(x, bf16), "gemm": y, "dequant_into": dequant_then_cublas(q)}
+    us = {"bf16": graph_us([lambda b=b: F.linear(x, b) for b in bf16s], replays=3),
+          "gemm": graph_us([lambda q=q: kernels.nvfp4_gemm(x, q.packed, q.block_scale, q.tensor_scale) for q in qs],
+                           replays=3),
+          "dequant_into": graph_us([lambda q=q: dequant_then_cublas(q) for q in qs], replays=3)}
+    dequant_us = graph_us([lambda q=q: kernels.dequantize_into(scratch, q.packed, q.block_scale, q.tensor_scale)
+                           for q in qs], replays=3)
     row = {"shape": name, "m": m, "n": n, "k": k, "first_call_s": first_call_s, "dequantize_into_exact": exact,
-           "dequantize_into_alone_us": dequant_us, "config": best_config(kernels._gemm_kernel)}
+           "dequantize_into_alone_us": dequant_us, "config": best_config(kernels._gemm_kernel),
+           "tuning_ms": tuning(kernels._gemm_kernel)}
     for method in us:
         row[method] = {"us": us[method], "tflop_s": 2 * m * n * k / us[method] / 1e6, **errors(out[method], ref)}
     return row
@@ -129,14 +136,20 @@ def best_config(autotuner) -> str:
     return str(config) if config is not None else "?"
 
 
+def tuning(autotuner) -> dict:
+    """{config: median ms} of the autotuner's last tuning run (its own timing: one buffer, L2 may hold it)."""
+    return {str(c): t[0] if isinstance(t, (list, tuple)) else t
+            for c, t in (getattr(autotuner, "configs_timings", None) or {}).items()}
+
+
 def layer_sums(rows: dict, methods) -> dict:
     """{method: {"fused": us, "split": us}}: one decoder layer x 36 + lm_head, with fused or split projections."""
     sums = {}
     for method in methods:
         for label, layer in (("fused", FUSED_LAYER), ("split", SPLIT_LAYER)):
             if all(s in rows for s in layer) and "lm_head" in rows:
-                total = LAYERS * sum(rows[s][method]["us"] * c for s, c in layer.items()) + rows["lm_head"][method]["us"]
-                sums.setdefault(method, {})[label] = total
+                per_layer = sum(rows[s][method]["us"] * c for s, c in layer.items())
+                sums.setdefault(method, {})[label] = LAYERS * per_layer + rows["lm_head"][method]["us"]
     return sums
 
 
@@ -179,6 +192,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the fused projections and lm_head only")
     parser.add_argument("--m", type=int, default=2048, help="prefill rows (default 2048)")
+    parser.add_argument("--small-m", default="16,128", help="also prefill at these M on the fused layer shapes "
+                        "(comma-separated; '' for none)")
     parser.add_argument("--out", help="write every number to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -210,14 +225,26 @@ def main(argv=None) -> int:
               f"{r['gemm']['rel_l2']:.1e}), dequantize_into + cuBLAS {r['dequant_into']['us']:.0f} us, first call "
               f"{r['first_call_s']:.1f} s, {r['config']}", flush=True)
         torch.cuda.empty_cache()
+    small = {}
+    for m in [int(v) for v in args.small_m.split(",") if v.strip()]:
+        for name in FUSED_LAYER:
+            small.setdefault(m, {})[name] = prefill_row(name, *SHAPES[name], m, kernels, buffer, device)
+            r = small[m][name]
+            print(f"prefill M={m:<5} {name:>8}: bf16 {r['bf16']['us']:.1f} us, gemm {r['gemm']['us']:.1f} us, "
+                  f"dequantize_into + cuBLAS {r['dequant_into']['us']:.1f} us", flush=True)
     decode_sums = layer_sums(decode, ("bf16", "dequant", "gemv"))
     prefill_sums = layer_sums(prefill, ("bf16", "gemm", "dequant_into"))
     print(f"(ran {time.perf_counter() - started:.0f} s)")
     print_tables(facts, copy_bw, decode, prefill, decode_sums, prefill_sums)
+    for m, rows in small.items():
+        cells = "  ".join(f"{name} {r['bf16']['us']:.1f}/{r['gemm']['us']:.1f}/{r['dequant_into']['us']:.1f}"
+                          for name, r in rows.items())
+        print(f"  M={m}: us bf16 / nvfp4_gemm / dequantize_into+cuBLAS: {cells}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"facts": facts, "copy_bandwidth": copy_bw, "decode": decode, "prefill": prefill,
-                       "decode_layer_sums_us": decode_sums, "prefill_layer_sums_us": prefill_sums}, f, indent=1)
+                       "prefill_small_m": small, "decode_layer_sums_us": decode_sums,
+                       "prefill_layer_sums_us": prefill_sums}, f, indent=1)
     return 0
 
 

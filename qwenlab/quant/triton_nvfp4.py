@@ -5,9 +5,11 @@ Layout (qwenlab.quant.codec): weight [N, K] as packed uint8 [N, K/2] (element 2i
 block_scale float8_e4m3fn [N, K/16], tensor_scale float32, a scalar or a vector [N] (one per output row, e.g. a
 fused q/k/v whose parts had different tensor scales). value = e2m1(code) x block_scale x tensor_scale.
 
-A nibble s|e1 e0|m is decoded without a table: moved into the bits of an FP8 E4M3 byte (sign -> bit 7, e1 e0 m ->
-bits 4..2), it reads as exactly e2m1 x 2^-6, the subnormal code 0.5 included; the hardware's E4M3 conversion does
-the rest and the 2^6 is folded into a later multiply.
+A nibble s|e1 e0|m is decoded without a table, by moving its bits into a float: as float32 bits (sign -> bit 31,
+e1 e0 m -> bits 24..22) it reads as exactly e2m1 x 2^-126 (GEMV: three integer ops per nibble, measured the
+cheapest); as an FP8 E4M3 byte (sign -> bit 7, e1 e0 m -> bits 4..2) as e2m1 x 2^-6, converted by the hardware
+(GEMM, dequantize). Code 1 (0.5) lands on a subnormal either way, which is exact; the power of two is folded into
+a later multiply.
 
     nvfp4_gemv       one row (batch-1 decode), fp32 accumulation, the tensor scale applied once at the end
     nvfp4_gemm       M rows (prefill): W tiles dequantized to x.dtype (exact: e2m1 x E4M3 fits in 8 bits), tl.dot
@@ -21,16 +23,18 @@ import triton.language as tl
 
 from qwenlab.errors import QwenlabError
 
-GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w, num_stages=s)
-                for n, g, w, s in [(4, 32, 4, 3), (2, 64, 4, 3), (8, 32, 4, 3), (16, 32, 4, 2), (8, 32, 8, 3),
-                                   (16, 32, 8, 3), (4, 64, 8, 3), (32, 16, 8, 2)]]
+GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w, num_stages=1)
+                for n, g, w in [(4, 32, 4), (8, 32, 4), (16, 32, 4), (8, 32, 8), (2, 32, 1), (4, 32, 1), (8, 32, 1),
+                                (4, 32, 2), (8, 32, 2), (16, 32, 2)]]
 GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                for m, n, k, w, s in [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 4, 4),
-                                      (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]]
+                for m, n, k, w, s in [(16, 32, 256, 2, 3), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4),
+                                      (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                      (256, 128, 64, 8, 3)]]
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot benchmark: one config each, no tuning
     GEMV_CONFIGS, GEMM_CONFIGS = GEMV_CONFIGS[:1], GEMM_CONFIGS[:1]
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 256
 E4M3_UNIT = tl.constexpr(64.0)  # a nibble decoded through E4M3 reads e2m1 x 2^-6
+X_SCALE = tl.constexpr(9.223372036854775808e18)  # 2^63
 
 
 @triton.jit
@@ -41,33 +45,50 @@ def _e2m1_as_e4m3(p):
     return (lo.to(tl.float8e4nv, bitcast=True).to(tl.float32), hi.to(tl.float8e4nv, bitcast=True).to(tl.float32))
 
 
+@triton.jit
+def _e2m1_as_f32_bits(p):
+    """uint8 bytes -> (low nibble, high nibble) as float32 e2m1 x 2^-126 (exact; code +-1, 0.5, is subnormal)."""
+    q = p.to(tl.uint32)
+    lo = ((q & 0x08) << 28) | ((q & 0x07) << 22)
+    hi = ((q & 0x80) << 24) | ((q & 0x70) << 18)
+    return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
 
 
 @triton.autotune(configs=GEMV_CONFIGS, key=["N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: (args["K"] // 16) % args["GROUPS"] == 0})
 @triton.jit(do_not_specialize=["ts_stride"])
-def _gemv_kernel(X, P, S, TS, B, Y, N, K, stride_p, stride_s, ts_stride, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-    """Each program: BLOCK_N rows, GROUPS 16-element blocks (8 packed bytes + 1 scale each) per step along K."""
+def _gemv_kernel(X, P, S, TS, B, Y, N, K, stride_p, stride_s, ts_stride, X_WORDS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """Each program: BLOCK_N rows, GROUPS 16-element blocks (8 packed bytes + 1 scale each) per step along K.
+    X_WORDS: x is bf16 read as int32 words (element 2i in the low half), else any float dtype read per element.
+    Weights decode to e2m1 x 2^-126 and x is scaled by 2^63 so that the products stay normal floats."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     src = tl.minimum(rows, N - 1)  # the tail program re-reads the last row instead of masking every load
     g = tl.arange(0, GROUPS)
     byte = tl.arange(0, 8)
-    pair = tl.arange(0, 2)
     blocks = K // 16
     acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
     for g0 in range(0, blocks, GROUPS):
         gk = g0 + g
         ok = gk < blocks
-        p = tl.load(P + src[:, None, None] * stride_p + gk[None, :, None] * 8 + byte[None, None, :],
-                    mask=ok[None, :, None], other=0, eviction_policy="evict_first")
+        pointers = P + src[:, None, None] * stride_p + gk[None, :, None] * 8 + byte[None, None, :]
+        if EVEN_K:
+            p = tl.load(pointers, eviction_policy="evict_first")
+        else:
+            p = tl.load(pointers, mask=ok[None, :, None], other=0, eviction_policy="evict_first")
         s = tl.load(S + src[:, None] * stride_s + gk[None, :], mask=ok[None, :], other=0.0,
                     eviction_policy="evict_first").to(tl.float32)
-        x = tl.load(X + gk[:, None, None] * 16 + byte[None, :, None] * 2 + pair[None, None, :], mask=ok[:, None, None],
-                    other=0.0).to(tl.float32)
-        x_even, x_odd = tl.split(x)
-        lo, hi = _e2m1_as_e4m3(p)
+        if X_WORDS:
+            words = tl.load(X + gk[:, None] * 8 + byte[None, :], mask=ok[:, None], other=0).to(tl.uint32, bitcast=True)
+            x_even = (words << 16).to(tl.float32, bitcast=True) * X_SCALE
+            x_odd = (words & 0xFFFF0000).to(tl.float32, bitcast=True) * X_SCALE
+        else:
+            offsets = gk[:, None] * 16 + byte[None, :] * 2
+            x_even = tl.load(X + offsets, mask=ok[:, None], other=0.0).to(tl.float32) * X_SCALE
+            x_odd = tl.load(X + offsets + 1, mask=ok[:, None], other=0.0).to(tl.float32) * X_SCALE
+        lo, hi = _e2m1_as_f32_bits(p)
         acc += tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2) * s
-    y = tl.sum(acc, axis=1) * (tl.load(TS + src * ts_stride) * E4M3_UNIT)
+    y = tl.sum(acc, axis=1) * (tl.load(TS + src * ts_stride) * X_SCALE)  # 2^-126 x 2^63 x 2^63 = 1
     if HAS_BIAS:
         y += tl.load(B + src).to(tl.float32)
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
@@ -167,9 +188,12 @@ def nvfp4_gemv(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
     if x.numel() != k:
         raise QwenlabError(f"nvfp4_gemv: x {list(x.shape)} holds more than one row (use nvfp4_gemm)")
     y = torch.empty(n, dtype=x.dtype, device=x.device)
+    row = x.reshape(k).contiguous()
+    words = row.dtype == torch.bfloat16 and row.data_ptr() % 4 == 0
     _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x.reshape(k).contiguous(), packed, block_scale, tensor_scale, bias if bias is not None else y, y, n, k,
-        packed.stride(0), block_scale.stride(0), _ts_stride(tensor_scale), HAS_BIAS=bias is not None)
+        row.view(torch.int32) if words else row, packed, block_scale, tensor_scale, bias if bias is not None else y, y,
+        n, k, packed.stride(0), block_scale.stride(0), _ts_stride(tensor_scale), X_WORDS=words,
+        HAS_BIAS=bias is not None)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -54,11 +54,12 @@ def rel_l2(y, ref) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def check_gemv(n, k, dtype, per_row, bias, device, seed):
+def check_gemv(n, k, dtype, per_row, bias, device, seed, offset=0):
+    """offset: x starts that many elements into its buffer (1 with bf16: not 4-byte aligned, the per-element path)."""
     gen = torch.Generator(device).manual_seed(seed)
     packed, block_scale, tensor_scale, parts = fused_weight(n, k, per_row, device, gen)
     weight = reference(parts)
-    x = torch.randn(1, 1, k, device=device, generator=gen).to(dtype)
+    x = torch.randn(1, 1, k + offset, device=device, generator=gen).to(dtype)[..., offset:]
     b = torch.randn(n, device=device, generator=gen).to(dtype) if bias else None
     ref = x.double().reshape(k) @ weight.T + (b.double() if bias else 0)
     poison_next((n,), dtype, device)
@@ -92,16 +93,16 @@ def check_dequantize_into(n, k, dtype, per_row, device, seed):
 
 # (N, K): N not a multiple of the row block (1000), K a multiple of 16 but not of BLOCK_K (2576 = 161 blocks of 16),
 # small N, the Qwen3-4B down projection and lm_head.
-GEMV_CASES = [(1024, 2560, torch.bfloat16, False, False), (1000, 2576, torch.bfloat16, True, True),
-              (1000, 2576, torch.float32, False, True), (2560, 9728, torch.float32, True, False),
-              (6144, 2560, torch.bfloat16, True, False), (151936, 2560, torch.bfloat16, False, False),
-              (40, 48, torch.float16, True, True)]
+GEMV_CASES = [(1024, 2560, torch.bfloat16, False, False, 0), (1000, 2576, torch.bfloat16, True, True, 0),
+              (1000, 2576, torch.bfloat16, False, False, 1), (1000, 2576, torch.float32, False, True, 0),
+              (2560, 9728, torch.float32, True, False, 0), (6144, 2560, torch.bfloat16, True, False, 0),
+              (151936, 2560, torch.bfloat16, False, False, 0), (40, 48, torch.float16, True, True, 0)]
 
 
 @needs_cuda
-@pytest.mark.parametrize("n,k,dtype,per_row,bias", GEMV_CASES)
-def test_gemv_matches_a_float64_matmul_on_cuda(n, k, dtype, per_row, bias):
-    check_gemv(n, k, dtype, per_row, bias, "cuda", seed=n + k)
+@pytest.mark.parametrize("n,k,dtype,per_row,bias,offset", GEMV_CASES)
+def test_gemv_matches_a_float64_matmul_on_cuda(n, k, dtype, per_row, bias, offset):
+    check_gemv(n, k, dtype, per_row, bias, "cuda", seed=n + k, offset=offset)
 
 
 @needs_cuda
@@ -174,11 +175,12 @@ def test_bad_input_is_a_one_line_error(call, message):
 
 
 @interpreted
-@pytest.mark.parametrize("n,k,dtype,per_row,bias", [(37, 80, torch.bfloat16, True, True),
-                                                    (20, 48, torch.float32, False, False),
-                                                    (9, 528, torch.float16, False, True)])
-def test_gemv_matches_a_float64_matmul_interpreted(n, k, dtype, per_row, bias):
-    check_gemv(n, k, dtype, per_row, bias, "cpu", seed=n + k)
+@pytest.mark.parametrize("n,k,dtype,per_row,bias,offset", [(37, 80, torch.bfloat16, True, True, 0),
+                                                           (20, 48, torch.float32, False, False, 0),
+                                                           (9, 528, torch.float16, False, True, 0),
+                                                           (11, 1040, torch.bfloat16, False, False, 1)])
+def test_gemv_matches_a_float64_matmul_interpreted(n, k, dtype, per_row, bias, offset):
+    check_gemv(n, k, dtype, per_row, bias, "cpu", seed=n + k, offset=offset)
 
 
 @interpreted
