@@ -11,7 +11,8 @@ cheapest); as an FP8 E4M3 byte (sign -> bit 7, e1 e0 m -> bits 4..2) as e2m1 x 2
 (GEMM, dequantize). Code 1 (0.5) lands on a subnormal either way, which is exact; the power of two is folded into
 a later multiply.
 
-    nvfp4_gemv       one row (batch-1 decode), fp32 accumulation, the tensor scale applied once at the end
+    nvfp4_gemv       one row (batch-1 decode), fp32 accumulation, the tensor scale applied once at the end;
+                     split-K with a second, atomic-free pass under 4096 rows (gemv_split)
     nvfp4_gemm       M rows (prefill): W tiles dequantized to x.dtype (exact: e2m1 x E4M3 fits in 8 bits), tl.dot
     dequantize_into  the whole weight into a preallocated buffer, bit-identical to codec.dequantize
 """
@@ -24,8 +25,8 @@ import triton.language as tl
 from qwenlab.errors import QwenlabError
 
 GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w, num_stages=1)
-                for n, g, w in [(4, 32, 4), (8, 32, 4), (16, 32, 4), (8, 32, 8), (2, 32, 1), (4, 32, 1), (8, 32, 1),
-                                (4, 32, 2), (8, 32, 2), (16, 32, 2)]]
+                for n, g, w in [(4, 32, 1), (4, 32, 2), (8, 32, 2), (4, 32, 4), (8, 32, 4), (2, 32, 1), (4, 64, 1),
+                                (4, 64, 2), (8, 64, 2), (8, 16, 1)]]
 GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
                 for m, n, k, w, s in [(16, 32, 256, 2, 3), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4),
                                       (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
@@ -54,21 +55,25 @@ def _e2m1_as_f32_bits(p):
     return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
 
 
-@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K"])
-@triton.heuristics({"EVEN_K": lambda args: (args["K"] // 16) % args["GROUPS"] == 0})
+@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "SPLIT"])
+@triton.heuristics({"EVEN_K": lambda args: args["SPLIT"] == 1 and (args["K"] // 16) % args["GROUPS"] == 0})
 @triton.jit(do_not_specialize=["ts_stride"])
-def _gemv_kernel(X, P, S, TS, B, Y, N, K, stride_p, stride_s, ts_stride, X_WORDS: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-    """Each program: BLOCK_N rows, GROUPS 16-element blocks (8 packed bytes + 1 scale each) per step along K.
+def _gemv_kernel(X, P, S, TS, B, Y, PARTIAL, N, K, stride_p, stride_s, ts_stride, X_WORDS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUPS: tl.constexpr):
+    """Each program: BLOCK_N rows, GROUPS 16-element blocks (8 packed bytes + 1 scale each) per step along K, over
+    its 1/SPLIT of K (SPLIT > 1: float32 partial sums into PARTIAL [SPLIT, N], summed by _gemv_finish_kernel).
     X_WORDS: x is bf16 read as int32 words (element 2i in the low half), else any float dtype read per element.
     Weights decode to e2m1 x 2^-126 and x is scaled by 2^63 so that the products stay normal floats."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     src = tl.minimum(rows, N - 1)  # the tail program re-reads the last row instead of masking every load
     g = tl.arange(0, GROUPS)
     byte = tl.arange(0, 8)
-    blocks = K // 16
+    chunk = tl.cdiv(tl.cdiv(K // 16, SPLIT), GROUPS) * GROUPS
+    first = tl.program_id(1) * chunk
+    blocks = tl.minimum(K // 16, first + chunk)
     acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-    for g0 in range(0, blocks, GROUPS):
+    for g0 in range(first, blocks, GROUPS):
         gk = g0 + g
         ok = gk < blocks
         pointers = P + src[:, None, None] * stride_p + gk[None, :, None] * 8 + byte[None, None, :]
@@ -88,10 +93,27 @@ def _gemv_kernel(X, P, S, TS, B, Y, N, K, stride_p, stride_s, ts_stride, X_WORDS
             x_odd = tl.load(X + offsets + 1, mask=ok[:, None], other=0.0).to(tl.float32) * X_SCALE
         lo, hi = _e2m1_as_f32_bits(p)
         acc += tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2) * s
-    y = tl.sum(acc, axis=1) * (tl.load(TS + src * ts_stride) * X_SCALE)  # 2^-126 x 2^63 x 2^63 = 1
+    if SPLIT > 1:
+        tl.store(PARTIAL + tl.program_id(1) * N + rows, tl.sum(acc, axis=1), mask=rows < N)
+    else:
+        y = tl.sum(acc, axis=1) * (tl.load(TS + src * ts_stride) * X_SCALE)  # 2^-126 x 2^63 x 2^63 = 1
+        if HAS_BIAS:
+            y += tl.load(B + src).to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit(do_not_specialize=["ts_stride"])
+def _gemv_finish_kernel(PARTIAL, TS, B, Y, N, ts_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """y = (sum of the SPLIT partial rows) x tensor_scale (+ bias), cast to Y's dtype: split-K's second pass."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    total = tl.sum(tl.load(PARTIAL + tl.arange(0, SPLIT)[:, None] * N + rows[None, :], mask=ok[None, :], other=0.0),
+                   axis=0)
+    y = total * (tl.load(TS + rows * ts_stride, mask=ok, other=0.0) * X_SCALE)
     if HAS_BIAS:
-        y += tl.load(B + src).to(tl.float32)
-    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
+        y += tl.load(B + rows, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K"])
@@ -174,6 +196,16 @@ def _check(x_k: int, packed: torch.Tensor, block_scale: torch.Tensor, tensor_sca
     return n, k
 
 
+def gemv_split(n: int, k: int) -> int:
+    """Split-K factor of nvfp4_gemv. Under 4096 rows too few programs fill 132 SMs: halve K until about 8192
+    rows x splits are in flight or a split would hold under 64 blocks of 16 (measured on an H200: 4096 rows and up
+    are faster unsplit)."""
+    split, blocks = 1, k // 16
+    while n < 4096 and split < 8 and n * split < 8192 and blocks // (2 * split) >= 64:
+        split *= 2
+    return split
+
+
 def _ts_stride(tensor_scale: torch.Tensor) -> int:
     """0: one tensor scale for every row; else the per-row vector's stride (a runtime value: one compiled kernel)."""
     return tensor_scale.stride(0) if tensor_scale.dim() == 1 and tensor_scale.numel() > 1 else 0
@@ -190,10 +222,16 @@ def nvfp4_gemv(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     row = x.reshape(k).contiguous()
     words = row.dtype == torch.bfloat16 and row.data_ptr() % 4 == 0
-    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        row.view(torch.int32) if words else row, packed, block_scale, tensor_scale, bias if bias is not None else y, y,
-        n, k, packed.stride(0), block_scale.stride(0), _ts_stride(tensor_scale), X_WORDS=words,
-        HAS_BIAS=bias is not None)
+    split = gemv_split(n, k)
+    partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    b = bias if bias is not None else y
+    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
+        row.view(torch.int32) if words else row, packed, block_scale, tensor_scale, b, y, partial, n, k,
+        packed.stride(0), block_scale.stride(0), _ts_stride(tensor_scale), X_WORDS=words, HAS_BIAS=bias is not None,
+        SPLIT=split)
+    if split > 1:
+        _gemv_finish_kernel[(triton.cdiv(n, 1024),)](partial, tensor_scale, b, y, n, _ts_stride(tensor_scale),
+                                                     HAS_BIAS=bias is not None, SPLIT=split, BLOCK=1024)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -215,6 +253,8 @@ def nvfp4_gemm(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*x.shape[:-1], n)
     _gemm_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
         x2, packed, block_scale, tensor_scale, bias if bias is not None else y, y, m, n, k,
         min(triton.next_power_of_2(m), 4096), x2.stride(0), packed.stride(0), block_scale.stride(0), y.stride(0),

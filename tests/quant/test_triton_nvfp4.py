@@ -21,7 +21,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_cuda = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs CUDA (and no interpreter)")
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1 (Triton's CPU interpreter)")
 
-from qwenlab.quant.triton_nvfp4 import dequantize_into, nvfp4_gemm, nvfp4_gemv  # noqa: E402
+from qwenlab.quant.triton_nvfp4 import dequantize_into, gemv_split, nvfp4_gemm, nvfp4_gemv  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}  # fp32 accumulation, then the cast
 
@@ -92,7 +92,7 @@ def check_dequantize_into(n, k, dtype, per_row, device, seed):
 
 
 # (N, K): N not a multiple of the row block (1000), K a multiple of 16 but not of BLOCK_K (2576 = 161 blocks of 16),
-# small N, the Qwen3-4B down projection and lm_head.
+# small N, the Qwen3-4B down projection and lm_head; split-K (gemv_split > 1) for N < 4096 and the down projection.
 GEMV_CASES = [(1024, 2560, torch.bfloat16, False, False, 0), (1000, 2576, torch.bfloat16, True, True, 0),
               (1000, 2576, torch.bfloat16, False, False, 1), (1000, 2576, torch.float32, False, True, 0),
               (2560, 9728, torch.float32, True, False, 0), (6144, 2560, torch.bfloat16, True, False, 0),
@@ -178,9 +178,15 @@ def test_bad_input_is_a_one_line_error(call, message):
 @pytest.mark.parametrize("n,k,dtype,per_row,bias,offset", [(37, 80, torch.bfloat16, True, True, 0),
                                                            (20, 48, torch.float32, False, False, 0),
                                                            (9, 528, torch.float16, False, True, 0),
-                                                           (11, 1040, torch.bfloat16, False, False, 1)])
+                                                           (11, 1040, torch.bfloat16, False, False, 1),
+                                                           (13, 2064, torch.float32, True, True, 0)])
 def test_gemv_matches_a_float64_matmul_interpreted(n, k, dtype, per_row, bias, offset):
     check_gemv(n, k, dtype, per_row, bias, "cpu", seed=n + k, offset=offset)
+
+
+def test_gemv_splits_k_only_where_rows_are_few():
+    assert [gemv_split(n, k) for n, k in [(151936, 2560), (6144, 2560), (2560, 9728), (1024, 2560), (13, 2064),
+                                          (40, 48)]] == [1, 1, 4, 2, 2, 1]
 
 
 @interpreted
