@@ -1,0 +1,203 @@
+"""The NVFP4 Triton kernels (qwenlab.quant.triton_nvfp4) against a float64 matmul of codec.dequantize's weight.
+
+CUDA tests run where a GPU is; the `interpreted` ones run small shapes on the CPU only under Triton's interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/quant/test_triton_nvfp4.py
+
+A per-row tensor scale is built as the loader would meet it: a fused weight whose row segments were quantized
+separately (each with its own tensor scale); the reference dequantizes each segment on its own.
+"""
+import os
+import re
+
+import pytest
+import torch
+
+from qwenlab.errors import QwenlabError
+from qwenlab.quant import codec
+
+pytest.importorskip("triton")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_cuda = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs CUDA (and no interpreter)")
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1 (Triton's CPU interpreter)")
+
+from qwenlab.quant.triton_nvfp4 import dequantize_into, gemv_split, nvfp4_gemm, nvfp4_gemv  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}  # fp32 accumulation, then the cast
+
+
+def fused_weight(n: int, k: int, per_row: bool, device, gen):
+    """-> (packed, block_scale, tensor_scale, parts). per_row: three row segments quantized apart (different amax,
+    so different tensor scales), tensor_scale a float32 vector [n]; else one weight and a scalar tensor scale."""
+    sizes = [n - 2 * (n // 3), n // 3, n // 3] if per_row else [n]
+    parts = [codec.quantize(torch.randn(size, k, device=device, generator=gen) * (0.02 * (i + 1)))
+             for i, size in enumerate(sizes)]
+    packed, block_scale = torch.cat([q.packed for q in parts]), torch.cat([q.block_scale for q in parts])
+    if not per_row:
+        return packed, block_scale, parts[0].tensor_scale, parts
+    return packed, block_scale, torch.cat([q.tensor_scale.expand(size) for q, size in zip(parts, sizes)]), parts
+
+
+def reference(parts, dtype=torch.float64) -> torch.Tensor:
+    """The weight [n, k]: codec.dequantize of each part (in float32, then cast), stacked."""
+    return torch.cat([codec.dequantize(q, torch.float32 if dtype == torch.float64 else dtype) for q in parts]).to(dtype)
+
+
+def poison_next(shape, dtype, device):
+    """Fills a freed block of the output's size with NaN, so that the kernel's torch.empty output (reused from the
+    caching allocator) shows any element the kernel did not write."""
+    if torch.device(device).type == "cuda":
+        torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def rel_l2(y, ref) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def check_gemv(n, k, dtype, per_row, bias, device, seed, offset=0):
+    """offset: x starts that many elements into its buffer (1 with bf16: not 4-byte aligned, the per-element path)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    packed, block_scale, tensor_scale, parts = fused_weight(n, k, per_row, device, gen)
+    weight = reference(parts)
+    x = torch.randn(1, 1, k + offset, device=device, generator=gen).to(dtype)[..., offset:]
+    b = torch.randn(n, device=device, generator=gen).to(dtype) if bias else None
+    ref = x.double().reshape(k) @ weight.T + (b.double() if bias else 0)
+    poison_next((n,), dtype, device)
+    y = nvfp4_gemv(x, packed, block_scale, tensor_scale, b)
+    assert y.shape == (1, 1, n) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert rel_l2(y.reshape(n), ref) < TOLERANCE[dtype]
+
+
+def check_gemm(m, n, k, dtype, per_row, bias, device, seed):
+    gen = torch.Generator(device).manual_seed(seed)
+    packed, block_scale, tensor_scale, parts = fused_weight(n, k, per_row, device, gen)
+    weight = reference(parts)
+    x = torch.randn(m, k, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, device=device, generator=gen).to(dtype) if bias else None
+    ref = x.double() @ weight.T + (b.double() if bias else 0)
+    poison_next((m, n), dtype, device)
+    y = nvfp4_gemm(x, packed, block_scale, tensor_scale, b)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert rel_l2(y, ref) < TOLERANCE[dtype]
+
+
+def check_dequantize_into(n, k, dtype, per_row, device, seed):
+    gen = torch.Generator(device).manual_seed(seed)
+    packed, block_scale, tensor_scale, parts = fused_weight(n, k, per_row, device, gen)
+    out = torch.full((n, k), float("nan"), dtype=dtype, device=device)
+    assert dequantize_into(out, packed, block_scale, tensor_scale) is out
+    assert torch.equal(out, reference(parts, dtype))
+
+
+# (N, K): N not a multiple of the row block (1000), K a multiple of 16 but not of BLOCK_K (2576 = 161 blocks of 16),
+# small N, the Qwen3-4B down projection and lm_head; split-K (gemv_split > 1) for N < 4096 and the down projection.
+GEMV_CASES = [(1024, 2560, torch.bfloat16, False, False, 0), (1000, 2576, torch.bfloat16, True, True, 0),
+              (1000, 2576, torch.bfloat16, False, False, 1), (1000, 2576, torch.float32, False, True, 0),
+              (2560, 9728, torch.float32, True, False, 0), (6144, 2560, torch.bfloat16, True, False, 0),
+              (151936, 2560, torch.bfloat16, False, False, 0), (40, 48, torch.float16, True, True, 0)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,k,dtype,per_row,bias,offset", GEMV_CASES)
+def test_gemv_matches_a_float64_matmul_on_cuda(n, k, dtype, per_row, bias, offset):
+    check_gemv(n, k, dtype, per_row, bias, "cuda", seed=n + k, offset=offset)
+
+
+@needs_cuda
+@pytest.mark.parametrize("m,n,k,dtype,per_row,bias", [
+    (2, 1024, 2560, torch.bfloat16, False, False), (17, 1000, 2576, torch.bfloat16, True, True),
+    (300, 6144, 2560, torch.float16, True, False), (2048, 2560, 9728, torch.bfloat16, False, False),
+    (2048, 1000, 2576, torch.bfloat16, False, True)])
+def test_gemm_matches_a_float64_matmul_on_cuda(m, n, k, dtype, per_row, bias):
+    check_gemm(m, n, k, dtype, per_row, bias, "cuda", seed=m + n + k)
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,k,dtype,per_row", [(1000, 2576, torch.bfloat16, True), (2560, 9728, torch.float16, False),
+                                               (40, 48, torch.float32, True), (1024, 2560, torch.float32, False)])
+def test_dequantize_into_is_bit_identical_to_codec_on_cuda(n, k, dtype, per_row):
+    check_dequantize_into(n, k, dtype, per_row, "cuda", seed=n + k)
+
+
+@needs_cuda
+def test_gemv_runs_under_torch_compile_and_in_a_cuda_graph():
+    gen = torch.Generator("cuda").manual_seed(1)
+    packed, block_scale, tensor_scale, parts = fused_weight(3072, 2560, True, "cuda", gen)
+    weight = reference(parts)
+    x = torch.randn(1, 2560, device="cuda", generator=gen).bfloat16()
+    eager = nvfp4_gemv(x, packed, block_scale, tensor_scale)  # also autotunes, outside any capture
+
+    compiled = torch.compile(lambda x: nvfp4_gemv(x * 2, packed, block_scale, tensor_scale) + 1, fullgraph=True)
+    torch.testing.assert_close(compiled(x), (nvfp4_gemv(x * 2, packed, block_scale, tensor_scale) + 1))
+
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = nvfp4_gemv(static_x, packed, block_scale, tensor_scale)
+    fresh = torch.randn(1, 2560, device="cuda", generator=gen).bfloat16()
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(static_y, eager)
+    assert torch.equal(static_y, nvfp4_gemv(fresh, packed, block_scale, tensor_scale))
+    assert rel_l2(static_y.reshape(-1), fresh.double().reshape(-1) @ weight.T) < TOLERANCE[torch.bfloat16]
+
+
+@needs_cuda
+def test_gemm_takes_leading_dims_and_runs_in_a_cuda_graph():
+    gen = torch.Generator("cuda").manual_seed(2)
+    packed, block_scale, tensor_scale, parts = fused_weight(1024, 2560, False, "cuda", gen)
+    weight = reference(parts)
+    x = torch.randn(2, 64, 2560, device="cuda", generator=gen).bfloat16()
+    nvfp4_gemm(x, packed, block_scale, tensor_scale)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = nvfp4_gemm(x, packed, block_scale, tensor_scale)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert y.shape == (2, 64, 1024)
+    assert rel_l2(y, x.double() @ weight.T) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda q, x: nvfp4_gemv(x[:, :32], q.packed, q.block_scale, q.tensor_scale), "K = 48"),
+    (lambda q, x: nvfp4_gemv(torch.cat([x, x]), q.packed, q.block_scale, q.tensor_scale), "more than one row"),
+    (lambda q, x: nvfp4_gemm(x.float(), q.packed, q.block_scale, q.tensor_scale), "bfloat16 or float16"),
+    (lambda q, x: nvfp4_gemv(x, q.packed, q.block_scale, q.tensor_scale.expand(3)), "tensor_scale"),
+    (lambda q, x: nvfp4_gemv(x, q.packed, q.block_scale[:, :2], q.tensor_scale), "block_scale"),
+    (lambda q, x: dequantize_into(torch.empty(8, 48), q.packed, q.block_scale, q.tensor_scale), "out [8, 48]")])
+def test_bad_input_is_a_one_line_error(call, message):
+    q = codec.quantize(torch.randn(16, 48))
+    with pytest.raises(QwenlabError, match=re.escape(message)):
+        call(q, torch.randn(1, 48).bfloat16())
+
+
+@interpreted
+@pytest.mark.parametrize("n,k,dtype,per_row,bias,offset", [(37, 80, torch.bfloat16, True, True, 0),
+                                                           (20, 48, torch.float32, False, False, 0),
+                                                           (9, 528, torch.float16, False, True, 0),
+                                                           (11, 1040, torch.bfloat16, False, False, 1),
+                                                           (13, 2064, torch.float32, True, True, 0)])
+def test_gemv_matches_a_float64_matmul_interpreted(n, k, dtype, per_row, bias, offset):
+    check_gemv(n, k, dtype, per_row, bias, "cpu", seed=n + k, offset=offset)
+
+
+def test_gemv_splits_k_only_where_rows_are_few():
+    assert [gemv_split(n, k) for n, k in [(151936, 2560), (6144, 2560), (2560, 9728), (1024, 2560), (13, 2064),
+                                          (40, 48)]] == [1, 1, 4, 2, 2, 1]
+
+
+@interpreted
+@pytest.mark.parametrize("m,n,k,per_row,bias", [(5, 37, 80, True, True), (19, 20, 144, False, False)])
+def test_gemm_matches_a_float64_matmul_interpreted(m, n, k, per_row, bias):
+    # float16 only: the interpreter (Triton 3.9) multiplies bfloat16 dot operands as their raw 16-bit integers
+    check_gemm(m, n, k, torch.float16, per_row, bias, "cpu", seed=m + n + k)
+
+
+@interpreted
+@pytest.mark.parametrize("n,k,dtype,per_row", [(37, 80, torch.float16, True), (33, 272, torch.float32, False)])
+def test_dequantize_into_is_bit_identical_to_codec_interpreted(n, k, dtype, per_row):
+    # not bfloat16: the interpreter (Triton 3.9) truncates float32 -> bfloat16 where the GPU rounds to nearest even
+    check_dequantize_into(n, k, dtype, per_row, "cpu", seed=n + k)
