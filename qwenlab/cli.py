@@ -22,8 +22,8 @@ from qwenlab.model.config import read_generation_config
 from qwenlab.model.loader import load, resolve_device
 from qwenlab.model.spec import LoadSpec, add_load_arguments
 from qwenlab.model.tiny import expected_digest, resolve_model_dir, verify, write_checkpoint
-from qwenlab.model.training import trained
 from qwenlab.model.tokenizer import Tokenizer
+from qwenlab.model.training import trained
 from qwenlab.report import run as report_run
 
 # Commands defined beside their logic, each adding its own subparser.

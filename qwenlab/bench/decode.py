@@ -17,9 +17,11 @@ from qwenlab.generation.decode import generate
 from qwenlab.generation.engine import ENGINES, Engine, graph_unavailable
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory.predict import kv_bytes_per_token
+from qwenlab.model.dtypes import dtype_name
 from qwenlab.model.loader import load, resolve_device, weight_files
 from qwenlab.model.spec import LoadSpec, add_load_arguments
 from qwenlab.model.tiny import resolve_model_dir
+from qwenlab.quant.configs import read_quant_config
 from qwenlab.sequences import first_difference
 
 GiB = 2 ** 30
@@ -75,6 +77,20 @@ def graph_vs_eager(rows: list[dict]) -> dict | None:
     return out
 
 
+def nvfp4_over_dense(rows: list[dict], dense: str) -> dict | None:
+    """Decode and prefill speed of the NVFP4 model over the dense one, per qwenlab engine, from the same run."""
+    out = {}
+    for row in rows:
+        if row["impl"] != "qwenlab" or row["model"] != "nvfp4" or "decode_tok_s" not in row:
+            continue
+        base = next((r for r in rows if r["impl"] == "qwenlab" and r["model"] == dense and
+                     r["engine"] == row["engine"] and "decode_tok_s" in r), None)
+        if base is not None:
+            out[row["engine"]] = {"decode": row["decode_tok_s"] / base["decode_tok_s"],
+                                  "prefill": row["prefill_tok_s"] / base["prefill_tok_s"]}
+    return out or None
+
+
 def hf_rows(model_dir, dtype, device, prompt, new_tokens, prefill_ids, static: bool) -> list[dict]:
     hf, load_s = timed(lambda: load_reference(model_dir, dtype, device, attention="sdpa", direct_to_device=True),
                        device)
@@ -114,30 +130,45 @@ def run_bench(args) -> int:
     bandwidth = copy_bandwidth(device)
     read_files(sorted(set(weight_files(model_dir).values())))
     spec = LoadSpec.from_args(args).with_(model=model_dir, device=str(device))
-    ckpt, load_s = timed(lambda: load(spec), device)
-    model, cfg = ckpt.model, ckpt.config
-    wbytes = weight_bytes(model)
-    prompt = random_ids(args.prompt_tokens, cfg.vocab_size, 0)
-    prefill_ids = random_ids(args.prefill_tokens, cfg.vocab_size, 1)
-    engines = [e.strip() for e in args.engines.split(",")]
-    rows = qwenlab_rows(model, prompt, args.new_tokens, prefill_ids, engines, load_s)
-    dtype = model.dtype
-    del ckpt, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    quantized = spec.quant in ("nvfp4", "nvfp4-w4a4")
+    # --quant nvfp4 on a dense checkpoint: the dense model first, then the quantized one, in the same run
+    specs = [spec.with_(quant=None), spec] if quantized and read_quant_config(model_dir) is None else [spec]
+    rows, models, dtype, cfg = [], {}, None, None
+    for each in specs:
+        ckpt, load_s = timed(lambda: load(each), device)
+        model, cfg = ckpt.model, ckpt.config
+        label = "nvfp4" if model.quantization is not None else dtype_name(model.dtype)
+        wbytes = weight_bytes(model)
+        models[label] = {"weight_bytes": wbytes, "floor_ms_per_token": wbytes / bandwidth * 1e3,
+                         "floor_tok_s": bandwidth / wbytes,
+                         "quantization": model.quantization.summary() if model.quantization else None}
+        prompt = random_ids(args.prompt_tokens, cfg.vocab_size, 0)
+        prefill_ids = random_ids(args.prefill_tokens, cfg.vocab_size, 1)
+        engines = [e.strip() for e in args.engines.split(",")]
+        rows += [r | {"model": label} for r in qwenlab_rows(model, prompt, args.new_tokens, prefill_ids, engines,
+                                                             load_s)]
+        dtype = dtype or model.dtype
+        del ckpt, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    first = next(iter(models))
     if args.hf != "off":
-        rows += hf_rows(model_dir, dtype, device, prompt, args.new_tokens, prefill_ids,
-                        static=args.hf == "all" or (args.hf == "auto" and device.type == "cuda"))
+        rows += [r | {"model": first} for r in hf_rows(model_dir, dtype, device, prompt, args.new_tokens, prefill_ids,
+                                                       static=args.hf == "all" or (args.hf == "auto" and
+                                                                                  device.type == "cuda"))]
+    wbytes = models[first]["weight_bytes"]
     budget = wbytes + kv_bytes_per_token(cfg, dtype) * (args.prompt_tokens + args.new_tokens)
-    floor_s = wbytes / bandwidth
     for row in rows:
-        tok_s = row.get("decode_tok_s", float("nan"))
-        row |= {"ms_per_token": 1e3 / tok_s, "weight_gb_s": wbytes * tok_s / 1e9, "pct_of_floor": 100 * tok_s * floor_s}
-    result = {"facts": facts, "model": str(model_dir), "layers": cfg.num_hidden_layers, "dtype": str(dtype)[6:],
-              "weight_bytes": wbytes, "copy_bandwidth_gb_s": bandwidth / 1e9, "floor_ms_per_token": floor_s * 1e3,
-              "floor_tok_s": 1 / floor_s, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        tok_s, floor_s = row.get("decode_tok_s", float("nan")), models[row["model"]]["floor_ms_per_token"] / 1e3
+        row |= {"ms_per_token": 1e3 / tok_s, "weight_gb_s": models[row["model"]]["weight_bytes"] * tok_s / 1e9,
+                "pct_of_floor": 100 * tok_s * floor_s}
+    result = {"facts": facts, "model": str(model_dir), "layers": cfg.num_hidden_layers, "dtype": dtype_name(dtype),
+              "weight_bytes": wbytes, "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "floor_ms_per_token": models[first]["floor_ms_per_token"], "floor_tok_s": models[first]["floor_tok_s"],
+              "models": models, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "prefill_tokens": args.prefill_tokens, "budget_bytes": budget, "rows": rows,
-              "graph_vs_eager": graph_vs_eager(rows)}
+              "graph_vs_eager": graph_vs_eager([r for r in rows if r["model"] == first]),
+              "nvfp4_over_dense": nvfp4_over_dense(rows, first)}
     if args.out:
         Path(args.out).write_text(json.dumps(json_safe(result), indent=1))
     print(json.dumps(json_safe(result)) if args.json else format_table(result))
@@ -154,9 +185,14 @@ def format_table(r: dict) -> str:
              f"bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s -> floor {r['floor_ms_per_token']:.2f} ms/token "
              f"({r['floor_tok_s']:.0f} tok/s)",
              f"batch 1, greedy, prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens; prefill of "
-             f"{r['prefill_tokens']} tokens; budget = weights + KV for the context = {r['budget_bytes'] / GiB:.2f} GiB",
-             "",
-             f"{'impl':<13} {'engine':<25} {'tok/s':>7} {'ms/tok':>7} {'GB/s':>6} {'%floor':>6} {'TTFT ms':>8} "
+             f"{r['prefill_tokens']} tokens; budget = weights + KV for the context = {r['budget_bytes'] / GiB:.2f} GiB"]
+    for label, m in r.get("models", {}).items():
+        if label == "nvfp4":
+            lines.append(f"nvfp4: weights {m['weight_bytes'] / 1e9:.3f} GB -> floor {m['floor_ms_per_token']:.2f} "
+                         f"ms/token ({m['floor_tok_s']:.0f} tok/s); {m['quantization']}")
+    lines += ["",
+             f"{'model':<8} {'impl':<13} {'engine':<25} {'tok/s':>7} {'ms/tok':>7} {'GB/s':>6} {'%floor':>6} "
+             f"{'TTFT ms':>8} "
              f"{'prefill tok/s':>13} {'peak GiB':>8} {'compile s':>9} {'load s':>6}"]
     for row in r["rows"]:
         def num(key, fmt, scale=1.0):
@@ -164,12 +200,17 @@ def format_table(r: dict) -> str:
             if isinstance(v, (int, float)) and v == v:
                 return format(v * scale, fmt)
             return "-".rjust(len(format(0.0, fmt)))
-        lines.append(f"{row['impl']:<13} {row['engine']:<25} {num('decode_tok_s', '7.1f')} "
+        lines.append(f"{row.get('model', r['dtype']):<8} {row['impl']:<13} {row['engine']:<25} "
+                     f"{num('decode_tok_s', '7.1f')} "
                      f"{num('ms_per_token', '7.2f')} {num('weight_gb_s', '6.0f')} {num('pct_of_floor', '6.1f')} "
                      f"{num('ttft_s', '8.1f', 1e3)} {num('prefill_tok_s', '13.0f')} "
                      f"{num('peak_allocated_bytes', '8.2f', 1 / GiB)} {num('compile_s', '9.1f')} "
                      f"{num('load_s', '6.1f')}")
-    notes = [f"  {row['impl']} {row['engine']}: {row['note']}" for row in r["rows"] if row.get("note")]
+    notes = [f"  {row.get('model', '')} {row['impl']} {row['engine']}: {row['note']}" for row in r["rows"]
+             if row.get("note")]
+    for engine, ratio in (r.get("nvfp4_over_dense") or {}).items():
+        lines.append(f"nvfp4 / {r['dtype']} ({engine} engine): decode {ratio['decode']:.2f}x, prefill "
+                     f"{ratio['prefill']:.2f}x")
     parting = r.get("graph_vs_eager")
     if parting:
         lines.append(f"greedy graph vs eager over {parting['tokens']} tokens: " + (

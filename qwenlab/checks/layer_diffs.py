@@ -347,7 +347,8 @@ def verdict(thresholds: dict, *, dtype: str, diffs: list[PromptDiff], summary: p
               thresholds["max_divergent_prompts"])
     if first:
         rel, floor = table.loc[first, "rel_l2"], table.loc[first, "floor"]
-        why = f"rel_l2 {rel:.3g}, {rel / floor:.3g}x its floor {floor:.3g}" if rel == rel else table.loc[first, "status"]
+        status = table.loc[first, "status"]
+        why = f"rel_l2 {rel:.3g}, {rel / floor:.3g}x its floor {floor:.3g}" if rel == rel else status
         reasons.append(f"first divergent tensor: {first} ({why})")
     if isolated is not None:
         bad = first_isolated(isolated)

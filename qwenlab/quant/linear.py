@@ -1,13 +1,18 @@
 """NVFP4Linear: what the loader puts where an nn.Linear was (same attribute name, so module names and probe points
 stay), holding the packed weight. How it multiplies (`kernel`):
 
-    dequantize   W4A16: the weight is dequantized to the activation dtype at every call, then a torch matmul (CPU,
-                 H100 and every GPU without FP4 tensor cores; what transformers' compressed-tensors path computes)
+    dequantize   W4A16: the weight is dequantized to the activation dtype at every call, then a torch matmul (CPU;
+                 what transformers' compressed-tensors path computes)
+    triton       W4A16 on CUDA (Hopper has no FP4 tensor cores): one row (decode) through a Triton GEMV that reads the
+                 packed codes and scales once and dequantizes in registers; more rows (prefill) dequantize the weight
+                 with a Triton kernel into a transient buffer (bit-identical to `dequantize`), then cuBLAS
+                 (qwenlab.quant.triton_nvfp4)
     emulate-w4a4 W4A4 emulated: the activations are also quantized to NVFP4 per 16-block with the input scale
                  (the checkpoint's, else the activation's own amax) and dequantized, then as above
     scaled_mm    W4A4 on Blackwell: torch._scaled_mm on float4_e2m1fn_x2 operands (chosen only after it matched
                  the emulation on this device, see use_native_fp4)
 """
+import importlib.util
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,9 +23,10 @@ from qwenlab.quant import codec, fp4_gemm
 
 ACTIVATIONS = ("w4a16", "w4a4")
 KERNEL_TEXT = {
-    "dequantize": "dequantize (weights dequantized per call, torch matmul; no FP4 GEMM)",
-    "emulate-w4a4": "emulate-w4a4 (weights and activations quantized to NVFP4 and dequantized, torch matmul)",
-    "scaled_mm": "scaled_mm (native FP4 GEMM, torch._scaled_mm on float4_e2m1fn_x2, Blackwell)",
+    "dequantize": "dequantize: weights dequantized per call, torch matmul, no FP4 GEMM",
+    "triton": "triton: W4A16 GEMV reading the packed weights for one row, Triton dequantize + cuBLAS for more",
+    "emulate-w4a4": "emulate-w4a4: weights and activations quantized to NVFP4 and dequantized, torch matmul",
+    "scaled_mm": "scaled_mm: native FP4 GEMM, torch._scaled_mm on float4_e2m1fn_x2, Blackwell",
 }
 
 
@@ -64,6 +70,14 @@ class NVFP4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "scaled_mm":
             return fp4_gemm.linear(x, self.nvfp4(), self.input_scale, self.bias)
+        if self.kernel == "triton":
+            from qwenlab.quant import triton_nvfp4  # Triton: only where CUDA is (the loader chose this kernel)
+
+            if x.numel() == self.in_features:
+                return triton_nvfp4.nvfp4_gemv(x, self.packed, self.block_scale, self.tensor_scale, self.bias)
+            weight = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
+            weight = triton_nvfp4.dequantize_into(weight, self.packed, self.block_scale, self.tensor_scale)
+            return F.linear(x, weight, self.bias)
         if self.activations == "w4a4":
             x = codec.fake_quantize(x, self.input_scale)
         return F.linear(x, self.dequantize_weight(x.dtype), self.bias)
@@ -89,12 +103,14 @@ def nvfp4_modules(model: nn.Module) -> dict[str, NVFP4Linear]:
 
 
 def choose_kernel(activations: str, device) -> str:
-    """The kernel NVFP4Linear runs for `activations` on `device`: scaled_mm only where FP4 tensor cores exist and
-    agree with the emulation (a wrong scale layout is never silently used)."""
+    """The kernel NVFP4Linear runs for `activations` on `device`: W4A16 through Triton on CUDA (where Triton is
+    installed), scaled_mm for W4A4 only where FP4 tensor cores exist and agree with the emulation (a wrong scale
+    layout is never silently used), else the torch dequantize path."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
     if activations == "w4a16":
-        return "dequantize"
+        cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        return "triton" if cuda and importlib.util.find_spec("triton") is not None else "dequantize"
     return "scaled_mm" if native_fp4_matches(torch.device(device)) else "emulate-w4a4"
 
 

@@ -17,10 +17,10 @@ def run(*extra):
 def test_bench_prints_the_table_with_qwenlab_and_transformers_rows():
     out = run("--hf", "dynamic").stdout
     assert "copy bandwidth" in out and "floor" in out and "torch 2." in out
-    rows = [line.split() for line in out.splitlines()[1:] if line.startswith(("qwenlab ", "transformers "))]
+    rows = [line.split()[1:] for line in out.splitlines()[1:] if line.startswith("float32 ")]
     assert [r[:2] for r in rows] == [["qwenlab", "graph"], ["qwenlab", "eager"], ["transformers", "generate,"]]
     assert rows[0][2] == "-"  # the graph engine did not run on the CPU: no numbers, and a note saying why
-    assert "qwenlab graph: not run: the graph engine needs CUDA" in out
+    assert "float32 qwenlab graph: not run: the graph engine needs CUDA" in out
     assert "greedy graph vs eager over" not in out  # only eager ran: nothing to compare
 
 
@@ -43,3 +43,12 @@ def test_graph_vs_eager_names_the_first_parting_token_and_both_margins():
     rows[1]["ids"] = [5, 6, 7, 8]
     assert graph_vs_eager(rows) == {"tokens": 4, "first_parting": None}
     assert graph_vs_eager(rows[:1]) is None
+
+
+def test_bench_with_quant_prints_the_dense_and_the_nvfp4_rows_of_one_run():
+    out = run("--hf", "off", "--engines", "eager", "--quant", "nvfp4", "--dtype", "float32").stdout
+    rows = [line.split()[:3] for line in out.splitlines()
+            if line.startswith(("float32 ", "nvfp4 ")) and " / " not in line]
+    assert rows == [["float32", "qwenlab", "eager"], ["nvfp4", "qwenlab", "eager"]]
+    assert "nvfp4: weights 0.03" in out and "kernel dequantize" in out  # the CPU path, said so
+    assert "nvfp4 / float32 (eager engine): decode" in out

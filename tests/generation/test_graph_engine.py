@@ -167,3 +167,34 @@ def test_gemv_matches_a_float64_matmul(dtype):
         out = gemv(x, w, b)
         assert out.shape == (1, 1, n) and out.dtype == dtype
         assert ((out.double() - ref).norm() / ref.norm()).item() < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_planted_bugs_are_named_after_a_graph_generate_on_a_fused_model(tiny_dir):
+    """The fused q/k/v and gate/up weights are the model's parameters: a bug planted in them after the graph engine
+    decoded is seen by the next capture (before, the fused copy kept computing with the old weights)."""
+    from qwenlab.activations import planted
+    from qwenlab.activations.diff import diff_dumps
+    from qwenlab.activations.reference import capture_reference, load_reference
+
+    ckpt = load(tiny_dir, "float32", "cuda")
+    model = ckpt.model
+    assert model.fused
+    ids = ckpt.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    assert generate(model, ids, SamplingParams(max_new_tokens=8), engine="graph").engine == "graph"
+    ref = capture_reference(load_reference(tiny_dir, torch.float32, "cuda"), ids)
+    a, b = model.model.layers[1], model.model.layers[2]
+    only = {  # one fused parameter swapped between layers 1 and 2
+        "qkv": (lambda: {"model.layers.1.self_attn.qkv_proj.weight": b.self_attn.qkv_proj.weight,
+                         "model.layers.2.self_attn.qkv_proj.weight": a.self_attn.qkv_proj.weight},
+                "layers.1.attn.q_proj"),
+        "gate_up": (lambda: {"model.layers.1.mlp.gate_up_proj.weight": b.mlp.gate_up_proj.weight,
+                             "model.layers.2.mlp.gate_up_proj.weight": a.mlp.gate_up_proj.weight},
+                    "layers.1.mlp.gate_proj")}
+    bugs = planted.standard_bugs(model) + [planted.PlantedBug(f"swap {k}", k, where, overrides=fn)
+                                           for k, (fn, where) in only.items()]
+    floors = {"float32": 1e-4}  # CUDA's float32 kernels (flash SDPA) against transformers' eager: about 1e-6
+    for bug in bugs:
+        found = diff_dumps(bug.capture(model, ids), ref, floors=floors).first_divergence
+        assert found == bug.expected, (bug.name, found)
+    assert diff_dumps(planted.capture_qwenlab(model, ids), ref, floors=floors).passed  # the model is as it was

@@ -4,7 +4,6 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 

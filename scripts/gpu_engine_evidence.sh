@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# GPU evidence of the engine redesign and the NVFP4 kernels in one device call (a session's device time is short):
+#   1. the CUDA tests of the redesign: graph engine, playground on the graph engine, planted bugs after a graph
+#      generate on a fused model, deep copy / .to(), split placement, the Triton kernels against float64;
+#   2. `qwenlab bench` on the Qwen3-4B shape, bf16 and NVFP4 in one run (graph and eager engines);
+#   3. the same bench of the code before the redesign (`.old/qwenlab`, carried) on the same weights;
+#   4. if time is left, `qwenlab tiny --preset trained-24l --train-seconds S` (realistic logits).
+# Every step is timed; steps that would not fit BUDGET_S are skipped and say so. Needs carried: .whl (ipywidgets and
+# its needs, for the playground test), .tok (tokenizer files), .old (the old package, for step 3).
+#
+#   OUT=/some/dir BUDGET_S=470 bash scripts/gpu_engine_evidence.sh
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+OUT=${OUT:-$REPO/reports/gpu-engine}
+BUDGET_S=${BUDGET_S:-470}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_engine_evidence.log") 2>&1
+
+left() { echo $((BUDGET_S - (SECONDS - START))); }
+print_env
+tokenizer_shim || exit 1
+if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    "$REPO"/.whl/*.whl >/dev/null 2>&1 && export PYTHONPATH="$PYTHONPATH:$WORK/site" && echo "wheels installed"
+fi
+
+step "CUDA tests of the redesign"
+$PY -m pytest -q -p no:cacheprovider -x \
+  tests/generation/test_graph_engine.py tests/model/test_placement.py \
+  "tests/playground/test_playground.py::test_the_playground_runs_the_graph_engine_on_cuda" \
+  tests/quant/test_triton_nvfp4.py -k "cuda or gemv or split or deep_copy or planted or graph or triton" 2>&1 \
+  | tail -25
+
+step "Qwen3-4B-shaped checkpoint"
+make_checkpoint /tmp/q4b qwen3-4b cuda || exit 1
+
+step "qwenlab bench: bf16 and NVFP4 in one run (this code)"
+$PY -m qwenlab bench --model /tmp/q4b --device cuda --dtype bfloat16 --quant nvfp4 --hf off \
+  --new-tokens 128 --prefill-tokens 2048 --out "$OUT/bench_new.json"
+
+if [ -d "$REPO/.old/qwenlab" ] && [ "$(left)" -gt 90 ]; then
+  step "qwenlab bench of the code before the redesign (same weights, bf16 graph)"
+  PYTHONPATH="$REPO/.old:$PYTHONPATH" $PY -m qwenlab bench --model /tmp/q4b --device cuda --dtype bfloat16 \
+    --hf off --engines graph --new-tokens 128 --prefill-tokens 2048 --out "$OUT/bench_old.json"
+else
+  step "old bench skipped ($(left) s left)"
+fi
+
+if [ "$(left)" -gt 100 ]; then
+  secs=$(( $(left) - 70 )); [ "$secs" -gt 100 ] && secs=100
+  step "trained-24l for ${secs} s"
+  $PY -m qwenlab tiny /tmp/t24 --preset trained-24l --train-seconds "$secs" --device cuda
+  cp -f /tmp/t24/training.json "$OUT/" 2>/dev/null
+else
+  step "training skipped ($(left) s left)"
+fi
+step "done"
