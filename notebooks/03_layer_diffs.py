@@ -134,7 +134,7 @@ unique_floors = table["floor"].dropna().unique()
 fig = plots.rel_l2_heatmap(rel_l2_grid(table), floor=unique_floors[0] if len(unique_floors) == 1 else None,
                            exceeds=ld.exceeds_grid(table),
                            title=f"{'candidate' if candidate else 'qwenlab'} vs reference: rel_l2 ({model_path.name})")
-figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "rel_l2_heatmap")
+figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "rel_l2_heatmap", key=True)
 
 # %% [markdown]
 # ## 4. Logits
