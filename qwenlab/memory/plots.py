@@ -136,8 +136,8 @@ def plot_strategies(frame):
         ax.set_title(label, fontsize=9)
         span = float(frame[column].abs().max() or 1.0)
         if coincide(frame, column, 1e-3 * span):
-            ax.text(0.5, 0.04, f"all {len(strategies)} strategies coincide", transform=ax.transAxes, ha="center",
-                    va="bottom", fontsize=7, color="0.3")
+            ax.text(0.5, 0.04, f"all {len(strategies)} strategies coincide (within 0.1%)", transform=ax.transAxes,
+                    ha="center", va="bottom", fontsize=7, color="0.3")
     axes[0].legend(fontsize=7)
     fig.suptitle("the same scripted chat per strategy; latency = wall time of one whole turn "
                  "(chat template, prefill, decode of the reply)", fontsize=8, color="0.25")
