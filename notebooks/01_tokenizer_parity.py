@@ -131,9 +131,8 @@ display(tp.ids_side_by_side(ours, text, n=12))
 
 # %%
 inflation = tp.fallback_inflation(corpus, ours)
-fig = plots.barh(inflation["fallback_ratio"].to_dict(), "byte fallback: tokens per real token, by category",
-                 "UTF-8 bytes / tokenizer.json tokens")
-figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "fallback_inflation")
+fig = plots.fallback_inflation_plot(inflation)
+figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "fallback_inflation", key=True)
 
 # %% [markdown]
 # ## Verdict

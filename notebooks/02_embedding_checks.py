@@ -115,7 +115,7 @@ display(ec.prompt_rows_frame(tok, ids, norms, used_vocab).sort_values("row_norm"
 stop_rows = {tok.id_to_token(i): norms[i].item() for i in tok.stop_ids if i < len(norms)}
 fig = plots.row_norm_histogram(norms, used_vocab, rug=norms[ids].tolist(), labelled=stop_rows,
                                title=f"{model_path.name}: embedding row norms ({len(norms)} rows)")
-figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "row_norms")
+figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "row_norms", key=True)
 
 # %% [markdown]
 # ## 4. Handcrafted embeddings, in the same metrics

@@ -117,7 +117,7 @@ isolated = ld.isolated_table(diffs)
 ratios = ld.ratio_by_layer(table, isolated)
 fig = floor_plots.ratio_by_layer_plot(ratios, f"{'candidate' if candidate else 'qwenlab'} error / measured floor "
                                               f"({run.dtype})")
-figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "error_over_floor")
+figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "error_over_floor", key=True)
 
 # %% [markdown]
 # ## 3. The full table

@@ -134,7 +134,7 @@ by_position = dp.latency_by_position(model, tok, latency_positions, engine=kv_en
 display(dp.latency_summary(latency))
 display(by_position.pivot(index="position", columns="mode", values="ms_per_token"))
 fig = plots.latency_plot(latency, by_position)
-figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "latency")
+figure_path = nbutil.save_figure(fig, out_dir, NOTEBOOK, "latency", key=True)
 
 # %% [markdown]
 # Wall time per chat turn (section 2), per strategy: replay recomputes the conversation for every token, rebuild

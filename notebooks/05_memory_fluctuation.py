@@ -92,9 +92,9 @@ MiB = 2 ** 20
 pd.set_option("display.width", 160)
 
 
-def show(fig, name):
+def show(fig, name, key=False):
     if fig is not None:
-        nbutil.save_figure(fig, out_dir, NOTEBOOK, name)
+        nbutil.save_figure(fig, out_dir, NOTEBOOK, name, key=key)
         display(fig)
         plt.close(fig)
 
@@ -142,7 +142,7 @@ with recording:
                                               params, system=system, tracker=tracker)
 tracker.stop()
 timeline = tracker.frame()
-show(mem_plots.plot_timeline(timeline, tracker.spans_frame()), "timeline")
+show(mem_plots.plot_timeline(timeline, tracker.spans_frame()), "timeline", key=True)
 display(pd.DataFrame(timeline_rows)[["turn", "prefill_tokens", "reused_tokens", "new_tokens", "context_tokens",
                                      "latency_s", "peak_bytes", "end_bytes", "kv_cache_bytes"]])
 

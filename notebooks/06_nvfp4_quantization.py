@@ -142,12 +142,12 @@ if diffs_q:
     table_q = ld.worst_frame(diffs_q)
     fig = floor_plots.ratio_by_layer_plot(ld.ratio_by_layer(table_q, ld.isolated_table(diffs_q)),
                                           f"NVFP4 (qwenlab) vs quantized reference: error / floor ({compare_dtype})")
-    nbutil.save_figure(fig, out_dir, NOTEBOOK, "error_over_floor")
+    nbutil.save_figure(fig, out_dir, NOTEBOOK, "error_over_floor", key=True)
     print(f"first divergent tensor vs the quantized reference: {ld.first_divergence(table_q) or 'none'}")
     display(styled(table_q[["prompt", "status", "rel_l2", "cosine", "nmse_db", "floor", "exceeds"]]))
     fig = plots.rel_l2_heatmap(rel_l2_grid(table_q), exceeds=ld.exceeds_grid(table_q),
                                title="NVFP4 (qwenlab) vs quantized reference (transformers): rel_l2")
-    nbutil.save_figure(fig, out_dir, NOTEBOOK, "heatmap_quantized_reference")
+    nbutil.save_figure(fig, out_dir, NOTEBOOK, "heatmap_quantized_reference", key=True)
 
 # %% [markdown]
 # ## 3. Against the unquantized reference: the price of NVFP4, layer by layer
@@ -164,7 +164,7 @@ if diffs_u:
     print(f"first tensor over the NVFP4 noise floor {floor_u}: {ld.first_divergence(table_u) or 'none'}")
     fig = plots.rel_l2_heatmap(rel_l2_grid(table_u), floor=floor_u, exceeds=ld.exceeds_grid(table_u),
                                title="NVFP4 (qwenlab) vs unquantized reference: rel_l2")
-    nbutil.save_figure(fig, out_dir, NOTEBOOK, "heatmap_unquantized_reference")
+    nbutil.save_figure(fig, out_dir, NOTEBOOK, "heatmap_unquantized_reference", key=True)
 
 # %% [markdown]
 # ## 4. Over a corpus: the `llama-perplexity --kl-divergence` statistics

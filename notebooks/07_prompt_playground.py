@@ -111,7 +111,7 @@ else:
 
 # %%
 token_fig = demo.token_prob_figure(pg.token_table)
-nbutil.save_figure(token_fig, out_dir, NOTEBOOK, "token_probs")
+nbutil.save_figure(token_fig, out_dir, NOTEBOOK, "token_probs", key=True)
 display(Image(figure_png(token_fig)))
 
 # %% [markdown]

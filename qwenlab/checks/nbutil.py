@@ -1,9 +1,11 @@
 """What every numbered notebook shares: where its outputs go, how it records metrics, figures and its verdict.
 
 Contract with `qwenlab report`: a notebook run with parameter `out_dir` writes
-`<out_dir>/metrics/<notebook>.json` = {"notebook", "verdict": "pass"|"regressed", "reasons": [...], "metrics": {...}}
-and figures under `<out_dir>/figures/<notebook>_<name>.png`. A notebook never raises for a regression (the
-report decides the exit code from the verdict); a raised exception means the notebook errored.
+`<out_dir>/metrics/<notebook>.json` = {"notebook", "verdict": "pass"|"regressed", "reasons": [...],
+"key_figure": "figures/<notebook>_<name>.png" | null, "metrics": {...}} and figures under
+`<out_dir>/figures/<notebook>_<name>.png`; the key figure (saved with key=True) is the one the report's index shows.
+A notebook never raises for a regression (the report decides the exit code from the verdict); a raised exception
+means the notebook errored.
 """
 import json
 import os
@@ -14,6 +16,7 @@ from qwenlab.errors import QwenlabError
 from qwenlab.paths import DATA_DIR, resolve_out_dir
 
 VERDICTS = ("pass", "regressed")
+_key_figures: dict[tuple[str, str], str] = {}  # (run folder, notebook) -> the first figure saved with key=True
 
 
 def load_thresholds(thresholds_dir: str | os.PathLike | None, notebook: str) -> dict:
@@ -27,19 +30,25 @@ def load_thresholds(thresholds_dir: str | os.PathLike | None, notebook: str) -> 
 
 def write_metrics(out_dir, notebook: str, metrics: dict, reasons: list[str]) -> dict:
     """reasons = the thresholds that were exceeded (empty list -> verdict 'pass'). Written atomically."""
+    root = resolve_out_dir(out_dir)
     record = {"notebook": notebook, "verdict": "regressed" if reasons else "pass", "reasons": list(reasons),
-              "metrics": json_safe(metrics)}
-    folder = resolve_out_dir(out_dir) / "metrics"
+              "key_figure": _key_figures.get((str(root), notebook)), "metrics": json_safe(metrics)}
+    folder = root / "metrics"
     folder.mkdir(exist_ok=True)
     write_text_atomic(folder / f"{notebook}.json", json.dumps(record, indent=2, allow_nan=False))
     return record
 
 
-def save_figure(fig, out_dir, notebook: str, name: str) -> Path:
-    folder = resolve_out_dir(out_dir) / "figures"
+def save_figure(fig, out_dir, notebook: str, name: str, key: bool = False) -> Path:
+    """key=True marks the notebook's main figure, the one the report's index shows; the first figure saved with
+    key=True wins (a notebook whose main figure depends on what ran marks each candidate in order of preference)."""
+    root = resolve_out_dir(out_dir)
+    folder = root / "figures"
     folder.mkdir(exist_ok=True)
     path = folder / f"{notebook}_{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    if key:
+        _key_figures.setdefault((str(root), notebook), f"figures/{path.name}")
     return path
 
 

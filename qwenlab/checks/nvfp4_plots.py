@@ -39,8 +39,9 @@ def kl_figure(kl_per_position, title: str = "KL(unquantized || NVFP4) per positi
 
 def planted_figure(frame, honest_quantized: float | None,
                    title: str = "planted NVFP4 bugs at the first quantized tensor"):
-    """rel_l2 at the expected tensor (log scale): each bug against the references that ran, and the honest model."""
-    fig, ax = figure(6.4, 2.6)
+    """rel_l2 at the expected tensor (log scale): each bug against the references that ran, and the honest model.
+    The legend sits below the axes, clear of the bars."""
+    fig, ax = figure(6.4, 3.4)
     labels = list(frame.index)
     y = np.arange(len(labels))
     if "rel_l2_vs_quantized" in frame:
@@ -56,6 +57,6 @@ def planted_figure(frame, honest_quantized: float | None,
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("rel_l2 at the first quantized tensor (log)", fontsize=8)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     ax.set_title(title, fontsize=10)
     return fig

@@ -4,6 +4,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
+from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
 COLORS = {"kv": "#1f77b4", "replay": "#d62728", "reference": "#2ca02c", "used": "#4c72b0", "unused": "#dd8452",
           "session": "#1f77b4", "rebuild": "#9467bd"}
@@ -28,6 +29,36 @@ def barh(values: dict, title: str, xlabel: str, highlight=None, annotate: str = 
     ax.set_title(title, fontsize=10)
     ax.set_xlim(0, max(data + [1e-9]) * 1.18)
     return fig
+
+
+def fallback_inflation_plot(inflation):
+    """Notebook 01: per corpus category, how many tokens a byte fallback emits (one per UTF-8 byte) for each
+    tokenizer.json token; `inflation` is tokenizer_parity.fallback_inflation's frame."""
+    return barh(inflation["fallback_ratio"].to_dict(), "byte fallback: tokens per tokenizer.json token, by category",
+                "byte-fallback tokens (one per UTF-8 byte) / tokenizer.json tokens")
+
+
+def log_ticks(axis, values):
+    """A log axis labelled at 1-2-5 steps that bracket `values`, so it shows at least two labelled ticks however
+    narrow the range (matplotlib's default labels only powers of ten: one label, or none, within a decade)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if not len(values):
+        return
+    lo, hi = values.min(), values.max()
+    steps = [m * 10.0 ** e for e in range(int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 2)
+             for m in (1, 2, 5)]
+    below = max(t for t in steps if t <= lo * (1 + 1e-9))
+    above = min(t for t in steps if t >= hi * (1 - 1e-9) and t > below)
+    ticks = [t for t in steps if below <= t <= above]
+    if len(ticks) > 7:  # wide ranges: powers of ten only, still bracketing the data
+        ticks = [t for t in ticks if np.isclose(np.log10(t), round(np.log10(t)))]
+        ticks = sorted({10.0 ** np.floor(np.log10(below)), *ticks, 10.0 ** np.ceil(np.log10(above))})
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+    getattr(axis.axes, f"set_{axis.axis_name}lim")(ticks[0] / 1.15, ticks[-1] * 1.15)
 
 
 def rel_l2_heatmap(grid, floor: float | None = None, exceeds=None,
@@ -111,7 +142,7 @@ def latency_plot(steps, by_position=None, title: str = "decode latency: kv cache
     twin.tick_params(labelsize=7)
     ax.set_title(title, fontsize=10)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=7, loc="lower center", ncol=2)
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     if by_position is not None:
         ax2 = axes[1]
         for mode, group in by_position.groupby("mode"):
@@ -122,6 +153,7 @@ def latency_plot(steps, by_position=None, title: str = "decode latency: kv cache
         ticks = sorted(by_position["position"].unique())
         ax2.set_xticks(ticks, [str(t) for t in ticks])
         ax2.minorticks_off()
+        log_ticks(ax2.yaxis, by_position["ms_per_token"])
         ax2.set_xlabel("context length (tokens)")
         ax2.set_ylabel("ms per new token")
         ax2.set_title("cost of one token vs context length", fontsize=10)

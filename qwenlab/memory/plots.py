@@ -91,23 +91,56 @@ def plot_empty_cache(frame, cuda: bool):
     return fig
 
 
+STRATEGY_STYLES = {"session": {"marker": "o", "ls": "-", "ms": 9, "mfc": "none", "color": "tab:blue"},
+                   "rebuild": {"marker": "s", "ls": "--", "ms": 6, "color": "tab:purple"},
+                   "replay": {"marker": "^", "ls": ":", "ms": 4, "color": "tab:red"}}
+OTHER_STYLES = ({"marker": "D", "ls": "-.", "ms": 5, "color": "tab:green"},
+                {"marker": "v", "ls": (0, (1, 3)), "ms": 5, "color": "tab:brown"})
+
+
+def strategy_styles(strategies) -> dict:
+    """A distinct marker, line style and colour per strategy, markers from large and hollow to small and filled:
+    where strategies coincide every one of them stays visible."""
+    others = iter(OTHER_STYLES * len(strategies))
+    return {s: STRATEGY_STYLES.get(s) or next(others) for s in strategies}
+
+
+def coincide(frame, column: str, tolerance: float) -> bool:
+    """Every strategy has the same value (within `tolerance`) at every turn."""
+    per_turn = frame.pivot_table(index="turn", columns="strategy", values=column)
+    return len(per_turn.columns) > 1 and bool(((per_turn.max(axis=1) - per_turn.min(axis=1)) <= tolerance).all())
+
+
 def plot_strategies(frame):
-    """Three panels per turn: latency, tokens prefilled, peak memory (CUDA allocated or host VmHWM)."""
+    """Three panels per turn: latency, tokens prefilled, peak memory (CUDA allocated or host VmHWM). Strategies are
+    dodged slightly along x and drawn with distinct markers and line styles; a panel where they coincide says so."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    cuda = "peak_reserved_bytes" in frame and bool(frame["peak_reserved_bytes"].notna().any())
     div, unit = _unit(list(frame["peak_bytes"]))
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
-    for strategy, f in frame.groupby("strategy", sort=False):
-        axes[0].plot(f["turn"], f["latency_s"], marker="o", label=strategy)
-        axes[1].plot(f["turn"], f["tokens_computed"], marker="o", label=strategy)
-        axes[2].plot(f["turn"], f["peak_bytes"] / div, marker="o", label=strategy)
+    strategies = list(dict.fromkeys(frame["strategy"]))
+    styles = strategy_styles(strategies)
+    panels = (("latency_s", 1.0, "turn latency (s)"), ("tokens_computed", 1.0, "tokens through the model"),
+              ("peak_bytes", div, f"peak {'CUDA allocated' if cuda else 'host VmHWM'} ({unit})"))
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.4))
+    for k, strategy in enumerate(strategies):
+        f = frame[frame["strategy"] == strategy]
+        x = f["turn"] + 0.08 * (k - (len(strategies) - 1) / 2)
+        for ax, (column, scale, _) in zip(axes, panels):
+            ax.plot(x, f[column] / scale, label=strategy, lw=1.2, **styles[strategy])
     _min_span(axes[2], list(frame["peak_bytes"] / div), 16 * MB / div)
-    for ax, label in zip(axes, ("turn latency (s)", "tokens through the model", f"peak ({unit})")):
+    for ax, (column, scale, label) in zip(axes, panels):
         ax.set_xlabel("turn")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label, fontsize=9)
+        span = float(frame[column].abs().max() or 1.0)
+        if coincide(frame, column, 1e-3 * span):
+            ax.text(0.5, 0.04, f"all {len(strategies)} strategies coincide (within 0.1%)", transform=ax.transAxes,
+                    ha="center", va="bottom", fontsize=7, color="0.3")
     axes[0].legend(fontsize=7)
+    fig.suptitle("the same scripted chat per strategy; latency = wall time of one whole turn "
+                 "(chat template, prefill, decode of the reply)", fontsize=8, color="0.25")
     fig.tight_layout()
     return fig
 

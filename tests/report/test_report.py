@@ -67,7 +67,10 @@ def test_passing_run_writes_the_layout_and_merged_metrics(tmp_path, tiny, monkey
     assert header["versions"]["torch"] and header["versions"]["transformers"] and header["versions"]["tokenizers"]
     assert header["git_commit"]
     ok, regress = record["notebooks"]["01_ok"], record["notebooks"]["02_regress"]
-    assert ok["verdict"] == "pass" and ok["error"] is None and ok["figures"] == ["figures/01_ok_line.png"]
+    assert ok["verdict"] == "pass" and ok["error"] is None
+    assert ok["figures"] == ["figures/01_ok_a_detail.png", "figures/01_ok_line.png"]
+    assert set(ok) == {"verdict", "reasons", "metrics", "error", "duration_s", "parameters", "ipynb", "html", "figures"}
+    assert json.loads((run_dir / "metrics/01_ok.json").read_text())["key_figure"] == "figures/01_ok_line.png"
     assert ok["metrics"]["answer"] == 42 and ok["metrics"]["scaled"] == 4.0  # -p scale=2 reached 01 as a number
     assert ok["metrics"]["nested"] == {"ratio": 0.25, "series": [1, 2, 3]}
     assert ok["metrics"]["model_dir"] == str(tiny) and ok["metrics"]["device"] == "cpu"
@@ -84,6 +87,10 @@ def test_passing_run_writes_the_layout_and_merged_metrics(tmp_path, tiny, monkey
     assert rows(index) == {"01_ok": "pass", "02_regress": "pass"}
     assert 'href="01_ok.html"' in index and 'href="02_regress.html"' in index and 'href="metrics.json"' in index
     assert "data:image/png;base64," in index and "01_ok_line" in index
+    # One key figure per notebook, the one it marked (the detail sorts first but is only linked in the details).
+    assert re.findall(r'<a href="(figures/[\w.-]+)"><img class="key"', index) == ["figures/01_ok_line.png"]
+    assert index.index('<table class="verdicts">') < index.index('<img class="key"') < index.index('id="details"')
+    assert index.index('href="figures/01_ok_a_detail.png"') > index.index('id="details"')
     assert header["config_hash"] in index and str(tiny) in index and "seed=1234" in index
     executed = nbformat.read(run_dir / "01_ok.ipynb", as_version=4)
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})

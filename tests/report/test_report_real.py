@@ -1,5 +1,7 @@
 """The main job on the real notebooks: `qwenlab report` on the embedded tiny model, judged on metrics.json values."""
 import json
+import re
+from html import unescape
 
 import pytest
 
@@ -27,6 +29,26 @@ def test_report_passes_and_writes_the_run_folder(report):
     index = (run / "index.html").read_text()
     assert all(f"{name}.html" in index for name in names)
     assert metrics["header"]["config_hash"] and metrics["header"]["versions"]["torch"].startswith("2.13")
+
+
+MAIN_FIGURES = {"01_tokenizer_parity": "fallback_inflation", "02_embedding_checks": "row_norms",
+                "03_layer_diffs": "error_over_floor", "04_decode_kv_parity": "latency",
+                "05_memory_fluctuation": "timeline", "06_nvfp4_quantization": "error_over_floor",
+                "07_prompt_playground": "token_probs"}
+
+
+def test_index_shows_each_notebooks_main_figure_and_scalar_metrics(report):
+    _, run, metrics = report
+    index = (run / "index.html").read_text()
+    assert index.index('<table class="verdicts">') < index.index('id="key-figures"') < index.index('id="details"')
+    blocks = dict(re.findall(r'<div class="key-figure(?: wide)?" data-notebook="([\w-]+)">(.*?)</div>', index, re.S))
+    shown = {nb: re.findall(r'<a href="(figures/[\w.-]+)"><img class="key"', body) for nb, body in blocks.items()}
+    assert shown == {nb: [f"figures/{nb}_{name}.png"] for nb, name in MAIN_FIGURES.items()}
+    assert "figures/03_layer_diffs_planted_heatmap.png" in metrics["notebooks"]["03_layer_diffs"]["figures"]
+    section = unescape(index[index.index('id="metrics"'):])
+    assert "[{" not in section and "{'" not in section
+    values = re.findall(r"<tr><td><code>.*?</code></td><td>(.*?)</td></tr>", section)
+    assert len(values) > 100 and max(map(len, values)) <= 160
 
 
 def test_report_numbers(report):
