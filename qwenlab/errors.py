@@ -7,14 +7,15 @@ class QwenlabError(Exception):
 
 
 def run_command(command: str, func, args) -> int:
-    """Runs func(args) as `qwenlab COMMAND`: QwenlabError -> one line on stderr and exit 2, Ctrl-C -> exit 130."""
+    """Runs func(args) as `qwenlab COMMAND`: QwenlabError -> one line on stderr and exit 2; Ctrl-C, or SIGTERM while
+    an atomic write is open -> one line and exit 130."""
     try:
         return func(args) or 0
     except QwenlabError as e:
         print(f"qwenlab {command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"qwenlab {command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # str(e) is 'SIGTERM' for qwenlab.atomic.Terminated
+        print(f"qwenlab {command}: interrupted{f' by {e}' if str(e) else ''}", file=sys.stderr)
         return 130
 
 
