@@ -1,8 +1,9 @@
 """What every numbered notebook shares: where its outputs go, how it records metrics, figures and its verdict.
 
 Contract with `qwenlab report`: a notebook run with parameter `out_dir` writes
-`<out_dir>/metrics/<notebook>.json` = {"notebook", "verdict": "pass"|"regressed", "reasons": [...], "metrics": {...}}
-and figures under `<out_dir>/figures/<notebook>_<name>.png`. A notebook never raises for a regression (the
+`<out_dir>/metrics/<notebook>.json` = {"notebook", "verdict": "pass"|"regressed", "reasons": [...], "metrics": {...},
+"environment": {...}} (the kernel's interpreter and package versions, qwenlab.versions.environment, which the report
+compares with its own) and figures under `<out_dir>/figures/<notebook>_<name>.png`. A notebook never raises for a regression (the
 report decides the exit code from the verdict); a raised exception means the notebook errored.
 """
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 from qwenlab.atomic import json_safe, write_text_atomic
 from qwenlab.errors import QwenlabError
 from qwenlab.paths import DATA_DIR, resolve_out_dir
+from qwenlab.versions import environment
 
 VERDICTS = ("pass", "regressed")
 
@@ -24,11 +26,11 @@ def load_thresholds(thresholds_dir: str | os.PathLike | None, notebook: str) -> 
     return json.loads(path.read_text())
 
 
-
 def write_metrics(out_dir, notebook: str, metrics: dict, reasons: list[str]) -> dict:
-    """reasons = the thresholds that were exceeded (empty list -> verdict 'pass'). Written atomically."""
+    """reasons = the thresholds that were exceeded (empty list -> verdict 'pass'). Written atomically, with the
+    environment this notebook ran in."""
     record = {"notebook": notebook, "verdict": "regressed" if reasons else "pass", "reasons": list(reasons),
-              "metrics": json_safe(metrics)}
+              "metrics": json_safe(metrics), "environment": environment()}
     folder = resolve_out_dir(out_dir) / "metrics"
     folder.mkdir(exist_ok=True)
     write_text_atomic(folder / f"{notebook}.json", json.dumps(record, indent=2, allow_nan=False))
