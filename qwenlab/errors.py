@@ -16,16 +16,17 @@ def debugging(args=None) -> bool:
 
 def run_command(command: str, func, args) -> int:
     """Runs func(args) as `qwenlab COMMAND`, the one place an exception becomes what the user sees:
-    QwenlabError -> its line, exit 2; Ctrl-C -> exit 130; a closed pipe (`| head`) -> quiet, exit 141; anything
-    else -> one line with the exception type and what to do, exit 1 (the traceback with --debug or QWENLAB_DEBUG=1).
+    QwenlabError -> its line, exit 2; Ctrl-C, or SIGTERM while an atomic write is open -> one line, exit 130; a
+    closed pipe (`| head`) -> quiet, exit 141; anything else -> one line with the exception type and what to do,
+    exit 1 (the traceback with --debug or QWENLAB_DEBUG=1).
     """
     try:
         return func(args) or 0
     except QwenlabError as e:
         _say(f"qwenlab {command}: error: {e}")
         return 2
-    except KeyboardInterrupt:
-        _say(f"qwenlab {command}: interrupted")
+    except KeyboardInterrupt as e:  # str(e) is 'SIGTERM' for qwenlab.atomic.Terminated
+        _say(f"qwenlab {command}: interrupted{f' by {e}' if str(e) else ''}")
         return 130
     except BrokenPipeError:
         _quiet_stdout()

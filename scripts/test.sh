@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements.txt
-python -m ipykernel install --user --name qwenlab --display-name "qwenlab (Python 3)" >/dev/null
+python -m ipykernel install --sys-prefix --name qwenlab --display-name "qwenlab (Python 3)" >/dev/null
 if [ -f scripts/browser_setup.sh ]; then
   bash scripts/browser_setup.sh
   export QWENLAB_REQUIRE_BROWSER=1

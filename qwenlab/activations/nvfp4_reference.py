@@ -8,12 +8,11 @@
     unquantized   transformers on the bf16/fp32 checkpoint the quantized one came from. Answers "what does NVFP4
                   cost?"; for a checkpoint that is already NVFP4 it must be given (unquantized_model).
 """
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from qwenlab.activations.reference import load_reference
+from qwenlab.atomic import scratch_dir
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import read_config
 from qwenlab.model.quantize import export
@@ -64,16 +63,13 @@ def quantized_checkpoint(ckpt):
     if info.source == "checkpoint" and info.layout == COMPRESSED_TENSORS:
         yield ckpt.path
         return
-    tmp = Path(tempfile.mkdtemp(prefix="qwenlab-nvfp4-reference-"))
-    try:
+    with scratch_dir("nvfp4-reference") as tmp:
         folder = tmp / f"{ckpt.name}-compressed-tensors"
         if info.source == "checkpoint" and info.layout == MODELOPT:
             convert_modelopt(ckpt.path, folder, info.kept)
         else:
             export(ckpt, folder, COMPRESSED_TENSORS)
         yield folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

@@ -2,10 +2,11 @@
 
 Contract with `qwenlab report`: a notebook run with parameter `out_dir` writes
 `<out_dir>/metrics/<notebook>.json` = {"notebook", "verdict": "pass"|"regressed", "reasons": [...],
-"key_figure": "figures/<notebook>_<name>.png" | null, "metrics": {...}} and figures under
-`<out_dir>/figures/<notebook>_<name>.png`; the key figure (saved with key=True) is the one the report's index shows.
-A notebook never raises for a regression (the report decides the exit code from the verdict); a raised exception
-means the notebook errored.
+"key_figure": "figures/<notebook>_<name>.png" | null, "metrics": {...}, "environment": {...}} (the kernel's
+interpreter and package versions, qwenlab.versions.environment, which the report compares with its own) and figures
+under `<out_dir>/figures/<notebook>_<name>.png`; the key figure (saved with key=True) is the one the report's index
+shows. A notebook never raises for a regression (the report decides the exit code from the verdict); a raised
+exception means the notebook errored.
 """
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 from qwenlab.atomic import json_safe, write_text_atomic
 from qwenlab.errors import QwenlabError
 from qwenlab.paths import DATA_DIR, resolve_out_dir
+from qwenlab.versions import environment
 
 VERDICTS = ("pass", "regressed")
 _key_figures: dict[tuple[str, str], str] = {}  # (run folder, notebook) -> the first figure saved with key=True
@@ -27,12 +29,13 @@ def load_thresholds(thresholds_dir: str | os.PathLike | None, notebook: str) -> 
     return json.loads(path.read_text())
 
 
-
 def write_metrics(out_dir, notebook: str, metrics: dict, reasons: list[str]) -> dict:
-    """reasons = the thresholds that were exceeded (empty list -> verdict 'pass'). Written atomically."""
+    """reasons = the thresholds that were exceeded (empty list -> verdict 'pass'). Written atomically, with the
+    environment this notebook ran in."""
     root = resolve_out_dir(out_dir)
     record = {"notebook": notebook, "verdict": "regressed" if reasons else "pass", "reasons": list(reasons),
-              "key_figure": _key_figures.get((str(root), notebook)), "metrics": json_safe(metrics)}
+              "key_figure": _key_figures.get((str(root), notebook)), "metrics": json_safe(metrics),
+              "environment": environment()}
     folder = root / "metrics"
     folder.mkdir(exist_ok=True)
     write_text_atomic(folder / f"{notebook}.json", json.dumps(record, indent=2, allow_nan=False))

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qwenlab.atomic import write_json_atomic, write_text_atomic
+from qwenlab.atomic import write_text_atomic
+from qwenlab.report.liveness import RunFile
 from qwenlab.report.pages import render_index
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -26,8 +27,7 @@ class ReportInterrupted(KeyboardInterrupt):
 class Interruption:
     """What the handler needs to mark the run: set by watch() once the run folder has its metrics.json."""
     signal_name: str | None = None
-    record: dict | None = None
-    run_dir: Path | None = None
+    run_file: RunFile | None = None
     stems: list[str] = field(default_factory=list)
     started: float = 0.0
 
@@ -35,9 +35,9 @@ class Interruption:
 _current = Interruption()
 
 
-def watch(record: dict, run_dir: Path, stems: list[str], started: float):
+def watch(run_file: RunFile, stems: list[str], started: float):
     """Called by the report once metrics.json exists: an interruption from now on marks this run."""
-    _current.record, _current.run_dir, _current.stems, _current.started = record, run_dir, stems, started
+    _current.run_file, _current.stems, _current.started = run_file, stems, started
 
 
 def running_notebook(record: dict, run_dir: Path, stems: list[str]) -> str | None:
@@ -46,37 +46,46 @@ def running_notebook(record: dict, run_dir: Path, stems: list[str]) -> str | Non
     return stem if stem is not None and (run_dir / "logs" / f"{stem}.log").exists() else None
 
 
-def interrupted_entry(run_dir: Path, stem: str, signal_name: str) -> dict:
-    return {"verdict": "interrupted", "reasons": [f"stopped by {signal_name} while it ran"], "metrics": {},
+def unfinished_entry(run_dir: Path, stem: str, verdict: str, reason: str) -> dict:
+    """The entry of the notebook that was running when the run was interrupted or died."""
+    return {"verdict": verdict, "reasons": [reason], "metrics": {},
             "error": None, "duration_s": None, "parameters": {},
             "ipynb": f"{stem}.ipynb" if (run_dir / f"{stem}.ipynb").is_file() else None, "html": None,
             "figures": sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / "figures").glob(f"{stem}_*.png"))}
 
 
-def mark_interrupted(record: dict, run_dir: Path, stems: list[str], started: float, signal_name: str) -> str:
+def mark_interrupted(run_file: RunFile, stems: list[str], started: float, signal_name: str) -> str:
     """Writes the interrupted run's index.html and metrics.json; -> the one line for stderr."""
-    running = running_notebook(record, run_dir, stems)
-    done = list(record["notebooks"])
-    if running is not None:
-        record["notebooks"][running] = interrupted_entry(run_dir, running, signal_name)
-        print(f"interrupted ({signal_name})", file=sys.stderr, flush=True)  # ends the pending progress line
-    record["header"].update(
-        status="interrupted", interrupted_notebook=running, signal=signal_name,
-        not_run=[stem for stem in stems if stem not in record["notebooks"]],
-        finished_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        duration_s=round(time.time() - started, 2))
-    verdicts = [e["verdict"] for e in record["notebooks"].values()]
-    record.update(verdict="interrupted", counts={v: verdicts.count(v) for v in ("pass", "regressed", "error")})
-    write_text_atomic(run_dir / "index.html", render_index(record, run_dir))
-    write_json_atomic(run_dir / "metrics.json", record)
+    run_file.stop_heartbeat()
+    record, run_dir = run_file.record, run_file.run_dir
+    with run_file.lock:
+        running = running_notebook(record, run_dir, stems)
+        done = list(record["notebooks"])
+        if running is not None:
+            record["notebooks"][running] = unfinished_entry(run_dir, running, "interrupted",
+                                                            f"stopped by {signal_name} while it ran")
+            print(f"interrupted ({signal_name})", file=sys.stderr, flush=True)  # ends the pending progress line
+        record["header"].update(
+            status="interrupted", interrupted_notebook=running, signal=signal_name,
+            not_run=[stem for stem in stems if stem not in record["notebooks"]],
+            finished_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            duration_s=round(time.time() - started, 2))
+        record.update(verdict="interrupted", counts=counts(record["notebooks"]))
+        write_text_atomic(run_dir / "index.html", render_index(record, run_dir))
+        run_file.save()
     where = f"during {running}" if running else f"after {done[-1]}" if done else "before the first notebook"
     return f"qwenlab report: interrupted {where}; partial run in {run_dir}"
 
 
+def counts(entries: dict) -> dict:
+    verdicts = [e["verdict"] for e in entries.values()]
+    return {v: verdicts.count(v) for v in ("pass", "regressed", "error")}
+
+
 def finish(state: Interruption) -> str:
-    if state.record is None:
+    if state.run_file is None:
         return "qwenlab report: interrupted before any notebook ran"
-    return mark_interrupted(state.record, state.run_dir, state.stems, state.started, state.signal_name)
+    return mark_interrupted(state.run_file, state.stems, state.started, state.signal_name)
 
 
 @contextmanager

@@ -1,6 +1,12 @@
-"""Running one notebook for `qwenlab report`: papermill on the `qwenlab` Jupyter kernel (installed when missing),
-in the repo root, figures inline, the kernel's own stderr in the run's logs/."""
+"""Running one notebook for `qwenlab report`: papermill on this environment's `qwenlab` Jupyter kernel, in the repo
+root, figures inline, the kernel's own stderr in the run's logs/.
+
+The kernelspec is looked up in sys.prefix only (share/jupyter/kernels/qwenlab, installed there when missing), never
+in the per-user or system folders, where another environment's spec of the same name could sit; its python must be
+the one running the report."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,13 +20,21 @@ KERNEL = "qwenlab"
 _launched: list = []  # the kernel managers papermill created for the notebook now running
 
 
+def kernels_dir() -> Path:
+    """This environment's Jupyter kernelspecs (where `ipykernel install --sys-prefix` puts them)."""
+    return Path(sys.prefix) / "share" / "jupyter" / "kernels"
+
+
 def tracked_kernel_manager():
-    """papermill's kernel manager class, remembering each instance so an interrupted report can stop its kernel."""
+    """papermill's kernel manager class: kernelspecs from kernels_dir() only, and each instance remembered so an
+    interrupted report can stop its kernel."""
+    from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
 
     class TrackedKernelManager(AsyncKernelManager):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+            specs = KernelSpecManager(kernel_dirs=[str(kernels_dir())], ensure_native_kernel=False)
+            super().__init__(*args, kernel_spec_manager=specs, **kwargs)
             _launched.append(self)
 
     return TrackedKernelManager
@@ -55,20 +69,45 @@ def stop_kernels(timeout: float = 10.0):
     _launched.clear()
 
 
-def ensure_kernel(name: str = KERNEL):
-    """Install the `qwenlab` kernel for this Python when missing, so a fresh machine needs no set-up."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+def same_interpreter(a: str, b: str) -> bool:
+    """Two paths that start the same Python environment: the same file, or links to one binary side by side
+    (a venv's bin/python and bin/python3). Links are not followed further: a venv's python is a link to the base
+    interpreter, but started through the venv's path it runs the venv."""
+    a, b = os.path.abspath(a), os.path.abspath(b)
+    return a == b or (os.path.dirname(a) == os.path.dirname(b) and os.path.realpath(a) == os.path.realpath(b))
 
+
+def install_kernel(name: str):
+    from ipykernel.kernelspec import install
+
+    print(f"installing Jupyter kernel {name!r} for {sys.executable} into {kernels_dir()}", file=sys.stderr)
     try:
-        KernelSpecManager().get_kernel_spec(name)
-        return
-    except NoSuchKernel:
-        pass
-    print(f"installing Jupyter kernel {name!r} for {sys.executable}", file=sys.stderr)
-    done = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", name,
-                           "--display-name", f"{name} (Python 3)"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise QwenlabError(f"could not install the {name!r} Jupyter kernel: {done.stderr.strip().splitlines()[-1:]}")
+        install(kernel_name=name, display_name=f"{name} (Python 3)", prefix=sys.prefix)
+    except OSError as e:
+        raise QwenlabError(f"cannot install the {name!r} Jupyter kernel into {kernels_dir()} ({e.strerror or e}); "
+                           "run the report from a virtual environment you can write to") from None
+
+
+def ensure_kernel(name: str = KERNEL) -> dict:
+    """This environment's `name` kernelspec, installed when missing; QwenlabError (before anything is written)
+    when it cannot start or would run another Python. -> {"name", "spec", "argv"} for the run header."""
+    spec = kernels_dir() / name / "kernel.json"
+    if not spec.is_file():
+        install_kernel(name)
+    try:
+        argv = json.loads(spec.read_text())["argv"]
+        python = str(argv[0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise QwenlabError(f"kernelspec {name} ({spec}): not a readable kernelspec ({e}); reinstall it: "
+                           f"{sys.executable} -m ipykernel install --sys-prefix --name {name}") from None
+    found = python if os.path.isabs(python) else shutil.which(python)
+    if found is None or not os.path.isfile(found) or not os.access(found, os.X_OK):
+        raise QwenlabError(f"kernelspec {name} ({spec}) cannot start: its argv[0] {python} does not exist; "
+                           f"reinstall it: {sys.executable} -m ipykernel install --sys-prefix --name {name}")
+    if not same_interpreter(found, sys.executable):
+        raise QwenlabError(f"kernelspec {name} ({spec}) runs {python}, not this command's {sys.executable}; "
+                           f"reinstall it: {sys.executable} -m ipykernel install --sys-prefix --name {name}")
+    return {"name": name, "spec": str(spec), "argv": argv}
 
 
 def _not_checked_twice(record) -> bool:
@@ -134,3 +173,17 @@ def execute(notebook: Path, output: Path, params: dict, timeout: float | None, l
         return {"ename": type(e).__name__, "evalue": text.splitlines()[0] if text else "", "cell_index": None,
                 "exec_count": None}
     return None
+
+
+def environment_mismatch(kernel: dict | None, own: dict) -> str | None:
+    """What differs between the environment a notebook measured in its kernel (qwenlab.versions.environment, in its
+    metrics) and the report's own; None when they agree."""
+    if not isinstance(kernel, dict):
+        return "the notebook's metrics do not say which Python ran it (write them with qwenlab.checks.nbutil)"
+    differences = []
+    if not same_interpreter(str(kernel.get("executable")), own["executable"]):
+        differences.append(f"python {kernel.get('executable')} (this command: {own['executable']})")
+    for key in ("python", "qwenlab_path", "qwenlab", "torch", "transformers"):
+        if kernel.get(key) != own.get(key):
+            differences.append(f"{key} {kernel.get(key)} (this command: {own.get(key)})")
+    return "the kernel ran " + "; ".join(differences) if differences else None

@@ -8,7 +8,7 @@ import struct
 from html import escape
 from pathlib import Path
 
-COLOURS = {"pass": "#1a7f37", "regressed": "#cf222e", "error": "#cf222e", "interrupted": "#9a6700"}
+COLOURS = {"pass": "#1a7f37", "regressed": "#cf222e", "error": "#cf222e", "interrupted": "#9a6700", "dead": "#6e4c00"}
 MAX_EMBED_BYTES = 3_000_000
 MAX_REASONS = 3  # per notebook in the verdict table; the rest are on the notebook's page
 MAX_LIST_ITEMS = 8  # a list of scalars longer than this is summarised
@@ -178,6 +178,8 @@ def header_rows(h: dict) -> list[tuple[str, str]]:
         ("torch / transformers / tokenizers",
          f"{v.get('torch')} / {v.get('transformers')} / {v.get('tokenizers')}"),
         ("python / papermill / nbconvert", f"{v.get('python')} / {v.get('papermill')} / {v.get('nbconvert')}"),
+        ("kernel", f"{(h.get('kernel') or {}).get('spec')}: {((h.get('kernel') or {}).get('argv') or ['?'])[0]}"),
+        ("process", f"pid {h.get('pid')} on {h.get('host')}, last heartbeat {h.get('heartbeat_utc')}"),
         ("device / dtype", f"{h.get('device')} / {h.get('dtype')}"),
         ("model path", h.get("model_path", "")),
         ("config hash", h.get("config_hash", "")),
@@ -243,12 +245,15 @@ def metrics_table(stem: str, e: dict) -> str:
 
 
 def interruption_html(h: dict) -> str:
-    """The interrupted run's notice: which notebook was running, which never ran."""
-    if h.get("status") != "interrupted":
+    """The notice of a run that was interrupted or died: which notebook was running, which never ran."""
+    if h.get("status") not in ("interrupted", "dead"):
         return ""
-    running = h.get("interrupted_notebook")
+    running = h.get("interrupted_notebook" if h["status"] == "interrupted" else "dead_notebook")
     where = f"during <b>{escape(running)}</b>" if running else "between notebooks"
     not_run = ", ".join(escape(stem) for stem in h.get("not_run") or []) or "none"
+    if h["status"] == "dead":
+        return (f'<p id="dead">This run died {where} ({escape(str(h.get("died")))}; found by run '
+                f'{escape(str(h.get("marked_dead_by")))}): a partial run, not a result (not run: {not_run}).</p>')
     return (f'<p id="interrupted">This run was interrupted {where} by {escape(str(h.get("signal")))}: '
             f"a partial run, not a result (not run: {not_run}).</p>")
 

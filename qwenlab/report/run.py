@@ -1,10 +1,11 @@
 """`qwenlab report`: run every numbered notebook headlessly (papermill) into one run folder.
 
     reports/<UTC timestamp>_<model name>/   NN_name.ipynb, NN_name.html, metrics/, figures/, metrics.json, index.html
-    reports/latest -> the newest complete run
+    reports/latest -> the newest complete run of every notebook (by start time)
 
 Exit 0 when every notebook passes, 1 when one regressed or errored (after all of them ran), 2 for a usage
-error found before anything ran (bad model dir, unknown parameter, unknown notebook).
+error found before anything ran (bad model dir, unknown parameter, unknown notebook, a kernel that cannot start).
+`--status` lists the runs in the reports folder instead.
 """
 import argparse
 import json
@@ -14,16 +15,23 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qwenlab.atomic import write_json_atomic, write_text_atomic
+import torch
+
+from qwenlab.arguments import SECONDS
+from qwenlab.atomic import write_text_atomic
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import read_config
+from qwenlab.model.dtypes import dtype_name, resolve_dtype
 from qwenlab.model.loader import resolve_device
 from qwenlab.model.nvfp4_load import parse_quant
+from qwenlab.model.spec import add_load_arguments
 from qwenlab.model.tiny import resolve_model_dir
 from qwenlab.paths import NOTEBOOKS_DIR, REPO_ROOT, REPORTS_DIR
 from qwenlab.report.candidate import check_candidate
-from qwenlab.report.interrupt import stoppable, watch
-from qwenlab.report.kernel import ensure_kernel, execute, kernel_environment
+from qwenlab.report.checkpoint import check_checkpoint
+from qwenlab.report.interrupt import counts, stoppable, watch
+from qwenlab.report.kernel import ensure_kernel, environment_mismatch, execute, kernel_environment
+from qwenlab.report.liveness import RunFile, process_identity, utc_text
 from qwenlab.report.pages import html_exporter, notebook_html, render_index
 from qwenlab.report.params import (
     STANDARD_PARAMS,
@@ -34,8 +42,9 @@ from qwenlab.report.params import (
     seeds,
     select,
 )
-from qwenlab.report.rundir import make_run_dir, update_latest
-from qwenlab.versions import package_versions
+from qwenlab.report.rundir import check_out, make_run_dir, update_latest
+from qwenlab.report.status import mark_dead_runs, print_status
+from qwenlab.versions import environment, package_versions
 
 VERSION_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "papermill", "nbconvert", "qwenlab")
 SCHEMA_VERSION = 1
@@ -61,13 +70,13 @@ def versions() -> dict:
     return package_versions(VERSION_PACKAGES, missing="not installed")
 
 
-def resolve_model(model) -> tuple[Path, str]:
+def resolve_model(model, quant: str | None) -> tuple[Path, str]:
     """Absolute model dir and its config hash, or QwenlabError before anything is written."""
     model = resolve_model_dir(model)
     path = model.expanduser().resolve()
     if not path.is_dir():
         raise QwenlabError(f"{model}: not a directory (--model expects a Qwen3 checkpoint directory)")
-    return path, read_config(path).config_hash()
+    return path, check_checkpoint(path, quant)
 
 
 # ---------------------------------------------------------------- notebook results
@@ -82,7 +91,9 @@ def read_notebook_metrics(run_dir: Path, stem: str) -> dict | None:
         return None
 
 
-def notebook_entry(run_dir: Path, stem: str, params: dict, error: dict | None, seconds: float) -> dict:
+def notebook_entry(run_dir: Path, stem: str, params: dict, error: dict | None, seconds: float, own: dict) -> dict:
+    """The notebook's entry in metrics.json: its verdict, unless it errored, wrote no metrics, or ran in another
+    environment than the report's own (own = qwenlab.versions.environment() of this process)."""
     record = read_notebook_metrics(run_dir, stem)
     entry = {"verdict": "error", "reasons": [], "metrics": {}, "error": error, "duration_s": round(seconds, 2),
              "parameters": {k: v for k, v in params.items() if k not in STANDARD_PARAMS},
@@ -92,13 +103,18 @@ def notebook_entry(run_dir: Path, stem: str, params: dict, error: dict | None, s
     if record is not None:
         entry["reasons"] = list(record.get("reasons") or [])
         entry["metrics"] = record.get("metrics") or {}
+        entry["environment"] = record.get("environment")
     if error is None:
+        mismatch = environment_mismatch(record.get("environment"), own) if record is not None else None
         if record is None:
             entry["error"] = {"ename": "MissingMetrics", "evalue": f"the notebook ran but wrote no metrics/{stem}.json",
                               "cell_index": None, "exec_count": None}
         elif record.get("verdict") not in ("pass", "regressed"):
             entry["error"] = {"ename": "BadVerdict", "evalue": f"verdict {record.get('verdict')!r}",
                               "cell_index": None, "exec_count": None}
+        elif mismatch is not None:
+            entry["error"] = {"ename": "EnvironmentMismatch", "evalue": mismatch, "cell_index": None,
+                              "exec_count": None}
         else:
             entry["verdict"] = record["verdict"]
     return entry
@@ -124,6 +140,8 @@ def command_line(args) -> str:
                         ("--timeout", args.timeout)):
         if value is not None:
             parts += [flag, str(value)]
+    if args.force:
+        parts.append("--force")
     for pair in args.param:
         parts += ["-p", pair]
     return shlex.join(parts)
@@ -144,33 +162,43 @@ def progress(text: str, end: str = "\n"):
 
 
 def run_report(args) -> int:
+    out = Path(args.out).expanduser().resolve() if args.out else REPORTS_DIR
+    if args.status:
+        return print_status(out)
     started = time.time()
-    now = datetime.now(timezone.utc)
+    now = datetime.fromtimestamp(started, timezone.utc)
     # Everything that can be wrong with the request is found before a folder is made or a kernel started.
-    model_dir, config_hash = resolve_model(args.model)
-
     device = str(resolve_device(args.device))
     quant = parse_quant(args.quant) or ""
+    model_dir, config_hash = resolve_model(args.model, quant)
+    check_out(out, model_dir, args.force)
     all_notebooks = discover(args.notebooks_dir or NOTEBOOKS_DIR)
     notebooks = select(all_notebooks, args.only)
     thresholds_dir = existing(args.thresholds_dir, "--thresholds-dir", Path.is_dir) or ""
     candidate = existing(args.candidate, "--candidate", Path.is_file)
     global_params, scoped = parse_param_args(args.param)
     declared = {nb.stem: declared_parameters(nb) for nb in notebooks}
-    out = Path(args.out).expanduser().resolve() if args.out else REPORTS_DIR
-    standard = {"model_dir": str(model_dir), "device": device, "dtype": args.dtype, "out_dir": None,
+    dtype = dtype_name(resolve_dtype(args.dtype, torch.device(device), read_config(model_dir)))  # `auto`, resolved
+    standard = {"model_dir": str(model_dir), "device": device, "dtype": dtype, "out_dir": None,
                 "thresholds_dir": thresholds_dir, "quant": quant, "device_map": args.device_map or ""}
     plan = plan_parameters(notebooks, declared, standard, candidate, global_params, scoped, all_notebooks)
     check_candidate(candidate)
-    ensure_kernel()
+    kernel = ensure_kernel()
 
     run_dir = make_run_dir(out, model_dir.name, now)
+    for name, reason in mark_dead_runs(out, run_dir.name):
+        progress(f"marked {name} dead: {reason}")
     for params in plan.values():
         params["out_dir"] = str(run_dir)
+    stems = [nb.stem for nb in notebooks]
+    subset = stems != [nb.stem for nb in all_notebooks]
     commit, dirty = git_commit()
-    header = {"run": run_dir.name, "run_dir": str(run_dir), "started_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "finished_utc": None, "duration_s": None, "status": "running", "git_commit": commit, "git_dirty": dirty,
-              "versions": versions(), "device": device, "dtype": args.dtype, "quant": quant or None,
+    own = environment()
+    header = {"run": run_dir.name, "run_dir": str(run_dir), "started_utc": utc_text(started), "started_at": started,
+              "finished_utc": None, "duration_s": None, "status": "running", **process_identity(),
+              "heartbeat_utc": None, "notebooks": stems, "subset": subset,
+              "git_commit": commit, "git_dirty": dirty, "versions": versions(), "environment": own, "kernel": kernel,
+              "device": device, "dtype": dtype, "quant": quant or None,
               "device_map": args.device_map,
               "model_path": str(model_dir),
               "model_name": model_dir.name, "config_hash": config_hash, "thresholds_dir": thresholds_dir or None,
@@ -178,19 +206,42 @@ def run_report(args) -> int:
               "seeds": seeds(declared, plan), "notebooks_dir": str(Path(args.notebooks_dir or NOTEBOOKS_DIR).resolve()),
               "command": command_line(args)}
     record = {"schema": SCHEMA_VERSION, "header": header, "verdict": None, "counts": {}, "notebooks": {}}
-    write_json_atomic(run_dir / "metrics.json", record)
-    watch(record, run_dir, [nb.stem for nb in notebooks], started)  # Ctrl-C / SIGTERM from here marks this run
+    run_file = RunFile(run_dir, record)
+    run_file.save()
+    watch(run_file, stems, started)  # Ctrl-C / SIGTERM from here marks this run
+    run_file.start_heartbeat()
+    try:
+        run_notebooks(run_file, notebooks, plan, args.timeout, own)
+        verdict = finish_run(run_file, started)
+    except Exception as e:  # the report itself crashed: the run says so instead of "running" forever
+        mark_crashed(run_file, e)
+        raise
+    finally:
+        run_file.stop_heartbeat()
 
+    kept = None if subset else update_latest(out, run_dir, started)
+    if subset:
+        progress(f"{out / 'latest'} not moved: this run has {len(stems)} of the {len(all_notebooks)} notebooks")
+    elif kept is not None:
+        progress(f"{out / 'latest'} not moved: it points at {kept}, which started later")
+    c = record["counts"]
+    print(f"{run_dir} {verdict.upper()} ({c['pass']} pass, {c['regressed']} regressed, {c['error']} error)")
+    return 0 if verdict == "pass" else 1
+
+
+def run_notebooks(run_file: RunFile, notebooks: list[Path], plan: dict, timeout: float, own: dict):
+    run_dir, record = run_file.run_dir, run_file.record
     exporter = html_exporter()
     total = len(notebooks)
     with kernel_environment():
         for i, nb in enumerate(notebooks, 1):
+            run_file.save()  # a heartbeat at each notebook boundary
             progress(f"[{i}/{total}] {nb.stem} ... ", end="")
             t0 = time.perf_counter()
             output = run_dir / nb.name
-            error = execute(nb, output, plan[nb.stem], args.timeout, run_dir / "logs" / f"{nb.stem}.log")
+            error = execute(nb, output, plan[nb.stem], timeout, run_dir / "logs" / f"{nb.stem}.log")
             seconds = time.perf_counter() - t0
-            entry = notebook_entry(run_dir, nb.stem, plan[nb.stem], error, seconds)
+            entry = notebook_entry(run_dir, nb.stem, plan[nb.stem], error, seconds, own)
             if output.is_file():
                 try:
                     write_text_atomic(run_dir / f"{nb.stem}.html", notebook_html(exporter, output))
@@ -199,39 +250,42 @@ def run_report(args) -> int:
                     entry["verdict"] = "error"
                     entry["error"] = entry["error"] or {"ename": "HTMLExportError", "evalue": str(e), "cell_index": None,
                                                         "exec_count": None}
-            record["notebooks"][nb.stem] = entry
-            write_json_atomic(run_dir / "metrics.json", record)
+            with run_file.lock:
+                record["notebooks"][nb.stem] = entry
+                run_file.save()
             progress(f"{entry['verdict']} ({seconds:.1f} s)")
             if entry["error"]:
                 progress(f"      {entry['error']['ename']}: {entry['error']['evalue']}")
             for reason in entry["reasons"] if entry["verdict"] == "regressed" else ():
                 progress(f"      - {reason}")
 
-    verdict = overall_verdict(record["notebooks"])
-    counts = {v: sum(e["verdict"] == v for e in record["notebooks"].values()) for v in ("pass", "regressed", "error")}
-    header.update(status="complete", finished_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                  duration_s=round(time.time() - started, 2))
-    record.update(verdict=verdict, counts=counts)
-    # metrics.json says "complete" only once index.html is there too; then (and only then) latest moves.
-    write_text_atomic(run_dir / "index.html", render_index(record, run_dir))
-    write_json_atomic(run_dir / "metrics.json", record)
-    update_latest(out, run_dir)
-    print(f"{run_dir} {verdict.upper()} ({counts['pass']} pass, {counts['regressed']} regressed, "
-          f"{counts['error']} error)")
-    return 0 if verdict == "pass" else 1
+
+def finish_run(run_file: RunFile, started: float) -> str:
+    """metrics.json says "complete" only once index.html is there too. -> the overall verdict."""
+    record = run_file.record
+    with run_file.lock:
+        verdict = overall_verdict(record["notebooks"])
+        record["header"].update(status="complete", finished_utc=utc_text(), duration_s=round(time.time() - started, 2))
+        record.update(verdict=verdict, counts=counts(record["notebooks"]))
+        write_text_atomic(run_file.run_dir / "index.html", render_index(record, run_file.run_dir))
+        run_file.save()
+    return verdict
+
+
+def mark_crashed(run_file: RunFile, error: Exception):
+    run_file.stop_heartbeat()
+    with run_file.lock:
+        run_file.record["header"].update(status="dead", died=f"the report crashed: {type(error).__name__}: {error}",
+                                         finished_utc=utc_text())
+        run_file.record["verdict"] = "dead"
+        try:
+            run_file.save()
+        except Exception:  # the crash may be this very write (a full disk): the run stays "running", then dead
+            pass
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--model", type=Path, default=None,
-                   help="Qwen3 checkpoint directory in HF layout (default: the embedded tiny fixture)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="default float32")
-    p.add_argument("--quant", default=None, help="nvfp4 | nvfp4-w4a4: every notebook loads the model quantized "
-                                                 "(notebooks 02-04 and 07 against the quantized reference, "
-                                                 "doc/nvfp4.md); default: as the checkpoint is")
-    p.add_argument("--device-map", default=None,
-                   help="qwenlab's layers split across devices in every notebook that loads the model: balanced | "
-                        "0:0-31,1:32-63 (doc/placement.md); notebook 03 also plans where its reference goes")
+    add_load_arguments(p)  # every notebook loads the model with these (its standard parameters)
     p.add_argument("--out", type=Path, default=None, help="reports folder (default: <repo>/reports)")
     p.add_argument("--only", default=None, help="comma-separated notebooks to run: 01,03 or 03_layer_diffs")
     p.add_argument("--thresholds-dir", default=None, help="folder of <notebook>.json thresholds "
@@ -242,7 +296,11 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="notebook parameter (VALUE as JSON if it parses, else a string); NN_name.NAME=VALUE "
                         "for one notebook only; repeatable")
     p.add_argument("--notebooks-dir", default=None, help="where the numbered notebooks are (default: notebooks/)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds one cell may run (default 600)")
+    p.add_argument("--timeout", type=SECONDS, default=600.0, help="seconds one cell may run (default 600)")
+    p.add_argument("--force", action="store_true", help="write the run even when --out is inside the model folder")
+    p.add_argument("--status", action="store_true",
+                   help="list the runs in the reports folder (--out): complete, interrupted, running or dead, with "
+                        "their verdicts; runs nothing")
 
 
 def register(subparsers):

@@ -3,6 +3,8 @@ its `limit` is raised, 03_boom raises. The real notebooks are exercised by tests
 import json
 import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import nbformat
@@ -16,6 +18,7 @@ from qwenlab.model.tiny import ensure_tiny
 from qwenlab.report import params as report_params
 from qwenlab.report import run as report
 from qwenlab.report import rundir as report_io
+from qwenlab.versions import environment
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "notebooks"
 
@@ -56,7 +59,8 @@ def test_passing_run_writes_the_layout_and_merged_metrics(tmp_path, tiny, monkey
                  "metrics/01_ok.json", "metrics/02_regress.json", "figures/01_ok_line.png"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "03_boom.ipynb").exists()
-    assert os.readlink(out / "latest") == run_dir.name and (out / "latest").resolve() == run_dir
+    assert not (out / "latest").exists()  # two of the three notebooks: latest only ever shows a run of all of them
+    assert f"{out / 'latest'} not moved: this run has 2 of the 3 notebooks" in captured.err
 
     record = json.loads((run_dir / "metrics.json").read_text())
     header = record["header"]
@@ -65,17 +69,21 @@ def test_passing_run_writes_the_layout_and_merged_metrics(tmp_path, tiny, monkey
     assert header["model_path"] == str(tiny) and header["config_hash"] == read_config(tiny).config_hash()
     assert header["seeds"] == {"01_ok": {"seed": 1234}}
     assert header["versions"]["torch"] and header["versions"]["transformers"] and header["versions"]["tokenizers"]
+    assert header["notebooks"] == ["01_ok", "02_regress"] and header["subset"] is True
+    assert header["pid"] == os.getpid() and header["heartbeat_utc"] and header["kernel"]["argv"][0] == sys.executable
     assert header["git_commit"]
     ok, regress = record["notebooks"]["01_ok"], record["notebooks"]["02_regress"]
     assert ok["verdict"] == "pass" and ok["error"] is None
     assert ok["figures"] == ["figures/01_ok_a_detail.png", "figures/01_ok_line.png"]
-    assert set(ok) == {"verdict", "reasons", "metrics", "error", "duration_s", "parameters", "ipynb", "html", "figures"}
+    assert set(ok) == {"verdict", "reasons", "metrics", "error", "duration_s", "parameters", "ipynb", "html", "figures",
+                       "environment"}
     assert json.loads((run_dir / "metrics/01_ok.json").read_text())["key_figure"] == "figures/01_ok_line.png"
     assert ok["metrics"]["answer"] == 42 and ok["metrics"]["scaled"] == 4.0  # -p scale=2 reached 01 as a number
     assert ok["metrics"]["nested"] == {"ratio": 0.25, "series": [1, 2, 3]}
     assert ok["metrics"]["model_dir"] == str(tiny) and ok["metrics"]["device"] == "cpu"
     assert ok["metrics"]["thresholds_dir"] == ""
     assert ok["metrics"]["cwd"] == str(report.REPO_ROOT)
+    assert ok["environment"] == regress["environment"] == header["environment"] == environment()
     # The kernel did not inherit MPLBACKEND=Agg, so ipykernel chose the inline backend: figures land in the notebook.
     assert ok["metrics"]["MPLBACKEND"] != "Agg" and "inline" in ok["metrics"]["mpl_backend"]
     assert os.environ["MPLBACKEND"] == "Agg"  # restored in this process
@@ -134,7 +142,8 @@ def test_regression_and_error_exit_1_after_every_notebook_ran(tmp_path, tiny, ca
 def test_regressed_alone_exits_1(tmp_path, tiny, capsys):
     rc = run(tmp_path / "reports", "--only", "02")
     assert rc == 1
-    record = json.loads((tmp_path / "reports" / "latest" / "metrics.json").read_text())
+    (run_dir,) = (tmp_path / "reports").iterdir()
+    record = json.loads((run_dir / "metrics.json").read_text())
     assert record["verdict"] == "regressed" and record["notebooks"]["02_regress"]["verdict"] == "regressed"
     assert capsys.readouterr().out.strip().endswith("REGRESSED (0 pass, 1 regressed, 0 error)")
 
@@ -177,21 +186,27 @@ def test_notebook_without_a_standard_parameter_is_refused(tmp_path, capsys):
 
 
 def test_latest_is_not_moved_by_a_run_that_does_not_complete(tmp_path, tiny, monkeypatch):
+    notebooks = tmp_path / "nbs"
+    notebooks.mkdir()
+    shutil.copy(FIXTURES / "01_ok.ipynb", notebooks)
     out = tmp_path / "reports"
-    assert run(out, "--only", "01") == 0
+    argv = ["report", "--notebooks-dir", str(notebooks), "--out", str(out), "--device", "cpu"]
+    assert cli.main(argv) == 0
     first = (out / "latest").resolve()
 
     def broken(*args, **kwargs):
         raise RuntimeError("index rendering crashed")
 
     monkeypatch.setattr(report, "render_index", broken)
-    assert run(out, "--only", "01") == 1  # the top-level handler: one line, exit 1
+    assert cli.main(argv) == 1  # the top-level handler: one line, exit 1
 
     assert (out / "latest").resolve() == first
     (second,) = [p for p in out.iterdir() if p.name not in ("latest", first.name)]
     assert not (second / "index.html").exists() and (second / "01_ok.ipynb").is_file()
     partial = json.loads((second / "metrics.json").read_text())
-    assert partial["header"]["status"] == "running" and partial["notebooks"]["01_ok"]["verdict"] == "pass"
+    assert partial["header"]["status"] == "dead" and partial["verdict"] == "dead"
+    assert partial["header"]["died"] == "the report crashed: RuntimeError: index rendering crashed"
+    assert partial["notebooks"]["01_ok"]["verdict"] == "pass"
     assert not [p for p in out.iterdir() if p.name.startswith(".latest")]
 
 
