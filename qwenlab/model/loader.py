@@ -1,14 +1,14 @@
 """Checkpoint directory (HF layout) -> validated, lazily loaded Qwen3 + tokenizer. Safetensors only."""
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from qwenlab.errors import QwenlabError
 from qwenlab.model import nvfp4_load
 from qwenlab.model.config import Qwen3Config, read_config, read_generation_config
+from qwenlab.model.files import check_checkpoint, tensor_shapes, weight_files
 from qwenlab.model.placement import parse_device_map, place
 from qwenlab.model.qwen3 import Qwen3
 from qwenlab.model.tokenizer import Tokenizer
@@ -65,54 +65,11 @@ def expected_shapes(cfg: Qwen3Config) -> dict[str, tuple]:
     return shapes
 
 
-def weight_files(checkpoint_dir: Path) -> dict[str, Path]:
-    """tensor name -> the safetensors file holding it (sharded via the index, or one model.safetensors)."""
-    index = checkpoint_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise QwenlabError(f"{index}: not a valid safetensors index ({e})") from None
-        return {name: checkpoint_dir / shard for name, shard in weight_map.items()}
-    single = checkpoint_dir / "model.safetensors"
-    if single.is_file():
-        return {name: single for name in _header(single)}
-    if list(checkpoint_dir.glob("*.bin")) or list(checkpoint_dir.glob("*.pt")):
-        raise QwenlabError(f"{checkpoint_dir}: only pickle weights (.bin/.pt) found; qwenlab loads safetensors only, "
-                           "because unpickling a checkpoint can run arbitrary code (convert it to safetensors first)")
-    raise QwenlabError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json")
-
-
-def _header(path: Path) -> dict[str, tuple]:
-    """name -> shape, read from the header only; a truncated or corrupt file fails here, before any compute."""
-    if not path.is_file():
-        raise QwenlabError(f"{path}: weight file listed in the index is missing")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise QwenlabError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    _check_size(path)
-    return shapes
-
-
-def _check_size(path: Path):
-    """safetensors maps lazily, so a file cut short only fails at the first read: check its length up front."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + n + end:
-        raise QwenlabError(f"{path}: truncated ({path.stat().st_size} bytes, header promises {8 + n + end})")
-
-
-def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None,
-             exclude=None) -> tuple[dict[str, Path], "nvfp4_load.QuantPlan"]:
+def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None, exclude=None,
+             allow_unknown: bool = False) -> tuple[dict[str, Path], "nvfp4_load.QuantPlan"]:
     """-> (tensor name -> file, which linears are NVFP4), every expected tensor checked before any compute."""
     files = weight_files(checkpoint_dir)
-    shapes = {}
-    for path in sorted(set(files.values())):
-        shapes |= _header(path)
+    shapes = tensor_shapes(files)
     plan = nvfp4_load.plan(checkpoint_dir, cfg, shapes, files, quant, exclude)
     stored = {f"{m}.weight" for m in plan.stored}
     for name, shape in expected_shapes(cfg).items():
@@ -123,6 +80,7 @@ def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None,
         if shapes[name] != shape:
             raise QwenlabError(f"{checkpoint_dir}: tensor {name} has shape {list(shapes[name])}, "
                                f"config.json implies {list(shape)}")
+    check_checkpoint(checkpoint_dir, files, set(expected_shapes(cfg)) | plan.file_names, cfg, allow_unknown)
     return files, plan
 
 
@@ -140,15 +98,17 @@ class Checkpoint:
 
 
 def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = None, quant: str | None = None,
-               exclude=None, device_map=None) -> Qwen3:
+               exclude=None, device_map=None, allow_unknown: bool = False) -> Qwen3:
     """quant / exclude: NVFP4 (qwenlab.model.nvfp4_load); the result's `quantization` says what was done.
     device_map (a spec or one device per layer, qwenlab.model.placement) splits the layers across devices: the
-    weights are staged in host memory, then each part moves to its device; `device` is then unused."""
+    weights are staged in host memory, then each part moves to its device; `device` is then unused.
+    allow_unknown: tensors config.json does not explain (unknown names, layers beyond num_hidden_layers) are left
+    unread instead of refused."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise QwenlabError(f"--model {checkpoint_dir}: not a directory")
     cfg = read_config(checkpoint_dir)
-    files, plan = validate(checkpoint_dir, cfg, quant, exclude)
+    files, plan = validate(checkpoint_dir, cfg, quant, exclude, allow_unknown)
     split = parse_device_map(device_map, cfg.num_hidden_layers) if device_map else None
     dev = torch.device("cpu") if split else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch.device(split[0]) if split else dev, cfg)
@@ -181,9 +141,9 @@ def load_model(checkpoint_dir, dtype: str | None = None, device: str | None = No
 
 
 def load(checkpoint_dir, dtype: str | None = None, device: str | None = None, quant: str | None = None,
-         exclude=None, device_map=None) -> Checkpoint:
+         exclude=None, device_map=None, allow_unknown: bool = False) -> Checkpoint:
     checkpoint_dir = Path(checkpoint_dir)
-    model = load_model(checkpoint_dir, dtype, device, quant, exclude, device_map)
+    model = load_model(checkpoint_dir, dtype, device, quant, exclude, device_map, allow_unknown)
     gen = read_generation_config(checkpoint_dir)
-    tok = Tokenizer.from_dir(checkpoint_dir, generation_config=gen)
+    tok = Tokenizer.from_dir(checkpoint_dir, generation_config=gen, model_vocab_size=model.config.vocab_size)
     return Checkpoint(checkpoint_dir, model.config, gen, model, tok)

@@ -54,6 +54,11 @@ class QuantPlan:
         """Dense `.weight` names the file does not hold (or the model must not get) for these modules."""
         return {f"{m}.weight" for m in [*self.stored, *self.at_load]}
 
+    @property
+    def file_names(self) -> set[str]:
+        """The file's tensors of the modules stored quantized (packed codes and scales)."""
+        return {name for m in self.stored.values() for name in m.names()}
+
 
 def plan(checkpoint_dir, cfg: Qwen3Config, shapes: dict, files, quant: str | None, exclude=None) -> QuantPlan:
     mode = parse_quant(quant)
