@@ -43,6 +43,11 @@ class Qwen3Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def json_type(value) -> str:
+    names = {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "an array"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def _object(value, key: str, where: str) -> dict:
     if value is None:
         return {}
@@ -110,7 +115,7 @@ def _check_heads(heads: int, kv_heads: int, head_dim: int, where: str):
 
 def config_from_dict(raw: dict, where: str = "config.json") -> Qwen3Config:
     if not isinstance(raw, dict):
-        raise QwenlabError(f"{where}: the JSON root is a {type(raw).__name__}, not an object")
+        raise QwenlabError(f"{where}: the JSON root is {json_type(raw)}, not an object")
     model_type = raw.get("model_type")
     archs = raw.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
@@ -157,7 +162,7 @@ def read_json_object(path: Path) -> dict:
     except OSError as e:
         raise QwenlabError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
-        raise QwenlabError(f"{path}: the JSON root is a {type(raw).__name__}, not an object")
+        raise QwenlabError(f"{path}: the JSON root is {json_type(raw)}, not an object")
     return raw
 
 
