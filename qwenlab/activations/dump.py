@@ -104,12 +104,26 @@ def _prepare(tensors: dict) -> dict[str, torch.Tensor]:
     return prepared
 
 
+DUMP_KEYS = ("producer", "prompt_ids", JSON_KEYS_MARKER)  # metadata a dump has and a checkpoint's weights do not
+
+
+def _is_dump(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return any(key in (handle.metadata() or {}) for key in DUMP_KEYS)
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not a dump
+        return False
+
+
 def check_output_path(path) -> Path:
-    """Refuses, before any compute, a dump path that cannot be written: a directory, or under a file or a folder
-    this process may not write."""
+    """Refuses, before any compute, a dump path that cannot be written: a directory, under a file or a folder this
+    process may not write, or an existing file that is not a dump (a checkpoint's weights, a tokenizer file...)."""
     path = Path(path)
     if path.is_dir():
         raise QwenlabError(f"{path}: is a directory; give the dump's file name (e.g. {path / 'dump.safetensors'})")
+    if path.exists() and not _is_dump(path):
+        raise QwenlabError(f"{path}: exists and is not an activation dump (no {'/'.join(DUMP_KEYS)} metadata); "
+                           "refusing to overwrite it")
     existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         why = "not a folder" if not existing.is_dir() else "not writable"

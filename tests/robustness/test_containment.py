@@ -106,3 +106,19 @@ def test_outputs_inside_the_checkpoint_are_refused(ckpt, tmp_path):
     with pytest.raises(QwenlabError, match="--out .*link.safetensors"):
         refuse_inside(tmp_path / "link.safetensors", ckpt)
     refuse_inside(tmp_path / "dump.safetensors", ckpt)  # beside it is fine
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_capture_never_overwrites_a_file_that_is_not_a_dump(ckpt, fails, name):
+    before = (ckpt / name).read_bytes()
+    fails("capture", "--model", ckpt, "--prompt", "hi", "--impl", "qwenlab", "--out", ckpt / name,
+          needles=(f"{ckpt / name}: exists and is not an activation dump", "refusing to overwrite"))
+    assert (ckpt / name).read_bytes() == before
+    assert not [p for p in ckpt.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_capture_replaces_its_own_earlier_dump(tiny_dir, tmp_path, cli):
+    out = tmp_path / "dump.safetensors"
+    for _ in range(2):
+        code, _, err = cli("capture", "--model", tiny_dir, "--prompt", "hi", "--impl", "qwenlab", "--out", out)
+        assert code == 0, err
