@@ -54,7 +54,8 @@ def refuse_inside(out, checkpoint_dir, flag: str = "--out"):
 
 
 def _shard_name(name, index: Path) -> str:
-    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name \
+            or "\0" in name:
         raise QwenlabError(f"{index}: weight_map entry {name!r} is not a plain file name in the checkpoint folder "
                            "(no folders, '..' or absolute paths)")
     return name
