@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from qwenlab.activations.capture import capture_to_file
-from qwenlab.activations.diff import diff_dumps
+from qwenlab.activations.diff import diff_dumps, read_floors
 from qwenlab.activations.diff_text import nothing_compared, summary_text
+from qwenlab.activations.dump import check_output_path
 from qwenlab.activations.nvfp4_reference import REFERENCES
 from qwenlab.arguments import COUNT, NON_NEGATIVE, SECONDS, SEED, TEMPERATURE, TOP_P
 from qwenlab.bench import decode as bench_decode
@@ -19,6 +20,7 @@ from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory import stress
 from qwenlab.model import quantize
 from qwenlab.model.config import read_generation_config
+from qwenlab.model.files import refuse_inside
 from qwenlab.model.loader import load, resolve_device
 from qwenlab.model.spec import LoadSpec, add_load_arguments
 from qwenlab.model.tiny import expected_digest, resolve_model_dir, verify, write_checkpoint
@@ -101,16 +103,20 @@ def cmd_generate(args):
 
 
 def cmd_capture(args):
+    refuse_inside(args.out, _model_dir(args))  # before anything loads: never overwrite what is read
+    if args.unquantized_model:
+        refuse_inside(args.out, args.unquantized_model)
+    check_output_path(args.out)
     ckpt = load(LoadSpec.from_args(args))
     ids = _prompt_ids(args, ckpt.tokenizer)
     check_context(ckpt.model, len(ids))
     path = capture_to_file(ckpt, ids, args.impl, args.out, attention=args.attention, reference=args.reference,
                            unquantized_model=args.unquantized_model)
-    print(f"wrote {path} ({args.impl}, {len(ids)} tokens)")
+    print(f"wrote {path} ({args.impl}, {len(ids)} token{'s' if len(ids) != 1 else ''})")
 
 
 def cmd_diff(args):
-    floors = json.loads(Path(args.floors).read_text()) if args.floors else None
+    floors = read_floors(args.floors) if args.floors else None
     result = diff_dumps(args.candidate, args.reference, dtype=args.dtype, floors=floors,
                         allow_missing=args.allow_missing)
     if args.json:

@@ -106,10 +106,18 @@ def test_diff_of_a_corrupt_dump_names_the_file(tmp_path, capsys):
 def test_capture_does_not_overwrite_on_failure(tmp_path, tiny_dir, capsys):
     out = tmp_path / "keep.safetensors"
     out.write_bytes(b"precious")
-    code, err = _run(capsys, "capture", "--model", str(tiny_dir), "--prompt", "", "--impl", "qwenlab",
-                     "--out", str(out))
-    _assert_one_line_error(code, err, "empty")
+    code, err = _run(capsys, "capture", "--model", str(tiny_dir), "--prompt", "The quick brown fox", "--impl",
+                     "qwenlab", "--out", str(out))
+    _assert_one_line_error(code, err, "exists and is not an activation dump")  # refused before the model runs
     assert out.read_bytes() == b"precious"
+    dump = tmp_path / "dump.safetensors"
+    assert _run(capsys, "capture", "--model", str(tiny_dir), "--prompt", "The quick brown fox", "--impl", "qwenlab",
+                "--out", str(dump))[0] == 0
+    before = dump.read_bytes()
+    code, err = _run(capsys, "capture", "--model", str(tiny_dir), "--prompt", "", "--impl", "qwenlab",
+                     "--out", str(dump))
+    _assert_one_line_error(code, err, "empty")
+    assert dump.read_bytes() == before  # a failed capture leaves the old dump as it was
 
 
 def test_python_dash_m_reports_errors_the_same_way(tmp_path):

@@ -36,11 +36,14 @@ class Coverage:
 
 def declared_absent(metadata: dict, where: str = "candidate") -> list[str]:
     """The candidate's `not_produced` metadata: a JSON list of canonical names or globs (a bare string is one)."""
-    value = (metadata or {}).get(NOT_PRODUCED_KEY) or []
+    value = (metadata or {}).get(NOT_PRODUCED_KEY)
+    if value is None:
+        return []
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise QwenlabError(f"{where}: metadata {NOT_PRODUCED_KEY!r} must be a JSON list of names or globs")
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise QwenlabError(f"{where}: metadata {NOT_PRODUCED_KEY!r} must be a JSON list of names or globs, "
+                           f"got {value!r}"[:300])
     return value
 
 

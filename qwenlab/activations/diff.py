@@ -6,6 +6,7 @@ tensors, NaN for rows with nothing to compare); to_json_dict turns every NaN/inf
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -24,7 +25,7 @@ from qwenlab.sequences import first_difference
 
 NAN = float("nan")
 METRIC_KEYS = ("max_abs", "mean_abs", "rel_l2", "cosine", "nmse_db")
-DIVERGENT = ("diverged", "layout_mismatch", "shape_mismatch", "nonfinite")
+DIVERGENT = ("diverged", "layout_mismatch", "shape_mismatch", "nonfinite")  # reference_nonfinite: not a divergence
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
     "float64": "float64", "fp64": "float64", "double": "float64", "f64": "float64",
@@ -81,6 +82,33 @@ def default_floor(name: str, dtype: str, num_layers: int) -> float:
     return bf16 / 8 if dtype == "float16" else bf16
 
 
+def check_floors(floors: dict | None, where: str = "floors") -> dict:
+    """Floor overrides (name, glob or dtype -> rel_l2): a JSON object of finite numbers >= 0."""
+    if floors is None:
+        return {}
+    if not isinstance(floors, dict):
+        raise QwenlabError(f"{where}: must be a JSON object (name, glob or dtype -> rel_l2 floor), "
+                           f"got a {type(floors).__name__}")
+    for key, value in floors.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise QwenlabError(f"{where}: floor {key!r} = {value!r} must be a finite number >= 0")
+    return floors
+
+
+def read_floors(path) -> dict:
+    """`diff --floors FILE`: the overrides, or one line naming the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        floors = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QwenlabError(f"--floors {path}: not found") from None
+    except (ValueError, RecursionError) as exc:
+        raise QwenlabError(f"--floors {path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise QwenlabError(f"--floors {path}: cannot be read ({exc.strerror or exc})") from None
+    return check_floors(floors, f"--floors {path}")
+
+
 def floor_for(name: str, dtype: str, num_layers: int, overrides: dict | None = None) -> float:
     """rel_l2 floor; overrides: exact name, then first matching glob, then a dtype key."""
     dtype = _require_dtype(dtype)
@@ -97,10 +125,21 @@ def floor_for(name: str, dtype: str, num_layers: int, overrides: dict | None = N
     return default_floor(name, dtype, num_layers)
 
 
+LOGITS_KEYS = ("kl_mean", "kl_max", "kl_p50", "kl_p90", "kl_p99", "top1_agreement", "delta_p_mean", "delta_p_max")
+
+
 def logits_metrics(cand_logits: torch.Tensor, ref_logits: torch.Tensor) -> dict:
+    """KL(ref || cand) per position, top-1 agreement, delta-p. Logits with NaN or +inf (or a row with no finite
+    value; -inf alone is a probability of 0) have no distribution: every metric is then NaN and `nonfinite` says
+    which side."""
     vocab = ref_logits.shape[-1]
     ref_lp = torch.log_softmax(ref_logits.detach().to("cpu", torch.float64).reshape(-1, vocab), -1)
     cand_lp = torch.log_softmax(cand_logits.detach().to("cpu", torch.float64).reshape(-1, vocab), -1)
+    broken = [side for side, lp in (("candidate", cand_lp), ("reference", ref_lp)) if torch.isnan(lp).any()]
+    if broken:
+        n = ref_lp.shape[0]
+        return {"positions": n, **dict.fromkeys(LOGITS_KEYS, NAN), "nonfinite": " and ".join(broken),
+                "kl_per_position": [NAN] * n, "top1_match_per_position": [False] * n}
     ref_p = ref_lp.exp()
     kl = torch.where(ref_p > 0, ref_p * (ref_lp - cand_lp), torch.zeros_like(ref_p)).sum(-1)
     kl = kl.clamp_min(0.0)
@@ -132,12 +171,16 @@ def _label(dump: Dump, side: str) -> str:
 
 def floor_dtype(cand: Dump, ref: Dump) -> str:
     """The lowest precision among both dumps' `dtype` metadata and the dtypes of the tensors they store: a bf16
-    computation saved as float32 is still bf16, and a comparison is only as precise as its less precise side."""
+    computation saved as float32 is still bf16, and a comparison is only as precise as its less precise side. A dump
+    of an NVFP4 model (metadata `quantized`, written by capture) counts as bfloat16: transformers' side dequantizes
+    its NVFP4 weights through bfloat16 (doc/nvfp4.md), so no flag needs remembering."""
     found = set()
     for dump, side in ((cand, "candidate"), (ref, "reference")):
         declared = dump.metadata.get("dtype")
         if declared is not None:
             found.add(_require_dtype(declared, f"{_label(dump, side)}: metadata dtype: "))
+        if dump.metadata.get("quantized"):
+            found.add("bfloat16")
         found |= {normalize_dtype(t.dtype) for t in dump.tensors.values()}
     ranked = sorted((f for f in found if f in PRECISION_RANK), key=PRECISION_RANK.get)
     return ranked[0] if ranked else "float32"
@@ -146,6 +189,12 @@ def floor_dtype(cand: Dump, ref: Dump) -> str:
 def _infer_num_layers(names) -> int:
     layers = [split_name(n)[0] for n in names]
     return max([layer for layer in layers if layer is not None], default=0) + 1
+
+
+def _same_file(cand: Dump, ref: Dump) -> str | None:
+    if cand.path is not None and ref.path is not None and Path(cand.path).resolve() == Path(ref.path).resolve():
+        return str(cand.path)
+    return None
 
 
 def _check_prompts(cand: Dump, ref: Dump) -> None:
@@ -170,6 +219,8 @@ def compare_tensor(name: str, cand, ref, floor: float) -> dict:
     if cand.numel() != ref.numel():
         return {**row, "status": "shape_mismatch", "exceeds": True}
     row.update(tensor_metrics(cand.reshape(ref.shape), ref))
+    if not torch.isfinite(ref.detach().to(torch.float64)).all():
+        return {**row, "status": "reference_nonfinite", "note": "the reference holds NaN or inf: nothing to judge"}
     if not torch.isfinite(cand.detach().to(torch.float64)).all():
         return {**row, "status": "nonfinite", "exceeds": True}
     if row["rel_l2"] <= floor:
@@ -188,6 +239,12 @@ class DiffResult:
     only_in_candidate: list[str] = field(default_factory=list)
     only_in_reference: list[str] = field(default_factory=list)
     coverage: Coverage | None = None
+    same_file: str | None = None  # both sides are this one file
+
+    @property
+    def reference_nonfinite(self) -> str | None:
+        """The first tensor whose reference holds NaN or inf (the reference run is broken there)."""
+        return next((row["name"] for row in self.rows if row["status"] == "reference_nonfinite"), None)
 
     @property
     def first_divergence_row(self) -> dict | None:
@@ -205,9 +262,12 @@ class DiffResult:
     @property
     def verdict(self) -> str:
         """'pass'; 'diverged' (a tensor over its floor); 'incomplete' (reference tensors missing from the candidate,
-        not declared, no allow_missing); 'nothing_compared' (no name in common: nothing was checked)."""
+        not declared, no allow_missing); 'nothing_compared' (no name in common: nothing was checked);
+        'reference_nonfinite' (the reference holds NaN or inf: it cannot judge the candidate)."""
         if self.compared == 0:
             return "nothing_compared"
+        if self.reference_nonfinite is not None:
+            return "reference_nonfinite"
         if self.first_divergence is not None:
             return "diverged"
         if self.coverage is not None and not self.coverage.complete:
@@ -229,7 +289,7 @@ class DiffResult:
                            "logits": self.logits, "only_in_candidate": self.only_in_candidate,
                            "only_in_reference": self.only_in_reference, "dtype": self.dtype,
                            "coverage": self.coverage.to_json_dict() if self.coverage else None,
-                           "verdict": self.verdict, "passed": self.passed})
+                           "verdict": self.verdict, "passed": self.passed, "same_file": self.same_file})
 
 
 def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = None,
@@ -238,6 +298,7 @@ def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = Non
     Passes only when no row exceeds and every reference tensor was compared, declared in the candidate's
     `not_produced` metadata, or allow_missing is set."""
     cand, ref = _as_dump(cand), _as_dump(ref)
+    floors = check_floors(floors)
     _check_prompts(cand, ref)
     dtype = _require_dtype(dtype) if dtype else floor_dtype(cand, ref)
     names = sort_forward(set(cand.tensors) | set(ref.tensors))
@@ -253,7 +314,7 @@ def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = Non
             logits = logits_metrics(c.reshape(r.shape), r)
     coverage = measure(cand.tensors, ref.tensors, declared_absent(cand.metadata, _label(cand, "candidate")),
                        allow_missing)
-    return DiffResult(rows=rows, dtype=dtype, logits=logits, coverage=coverage,
+    return DiffResult(rows=rows, dtype=dtype, logits=logits, coverage=coverage, same_file=_same_file(cand, ref),
                       only_in_candidate=[r["name"] for r in rows if r["status"] == "only_in_candidate"],
                       only_in_reference=[r["name"] for r in rows if r["status"] == "only_in_reference"])
 

@@ -3,7 +3,8 @@ over their floor (every row with all_rows) with shapes, the logits statistics, t
 from qwenlab.activations.diff import DiffResult
 
 HEADLINES = {"pass": "PASS", "diverged": "FAIL", "incomplete": "FAIL (incomplete)",
-             "nothing_compared": "ERROR (nothing compared)"}
+             "nothing_compared": "ERROR (nothing compared)",
+             "reference_nonfinite": "ERROR (the reference holds NaN or inf: it cannot judge)"}
 LISTED = 4
 
 
@@ -29,10 +30,10 @@ def headline(result: DiffResult) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = [f"  {'name':<40} {'status':<17} {'rel_l2':>9} {'floor':>7}  shape"]
+    lines = [f"  {'name':<40} {'status':<19} {'rel_l2':>9} {'floor':>7}  shape"]
     for row in rows:
         rel = "-" if row["rel_l2"] != row["rel_l2"] else f"{row['rel_l2']:.3g}"
-        lines.append(f"  {row['name']:<40} {row['status']:<17} {rel:>9} {row['floor']:>7.1g}  {shape_text(row)}")
+        lines.append(f"  {row['name']:<40} {row['status']:<19} {rel:>9} {row['floor']:>7.1g}  {shape_text(row)}")
         if row.get("note"):
             lines.append(f"  {'':<40} {row['note']}")
     return lines
@@ -57,7 +58,10 @@ def coverage_lines(result: DiffResult) -> list[str]:
 
 def summary_text(result: DiffResult, max_rows: int = 12, all_rows: bool = False) -> str:
     lines = [headline(result)]
-    shown = [r for r in result.rows if all_rows or r["exceeds"]]
+    if result.same_file:
+        lines.append(f"note: candidate and reference are the same file ({result.same_file}): nothing independent "
+                     "was compared")
+    shown = [r for r in result.rows if all_rows or r["exceeds"] or r["status"] == "reference_nonfinite"]
     if shown:
         lines += table(shown if all_rows else shown[:max_rows])
     if not all_rows and len(shown) > max_rows:
@@ -65,8 +69,11 @@ def summary_text(result: DiffResult, max_rows: int = 12, all_rows: bool = False)
     if result.logits:
         lg = result.logits
         positions = f"{lg['positions']} position{'s' if lg['positions'] != 1 else ''}"
-        lines.append(f"logits ({positions}): KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g}, "
-                     f"top-1 agreement {lg['top1_agreement']:.1%}, delta-p mean {lg['delta_p_mean']:.3g}")
+        if lg.get("nonfinite"):
+            lines.append(f"logits ({positions}): not compared: the {lg['nonfinite']} logits hold NaN or +inf")
+        else:
+            lines.append(f"logits ({positions}): KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g}, "
+                         f"top-1 agreement {lg['top1_agreement']:.1%}, delta-p mean {lg['delta_p_mean']:.3g}")
     lines += coverage_lines(result)
     if result.only_in_candidate:
         unmatched = [n for n in result.only_in_candidate if not (result.coverage and n in result.coverage.suggestions)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,9 +77,17 @@ def decode_metadata(raw: dict[str, str] | None, path) -> dict:
     marker = raw.pop(JSON_KEYS_MARKER, None)
     json_keys = set(JSON_KEYS)
     if marker is not None:
-        json_keys |= set(_loads(marker, JSON_KEYS_MARKER, path))
-    return {key: _loads(value, key, path) if key in json_keys else value
-            for key, value in raw.items()}
+        listed = _loads(marker, JSON_KEYS_MARKER, path)
+        if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+            raise QwenlabError(f"{path}: metadata {JSON_KEYS_MARKER!r} must be a JSON list of key names, "
+                               f"got {marker!r}")
+        json_keys |= set(listed)
+    decoded = {key: _loads(value, key, path) if key in json_keys else value for key, value in raw.items()}
+    ids = decoded.get("prompt_ids")
+    if ids is not None and not (isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)):
+        raise QwenlabError(f"{path}: metadata 'prompt_ids' must be a JSON list of token ids (ints >= 0), "
+                           f"got {raw['prompt_ids'][:80]!r}")
+    return decoded
 
 
 def _loads(text: str, key: str, path):
@@ -97,14 +106,44 @@ def _prepare(tensors: dict) -> dict[str, torch.Tensor]:
     return prepared
 
 
+DUMP_KEYS = ("producer", "prompt_ids", JSON_KEYS_MARKER)  # metadata a dump has and a checkpoint's weights do not
+
+
+def _is_dump(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return any(key in (handle.metadata() or {}) for key in DUMP_KEYS)
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not a dump
+        return False
+
+
+def check_output_path(path) -> Path:
+    """Refuses, before any compute, a dump path that cannot be written: a directory, under a file or a folder this
+    process may not write, or an existing file that is not a dump (a checkpoint's weights, a tokenizer file...)."""
+    path = Path(path)
+    if path.is_dir():
+        raise QwenlabError(f"{path}: is a directory; give the dump's file name (e.g. {path / 'dump.safetensors'})")
+    if path.exists() and not _is_dump(path):
+        raise QwenlabError(f"{path}: exists and is not an activation dump (no {'/'.join(DUMP_KEYS)} metadata); "
+                           "refusing to overwrite it")
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a folder" if not existing.is_dir() else "not writable"
+        raise QwenlabError(f"{path}: cannot be written ({existing} is {why})")
+    return path
+
+
 def write_dump(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
     """Write atomically: a temp file in the same directory, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_path(path)
     prepared = _prepare(tensors)
     encoded = encode_metadata(metadata or {})
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(prepared, tmp, metadata=encoded)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            safetensors.torch.save_file(prepared, tmp, metadata=encoded)
+    except OSError as exc:
+        raise QwenlabError(f"{path}: cannot be written ({exc.strerror or exc})") from None
     return path
 
 
@@ -125,8 +164,17 @@ def read_metadata(path) -> dict:
     return decode_metadata(_open(path, lambda handle: handle.metadata()), path)
 
 
+def check_tensors(tensors: dict, path):
+    """Dump tensors are activations, token-major: at least one dimension."""
+    for name, tensor in tensors.items():
+        if tensor.dim() == 0:
+            raise QwenlabError(f"{path}: tensor {name!r} is 0-dimensional; dump tensors are [tokens, ...] "
+                               "activations (doc/dump-format.md)")
+
+
 def read_dump(path) -> Dump:
     path = Path(path)
     raw, tensors = _open(path, lambda handle: (handle.metadata(), {name: handle.get_tensor(name)
                                                                    for name in handle.keys()}))
+    check_tensors(tensors, path)
     return Dump(tensors=tensors, metadata=decode_metadata(raw, path), path=path)

@@ -56,14 +56,18 @@ def save_figure(fig, out_dir, notebook: str, name: str, key: bool = False) -> Pa
 
 
 def check_max(reasons: list[str], label: str, value: float, limit: float):
-    """Appends a reason when value > limit (or is not finite). Returns value for chaining in notebooks."""
-    if not (value <= limit):
+    """Appends a reason when value > limit (or is not a number: said so). Returns value for chaining in notebooks."""
+    if value != value:
+        reasons.append(f"{label} could not be computed (NaN): nothing to compare it with, limit {limit:.4g}")
+    elif not (value <= limit):
         reasons.append(f"{label} = {value:.4g} exceeds {limit:.4g}")
     return value
 
 
 def check_min(reasons: list[str], label: str, value: float, limit: float):
-    if not (value >= limit):
+    if value != value:
+        reasons.append(f"{label} could not be computed (NaN): nothing to compare it with, limit {limit:.4g}")
+    elif not (value >= limit):
         reasons.append(f"{label} = {value:.4g} is below {limit:.4g}")
     return value
 

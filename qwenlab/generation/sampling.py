@@ -1,9 +1,16 @@
-"""Next-token choice: greedy at temperature <= 0, else temperature / top-k / top-p with a seeded generator."""
+"""Next-token choice: greedy at temperature 0, else temperature / top-k / top-p with a seeded generator.
+
+Any positive finite temperature works, however small: the logits are shifted by their maximum and divided in float64,
+so the top logit becomes 0 and the others a negative number or -inf, never inf - inf or 0 / 0 (at 1e-45 only exact
+ties of the top logit keep any probability: greedy unless two logits are equal)."""
+import math
 from dataclasses import dataclass
 
 import torch
 
 from qwenlab.errors import QwenlabError
+
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -15,6 +22,12 @@ class SamplingParams:
     max_new_tokens: int = 128
 
     def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise QwenlabError(f"temperature={t}: must be a finite number >= 0 (0 is greedy)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise QwenlabError(f"seed={self.seed}: must be an integer from 0 to 2**63-1")
         if self.top_k < 0:
             raise QwenlabError(f"top_k={self.top_k}: must be >= 0 (0 disables it)")
         if not 0.0 < self.top_p <= 1.0:
@@ -24,13 +37,14 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature == 0
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities [V] (float32, on the logits' device) after temperature, top-k and top-p; zero outside the
+    """Probabilities [V] (float64, on the logits' device) after temperature, top-k and top-p; zero outside the
     kept set."""
-    logits = logits.float() / params.temperature
+    logits = logits.double()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,12 +1,15 @@
 """Qwen3 config.json in both spellings seen in the wild (transformers 4.x and 5.x)."""
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qwenlab.errors import QwenlabError
 
 QWEN3_ARCHITECTURES = {"Qwen3ForCausalLM"}
+REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -40,16 +43,29 @@ class Qwen3Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _rope_theta(raw: dict, where: str) -> float:
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
+def json_type(value) -> str:
+    names = {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "an array"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _object(value, key: str, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise QwenlabError(f"{where}: {key} must be a JSON object or null, got {value!r}")
+    return value
+
+
+def _rope_theta(raw: dict, where: str):
+    params = _object(raw.get("rope_parameters"), "rope_parameters", where)
+    scaling = _object(raw.get("rope_scaling"), "rope_scaling", where)
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type != "default":
         raise QwenlabError(f"{where}: rope_type {rope_type!r} is not supported (only default RoPE)")
     theta = params.get("rope_theta", raw.get("rope_theta"))
     if theta is None:
         raise QwenlabError(f"{where}: no rope_theta (neither top-level nor in rope_parameters)")
-    return float(theta)
+    return theta
 
 
 def _require(raw: dict, key: str, where: str):
@@ -58,55 +74,106 @@ def _require(raw: dict, key: str, where: str):
     return raw[key]
 
 
+def _int(value, key: str, where: str) -> int:
+    """A JSON integer >= 1 (not a bool, not 4.0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise QwenlabError(f"{where}: {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _positive(value, key: str, where: str) -> float:
+    """A finite number > 0 (JSON integer or float, not a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise QwenlabError(f"{where}: {key} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _flag(raw: dict, key: str, where: str) -> bool:
+    value = raw.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise QwenlabError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _text(raw: dict, keys: tuple, default: str, where: str) -> str:
+    key = next((k for k in keys if raw.get(k)), None)
+    if key is None:
+        return default
+    if not isinstance(raw[key], str):
+        raise QwenlabError(f"{where}: {key} must be a string, got {raw[key]!r}")
+    return raw[key]
+
+
+def _check_heads(heads: int, kv_heads: int, head_dim: int, where: str):
+    if heads % kv_heads:
+        raise QwenlabError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    if head_dim % 2:
+        raise QwenlabError(f"{where}: head_dim={head_dim} is odd (rotary embeddings rotate pairs of dimensions)")
+
+
 def config_from_dict(raw: dict, where: str = "config.json") -> Qwen3Config:
+    if not isinstance(raw, dict):
+        raise QwenlabError(f"{where}: the JSON root is {json_type(raw)}, not an object")
     model_type = raw.get("model_type")
-    archs = set(raw.get("architectures") or [])
-    if model_type != "qwen3" or (archs and not archs & QWEN3_ARCHITECTURES):
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise QwenlabError(f"{where}: architectures must be a list of strings, got {archs!r}")
+    if model_type != "qwen3" or (archs and not set(archs) & QWEN3_ARCHITECTURES):
         raise QwenlabError(
             f"{where}: model_type={model_type!r} architectures={sorted(archs)} is not Qwen3 "
             "(qwenlab supports model_type 'qwen3' / Qwen3ForCausalLM only)"
         )
-    if raw.get("use_sliding_window"):
+    if _flag(raw, "use_sliding_window", where):
         raise QwenlabError(f"{where}: use_sliding_window=true is not supported")
-    heads = int(_require(raw, "num_attention_heads", where))
-    hidden = int(_require(raw, "hidden_size", where))
-    act = raw.get("hidden_act", "silu")
+    act = _text(raw, ("hidden_act",), "silu", where)
     if act != "silu":
         raise QwenlabError(f"{where}: hidden_act {act!r} is not supported (Qwen3 uses silu)")
+    sizes = {key: _int(_require(raw, key, where), key, where) for key in REQUIRED_INTS}
+    heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+    kv_heads = heads if raw.get("num_key_value_heads") is None else _int(raw["num_key_value_heads"],
+                                                                         "num_key_value_heads", where)
+    if raw.get("head_dim") is not None:
+        head_dim = _int(raw["head_dim"], "head_dim", where)
+    else:
+        head_dim = _int(hidden // heads, "head_dim (hidden_size // num_attention_heads, no head_dim given)", where)
+    _check_heads(heads, kv_heads, head_dim, where)
+    eps = raw.get("rms_norm_eps", 1e-6)
     return Qwen3Config(
-        vocab_size=int(_require(raw, "vocab_size", where)),
-        hidden_size=hidden,
-        intermediate_size=int(_require(raw, "intermediate_size", where)),
-        num_hidden_layers=int(_require(raw, "num_hidden_layers", where)),
-        num_attention_heads=heads,
-        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or hidden // heads),
-        max_position_embeddings=int(_require(raw, "max_position_embeddings", where)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(raw, where),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=bool(raw.get("attention_bias", False)),
+        **sizes,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_positive(eps, "rms_norm_eps", where),
+        rope_theta=_positive(_rope_theta(raw, where), "rope_theta", where),
+        tie_word_embeddings=_flag(raw, "tie_word_embeddings", where),
+        attention_bias=_flag(raw, "attention_bias", where),
         hidden_act=act,
-        torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+        torch_dtype=_text(raw, ("dtype", "torch_dtype"), "bfloat16", where),
     )
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file whose root is an object, or one line saying why it is not."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QwenlabError(f"{path}: not valid JSON ({reason})") from None
+    except OSError as e:
+        raise QwenlabError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(raw, dict):
+        raise QwenlabError(f"{path}: the JSON root is {json_type(raw)}, not an object")
+    return raw
 
 
 def read_config(checkpoint_dir: Path) -> Qwen3Config:
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise QwenlabError(f"{path}: not found (is {checkpoint_dir} a Hugging Face checkpoint directory?)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QwenlabError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(raw, str(path))
+    return config_from_dict(read_json_object(path), str(path))
 
 
 def read_generation_config(checkpoint_dir: Path) -> dict:
     path = Path(checkpoint_dir) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise QwenlabError(f"{path}: not valid JSON ({e})") from None
+    return read_json_object(path) if path.is_file() else {}

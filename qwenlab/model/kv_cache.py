@@ -3,7 +3,19 @@
 The forward asks the cache three things: the positions of the new tokens, an attention mask (None = the queries
 are the last T of the S keys, causal), and the keys/values of the whole sequence after writing the new ones.
 """
+import psutil
 import torch
+
+from qwenlab.errors import QwenlabError
+
+
+def check_room(nbytes: int, positions: int, device: torch.device):
+    """A cache that cannot fit is one line before torch is asked for it (a context of max_position_embeddings can
+    mean terabytes)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if nbytes > free:
+        raise QwenlabError(f"a KV cache of {positions} positions needs {nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} "
+                           f"GiB is free on {device}: ask for fewer tokens (--max-new-tokens, a shorter prompt)")
 
 
 class KVCache:
@@ -16,6 +28,9 @@ class KVCache:
         self.length = 0
         shape = (batch, num_kv_heads, max_len if preallocate else 0, head_dim)
         devices = device if isinstance(device, (list, tuple)) else [device] * num_layers  # one per layer when split
+        if preallocate:
+            check_room(2 * num_layers * batch * num_kv_heads * max_len * head_dim * dtype.itemsize, max_len,
+                       torch.device(devices[0]))
         self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
 

@@ -1,17 +1,17 @@
 """Checkpoint directory (HF layout) -> validated Qwen3 + tokenizer, built once and not changed afterwards.
 Safetensors only. The module tree (NVFP4 linears, fused projections, attention, per-layer devices) is decided
 before construction; each tensor is read straight to the device of the layer that owns it."""
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from qwenlab.errors import QwenlabError
 from qwenlab.model import nvfp4_load
 from qwenlab.model.config import Qwen3Config, read_config, read_generation_config
 from qwenlab.model.dtypes import parse_dtype, resolve_dtype  # noqa: F401  (re-exported)
+from qwenlab.model.files import check_checkpoint, tensor_shapes, weight_files
 from qwenlab.model.hf_names import fused_state, hf_shapes
 from qwenlab.model.placement import device_of, parse_device_map
 from qwenlab.model.qwen3 import Qwen3
@@ -30,54 +30,13 @@ def resolve_device(name: str | None) -> torch.device:
         raise QwenlabError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1)") from None
 
 
-def weight_files(checkpoint_dir: Path) -> dict[str, Path]:
-    """tensor name -> the safetensors file holding it (sharded via the index, or one model.safetensors)."""
-    index = checkpoint_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise QwenlabError(f"{index}: not a valid safetensors index ({e})") from None
-        return {name: checkpoint_dir / shard for name, shard in weight_map.items()}
-    single = checkpoint_dir / "model.safetensors"
-    if single.is_file():
-        return {name: single for name in _header(single)}
-    if list(checkpoint_dir.glob("*.bin")) or list(checkpoint_dir.glob("*.pt")):
-        raise QwenlabError(f"{checkpoint_dir}: only pickle weights (.bin/.pt) found; qwenlab loads safetensors only, "
-                           "because unpickling a checkpoint can run arbitrary code (convert it to safetensors first)")
-    raise QwenlabError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json")
-
-
-def _header(path: Path) -> dict[str, tuple]:
-    """name -> shape, read from the header only; a truncated or corrupt file fails here, before any compute."""
-    if not path.is_file():
-        raise QwenlabError(f"{path}: weight file listed in the index is missing")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise QwenlabError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    _check_size(path)
-    return shapes
-
-
-def _check_size(path: Path):
-    """safetensors maps lazily, so a file cut short only fails at the first read: check its length up front."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + n + end:
-        raise QwenlabError(f"{path}: truncated ({path.stat().st_size} bytes, header promises {8 + n + end})")
-
-
-def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None,
-             exclude=None) -> tuple[dict[str, Path], nvfp4_load.QuantSelection]:
-    """-> (tensor name -> file, which linears are NVFP4), every expected tensor checked before any compute."""
+def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None, exclude=None,
+             allow_unknown: bool = False) -> tuple[dict[str, Path], nvfp4_load.QuantSelection]:
+    """-> (tensor name -> file, which linears are NVFP4), every expected tensor checked before any compute, and
+    the folder's files (qwenlab.model.files): read only inside it, one weight source, no tensor the config does not
+    explain (unless allow_unknown), every weight and scale finite."""
     files = weight_files(checkpoint_dir)
-    shapes = {}
-    for path in sorted(set(files.values())):
-        shapes |= _header(path)
+    shapes = tensor_shapes(files)
     selection = nvfp4_load.select(checkpoint_dir, cfg, shapes, files, quant, exclude)
     stored = {f"{m}.weight" for m in selection.stored}
     for name, shape in hf_shapes(cfg).items():
@@ -88,17 +47,8 @@ def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None,
         if shapes[name] != shape:
             raise QwenlabError(f"{checkpoint_dir}: tensor {name} has shape {list(shapes[name])}, "
                                f"config.json implies {list(shape)}")
+    check_checkpoint(checkpoint_dir, files, set(hf_shapes(cfg)) | selection.file_names, cfg, allow_unknown)
     return files, selection
-
-
-def check_checkpoint(spec: LoadSpec) -> Qwen3Config:
-    """Everything the load would check before reading a weight: for commands that must fail before writing."""
-    checkpoint_dir = resolve_model_dir(spec.model)
-    if not checkpoint_dir.is_dir():
-        raise QwenlabError(f"--model {checkpoint_dir}: not a directory")
-    cfg = read_config(checkpoint_dir)
-    validate(checkpoint_dir, cfg, spec.quant, spec.exclude)
-    return cfg
 
 
 @dataclass
@@ -133,7 +83,7 @@ def load_model(spec, dtype: str | None = None, device: str | None = None, quant:
     if not checkpoint_dir.is_dir():
         raise QwenlabError(f"--model {checkpoint_dir}: not a directory")
     cfg = read_config(checkpoint_dir)
-    files, selection = validate(checkpoint_dir, cfg, spec.quant, spec.exclude)
+    files, selection = validate(checkpoint_dir, cfg, spec.quant, spec.exclude, spec.allow_unknown)
     layer_devices = parse_device_map(spec.device_map, cfg.num_hidden_layers) if spec.device_map else None
     first = torch.device(layer_devices[0]) if layer_devices else resolve_device(spec.device)
     torch_dtype = resolve_dtype(spec.dtype, first, cfg)
@@ -178,5 +128,5 @@ def load(spec, dtype: str | None = None, device: str | None = None, quant: str |
     model = load_model(spec)
     checkpoint_dir = resolve_model_dir(spec.model)
     gen = read_generation_config(checkpoint_dir)
-    tok = Tokenizer.from_dir(checkpoint_dir, generation_config=gen)
+    tok = Tokenizer.from_dir(checkpoint_dir, generation_config=gen, model_vocab_size=model.config.vocab_size)
     return Checkpoint(checkpoint_dir, model.config, gen, model, tok, spec)

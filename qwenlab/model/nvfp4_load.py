@@ -52,6 +52,11 @@ class QuantSelection:
     def quantized(self) -> list[str]:
         return [*self.stored, *self.at_load]
 
+    @property
+    def file_names(self) -> set[str]:
+        """The file's tensors of the modules stored quantized (packed codes and scales)."""
+        return {name for m in self.stored.values() for name in m.names()}
+
 
 def select(checkpoint_dir, cfg: Qwen3Config, shapes: dict, files, quant: str | None, exclude=None) -> QuantSelection:
     mode = parse_quant(quant)

@@ -4,6 +4,7 @@ quant="nvfp4")` computes, so re-loading DST gives identical dequantized weights.
 calibrated on the quantized model over a few texts of data/tokenizer_corpus.jsonl: amax of each linear's input
 / (6 x 448). Tensors that are not quantized are copied from SRC as stored; tokenizer and generation files too."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from safetensors import safe_open
 
 from qwenlab import __version__
 from qwenlab.errors import QwenlabError, standalone_main
+from qwenlab.model.files import is_inside, refuse_inside, weight_files
 from qwenlab.model.hf_names import hf_shapes
-from qwenlab.model.loader import load, weight_files
+from qwenlab.model.loader import load
 from qwenlab.model.nvfp4_load import DEFAULT_KEEP
 from qwenlab.paths import DATA_DIR
 from qwenlab.quant.codec import tensor_scale_from_amax
@@ -107,42 +109,54 @@ def export(ckpt, dst, layout: str = COMPRESSED_TENSORS, max_shard_bytes: int = D
     else:
         activations = all(name in scales for name in modules)
         raw["quantization_config"] = compressed_tensors_config(info.kept, activations)
-    write_checkpoint(dst, ckpt.path, raw, dict(sorted(tensors.items())), extra, max_shard_bytes)
+    write_checkpoint(dst, ckpt.path, raw, dict(sorted(tensors.items())), extra, max_shard_bytes,
+                     may_read=lambda path: is_inside(path, ckpt.path))
     return {"dst": str(dst), "format": layout, "source": info.source, "quantized": len(info.quantized),
             "kept": list(info.kept),
             "bytes": sum(p.stat().st_size for p in Path(dst).iterdir() if p.name.endswith(".safetensors"))}
 
 
-def quantize_checkpoint(src, dst, layout: str = COMPRESSED_TENSORS, exclude=None, calibration_texts_n: int = 32,
-                        device: str | None = None, dtype: str | None = None,
-                        max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    src, dst = Path(src), Path(dst)
-    get_layout(layout)
-    check_destination(dst)
+def check_paths(src: Path, dst: Path, force: bool = False):
+    """DST is never SRC; inside SRC (or the HF cache blobs it links to) only with force."""
     if dst.resolve() == src.resolve():
         raise QwenlabError(f"{dst}: the destination is the source checkpoint")
+    if not force:
+        refuse_inside(dst, src, flag="DST")
+    check_destination(dst)
+
+
+def quantize_checkpoint(src, dst, layout: str = COMPRESSED_TENSORS, exclude=None, calibration_texts_n: int = 32,
+                        device: str | None = None, dtype: str | None = None,
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> dict:
+    src, dst = Path(src), Path(dst)
+    get_layout(layout)
+    check_paths(src, dst, force)
+    if max_shard_bytes < 1:
+        raise QwenlabError(f"max_shard_bytes={max_shard_bytes}: must be >= 1")
     ckpt = load(src, dtype, device, quant="nvfp4", exclude=exclude)
     scales, tokens = calibrate(ckpt, calibration_texts_n) if calibration_texts_n > 0 else ({}, 0)
     return export(ckpt, dst, layout, max_shard_bytes, scales) | {"src": str(src), "calibration_tokens": tokens}
 
 
+SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+
+
 def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    """'2GiB', '500MB', '1e9' or plain bytes -> bytes (>= 1)."""
     t = text.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.endswith(unit):
-            try:
-                return int(float(t[:-len(unit)]) * factor)
-            except ValueError:
-                break
-    if t.isdigit():
-        return int(t)
-    raise QwenlabError(f"--max-shard-size {text!r}: give bytes or a size like 2GB, 500MB")
+    unit = next((u for u in SIZE_UNITS if t.endswith(u)), "")
+    try:
+        value = float(t[:len(t) - len(unit)]) * SIZE_UNITS.get(unit, 1)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise QwenlabError(f"--max-shard-size {text!r}: give a positive size in bytes or like 2GB, 500MB, 1GiB")
+    return int(value)
 
 
 def cmd_quantize(args) -> int:
     summary = quantize_checkpoint(args.src, args.dst, args.format, args.exclude, args.calibrate, args.device,
-                                  args.dtype, parse_size(args.max_shard_size))
+                                  args.dtype, parse_size(args.max_shard_size), args.force)
     print(f"wrote {summary['format']} NVFP4 checkpoint to {summary['dst']}: {summary['quantized']} linears quantized "
           f"({summary['source']}), kept {', '.join(summary['kept']) or 'none'}, "
           f"{summary['calibration_tokens']} calibration tokens, {summary['bytes'] / 2**20:.1f} MiB of weights")
@@ -163,6 +177,7 @@ def register(subparsers):
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="dtype of the calibration forward (default auto)")
     p.add_argument("--max-shard-size", default="2GiB", help="safetensors shard size (default 2GiB)")
+    p.add_argument("--force", action="store_true", help="allow DST inside SRC (never DST = SRC)")
     p.set_defaults(func=cmd_quantize)
 
 

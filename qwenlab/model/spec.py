@@ -22,6 +22,7 @@ class LoadSpec:
     device_map: str | tuple[str, ...] | None = None  # qwenlab's layers across devices (doc/placement.md)
     attention: str = "sdpa"
     fused: bool | None = None  # q/k/v and gate/up as one matmul each; None: on CUDA for a dense model
+    allow_unknown: bool = False  # tensors config.json does not explain are left unread instead of refused
 
     def __post_init__(self):
         for name in ("model", "device", "quant", "device_map"):  # an empty string (a notebook parameter) = default
@@ -51,7 +52,7 @@ class LoadSpec:
     @classmethod
     def from_args(cls, args: argparse.Namespace, **fields) -> "LoadSpec":
         return cls(model=args.model, dtype=args.dtype, device=args.device, quant=args.quant,
-                   device_map=args.device_map, **fields)
+                   device_map=args.device_map, allow_unknown=args.allow_unknown_tensors, **fields)
 
     def with_(self, **changes) -> "LoadSpec":
         return replace(self, **changes)
@@ -75,3 +76,5 @@ def add_load_arguments(p: argparse.ArgumentParser, *, quant: bool = True, device
                        help="qwenlab's layers split across devices: balanced | 0:0-31,1:32-63 (doc/placement.md)")
     else:
         p.set_defaults(device_map=None)
+    p.add_argument("--allow-unknown-tensors", action="store_true",
+                   help="load a checkpoint holding tensors config.json does not explain, leaving them unread")

@@ -6,19 +6,15 @@ against HF transformers (see tests/test_tokenizer.py).
 from __future__ import annotations
 
 import codecs
-import json
-from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-import jinja2
-import jinja2.ext
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 
 from qwenlab.errors import QwenlabError
+from qwenlab.model import chat_template
+from qwenlab.model.config import read_json_object
 
 DEFAULT_STOP_TOKENS = (("<|im_end|>", 151645), ("<|endoftext|>", 151643))
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -56,21 +52,19 @@ def load_backend(path: Path) -> BackendTokenizer:
 
 
 def read_json_or_empty(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise QwenlabError(f"cannot read {path}: {exc}") from None
+    return read_json_object(path) if path.is_file() else {}
 
 
 def read_chat_template(directory: Path, tokenizer_config: dict) -> str | None:
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QwenlabError(f"cannot read {jinja_file}: {exc}") from None
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):
-        named = {entry.get("name"): entry.get("template") for entry in template}
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
 
@@ -100,62 +94,6 @@ def unique_in_order(ids: Iterable[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-class GuardedNamespace(jinja2.utils.Namespace):
-    """Jinja namespace that refuses underscore-prefixed attributes, as transformers' does."""
-
-    def __init__(*args, **kwargs):
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            GuardedNamespace.check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        GuardedNamespace.check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def check_name(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"chat templates cannot set namespace attribute {name!r}")
-
-
-class GenerationTag(jinja2.ext.Extension):
-    """Accepts `{% generation %}...{% endgeneration %}` (assistant-mask markers) and renders the body unchanged."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("render_body"), [], [], body).set_lineno(lineno)
-
-    def render_body(self, caller):
-        return caller()
-
-
-def raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def strftime_now(format):
-    return datetime.now().strftime(format)
-
-
-@lru_cache(maxsize=8)
-def compile_chat_template(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=GuardedNamespace)
-    return env.from_string(template)
-
-
 def template_ready_message(message: dict) -> dict:
     """Drop None-valued keys and copy reasoning under every name templates read, as transformers does."""
     cleaned = {key: value for key, value in message.items() if value is not None}
@@ -178,11 +116,23 @@ class Tokenizer:
         self.stop_ids = unique_in_order(self.default_stop_ids() + eos_ids_from_generation_config(generation_config))
 
     @classmethod
-    def from_dir(cls, checkpoint_dir: str | Path, generation_config: dict | None = None) -> "Tokenizer":
+    def from_dir(cls, checkpoint_dir: str | Path, generation_config: dict | None = None,
+                 model_vocab_size: int | None = None) -> "Tokenizer":
+        """model_vocab_size: the model's embedding rows (config.json's vocab_size); every id the tokenizer can
+        produce must have one."""
         directory = Path(checkpoint_dir)
         backend = load_backend(directory / "tokenizer.json")
         config = read_json_or_empty(directory / "tokenizer_config.json")
-        return cls(backend, directory, config, read_chat_template(directory, config), generation_config)
+        tokenizer = cls(backend, directory, config, read_chat_template(directory, config), generation_config)
+        if model_vocab_size is not None and tokenizer.max_id >= model_vocab_size:
+            raise QwenlabError(f"{directory / 'config.json'}: vocab_size={model_vocab_size}, but the tokenizer "
+                               f"({directory / 'tokenizer.json'}) produces ids up to {tokenizer.max_id}: the "
+                               "embedding has no row for them")
+        return tokenizer
+
+    @property
+    def max_id(self) -> int:
+        return max([self.backend.get_vocab_size(with_added_tokens=False) - 1, *self.added_ids])
 
     @property
     def vocab_size(self) -> int:
@@ -201,6 +151,12 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: bytes that were not UTF-8 (surrogateescape'd argv)
+            code = ord(text[exc.start])
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+            raise QwenlabError(f"the text is not valid UTF-8 ({what} at character {exc.start})") from None
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -222,11 +178,12 @@ class Tokenizer:
         if enable_thinking is not None:
             variables["enable_thinking"] = enable_thinking
         try:
-            return compile_chat_template(self.chat_template).render(
-                messages=[template_ready_message(m) for m in messages], tools=tools, documents=None,
-                add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.exceptions.TemplateError as exc:
-            raise QwenlabError(f"chat template of {self.source_dir} failed: {exc}") from None
+            return chat_template.render(
+                self.chat_template, messages=[template_ready_message(m) for m in messages], tools=tools,
+                documents=None, add_generation_prompt=add_generation_prompt, **variables)
+        except Exception as exc:  # noqa: BLE001 - the template is the user's code: any failure is theirs, one line
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise QwenlabError(f"chat template of {self.source_dir} failed: {type(exc).__name__}: {reason}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     enable_thinking: bool | None = None) -> list[int]:

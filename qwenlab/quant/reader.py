@@ -51,7 +51,7 @@ def quantized_modules(shapes: dict, dtypes: dict, layout: Layout, linears: dict[
             raise QwenlabError(f"{where}: the checkpoint mixes both conventions: its config says {layout.name} but "
                                f"it holds {foreign} ({other_layout(layout.name)}'s name)")
         packed = f"{module}.{layout.packed}"
-        if packed not in shapes or dtypes.get(packed) != "uint8":
+        if packed not in shapes or not _is_packed(module, packed, layout, shapes, dtypes, where):
             continue
         check_shape((N, K), f"{where}: {packed}")
         input_scale = f"{module}.{layout.input_scale}"
@@ -60,6 +60,18 @@ def quantized_modules(shapes: dict, dtypes: dict, layout: Layout, linears: dict[
         _check(names, shapes, dtypes, N, K, where)
         found[module] = names
     return found
+
+
+def _is_packed(module: str, packed: str, layout: Layout, shapes: dict, dtypes: dict, where) -> bool:
+    """uint8 codes: quantized. Another dtype is a dense weight only under ModelOpt's shared name `weight` with no
+    scales beside it; otherwise it is a packed tensor of the wrong dtype."""
+    if dtypes.get(packed) == "uint8":
+        return True
+    scales = [f"{module}.{n}" for n in (layout.block_scale, layout.tensor_scale) if f"{module}.{n}" in shapes]
+    if layout.packed == "weight" and not scales:
+        return False
+    raise QwenlabError(f"{where}: {packed} has dtype {dtypes.get(packed)}, NVFP4 packed codes are uint8 (two E2M1 "
+                       "codes per byte)")
 
 
 def _check(m: QuantizedModule, shapes: dict, dtypes: dict, N: int, K: int, where):
@@ -85,14 +97,21 @@ def _check(m: QuantizedModule, shapes: dict, dtypes: dict, N: int, K: int, where
             raise QwenlabError(f"{where}: {name} must be one float scalar, got {dtypes[name]} {list(shapes[name])}")
 
 
+def _scale(get, name: str, layout: Layout, device, what: str) -> torch.Tensor:
+    """A scalar scale as qwenlab uses it (compressed-tensors files hold its reciprocal); positive and finite."""
+    stored = get(name)
+    scale = layout.scale_from_file(stored)
+    if not torch.isfinite(scale) or scale <= 0:
+        if layout.reciprocal_scales:
+            raise QwenlabError(f"{name} = {stored.float().item()}: {layout.name} stores 1 / scale, so the {what} would "
+                               f"be {scale.item()}, not a positive finite number")
+        raise QwenlabError(f"{name} = {scale.item()}: the {what} must be a positive finite number")
+    return scale.to(device)
+
+
 def read_module(get, m: QuantizedModule, layout: Layout, device) -> tuple[NVFP4Weight, torch.Tensor | None]:
     """(weight, input_scale or None) of one quantized linear; get(name) -> the file's tensor."""
-    weight = NVFP4Weight(get(m.packed).to(device), get(m.block_scale).to(device),
-                         layout.scale_from_file(get(m.tensor_scale)).to(device))
-    if not torch.isfinite(weight.tensor_scale) or weight.tensor_scale <= 0:
-        raise QwenlabError(f"{m.tensor_scale}: per-tensor scale {weight.tensor_scale.item()} is not a positive "
-                           "finite number")
-    input_scale = None
-    if m.input_scale:
-        input_scale = layout.scale_from_file(get(m.input_scale)).to(device)
+    tensor_scale = _scale(get, m.tensor_scale, layout, device, "per-tensor scale")
+    weight = NVFP4Weight(get(m.packed).to(device), get(m.block_scale).to(device), tensor_scale)
+    input_scale = _scale(get, m.input_scale, layout, device, "activation input scale") if m.input_scale else None
     return weight, input_scale

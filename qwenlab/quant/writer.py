@@ -3,6 +3,7 @@ when larger than max_shard_bytes) and every other file of the source (tokenizer,
 Written into a temp folder beside DST and renamed at the end: a failed run leaves no half-written DST."""
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -52,23 +53,37 @@ def _write_weights(folder: Path, tensors: dict, max_shard_bytes: int):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_side_files(src: Path, dst: Path):
-    """Every regular file of src except weights and the files the writer produces itself."""
+def copy_side_files(src: Path, dst: Path, may_read=None) -> set[str]:
+    """Every regular file of src except weights and the files the writer produces itself, with its permissions.
+    A symlink is followed only when may_read(path) says its target may be read (inside src); else one warning line
+    and the file is skipped. -> the names copied."""
+    copied = set()
     for path in sorted(src.iterdir()):
-        if path.is_file() and path.name not in REWRITTEN and not path.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copyfile(path, dst / path.name)
+        if not path.is_file() or path.name in REWRITTEN or path.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if path.is_symlink() and may_read is not None and not may_read(path):
+            print(f"warning: {path.name} not copied: it links to {path.resolve()}, outside {src}", file=sys.stderr)
+            continue
+        shutil.copyfile(path, dst / path.name)
+        shutil.copymode(path, dst / path.name)
+        copied.add(path.name)
+    return copied
 
 
 def write_checkpoint(dst, src_dir, config: dict, tensors: dict[str, torch.Tensor], extra_json: dict | None = None,
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    dst = Path(dst)
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, may_read=None) -> Path:
+    """Copied files keep their permissions; written ones (config, weights) take those of src's config.json, the
+    folder those of src."""
+    dst, src_dir = Path(dst), Path(src_dir)
     check_destination(dst)
-    with atomic_dir(dst) as tmp:
-        copy_side_files(Path(src_dir), tmp)
+    written_mode = (src_dir / "config.json").stat().st_mode & 0o666
+    with atomic_dir(dst, mode=src_dir.stat().st_mode & 0o777) as tmp:
+        copied = copy_side_files(src_dir, tmp, may_read)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
         _write_weights(tmp, {k: v.contiguous() for k, v in tensors.items()}, max_shard_bytes)
         for path in tmp.iterdir():
-            path.chmod(0o644)
+            if path.name not in copied:
+                path.chmod(written_mode)
     return dst

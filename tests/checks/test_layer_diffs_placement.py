@@ -66,3 +66,24 @@ def test_the_plan_reads_well():
     text = plan.describe()
     assert "placement: split" in text and "qwenlab layers: cuda:0 0-31, cuda:1 32-63" in text
     assert "79.0 GB free of 80.0" in text and "the float32 reference 131.00 GB" in text
+
+
+def test_a_candidate_that_declares_what_it_does_not_produce_passes(tiny, tmp_path):
+    """A layer-0-only dump (logits declared not produced, as `capture --include` writes it) passes the report's
+    notebook 03 as `qwenlab diff` passes it: no logits gate on logits it never claimed to have."""
+    from qwenlab.activations.capture import capture_to_file
+    from qwenlab.checks import layer_diffs as ld
+
+    ids = tiny.tokenizer.encode(PROMPTS[0])
+    dump = capture_to_file(tiny, ids, "qwenlab", tmp_path / "layer0.safetensors", include=["embed", "layers.0.*"])
+    thresholds = load_thresholds(None, "03_layer_diffs")
+    run = pl.run_layer_diffs(SPEC, PROMPTS, pl.plan_for(SPEC, PROMPTS, placement="sequential"), GATES,
+                             candidate=str(dump))
+    summary, table = ld.summary_frame(run.diffs), ld.worst_frame(run.diffs)
+    metrics, reasons = ld.verdict(thresholds, dtype=run.dtype, diffs=run.diffs, summary=summary, table=table,
+                                  logits=ld.pooled_logits(run.diffs), localised=ld.pd.DataFrame(columns=["localised"]),
+                                  gates=GATES, plant_bugs=False, candidate=str(dump),
+                                  candidate_meta=run.candidate_meta, config_hash=tiny.config.config_hash())
+    assert reasons == [] and metrics["logits"] == {}
+    declared = run.diffs[0].result.coverage.not_produced
+    assert "logits" in declared and "layers.1.input" in declared

@@ -31,10 +31,13 @@ def test_capture_against_both_references(tiny_dir, nvfp4_dirs, tmp_path, capsys)
     assert meta["reference"] == "quantized" and meta["quantization"].startswith("nvfp4")
     cand = str(paths["qwenlab", "quantized"])
     capsys.readouterr()
-    # against the same NVFP4 numbers: within the bfloat16 floors (transformers dequantizes through bfloat16)
-    assert main(["diff", cand, str(paths["reference", "quantized"]), "--dtype", "bfloat16"]) == 0
+    # against the same NVFP4 numbers: within the bfloat16 floors (transformers dequantizes through bfloat16); the
+    # dumps say they are NVFP4 (metadata `quantized`), so no --dtype flag is needed
+    assert read_dump(cand).metadata["quantized"] == "nvfp4"
+    assert main(["diff", cand, str(paths["reference", "quantized"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dtype"] == "bfloat16"
     # against the unquantized model: NVFP4 noise is over the bfloat16 floors
-    assert main(["diff", cand, str(paths["reference", "unquantized"]), "--dtype", "bfloat16", "--json"]) == 1
+    assert main(["diff", cand, str(paths["reference", "unquantized"]), "--json"]) == 1
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["first_divergence"] is not None
     # an NVFP4 checkpoint: its unquantized reference is the checkpoint it came from
