@@ -18,6 +18,7 @@ from qwenlab.activations.coverage import Coverage, declared_absent, measure
 from qwenlab.activations.dump import Dump, read_dump
 from qwenlab.activations.layout import diagnose_layout, is_last_position
 from qwenlab.activations.names import LAYER_POINTS, sort_forward, split_name
+from qwenlab.activations.prompt_check import position_warning
 from qwenlab.atomic import json_safe
 from qwenlab.errors import QwenlabError
 
@@ -187,6 +188,11 @@ class DiffResult:
     only_in_candidate: list[str] = field(default_factory=list)
     only_in_reference: list[str] = field(default_factory=list)
     coverage: Coverage | None = None
+    prompt_ids: list[int] | None = None
+
+    @property
+    def prompt_warning(self) -> str | None:
+        return position_warning(len(self.prompt_ids)) if self.prompt_ids is not None else None
 
     @property
     def first_divergence_row(self) -> dict | None:
@@ -228,7 +234,9 @@ class DiffResult:
                            "logits": self.logits, "only_in_candidate": self.only_in_candidate,
                            "only_in_reference": self.only_in_reference, "dtype": self.dtype,
                            "coverage": self.coverage.to_json_dict() if self.coverage else None,
-                           "verdict": self.verdict, "passed": self.passed})
+                           "verdict": self.verdict, "passed": self.passed,
+                           "prompt_tokens": len(self.prompt_ids) if self.prompt_ids is not None else None,
+                           "prompt_warning": self.prompt_warning})
 
 
 def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = None,
@@ -253,6 +261,7 @@ def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = Non
     coverage = measure(cand.tensors, ref.tensors, declared_absent(cand.metadata, _label(cand, "candidate")),
                        allow_missing)
     return DiffResult(rows=rows, dtype=dtype, logits=logits, coverage=coverage,
+                      prompt_ids=list(ref.prompt_ids or cand.prompt_ids or []) or None,
                       only_in_candidate=[r["name"] for r in rows if r["status"] == "only_in_candidate"],
                       only_in_reference=[r["name"] for r in rows if r["status"] == "only_in_reference"])
 

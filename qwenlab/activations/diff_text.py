@@ -57,6 +57,8 @@ def coverage_lines(result: DiffResult) -> list[str]:
 
 def summary_text(result: DiffResult, max_rows: int = 12, all_rows: bool = False) -> str:
     lines = [headline(result)]
+    if result.prompt_warning:
+        lines.append(f"warning: {result.prompt_warning}")
     shown = [r for r in result.rows if all_rows or r["exceeds"]]
     if shown:
         lines += table(shown if all_rows else shown[:max_rows])
