@@ -2,6 +2,7 @@
 and the causal mask has nothing to hide, so a forward without RoPE or without the mask passes every tensor."""
 
 MIN_TOKENS = 8
+ADVICE = f"use a prompt of {MIN_TOKENS} or more tokens (a sentence, or --chat)"
 
 
 def position_warning(n_tokens: int | None) -> str | None:
@@ -9,8 +10,7 @@ def position_warning(n_tokens: int | None) -> str | None:
     if n_tokens is None or n_tokens >= MIN_TOKENS:
         return None
     if n_tokens <= 1:
-        return (f"the prompt is {n_tokens} token{'s' * (n_tokens != 1)}: RoPE at position 0 is the identity and the causal mask hides "
-                f"nothing, so a forward that skips either passes; use a prompt of {MIN_TOKENS} or more tokens "
-                f"(a sentence, or --chat)")
-    return (f"the prompt is only {n_tokens} tokens: RoPE and the causal mask are exercised at positions 0-{n_tokens - 1} "
-            f"only; use a prompt of {MIN_TOKENS} or more tokens (a sentence, or --chat)")
+        return (f"the prompt is {n_tokens} token{'s' * (n_tokens != 1)}: RoPE at position 0 is the identity and the "
+                f"causal mask hides nothing, so a forward that skips either passes; {ADVICE}")
+    return (f"the prompt is only {n_tokens} tokens: RoPE and the causal mask are exercised at positions "
+            f"0-{n_tokens - 1} only; {ADVICE}")

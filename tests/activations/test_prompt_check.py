@@ -16,7 +16,8 @@ from qwenlab.paths import DATA_DIR, REPO_ROOT
 
 GOLDEN = DATA_DIR / "golden" / "tiny-qwen3_reference.safetensors"
 DOC = REPO_ROOT / "doc" / "numpy_forward.md"
-SENTENCE_IDS = [785, 3974, 13876, 38835, 34208, 916, 279, 15678, 5562, 13]  # "The quick brown fox jumps over the lazy dog."
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+SENTENCE_IDS = [785, 3974, 13876, 38835, 34208, 916, 279, 15678, 5562, 13]
 
 
 def test_position_warning_by_length():
@@ -74,7 +75,7 @@ def test_rope_skipped_fails_at_q_rope_on_more_tokens(tiny_dir, tmp_path, capsys)
 
 
 def test_no_warning_from_a_sentence(tiny, tiny_ref, tiny_dir, tmp_path, capsys):
-    assert tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog.") == SENTENCE_IDS
+    assert tiny.tokenizer.encode(SENTENCE) == SENTENCE_IDS
     ref = dump(tmp_path / "ref.safetensors", capture_reference(tiny_ref, SENTENCE_IDS), SENTENCE_IDS)
     cand = dump(tmp_path / "cand.safetensors", numpy_forward(skip_rope=False)(tiny_dir, SENTENCE_IDS), SENTENCE_IDS)
     code, text = diff(capsys, cand, ref)

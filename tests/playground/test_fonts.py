@@ -14,6 +14,7 @@ def test_fonts_for_cjk_and_thai():
     if not Path("/usr/bin/chromium").exists() and not os.environ.get("QWENLAB_REQUIRE_BROWSER"):
         pytest.skip("no browser set up here (scripts/browser_setup.sh installs chromium and the fonts)")
     assert shutil.which("fc-list"), "fc-list missing: run scripts/browser_setup.sh"
-    missing = [lang for lang in LANGS
-               if not subprocess.run(["fc-list", f":lang={lang}", "family"], capture_output=True, text=True).stdout.strip()]
+    listed = {lang: subprocess.run(["fc-list", f":lang={lang}", "family"], capture_output=True, text=True).stdout
+              for lang in LANGS}
+    missing = [lang for lang, families in listed.items() if not families.strip()]
     assert not missing, f"no font for {missing}: run scripts/browser_setup.sh"
