@@ -11,6 +11,7 @@ from qwenlab.activations.diff import diff_dumps, read_floors
 from qwenlab.activations.diff_text import nothing_compared, summary_text
 from qwenlab.activations.dump import check_output_path
 from qwenlab.activations.nvfp4_reference import REFERENCES
+from qwenlab.activations.prompt_check import position_warning
 from qwenlab.arguments import COUNT, NON_NEGATIVE, SECONDS, SEED, TEMPERATURE, TOP_P
 from qwenlab.bench import decode as bench_decode
 from qwenlab.errors import Parser, QwenlabError, add_debug_flag, parse, run_command
@@ -110,6 +111,8 @@ def cmd_capture(args):
     ckpt = load(LoadSpec.from_args(args))
     ids = _prompt_ids(args, ckpt.tokenizer)
     check_context(ckpt.model, len(ids))
+    if warning := position_warning(len(ids)):
+        print(f"qwenlab capture: warning: {warning}", file=sys.stderr)
     path = capture_to_file(ckpt, ids, args.impl, args.out, attention=args.attention, reference=args.reference,
                            unquantized_model=args.unquantized_model)
     print(f"wrote {path} ({args.impl}, {len(ids)} token{'s' if len(ids) != 1 else ''})")

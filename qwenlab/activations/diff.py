@@ -19,6 +19,7 @@ from qwenlab.activations.coverage import Coverage, declared_absent, measure
 from qwenlab.activations.dump import Dump, read_dump
 from qwenlab.activations.layout import diagnose_layout, is_last_position
 from qwenlab.activations.names import LAYER_POINTS, sort_forward, split_name
+from qwenlab.activations.prompt_check import position_warning
 from qwenlab.atomic import json_safe
 from qwenlab.errors import QwenlabError
 from qwenlab.sequences import first_difference
@@ -245,6 +246,11 @@ class DiffResult:
     def reference_nonfinite(self) -> str | None:
         """The first tensor whose reference holds NaN or inf (the reference run is broken there)."""
         return next((row["name"] for row in self.rows if row["status"] == "reference_nonfinite"), None)
+    prompt_ids: list[int] | None = None
+
+    @property
+    def prompt_warning(self) -> str | None:
+        return position_warning(len(self.prompt_ids)) if self.prompt_ids is not None else None
 
     @property
     def first_divergence_row(self) -> dict | None:
@@ -289,7 +295,9 @@ class DiffResult:
                            "logits": self.logits, "only_in_candidate": self.only_in_candidate,
                            "only_in_reference": self.only_in_reference, "dtype": self.dtype,
                            "coverage": self.coverage.to_json_dict() if self.coverage else None,
-                           "verdict": self.verdict, "passed": self.passed, "same_file": self.same_file})
+                           "verdict": self.verdict, "passed": self.passed, "same_file": self.same_file,
+                           "prompt_tokens": len(self.prompt_ids) if self.prompt_ids is not None else None,
+                           "prompt_warning": self.prompt_warning})
 
 
 def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = None,
@@ -315,6 +323,7 @@ def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = Non
     coverage = measure(cand.tensors, ref.tensors, declared_absent(cand.metadata, _label(cand, "candidate")),
                        allow_missing)
     return DiffResult(rows=rows, dtype=dtype, logits=logits, coverage=coverage, same_file=_same_file(cand, ref),
+                      prompt_ids=list(ref.prompt_ids or cand.prompt_ids or []) or None,
                       only_in_candidate=[r["name"] for r in rows if r["status"] == "only_in_candidate"],
                       only_in_reference=[r["name"] for r in rows if r["status"] == "only_in_reference"])
 

@@ -61,6 +61,8 @@ def summary_text(result: DiffResult, max_rows: int = 12, all_rows: bool = False)
     if result.same_file:
         lines.append(f"note: candidate and reference are the same file ({result.same_file}): nothing independent "
                      "was compared")
+    if result.prompt_warning:
+        lines.append(f"warning: {result.prompt_warning}")
     shown = [r for r in result.rows if all_rows or r["exceeds"] or r["status"] == "reference_nonfinite"]
     if shown:
         lines += table(shown if all_rows else shown[:max_rows])

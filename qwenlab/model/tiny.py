@@ -1,6 +1,7 @@
 """Deterministic Qwen3 checkpoints in HF layout: the embedded default model and test/benchmark shapes."""
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -146,7 +147,16 @@ def write_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, device: str =
     cfg = config_json(preset)
     with atomic_dir(out_dir) as tmp:
         write_files(tmp, cfg, _shards(cfg, preset, seed, device))
+        umask_modes(tmp)
     return out_dir
+
+
+def umask_modes(folder: Path):
+    """safetensors writes its files 0600: give every file the mode a plain open() would (0644 under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~mask)
 
 
 def check_preset(preset: str):

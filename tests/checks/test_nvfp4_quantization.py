@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from qwenlab.activations.floors import Gates
 from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.activations.planted_nvfp4 import first_quantized_point, nvfp4_bugs
-from qwenlab.activations.floors import Gates
 from qwenlab.checks import layer_diffs as ld
 from qwenlab.checks import nbutil
 from qwenlab.checks import nvfp4_kl as kl

@@ -13,7 +13,6 @@ from qwenlab.checks import nbutil
 from qwenlab.report.pages import MAX_REASONS, render_index, scalar_rows
 
 
-
 def save_png(run_dir: Path, name: str, colour: str, size=(1, 1)) -> str:
     fig, ax = plt.subplots(figsize=size)
     ax.plot([0, 1], [0, 1], color=colour)
