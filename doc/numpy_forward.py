@@ -57,7 +57,8 @@ def attention(q, k, v):  # q [T, heads, D], k/v [T, kv_heads, D] -> context [T, 
     return context.reshape(T, heads * D)
 
 
-def forward(model_dir, prompt_ids) -> dict:
+def forward(model_dir, prompt_ids, layer_inputs=None) -> dict:
+    """layer_inputs: a reference dump's tensors; layer i then runs on its `layers.{i}.input` (an isolated dump)."""
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     w = load_weights(model_dir)
@@ -70,6 +71,7 @@ def forward(model_dir, prompt_ids) -> dict:
     x = out["embed"] = w["model.embed_tokens.weight"][np.asarray(prompt_ids)]
     for i in range(cfg["num_hidden_layers"]):
         p, a, n = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"layers.{i}."
+        x = layer_inputs[n + "input"] if layer_inputs is not None else x
         out[n + "input"] = x
         h = out[n + "input_layernorm"] = rms_norm(x, w[p + "input_layernorm.weight"], eps)
         q = out[n + "attn.q_proj"] = linear(h, w, a + "q_proj")

@@ -241,6 +241,7 @@ class DiffResult:
     only_in_reference: list[str] = field(default_factory=list)
     coverage: Coverage | None = None
     same_file: str | None = None  # both sides are this one file
+    isolated: bool = False  # the candidate ran teacher-forced: compared layer by layer
 
     @property
     def reference_nonfinite(self) -> str | None:
@@ -296,23 +297,58 @@ class DiffResult:
                            "only_in_reference": self.only_in_reference, "dtype": self.dtype,
                            "coverage": self.coverage.to_json_dict() if self.coverage else None,
                            "verdict": self.verdict, "passed": self.passed, "same_file": self.same_file,
+                           "isolated": self.isolated,
                            "prompt_tokens": len(self.prompt_ids) if self.prompt_ids is not None else None,
                            "prompt_warning": self.prompt_warning})
+
+
+def is_isolated(dump: Dump) -> bool:
+    """A dump written teacher-forced (metadata `isolated: true`): its layer i ran on the reference's layers.{i}.input."""
+    return str(dump.metadata.get("isolated", "")).lower() in ("true", "1", "yes")
+
+
+def isolated_view(cand: Dump, ref: Dump) -> tuple[Dump, Dump]:
+    """Both sides as the isolated comparison reads them: the per-layer tensors the candidate computed (not the inputs
+    it was given), the residual points as the layer's update x - layers.{i}.input (the reference's input), so a
+    layer's own error does not drown in the residual stream it adds to."""
+    cand_t, ref_t = {}, {}
+    for name, tensor in ref.tensors.items():
+        layer, point = split_name(name)
+        if layer is None or point == "input":
+            continue
+        base = ref.tensors.get(f"layers.{layer}.input")
+        delta = point in ("post_attention_residual", "output") and base is not None
+        ref_t[name] = tensor - base if delta else tensor
+        if name in cand.tensors:
+            cand_t[name] = cand.tensors[name].to(tensor.dtype) - base if delta else cand.tensors[name]
+    extra = {n: t for n, t in cand.tensors.items() if n not in ref_t and split_name(n)[1] != "input"}
+    return Dump(cand_t | extra, cand.metadata, cand.path), Dump(ref_t, ref.metadata, ref.path)
+
+
+def _local(name: str) -> str:
+    """The name whose default floor an isolated tensor gets: its point at layer 0 (a local error, not a deep one)."""
+    layer, point = split_name(name)
+    return f"layers.0.{point}" if layer is not None else name
 
 
 def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = None,
                floors: dict | None = None, allow_missing: bool = False) -> DiffResult:
     """Every name of either dump, in forward order. Floors: `dtype` if given, else floor_dtype(cand, ref).
     Passes only when no row exceeds and every reference tensor was compared, declared in the candidate's
-    `not_produced` metadata, or allow_missing is set."""
+    `not_produced` metadata, or allow_missing is set. An isolated candidate (metadata `isolated: true`) is compared
+    layer by layer (isolated_view), each tensor against its layer-0 floor."""
     cand, ref = _as_dump(cand), _as_dump(ref)
     floors = check_floors(floors)
     _check_prompts(cand, ref)
     dtype = _require_dtype(dtype) if dtype else floor_dtype(cand, ref)
+    isolated = is_isolated(cand)
+    if isolated:
+        cand, ref = isolated_view(cand, ref)
     names = sort_forward(set(cand.tensors) | set(ref.tensors))
     num_layers = num_layers or _infer_num_layers(names)
     rows = [compare_tensor(name, cand.tensors.get(name), ref.tensors.get(name),
-                           floor_for(name, dtype, num_layers, floors)) for name in names]
+                           floor_for(_local(name) if isolated else name, dtype, num_layers, floors))
+            for name in names]
     logits = None
     if "logits" in cand.tensors and "logits" in ref.tensors:
         c, r = cand.tensors["logits"], ref.tensors["logits"]
@@ -323,6 +359,7 @@ def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = Non
     coverage = measure(cand.tensors, ref.tensors, declared_absent(cand.metadata, _label(cand, "candidate")),
                        allow_missing)
     return DiffResult(rows=rows, dtype=dtype, logits=logits, coverage=coverage, same_file=_same_file(cand, ref),
+                      isolated=isolated,
                       prompt_ids=list(ref.prompt_ids or cand.prompt_ids or []) or None,
                       only_in_candidate=[r["name"] for r in rows if r["status"] == "only_in_candidate"],
                       only_in_reference=[r["name"] for r in rows if r["status"] == "only_in_reference"])

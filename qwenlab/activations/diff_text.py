@@ -25,7 +25,8 @@ def headline(result: DiffResult) -> str:
     compared = f"{result.compared} tensors compared"
     if cov is not None:
         compared = f"{cov.compared} of {cov.reference_names} reference tensors compared ({cov.fraction:.0%})"
-    return (f"dtype {result.dtype}: {compared}, {HEADLINES[result.verdict]}; "
+    kind = "isolated (each layer fed the reference's input), " if result.isolated else ""
+    return (f"{kind}dtype {result.dtype}: {compared}, {HEADLINES[result.verdict]}; "
             f"first divergence: {result.first_divergence or 'none'}")
 
 

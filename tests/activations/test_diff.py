@@ -178,7 +178,7 @@ def test_json_frame_grid_and_styler():
     payload = result.to_json_dict()
     text = json.dumps(payload, allow_nan=False)
     assert set(payload) == {"rows", "first_divergence", "logits", "only_in_candidate",
-                            "only_in_reference", "dtype", "coverage", "verdict", "passed", "same_file",
+                            "only_in_reference", "dtype", "coverage", "verdict", "passed", "same_file", "isolated",
                             "prompt_tokens", "prompt_warning"}
     assert json.loads(text)["first_divergence"] == "layers.2.mlp.act"
     frame = result.to_frame()
