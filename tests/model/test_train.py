@@ -205,3 +205,24 @@ def test_cli_refuses_before_training(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_trained_checkpoint_passes_under_measured_floors(runs, dtype):
+    """Logits shaped by training (not a random fixture's one-hot ones): qwenlab against transformers stays inside
+    the precision budget measured on the same prompt, accumulated and isolated, in float32 and bfloat16."""
+    from qwenlab.activations.floors import Gates
+    from qwenlab.checks import layer_diffs as ld
+    from qwenlab.checks.nbutil import load_thresholds
+
+    (path, _), _ = runs
+    ckpt = load(path, dtype, "cpu")
+    ref = load_reference(path, getattr(torch, dtype))
+    truth = load_reference(path) if dtype != "float32" else None
+    ids = ckpt.tokenizer.encode("def greet(name):\n    \"\"\"Return a greeting.\"\"\"\n    return 'Hello, ' + name")
+    gates = Gates.from_thresholds(load_thresholds(None, "03_layer_diffs"))
+    diff = ld.prompt_diff(ld.capture_prompt(ckpt.model, ref, truth, ids, "code"), dtype, gates)
+    assert diff.result.passed and ld.first_isolated(diff.isolated) is None
+    stats = ld.logits_stats(diff.result.logits)
+    limits = gates.logits_limits(ld.logits_stats(diff.noise.logits) if diff.noise.logits else {}, dtype)
+    assert all(stats[k] <= limits[k] for k in limits), (stats, limits)
