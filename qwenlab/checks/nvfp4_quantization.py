@@ -126,7 +126,8 @@ def variant_table(folder: Path, dtype, device, corpus, num_layers: int) -> pd.Da
     for name, (quant, exclude) in variants(num_layers).items():
         model = load_model(folder, dtype, device, quant=quant, exclude=exclude)
         stats = corpus.stats(model)
-        rows.append({"variant": name, "quantized_linears": len(model.quantization.quantized),
+        quantized = model.quantization.quantized if model.quantization else []  # None: every linear was kept
+        rows.append({"variant": name, "quantized_linears": len(quantized),
                      "weight_MiB": measured_weight_bytes(model) / 2**20,
                      **{k: stats[k] for k in ("kl_mean", "kl_p99", "same_top1_pct", "delta_p_rms", "ppl_ratio")}})
         del model

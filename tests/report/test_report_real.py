@@ -97,3 +97,18 @@ def test_corrupted_candidate_makes_the_report_regress(tmp_path, tiny_dir, capsys
     assert entry["metrics"]["first_divergence"] == "layers.2.mlp.up_proj"
     index = (run / "index.html").read_text()
     assert 'id="nb-03_layer_diffs"' in index and "regressed" in index
+
+
+def test_report_on_a_checkpoint_whose_mlp_width_is_not_a_multiple_of_16_passes(tmp_path):
+    """intermediate_size 200: down_proj's K is not a multiple of NVFP4's block of 16. That linear stays in high
+    precision (said in notebook 06), everything else is judged as usual, and the whole report passes."""
+    from qwenlab.model.tiny import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "k200", "tiny-k200")
+    out = tmp_path / "reports"
+    assert main(["report", "--model", str(ckpt), "--out", str(out)]) == 0
+    metrics = json.loads(((out / "latest").resolve() / "metrics.json").read_text())
+    assert {nb: e["verdict"] for nb, e in metrics["notebooks"].items()} == dict.fromkeys(metrics["notebooks"], "pass")
+    assert len(metrics["notebooks"]) == 7
+    nvfp4 = json.dumps(metrics["notebooks"]["06_nvfp4_quantization"]["metrics"])
+    assert "down_proj" in nvfp4
