@@ -111,11 +111,11 @@ def cmd_capture(args):
     ckpt = load(LoadSpec.from_args(args))
     ids = _prompt_ids(args, ckpt.tokenizer)
     check_context(ckpt.model, len(ids))
-    if warning := position_warning(len(ids)):
-        print(f"qwenlab capture: warning: {warning}", file=sys.stderr)
     path = capture_to_file(ckpt, ids, args.impl, args.out, attention=args.attention, reference=args.reference,
                            unquantized_model=args.unquantized_model)
     print(f"wrote {path} ({args.impl}, {len(ids)} token{'s' if len(ids) != 1 else ''})")
+    if warning := position_warning(len(ids)):  # after the write: a refusal stays one line
+        print(f"qwenlab capture: warning: {warning}", file=sys.stderr)
 
 
 def cmd_diff(args):

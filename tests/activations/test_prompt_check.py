@@ -82,3 +82,12 @@ def test_no_warning_from_a_sentence(tiny, tiny_ref, tiny_dir, tmp_path, capsys):
     assert code == 0 and "PASS" in text.splitlines()[0] and "warning" not in text
     code, out = diff(capsys, cand, ref, "--json")
     assert json.loads(out)["prompt_warning"] is None and json.loads(out)["prompt_tokens"] == 10
+
+
+def test_capture_of_a_short_prompt_writes_the_dump_then_warns(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "short.safetensors"
+    assert main(["capture", "--model", str(tiny_dir), "--prompt", "hi", "--impl", "qwenlab", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"wrote {out}") and read_dump(out).prompt_ids
+    warning = position_warning(len(read_dump(out).prompt_ids))
+    assert warning and captured.err.strip().splitlines() == [f"qwenlab capture: warning: {warning}"]
