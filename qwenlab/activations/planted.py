@@ -18,6 +18,7 @@ import torch
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.names import layer_name, split_name
+from qwenlab.model.config import is_moe_layer
 from qwenlab.model.hf_names import hf_state_dict
 from qwenlab.model.hooks import reference_paths
 from qwenlab.model.qwen3 import Rotary, rotate_half
@@ -125,8 +126,9 @@ def standard_bugs(model) -> list[PlantedBug]:
     ]
     if n >= 2:
         i, j = (1, 2) if n >= 3 else (0, 1)
-        bugs.append(PlantedBug(f"swap layers {i}<->{j}", f"layers {i} and {j} hold each other's weights",
-                               expected_swap_layers(model, i, j), overrides=swap_layers(model, i, j)))
+        if is_moe_layer(model.config, i) == is_moe_layer(model.config, j):  # a dense and a MoE layer cannot swap
+            bugs.append(PlantedBug(f"swap layers {i}<->{j}", f"layers {i} and {j} hold each other's weights",
+                                   expected_swap_layers(model, i, j), overrides=swap_layers(model, i, j)))
         keep = min(2, n - 1)
         bugs.append(PlantedBug(f"only {keep} of {n} layers", f"layers {keep}..{n - 1} never loaded (zeros)",
                                layer_name(keep, "input_layernorm"), replace=drop_layers(n, keep)))
