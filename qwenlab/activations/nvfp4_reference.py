@@ -20,6 +20,20 @@ from qwenlab.model.quantize import export
 from qwenlab.quant.layouts import COMPRESSED_TENSORS, MODELOPT
 
 REFERENCES = ("quantized", "unquantized")
+# transformers (5.23) decompresses a compressed-tensors NVFP4 checkpoint's MoE experts (its fused 3-D experts are not
+# nn.Linear) in CompressedTensorsDequantize with a stand-in module holding only weight_packed, weight_scale and
+# weight_shape: the per-tensor global scale is never applied, every expert comes out 1 / scale too large.
+EXPERTS_GAP = ("transformers decompresses NVFP4 MoE experts without their per-tensor global scale "
+               "(integrations/compressed_tensors.py CompressedTensorsDequantize), so there is no trustworthy "
+               "quantized reference for quantized experts; compare with the unquantized reference")
+
+
+def quantized_reference_gap(ckpt) -> str | None:
+    """Why transformers cannot be the quantized reference of this model (NVFP4 MoE experts), or None."""
+    info = ckpt.model.quantization
+    if info is not None and any(".mlp.experts." in name for name in info.quantized):
+        return f"{ckpt.path}: {EXPERTS_GAP}"
+    return None
 
 
 def check_reference(reference: str):
@@ -61,6 +75,8 @@ def quantized_checkpoint(ckpt):
     if info is None:
         raise QwenlabError(f"{ckpt.path}: the model is not quantized (load it with quant='nvfp4'), there is no "
                            "quantized reference")
+    if quantized_reference_gap(ckpt):
+        raise QwenlabError(quantized_reference_gap(ckpt))
     if info.source == "checkpoint" and info.layout == COMPRESSED_TENSORS:
         yield ckpt.path
         return

@@ -14,7 +14,7 @@ from qwenlab import __version__
 from qwenlab.errors import QwenlabError, standalone_main
 from qwenlab.model.hf_names import hf_shapes
 from qwenlab.model.loader import load, weight_files
-from qwenlab.model.nvfp4_load import DEFAULT_KEEP
+from qwenlab.model.nvfp4_load import DEFAULT_KEEP, ROUTERS
 from qwenlab.paths import DATA_DIR
 from qwenlab.quant.codec import tensor_scale_from_amax
 from qwenlab.quant.configs import HF_QUANT_CONFIG, compressed_tensors_config, modelopt_files
@@ -157,7 +157,8 @@ def register(subparsers):
     p.add_argument("--format", choices=(COMPRESSED_TENSORS, MODELOPT), default=COMPRESSED_TENSORS)
     p.add_argument("--exclude", nargs="*", default=None, metavar="PATTERN",
                    help=f"linears kept in high precision: module names, globs or re:<regex> (default: "
-                        f"{' '.join(DEFAULT_KEEP)}; --exclude with no pattern quantizes lm_head too)")
+                        f"{' '.join(DEFAULT_KEEP)}, and {ROUTERS} for a MoE model; --exclude with no pattern "
+                        "quantizes lm_head too)")
     p.add_argument("--calibrate", type=int, default=32, metavar="N",
                    help="texts for the activation input scales (default 32; 0: none, compressed-tensors only)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
