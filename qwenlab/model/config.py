@@ -150,7 +150,8 @@ def moe_fields(raw: dict, num_layers: int, where: str) -> dict:
     norm = raw.get("norm_topk_prob", False)
     if not isinstance(norm, bool):
         raise QwenlabError(f"{where}: norm_topk_prob must be true or false, not {norm!r}")
-    only = raw.get("mlp_only_layers") or []
+    only = raw.get("mlp_only_layers")
+    only = [] if only is None else only
     if not isinstance(only, list):
         raise QwenlabError(f"{where}: mlp_only_layers must be a list of layer indices, not {only!r}")
     for i in only:
