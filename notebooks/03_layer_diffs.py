@@ -21,7 +21,8 @@
 #
 # Both implementations run the same prompts; every canonical activation (doc/dump-format.md: `embed`, per layer
 # `input`, `input_layernorm`, `attn.q_proj` ... `output`, then `norm`, `logits`) is compared with max-abs, rel_l2,
-# cosine and NMSE; a MoE layer's chosen experts (`mlp.router_ids`) by routing agreement (section 7). The floors are **measured** (doc/floors.md): transformers run in this dtype against transformers
+# cosine and NMSE; a MoE layer's chosen experts (`mlp.router_ids`) by routing agreement (section 7). The floors
+# are **measured** (doc/floors.md): transformers run in this dtype against transformers
 # in float32 on the same prompt gives each tensor's own precision noise; a tensor is red when the candidate's
 # rel_l2 exceeds a multiple of it (data/thresholds/03_layer_diffs.json). A float32 run has no lower-precision noise
 # to measure and is held to the float32 fallbacks. The **first** red tensor in forward order is where a bug is;

@@ -1,6 +1,7 @@
 """The trusted side: HF transformers' Qwen3ForCausalLM or Qwen3MoeForCausalLM (eager attention, eager experts), its
-canonical activations captured by forward hooks on its modules. Which module holds each name comes from qwenlab's own hook points (their `reference`
-field), so the two sides share one list of names. Nothing of transformers is patched.
+canonical activations captured by forward hooks on its modules. Which module holds each name comes from qwenlab's
+own hook points (their `reference` field), so the two sides share one list of names. Nothing of transformers is
+patched.
 
 transformers is imported lazily here (it is slow to import) and nowhere on the qwenlab forward path.
 """
@@ -21,6 +22,7 @@ from qwenlab.model.hf_names import meta_model
 from qwenlab.model.hooks import Recorder, Reference, reference_paths
 from qwenlab.versions import package_versions
 
+
 def reference_name(config: Qwen3Config) -> str:
     """The producer a reference dump names: transformers' class for this architecture, eager."""
     return f"transformers.{config.architecture}(eager)"
@@ -34,12 +36,14 @@ def quiet_optional_imports():
 
 
 def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="cpu", attention: str = "eager",
-                   direct_to_device: bool = False, device_map=None, max_memory: dict | None = None):
+                   direct_to_device: bool = False, device_map=None, max_memory: dict | None = None,
+                   experts: str | None = "eager"):
     """Qwen3ForCausalLM (Qwen3MoeForCausalLM for a qwen3_moe checkpoint, its experts run by transformers' eager loop)
     from the checkpoint, eager attention by default (the trusted side of every diff).
     direct_to_device loads the weights straight onto `device`, transformers' fastest load. device_map ("auto",
     "balanced" or accelerate's dict) with max_memory ({gpu index: bytes}) splits it across GPUs through accelerate,
-    the maintained engine for that in the transformers ecosystem."""
+    the maintained engine for that in the transformers ecosystem. experts: a MoE model's experts implementation
+    (None: transformers' default, grouped_mm where it can run; a benchmark's fair baseline)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_optional_imports()
     import transformers
@@ -57,20 +61,14 @@ def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="c
             placement = {}
         with warnings.catch_warnings():  # "the quantization_config from the model will be used": as intended
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            cls, experts = _model_class(checkpoint_dir)
-            model = getattr(transformers, cls).from_pretrained(
+            cfg = read_config(Path(checkpoint_dir))
+            moe = {"experts_implementation": experts} if cfg.is_moe and experts else {}
+            model = getattr(transformers, cfg.architecture).from_pretrained(
                 str(checkpoint_dir), dtype=dtype, attn_implementation=attention, local_files_only=True, **placement,
-                **experts, **_quantized_kwargs(checkpoint_dir))
+                **moe, **_quantized_kwargs(checkpoint_dir))
     except (OSError, ValueError, ImportError) as e:
         raise QwenlabError(f"{checkpoint_dir}: transformers could not load it ({str(e).splitlines()[0]})") from None
     return (model if placement else model.to(device)).eval()
-
-
-def _model_class(checkpoint_dir) -> tuple[str, dict]:
-    """transformers' class for the checkpoint and, for MoE, its eager experts: the plain loop over experts that
-    qwenlab.model.moe mirrors (transformers' default, grouped_mm, is a fused kernel with its own rounding)."""
-    cfg = read_config(Path(checkpoint_dir))
-    return cfg.architecture, ({"experts_implementation": "eager"} if cfg.is_moe else {})
 
 
 def _quantized_kwargs(checkpoint_dir) -> dict:

@@ -5,9 +5,9 @@ quant: None = what the checkpoint is; "none" = dense (an NVFP4 checkpoint is deq
 "nvfp4" = NVFP4 weights, activations in the run dtype (W4A16); "nvfp4-w4a4" = activations quantized too.
 exclude: when quantizing at load, the linears kept in high precision (globs, exact names or re:<regex>); default
 lm_head, and a MoE model's routers (`*.mlp.gate`, as ModelOpt and llm-compressor keep them); its experts are
-quantized one linear each. Embeddings and norms are never quantized. A linear whose input dimension is not a multiple of 16 cannot
-be NVFP4 (blocks of 16 along K): it stays in high precision and the summary says so. An NVFP4 checkpoint's own
-exclusions decide for it.
+quantized one linear each. Embeddings and norms are never quantized. A linear whose input dimension is not a
+multiple of 16 cannot be NVFP4 (blocks of 16 along K): it stays in high precision and the summary says so. An
+NVFP4 checkpoint's own exclusions decide for it (what it stores quantized is what loads quantized).
 """
 from dataclasses import dataclass, field
 

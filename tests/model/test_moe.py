@@ -1,5 +1,6 @@
 """Qwen3-MoE: config, names, loading and the forward against transformers' Qwen3MoeForCausalLM (eager experts), on
-the tiny-moe fixture and on a checkpoint transformers itself wrote; decoding through the KV cache."""
+the tiny-moe fixture and on a checkpoint transformers itself wrote; decoding through the KV cache; on CUDA (skipped
+without), bf16 inside the floors measured from transformers' own bf16 noise."""
 import json
 import shutil
 
@@ -10,10 +11,14 @@ from safetensors.torch import load_file, save_file
 
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import diff_dumps, tensor_metrics
+from qwenlab.activations.floors import Gates
 from qwenlab.activations.names import canonical_names
 from qwenlab.activations.reference import capture_reference, load_reference, reference_generate
+from qwenlab.checks import layer_diffs as ld
+from qwenlab.checks.nbutil import load_thresholds
 from qwenlab.errors import QwenlabError
 from qwenlab.generation.decode import generate
+from qwenlab.generation.engine import graph_unavailable
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.model.config import config_from_dict, is_moe_layer, read_config
 from qwenlab.model.hf_names import hf_shapes
@@ -216,8 +221,51 @@ def test_a_layer_s_experts_live_on_the_layer_s_device():
     assert device_of("model.layers.1.mlp.gate.weight", layers, True) == torch.device("cuda:0")
 
 
-def test_split_on_the_cpu_gives_the_same_activations(moe_dir, moe):
-    split = load(moe_dir, "float32", "cpu", device_map=["cpu", "cpu", "cpu"])
-    ids = moe.tokenizer.encode("split across devices")
-    a, b = capture_qwenlab(moe.model, ids), capture_qwenlab(split.model, ids)
-    assert all(torch.equal(a[n], b[n]) for n in a)
+@pytest.mark.parametrize("fields", [{"device_map": ["cpu", "cpu", "cpu"]}, {"fused": True}])
+def test_split_or_fused_gives_the_same_activations(moe_dir, moe, moe_ref, fields):
+    other = load(moe_dir, "float32", "cpu", **fields)
+    ids = moe.tokenizer.encode("split across devices, or q/k/v fused (the experts stay one linear each)")
+    if "fused" in fields:
+        assert hasattr(other.model.model.layers[0].mlp, "gate_up_proj") and hasattr(
+            other.model.model.layers[1].mlp.experts[0], "gate_proj")
+        assert diff_dumps(capture_qwenlab(other.model, ids), capture_reference(moe_ref, ids)).passed
+    else:
+        a, b = capture_qwenlab(moe.model, ids), capture_qwenlab(other.model, ids)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_graph_engine_declines_moe(moe, monkeypatch):
+    class OnCuda:
+        device, is_split, config = torch.device("cuda"), False, moe.config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "MoE" in graph_unavailable(OnCuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tiny_moe_in_bf16_on_cuda_is_inside_its_measured_floors(moe_dir):
+    gates = Gates.from_thresholds(load_thresholds(None, "03_layer_diffs"))
+    ckpt = load(moe_dir, "bfloat16", "cuda")
+    ref, truth = load_reference(moe_dir, torch.bfloat16, "cuda"), load_reference(moe_dir, torch.float32, "cuda")
+    diffs = ld.diff_prompts(ckpt.model, ref, ckpt.tokenizer, PROMPTS, gates, truth_model=truth)
+    assert all(d.result.passed for d in diffs), [d.result.first_divergence_row for d in diffs]
+    assert ld.first_isolated(ld.isolated_table(diffs)) is None
+    assert ld.routing_table(diffs)["clear_margin"].sum() == 0, ld.routing_flips(diffs)
+    gen = generate(ckpt.model, ckpt.tokenizer.encode("Hello"), SamplingParams(max_new_tokens=8), engine="auto")
+    assert gen.engine == "eager" and "MoE" in gen.engine_note
+
+
+def test_30b_a3b_recipe_draws_a_checkpoint_both_sides_load(tmp_path):
+    """The qwen3-30b-a3b preset's bf16 recipe (torch-drawn, 16 shards with an index, Qwen's v4 config spelling),
+    shrunk to two narrow layers: qwenlab and transformers read the same model from it."""
+    from qwenlab.model.tiny import _shards, write_files
+
+    cfg = config_json("qwen3-30b-a3b", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32)
+    assert cfg["num_experts"] == 8 and "rope_theta" in cfg and cfg["torch_dtype"] == "bfloat16"
+    write_files(tmp_path, cfg, _shards(cfg, "qwen3-30b-a3b", 0, "cpu"))
+    assert len(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]) == \
+        len(hf_shapes(read_config(tmp_path)))
+    ckpt = load(tmp_path, "float32", "cpu")
+    _compare(ckpt, load_reference(tmp_path), ckpt.tokenizer.encode("Thirty billion parameters, three active."),
+             "sdpa")
