@@ -164,11 +164,11 @@ def _check_prompts(cand: Dump, ref: Dump) -> None:
                        f"reference has {len(b)}, first difference at position {at}")
 
 
-def compare_tensor(name: str, cand, ref, floor: float, cand_dump: dict | None = None,
-                   ref_dump: dict | None = None) -> dict:
+def compare_tensor(name: str, cand, ref, floor: float, cand_tensors: dict | None = None,
+                   ref_tensors: dict | None = None) -> dict:
     """One row of the diff. router_ids rows (MoE) are compared as routing (qwenlab.activations.routing): status
     `routing` or `routing_flip`, `agreement` instead of rel_l2, `floor` the margin limit; the router logits they
-    need come from the two dumps."""
+    need come from the two dumps' tensors."""
     layer, point = split_name(name)
     present = ref if ref is not None else cand
     row = {"name": name, "layer": layer, "point": point, "shape": list(present.shape),
@@ -177,7 +177,7 @@ def compare_tensor(name: str, cand, ref, floor: float, cand_dump: dict | None = 
     if cand is None or ref is None:
         return {**row, "status": "only_in_reference" if cand is None else "only_in_candidate"}
     if is_routing(name):
-        return _routing_row(row, name, cand, ref, floor, cand_dump or {}, ref_dump or {})
+        return _routing_row(row, name, cand, ref, floor, cand_tensors or {}, ref_tensors or {})
     if is_last_position(name, cand, ref):
         ref, row["note"] = ref[-1:], "last position only"
     if cand.numel() != ref.numel():
@@ -193,11 +193,11 @@ def compare_tensor(name: str, cand, ref, floor: float, cand_dump: dict | None = 
     return {**row, "status": "diverged", "exceeds": True}
 
 
-def _routing_row(row: dict, name: str, cand, ref, limit: float, cand_dump: dict, ref_dump: dict) -> dict:
+def _routing_row(row: dict, name: str, cand, ref, limit: float, cand_tensors: dict, ref_tensors: dict) -> dict:
     if cand.shape != ref.shape:
         return {**row, "status": "shape_mismatch", "exceeds": True}
     logits = logits_name(name)
-    routing = compare_routing(cand, ref, ref_dump.get(logits), cand_dump.get(logits), limit)
+    routing = compare_routing(cand, ref, ref_tensors.get(logits), cand_tensors.get(logits), limit)
     bad = bool(routing.unexplained)
     return {**row, "status": "routing_flip" if bad else "routing", "exceeds": bad, "agreement": routing.agreement,
             "flips": len(routing.flips), "routing": routing.to_json(), "note": routing.note()}

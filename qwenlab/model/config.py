@@ -6,7 +6,6 @@ from pathlib import Path
 
 from qwenlab.errors import QwenlabError
 
-QWEN3_ARCHITECTURES = {"Qwen3ForCausalLM"}
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}  # model_type -> architecture
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
               "mlp_only_layers")

@@ -12,6 +12,7 @@ from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.floors import Gates, isolated_errors, measure
 from qwenlab.activations.reference import capture_reference, load_reference
 from qwenlab.activations.routing import compare_routing
+from qwenlab.activations.suggest import suggest
 from qwenlab.checks import layer_diffs as ld
 from qwenlab.checks.nbutil import load_thresholds
 from qwenlab.model.loader import load
@@ -69,6 +70,14 @@ def test_duplicate_or_unknown_experts_are_never_explained():
     for bad in ([[0, 1], [0, 0]], [[0, 1], [0, 9]]):
         routing = compare_routing(torch.tensor(bad), REF_IDS, LOGITS, LOGITS, 1e-5)
         assert routing.flips[0]["margin"] == math.inf and len(routing.unexplained) == 1
+
+
+def test_moe_names_of_other_spellings_are_suggested():
+    missing = ["layers.1.mlp.router_logits", "layers.1.mlp.router_ids", "layers.1.mlp.router_weights"]
+    assert suggest(["model.layers.1.mlp.router", "model.layers.1.mlp.selected_experts",
+                    "layers.1.mlp.routing_weights"], missing) == dict(zip(
+        ["model.layers.1.mlp.router", "model.layers.1.mlp.selected_experts", "layers.1.mlp.routing_weights"],
+        missing))
 
 
 def test_routing_row_in_the_diff(moe, prompt, reference):
