@@ -90,8 +90,8 @@ allocated_load = (torch.cuda.memory_allocated() - allocated_before) if cuda else
 model, tok, info = ckpt.model, ckpt.tokenizer, ckpt.model.quantization
 not_applicable = nq.not_applicable(ckpt)
 source = nq.source_dir(ckpt, unquantized_model)
-quantized_gap = None if not_applicable else quantized_reference_gap(ckpt)  # NVFP4 MoE experts: not applicable
-use_quantized = quant_reference in ("quantized", "both") and not not_applicable and not quantized_gap
+quantized_note = None if not_applicable else quantized_reference_gap(ckpt)  # NVFP4 MoE experts (doc/moe.md)
+use_quantized = quant_reference in ("quantized", "both") and not not_applicable
 use_unquantized = quant_reference in ("unquantized", "both") and source is not None and not not_applicable
 compare_dtype = nq.compare_dtype(model)
 ref_q = truth_q = ref_q_error = None
@@ -105,8 +105,8 @@ if use_quantized:
 ref_u = load_reference(source, model.dtype, model.device) if use_unquantized else None
 print(f"model {model_path} · {model.dtype} on {model.device}")
 print(not_applicable or info.summary())
-if quantized_gap:
-    print(f"quantized reference not applicable: {quantized_gap}")
+if quantized_note:
+    print(f"quantized reference: {quantized_note}")
 print(f"unquantized checkpoint: {source or 'none (set unquantized_model): the unquantized sections are skipped'}")
 
 # %% [markdown]
@@ -251,7 +251,7 @@ if ref_q_error:
     reasons.append(f"the quantized reference did not load: {ref_q_error}")
 metrics |= {"dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
             "quant_reference": quant_reference, "quantized_reference_error": ref_q_error,
-            "quantized_reference_not_applicable": quantized_gap,
+            "quantized_reference_note": quantized_note,
             "unquantized_model": str(source) if source else None}
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

@@ -113,6 +113,29 @@ def export(ckpt, dst, layout: str = COMPRESSED_TENSORS, max_shard_bytes: int = D
             "bytes": sum(p.stat().st_size for p in Path(dst).iterdir() if p.name.endswith(".safetensors"))}
 
 
+def export_dequantized(ckpt, dst, dtype: torch.dtype = torch.bfloat16,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """A loaded NVFP4 model written as a plain (unquantized) checkpoint of the numbers it computes with: each
+    quantized linear's weight dequantized by qwenlab's codec (bit-exact with torchao) and rounded to `dtype`
+    (bfloat16: what compressed-tensors' decompression gives), every other tensor copied as stored. The quantized
+    reference for a model whose NVFP4 numbers transformers cannot decode itself (MoE experts, doc/moe.md)."""
+    info, tensors = ckpt.model.quantization, {}
+    for name, module in nvfp4_modules(ckpt.model).items():
+        tensors[f"{name}.weight"] = module.dequantize_weight(dtype).cpu()
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().cpu()
+    raw = json.loads((ckpt.path / "config.json").read_text())
+    raw.pop("quantization_config", None)
+    if raw.get("tie_word_embeddings") and "lm_head" in info.quantized:
+        raw["tie_word_embeddings"] = False  # the head is its own (quantized) tensor
+    files = weight_files(ckpt.path)
+    for name in hf_shapes(ckpt.config):
+        if name not in tensors:
+            with safe_open(str(files[name]), framework="pt", device="cpu") as f:
+                tensors[name] = f.get_tensor(name)
+    return write_checkpoint(dst, ckpt.path, raw, dict(sorted(tensors.items())), max_shard_bytes=max_shard_bytes)
+
+
 def quantize_checkpoint(src, dst, layout: str = COMPRESSED_TENSORS, exclude=None, calibration_texts_n: int = 32,
                         device: str | None = None, dtype: str | None = None,
                         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:

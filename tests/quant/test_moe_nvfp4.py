@@ -5,13 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import diff_dumps
-from qwenlab.activations.nvfp4_reference import load_reference_for, quantized_checkpoint
+from qwenlab.activations.nvfp4_reference import load_reference_for, quantized_checkpoint, quantized_reference_gap
 from qwenlab.activations.reference import capture_reference, load_reference
-from qwenlab.errors import QwenlabError
 from qwenlab.memory.predict import measured_weight_bytes, quantized_weight_bytes
 from qwenlab.model.loader import load
 from qwenlab.model.quantize import quantize_checkpoint
@@ -45,20 +44,17 @@ def test_routers_quantized_only_when_asked(moe_dir):
     assert isinstance(model.model.layers[1].mlp.gate, NVFP4Linear)
 
 
-def test_nvfp4_moe_is_transformers_on_the_dequantized_weights(moe_nvfp4, moe_dir, tmp_path):
-    """transformers' MoE forward (its own routing and expert loop) on qwenlab's dequantized numbers: every canonical
-    tensor within float32 rounding, so each NVFP4 expert is wired to its own weights."""
-    weights = load_file(str(Path(moe_dir) / "model.safetensors"))
-    weights |= {f"{name}.weight": m.weight.detach().contiguous() for name, m in nvfp4_modules(moe_nvfp4.model).items()}
-    folder = tmp_path / "dequantized"
-    folder.mkdir()
-    for path in Path(moe_dir).iterdir():
-        if path.name != "model.safetensors":
-            (folder / path.name).write_bytes(path.read_bytes())
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+def test_quantized_reference_is_transformers_on_the_dequantized_numbers(moe_nvfp4):
+    """transformers cannot decode NVFP4 experts (below), so the quantized reference is its MoE forward (its own
+    routing and expert loop) on qwenlab's dequantized numbers in bf16, as compressed-tensors would give them: every
+    canonical tensor within bf16 rounding of the weights, so each NVFP4 expert is wired to its own weights."""
+    assert "without their per-tensor global scale" in quantized_reference_gap(moe_nvfp4)
+    ref = load_reference_for(moe_nvfp4, "quantized")
+    expert = moe_nvfp4.model.model.layers[2].mlp.experts[6].down_proj
+    assert torch.equal(ref.model.layers[2].mlp.experts.down_proj[6], expert.dequantize_weight(torch.bfloat16).float())
     ids = moe_nvfp4.tokenizer.encode("Experts in four bits, routers in thirty-two.")
-    result = diff_dumps(capture_qwenlab(moe_nvfp4.model, ids), capture_reference(load_reference(folder), ids))
-    assert result.passed, result.first_divergence_row
+    result = diff_dumps(capture_qwenlab(moe_nvfp4.model, ids), capture_reference(ref, ids), dtype="bfloat16")
+    assert result.passed and result.logits["top1_agreement"] == 1.0, result.first_divergence_row
 
 
 @pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
@@ -78,16 +74,10 @@ def test_checkpoint_round_trip(moe_nvfp4, moe_dir, tmp_path, layout):
         assert "model.layers.2.mlp.gate" in config["quantization_config"]["ignore"]
 
 
-def test_no_quantized_reference_for_nvfp4_experts(moe_nvfp4):
-    with pytest.raises(QwenlabError, match="without their per-tensor global scale") as e:
-        load_reference_for(moe_nvfp4, "quantized")
-    assert "\n" not in str(e.value)
-
-
 def test_transformers_drops_the_experts_global_scale(moe_nvfp4, moe_dir):
     """Pins the reason above (transformers 5.23, compressed-tensors 0.20): decompressed by transformers, a
     compressed-tensors NVFP4 expert is its codes x block scales without the per-tensor scale, while an attention
-    linear is right. When this fails, transformers decompresses experts correctly: drop EXPERTS_GAP."""
+    linear is right. When this fails, transformers decompresses experts correctly: drop EXPERTS_GAP and its export."""
     from qwenlab.activations import nvfp4_reference
 
     with pytest.MonkeyPatch.context() as mp:  # let the export through to look at what transformers makes of it
