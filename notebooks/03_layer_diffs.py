@@ -21,7 +21,8 @@
 #
 # Both implementations run the same prompts; every canonical activation (doc/dump-format.md: `embed`, per layer
 # `input`, `input_layernorm`, `attn.q_proj` ... `output`, then `norm`, `logits`) is compared with max-abs, rel_l2,
-# cosine and NMSE. The floors are **measured** (doc/floors.md): transformers run in this dtype against transformers
+# cosine and NMSE; a MoE layer's chosen experts (`mlp.router_ids`) by routing agreement (section 7). The floors
+# are **measured** (doc/floors.md): transformers run in this dtype against transformers
 # in float32 on the same prompt gives each tensor's own precision noise; a tensor is red when the candidate's
 # rel_l2 exceeds a multiple of it (data/thresholds/03_layer_diffs.json). A float32 run has no lower-precision noise
 # to measure and is held to the float32 fallbacks. The **first** red tensor in forward order is where a bug is;
@@ -178,7 +179,28 @@ display(pd.Series(logits, name="logits vs reference", dtype=object).to_frame())
 display(ld.logits_table(logits, noise, limits))
 
 # %% [markdown]
-# ## 7. Planted bugs: does the table point at them?
+# ## 7. Routing (MoE layers)
+#
+# For a MoE model (Qwen3-MoE), per MoE layer: the share of (token, slot) expert choices that agree with the reference
+# (as a set per token: the order within the top-k does not matter), the tokens that chose another set, and of those
+# how many flipped at a near-tie (the reference's logit margin there within the thresholds' routing margin plus twice
+# the candidate's own router-logit error at that token: precision) or at a clear margin (a routing bug). Below, each
+# flip with both sets of experts and the margins (doc/moe.md).
+
+# %%
+routing = ld.routing_table(diffs)
+if routing is None:
+    print("dense model: no MoE layer, no routing to compare")
+else:
+    display(routing)
+    flips = ld.routing_flips(diffs)
+    print(f"{len(flips)} tokens chose other experts than the reference" if len(flips) else
+          "every token chose the reference's experts")
+    if len(flips):
+        display(flips)
+
+# %% [markdown]
+# ## 8. Planted bugs: does the table point at them?
 #
 # Each bug is planted for one capture of the first prompt (the model itself is left as it was) and diffed against
 # the reference with the first prompt's measured floors:
@@ -186,7 +208,13 @@ display(ld.logits_table(logits, noise, limits))
 # * RoPE theta 10x off: must surface at `layers.0.attn.q_rope`, the first tensor RoPE touches;
 # * layer 1 skipping its per-head q RMSNorm: `layers.1.attn.q_norm`;
 # * layers 1 and 2 holding each other's weights: the first tensor of layer 1 whose weights differ;
-# * only 2 layers loaded, the rest left at zeros (the story's 2 of 36): `layers.2.input_layernorm`.
+# * only 2 layers loaded, the rest left at zeros (the story's 2 of 36): `layers.2.input_layernorm`;
+#
+# and for a MoE model, in its first MoE layer (the last one for the experts):
+#
+# * the top-k weights not renormalised (or renormalised against the config): `mlp.router_weights`;
+# * the router softmax taken over the tokens instead of the experts: `mlp.router_ids`, flips at clear margins;
+# * the experts in reversed order (expert e holds expert E-1-e's weights): `mlp.experts`.
 
 # %%
 plant_bugs = plant_bugs and not candidate
@@ -207,7 +235,8 @@ else:
 # ## Verdict
 #
 # Pass when no tensor of any prompt is over its measured floor, no isolated error is over its floor, each logits
-# statistic is within its limit, and (when the section ran) every planted bug is localised at its expected tensor.
+# statistic is within its limit, no MoE token chose other experts at a clear margin, and (when the section ran)
+# every planted bug is localised at its expected tensor.
 
 # %%
 metrics, reasons = ld.verdict(thresholds, dtype=run.dtype, diffs=diffs, summary=summary, table=table, logits=logits,

@@ -69,7 +69,7 @@ except ImportError:  # run as a plain script (scripts/gpu_nvfp4_evidence.sh with
 
 from qwenlab.activations.diff import rel_l2_grid, styled
 from qwenlab.activations.floors import Gates
-from qwenlab.activations.nvfp4_reference import load_reference_for
+from qwenlab.activations.nvfp4_reference import load_reference_for, quantized_reference_gap
 from qwenlab.activations.reference import load_reference
 from qwenlab.checks import floor_plots, nbutil, nvfp4_plots, plots
 from qwenlab.checks import layer_diffs as ld
@@ -90,6 +90,7 @@ allocated_load = (torch.cuda.memory_allocated() - allocated_before) if cuda else
 model, tok, info = ckpt.model, ckpt.tokenizer, ckpt.model.quantization
 not_applicable = nq.not_applicable(ckpt)
 source = nq.source_dir(ckpt, unquantized_model)
+quantized_note = None if not_applicable else quantized_reference_gap(ckpt)  # NVFP4 MoE experts (doc/moe.md)
 use_quantized = quant_reference in ("quantized", "both") and not not_applicable
 use_unquantized = quant_reference in ("unquantized", "both") and source is not None and not not_applicable
 compare_dtype = nq.compare_dtype(model)
@@ -104,6 +105,8 @@ if use_quantized:
 ref_u = load_reference(source, model.dtype, model.device) if use_unquantized else None
 print(f"model {model_path} · {model.dtype} on {model.device}")
 print(not_applicable or info.summary())
+if quantized_note:
+    print(f"quantized reference: {quantized_note}")
 print(f"unquantized checkpoint: {source or 'none (set unquantized_model): the unquantized sections are skipped'}")
 
 # %% [markdown]
@@ -248,6 +251,7 @@ if ref_q_error:
     reasons.append(f"the quantized reference did not load: {ref_q_error}")
 metrics |= {"dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
             "quant_reference": quant_reference, "quantized_reference_error": ref_q_error,
+            "quantized_reference_note": quantized_note,
             "unquantized_model": str(source) if source else None}
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

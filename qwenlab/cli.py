@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny", help="write a deterministic tiny Qwen3 checkpoint (HF layout)")
     p.add_argument("dir", type=Path)
     p.add_argument("--preset", default="tiny",
-                   help="tiny (default) | tiny-untied | qwen3-4b | qwen3-32b | trained-24l (needs --train-steps)")
+                   help="tiny (default) | tiny-untied | tiny-moe | qwen3-4b | qwen3-32b | qwen3-30b-a3b | "
+                        "trained-24l (needs --train-steps)")
     p.add_argument("--seed", type=SEED, default=0, help="weights seed (with --train-*: init and data order)")
     p.add_argument("--device", default=None, help="where to draw the random bf16 weights or train (cpu default; "
                                                    "cuda is much faster for qwen3-32b and for training)")

@@ -7,7 +7,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from qwenlab.model.loader import load  # noqa: E402
-from qwenlab.model.tiny import ensure_tiny, write_checkpoint  # noqa: E402
+from qwenlab.model.tiny import ensure_tiny, verify, write_checkpoint  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -20,6 +20,14 @@ def tiny_dir():
 @pytest.fixture(scope="session")
 def untied_dir(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-untied", "tiny-untied")
+
+
+@pytest.fixture(scope="session")
+def moe_dir(tmp_path_factory):
+    """The tiny Qwen3-MoE fixture (3 layers, layer 0 dense, 8 experts, 2 per token), byte-checked."""
+    path = write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-moe", "tiny-moe")
+    verify(path, "tiny-moe")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from qwenlab import __version__
 from qwenlab.activations.dump import write_dump
 from qwenlab.activations.names import canonical_names
 from qwenlab.activations.nvfp4_reference import load_reference_for
-from qwenlab.activations.reference import REFERENCE_NAME, capture_reference
+from qwenlab.activations.reference import capture_reference, reference_name
 from qwenlab.errors import QwenlabError
 from qwenlab.model.dtypes import dtype_name
 from qwenlab.model.hooks import hooks
@@ -46,7 +46,7 @@ def capture(ckpt: Checkpoint, ids: list[int], impl: str, *, include=None, attent
     else:
         ref = reference_model or load_reference_for(ckpt, reference, unquantized_model)
         tensors = capture_reference(ref, ids, include)
-        producer = REFERENCE_NAME
+        producer = reference_name(ckpt.config)
     meta = {"producer": producer, "impl": impl, "model": ckpt.name, "model_path": str(ckpt.path.resolve()),
             "config_hash": ckpt.config.config_hash(), "dtype": dtype_name(model.dtype),
             "device": str(model.device), "prompt_ids": list(ids), "versions": package_versions()}

@@ -18,15 +18,17 @@ import torch
 from qwenlab.activations.coverage import Coverage, declared_absent, measure
 from qwenlab.activations.dump import Dump, read_dump
 from qwenlab.activations.layout import diagnose_layout, is_last_position
-from qwenlab.activations.names import LAYER_POINTS, sort_forward, split_name
+from qwenlab.activations.names import ALL_LAYER_POINTS, sort_forward, split_name
 from qwenlab.activations.prompt_check import position_warning
+from qwenlab.activations.routing import DEFAULT_MARGIN, compare_routing, is_routing, logits_name
 from qwenlab.atomic import json_safe
 from qwenlab.errors import QwenlabError
 from qwenlab.sequences import first_difference
 
 NAN = float("nan")
 METRIC_KEYS = ("max_abs", "mean_abs", "rel_l2", "cosine", "nmse_db")
-DIVERGENT = ("diverged", "layout_mismatch", "shape_mismatch", "nonfinite")  # reference_nonfinite: not a divergence
+# reference_nonfinite is not a divergence: nothing to judge
+DIVERGENT = ("diverged", "layout_mismatch", "shape_mismatch", "nonfinite", "routing_flip")
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
     "float64": "float64", "fp64": "float64", "double": "float64", "f64": "float64",
@@ -71,6 +73,9 @@ def tensor_metrics(cand: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def default_floor(name: str, dtype: str, num_layers: int) -> float:
+    """rel_l2 floor by dtype and depth; for a MoE layer's router_ids, the routing margin limit (logit units)."""
+    if is_routing(name):
+        return DEFAULT_MARGIN[dtype]
     if dtype in ("float32", "float64"):
         return 1e-5
     layer, point = split_name(name)
@@ -111,11 +116,14 @@ def read_floors(path) -> dict:
 
 
 def floor_for(name: str, dtype: str, num_layers: int, overrides: dict | None = None) -> float:
-    """rel_l2 floor; overrides: exact name, then first matching glob, then a dtype key."""
+    """rel_l2 floor; overrides: exact name, then first matching glob, then a dtype key. A router_ids floor is a
+    margin in logit units, not a rel_l2: only names and globs that end in router_ids override it."""
     dtype = _require_dtype(dtype)
     overrides = overrides or {}
     if name in overrides:
         return float(overrides[name])
+    if is_routing(name):
+        overrides = {k: v for k, v in overrides.items() if k.endswith("router_ids")}
     patterns = [key for key in overrides if normalize_dtype(key) is None]
     for pattern in patterns:
         if fnmatchcase(name, pattern):
@@ -207,7 +215,11 @@ def _check_prompts(cand: Dump, ref: Dump) -> None:
                        f"reference has {len(b)}, first difference at position {at}")
 
 
-def compare_tensor(name: str, cand, ref, floor: float) -> dict:
+def compare_tensor(name: str, cand, ref, floor: float, cand_tensors: dict | None = None,
+                   ref_tensors: dict | None = None) -> dict:
+    """One row of the diff. router_ids rows (MoE) are compared as routing (qwenlab.activations.routing): status
+    `routing` or `routing_flip`, `agreement` instead of rel_l2, `floor` the margin limit; the router logits they
+    need come from the two dumps' tensors."""
     layer, point = split_name(name)
     present = ref if ref is not None else cand
     row = {"name": name, "layer": layer, "point": point, "shape": list(present.shape),
@@ -215,6 +227,8 @@ def compare_tensor(name: str, cand, ref, floor: float) -> dict:
            **{key: NAN for key in METRIC_KEYS}, "floor": floor, "exceeds": False, "note": None}
     if cand is None or ref is None:
         return {**row, "status": "only_in_reference" if cand is None else "only_in_candidate"}
+    if is_routing(name):
+        return _routing_row(row, name, cand, ref, floor, cand_tensors or {}, ref_tensors or {})
     if is_last_position(name, cand, ref):
         ref, row["note"] = ref[-1:], "last position only"
     if cand.numel() != ref.numel():
@@ -230,6 +244,16 @@ def compare_tensor(name: str, cand, ref, floor: float) -> dict:
     if layout:
         return {**row, "status": "layout_mismatch", "exceeds": True, "note": f"layout: {layout}"}
     return {**row, "status": "diverged", "exceeds": True}
+
+
+def _routing_row(row: dict, name: str, cand, ref, limit: float, cand_tensors: dict, ref_tensors: dict) -> dict:
+    if cand.shape != ref.shape:
+        return {**row, "status": "shape_mismatch", "exceeds": True}
+    logits = logits_name(name)
+    routing = compare_routing(cand, ref, ref_tensors.get(logits), cand_tensors.get(logits), limit)
+    bad = bool(routing.unexplained)
+    return {**row, "status": "routing_flip" if bad else "routing", "exceeds": bad, "agreement": routing.agreement,
+            "flips": len(routing.flips), "routing": routing.to_json(), "note": routing.note()}
 
 
 @dataclass
@@ -261,6 +285,11 @@ class DiffResult:
     def first_divergence(self) -> str | None:
         row = self.first_divergence_row
         return row["name"] if row else None
+
+    @property
+    def routing(self) -> dict[str, dict]:
+        """{router_ids name: agreement, flips (token, the two sets, margin, limit, explained)} of each MoE layer."""
+        return {row["name"]: row["routing"] for row in self.rows if "routing" in row}
 
     @property
     def compared(self) -> int:
@@ -303,7 +332,8 @@ class DiffResult:
 
 
 def is_isolated(dump: Dump) -> bool:
-    """A dump written teacher-forced (metadata `isolated: true`): its layer i ran on the reference's layers.{i}.input."""
+    """A dump written teacher-forced (metadata `isolated: true`): its layer i ran on the reference's
+    layers.{i}.input."""
     return str(dump.metadata.get("isolated", "")).lower() in ("true", "1", "yes")
 
 
@@ -347,7 +377,8 @@ def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = Non
     names = sort_forward(set(cand.tensors) | set(ref.tensors))
     num_layers = num_layers or _infer_num_layers(names)
     rows = [compare_tensor(name, cand.tensors.get(name), ref.tensors.get(name),
-                           floor_for(_local(name) if isolated else name, dtype, num_layers, floors))
+                           floor_for(_local(name) if isolated else name, dtype, num_layers, floors),
+                           cand.tensors, ref.tensors)
             for name in names]
     logits = None
     if "logits" in cand.tensors and "logits" in ref.tensors:
@@ -385,8 +416,8 @@ def rel_l2_grid(result) -> pd.DataFrame:
     layered = frame[frame["layer"].notna()]
     grid = layered.pivot_table(index="layer", columns="point", values="rel_l2", aggfunc="first",
                                dropna=False)
-    columns = [p for p in LAYER_POINTS if p in grid.columns]
-    columns += sorted(c for c in grid.columns if c not in LAYER_POINTS)
+    columns = [p for p in ALL_LAYER_POINTS if p in grid.columns]
+    columns += sorted(c for c in grid.columns if c not in ALL_LAYER_POINTS)
     grid = grid.reindex(columns=columns)
     grid.index = grid.index.astype(int)
     return grid

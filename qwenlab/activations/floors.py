@@ -7,6 +7,8 @@ this dtype? The budget is the reference's own noise on the same prompt: transfor
 and each logits statistic (KL mean and p99, top-1 disagreement, delta-p max) is gated the same way. The multiples
 and absolute minimums live in data/thresholds/; a float32 candidate has no lower-precision noise to measure, so it
 is held to the float32 fallbacks there (float32 rounding between two correct implementations is about 1e-6).
+A MoE layer's chosen experts (router_ids, integers) have no rel_l2: their row is routing agreement, gated at the
+routing margin of the thresholds (qwenlab.activations.routing), and they are left out of the noise.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 from qwenlab.activations.diff import default_floor, logits_metrics, tensor_metrics
 from qwenlab.activations.names import split_name
+from qwenlab.activations.routing import DEFAULT_MARGIN, is_routing
 
 LOGITS_STATS = ("kl_mean", "kl_p99", "top1_disagreement", "delta_p_max")
 RESIDUAL_POINTS = ("post_attention_residual", "output")
@@ -53,7 +56,8 @@ def measure(low: dict, high: dict | None, dtype: str, isolated_low: dict | None 
         return Noise(dtype)
     if high is None:
         return Noise(dtype, measured=False)
-    tensors = {name: tensor_metrics(low[name], high[name])["rel_l2"] for name in low if name in high}
+    tensors = {name: tensor_metrics(low[name], high[name])["rel_l2"] for name in low
+               if name in high and low[name].is_floating_point()}
     logits = logits_metrics(low["logits"], high["logits"]) if "logits" in low and "logits" in high else {}
     isolated = isolated_errors(isolated_low, high) if isolated_low else {}
     return Noise(dtype, tensors, logits, isolated)
@@ -66,7 +70,7 @@ def isolated_errors(isolated: dict, truth: dict) -> dict[str, float]:
     out = {}
     for name, tensor in isolated.items():
         layer, point = split_name(name)
-        if layer is None or point == "input" or name not in truth:
+        if layer is None or point == "input" or name not in truth or not tensor.is_floating_point():
             continue
         cand, ref = tensor.double(), truth[name].double()
         if point in RESIDUAL_POINTS:
@@ -86,6 +90,7 @@ class Gates:
     fp32_logits: dict[str, float]
     isolated_multiple: float
     unmeasured_logits: dict[str, dict[str, float]]  # stat -> {dtype: limit}, when no float32 reference ran
+    routing_margin: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MARGIN))  # {dtype: logit units}
 
     @classmethod
     def from_thresholds(cls, t: dict) -> "Gates":
@@ -94,18 +99,21 @@ class Gates:
                    {k: (float(v["multiple"]), {d: float(a) for d, a in v["absolute"].items()})
                     for k, v in t["logits"].items()},
                    {k: float(v) for k, v in t["float32_logits"].items()}, float(t["isolated"]["multiple"]),
-                   t.get("unmeasured_logits", {}))
+                   t.get("unmeasured_logits", {}),
+                   DEFAULT_MARGIN | {k: float(v) for k, v in t.get("routing", {}).get("margin", {}).items()})
 
     def absolute_for(self, dtype: str) -> float:
         return self.fp32 if dtype in EXACT_DTYPES else self.absolute.get(dtype, self.absolute["bfloat16"])
 
     def floors(self, noise: Noise, names) -> dict[str, float]:
         """{name: rel_l2 floor} for every name compared (the dtype's defaults when the noise was not measured)."""
+        margin = self.routing_margin.get(noise.dtype, DEFAULT_MARGIN.get(noise.dtype, 0.0))
         if not noise.measured:
             layers = max((split_name(n)[0] or 0 for n in names), default=0) + 1
-            return {name: default_floor(name, noise.dtype, layers) for name in names}
+            return {name: margin if is_routing(name) else default_floor(name, noise.dtype, layers) for name in names}
         absolute = self.absolute_for(noise.dtype)
-        return {name: self.multiple * noise.tensors.get(name, 0.0) + absolute for name in names}
+        return {name: margin if is_routing(name) else self.multiple * noise.tensors.get(name, 0.0) + absolute
+                for name in names}
 
     def isolated_floors(self, noise: Noise, names) -> dict[str, float]:
         if not noise.measured:

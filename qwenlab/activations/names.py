@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import replace
 
 from qwenlab.model.config import Qwen3Config
 from qwenlab.model.hf_names import meta_model
@@ -13,6 +14,7 @@ from qwenlab.model.hooks import HIDDEN, hook_points
 _ONE_LAYER = Qwen3Config(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=8,
                          rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=True)
+_ONE_MOE_LAYER = replace(_ONE_LAYER, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=4)
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
@@ -23,8 +25,8 @@ def split_name(name: str) -> tuple[int | None, str]:
     return None, name
 
 
-def _points() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], dict[str, tuple[str, ...]]]:
-    points = hook_points(meta_model(_ONE_LAYER))
+def _points(config: Qwen3Config) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], dict[str, tuple]]:
+    points = hook_points(meta_model(config))
     head, layer, tail = [], [], []
     for name in points:
         index, point = split_name(name)
@@ -33,9 +35,15 @@ def _points() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], dict[s
     return tuple(head), tuple(layer), tuple(tail), dims
 
 
-HEAD_POINTS, LAYER_POINTS, TAIL_POINTS, POINT_DIMS = _points()
+HEAD_POINTS, LAYER_POINTS, TAIL_POINTS, _DENSE_DIMS = _points(_ONE_LAYER)  # a dense layer's points
+_, _MOE_POINTS, _, _MOE_DIMS = _points(_ONE_MOE_LAYER)
+# A MoE layer's points (qwenlab.model.moe): the router's and the experts' in place of the dense MLP's.
+MOE_LAYER_POINTS = _MOE_POINTS
+# Every layer point in forward order: the dense MLP's, then the MoE block's, then the layer's output.
+ALL_LAYER_POINTS = LAYER_POINTS[:-1] + tuple(p for p in _MOE_POINTS if p not in LAYER_POINTS) + LAYER_POINTS[-1:]
+POINT_DIMS = _DENSE_DIMS | _MOE_DIMS
 HIDDEN_DIMS = HIDDEN
-_POINT_INDEX = {point: i for i, point in enumerate(LAYER_POINTS)}
+_POINT_INDEX = {point: i for i, point in enumerate(ALL_LAYER_POINTS)}
 
 
 def layer_name(layer: int, point: str) -> str:
@@ -48,7 +56,8 @@ def _names_of(config: Qwen3Config) -> tuple[str, ...]:
 
 
 def canonical_names(layers_or_config: int | Qwen3Config) -> list[str]:
-    """Every canonical name of a model, forward order (a config gives its exact set; a layer count the dense one)."""
+    """Every canonical name of a model, forward order (a config gives its exact set, MoE layers included; a layer
+    count the dense one)."""
     if isinstance(layers_or_config, Qwen3Config):
         return list(_names_of(layers_or_config))
     names = list(HEAD_POINTS)

@@ -5,6 +5,8 @@
                   A compressed-tensors checkpoint is used as it is; a ModelOpt one goes through compressed-tensors'
                   own converter first; a model quantized at load is exported (qwenlab.model.quantize.export). Both
                   into a temp folder, never into the model's folder, removed once transformers has loaded it.
+                  Quantized MoE experts transformers cannot decompress (EXPERTS_GAP): the model's dequantized numbers
+                  are written as a plain bf16 checkpoint instead (qwenlab.model.quantize.export_dequantized).
     unquantized   transformers on the bf16/fp32 checkpoint the quantized one came from. Answers "what does NVFP4
                   cost?"; for a checkpoint that is already NVFP4 it must be given (unquantized_model).
 """
@@ -15,10 +17,25 @@ from qwenlab.activations.reference import load_reference
 from qwenlab.atomic import scratch_dir
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import read_config
-from qwenlab.model.quantize import export
+from qwenlab.model.quantize import export, export_dequantized
 from qwenlab.quant.layouts import COMPRESSED_TENSORS, MODELOPT
 
 REFERENCES = ("quantized", "unquantized")
+# transformers (5.23) decompresses a compressed-tensors NVFP4 checkpoint's MoE experts (its fused 3-D experts are not
+# nn.Linear) in CompressedTensorsDequantize with a stand-in module holding only weight_packed, weight_scale and
+# weight_shape: the per-tensor global scale is never applied, every expert comes out 1 / scale too large.
+EXPERTS_GAP = ("transformers decompresses NVFP4 MoE experts without their per-tensor global scale "
+               "(integrations/compressed_tensors.py CompressedTensorsDequantize), so its quantized reference is "
+               "transformers on qwenlab's dequantized numbers (a plain bf16 checkpoint), not its own reading of the "
+               "NVFP4 tensors")
+
+
+def quantized_reference_gap(ckpt) -> str | None:
+    """Why transformers cannot read this model's NVFP4 numbers itself (quantized MoE experts), or None."""
+    info = ckpt.model.quantization
+    if info is not None and any(".mlp.experts." in name for name in info.quantized):
+        return f"{ckpt.path}: {EXPERTS_GAP}"
+    return None
 
 
 def check_reference(reference: str):
@@ -60,12 +77,15 @@ def quantized_checkpoint(ckpt):
     if info is None:
         raise QwenlabError(f"{ckpt.path}: the model is not quantized (load it with quant='nvfp4'), there is no "
                            "quantized reference")
-    if info.source == "checkpoint" and info.layout == COMPRESSED_TENSORS:
+    gap = quantized_reference_gap(ckpt)
+    if info.source == "checkpoint" and info.layout == COMPRESSED_TENSORS and not gap:
         yield ckpt.path
         return
     with scratch_dir("nvfp4-reference") as tmp:
         folder = tmp / f"{ckpt.name}-compressed-tensors"
-        if info.source == "checkpoint" and info.layout == MODELOPT:
+        if gap:
+            folder = export_dequantized(ckpt, tmp / f"{ckpt.name}-dequantized")
+        elif info.source == "checkpoint" and info.layout == MODELOPT:
             convert_modelopt(ckpt.path, folder, info.kept)
         else:
             export(ckpt, folder, COMPRESSED_TENSORS)

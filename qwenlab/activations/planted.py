@@ -17,7 +17,8 @@ import torch
 
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import diff_dumps
-from qwenlab.activations.names import LAYER_POINTS, layer_name
+from qwenlab.activations.names import layer_name, split_name
+from qwenlab.model.config import is_moe_layer
 from qwenlab.model.hf_names import hf_state_dict
 from qwenlab.model.hooks import reference_paths
 from qwenlab.model.qwen3 import Rotary, rotate_half
@@ -103,14 +104,13 @@ def expected_swap_layers(model, i: int, j: int) -> str:
     """The first activation point (forward order) of layer min(i, j) made by a module whose weights differ."""
     first, other = min(i, j), max(i, j)
     state, paths = hf_state_dict(model), reference_paths(model)
-    for point in LAYER_POINTS:
-        path, kind = paths[layer_name(first, point)]
-        if kind != "output" or path == f"model.layers.{first}":
+    for name, (path, kind, _, _) in paths.items():
+        if split_name(name)[0] != first or kind != "output" or path == f"model.layers.{first}":
             continue
         mine = {k: v for k, v in state.items() if k.startswith(path + ".")}
         theirs = [state[k.replace(f"model.layers.{first}.", f"model.layers.{other}.", 1)] for k in mine]
         if any(not torch.equal(v, w.to(v.device)) for v, w in zip(mine.values(), theirs)):
-            return layer_name(first, point)
+            return name
     return "logits"
 
 
@@ -126,8 +126,9 @@ def standard_bugs(model) -> list[PlantedBug]:
     ]
     if n >= 2:
         i, j = (1, 2) if n >= 3 else (0, 1)
-        bugs.append(PlantedBug(f"swap layers {i}<->{j}", f"layers {i} and {j} hold each other's weights",
-                               expected_swap_layers(model, i, j), overrides=swap_layers(model, i, j)))
+        if is_moe_layer(model.config, i) == is_moe_layer(model.config, j):  # a dense and a MoE layer cannot swap
+            bugs.append(PlantedBug(f"swap layers {i}<->{j}", f"layers {i} and {j} hold each other's weights",
+                                   expected_swap_layers(model, i, j), overrides=swap_layers(model, i, j)))
         keep = min(2, n - 1)
         bugs.append(PlantedBug(f"only {keep} of {n} layers", f"layers {keep}..{n - 1} never loaded (zeros)",
                                layer_name(keep, "input_layernorm"), replace=drop_layers(n, keep)))

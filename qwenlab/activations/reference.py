@@ -1,6 +1,7 @@
-"""The trusted side: HF transformers' Qwen3ForCausalLM (eager attention), its canonical activations captured by
-forward hooks on its modules. Which module holds each name comes from qwenlab's own hook points (their `reference`
-field), so the two sides share one list of names. Nothing of transformers is patched.
+"""The trusted side: HF transformers' Qwen3ForCausalLM or Qwen3MoeForCausalLM (eager attention, eager experts), its
+canonical activations captured by forward hooks on its modules. Which module holds each name comes from qwenlab's
+own hook points (their `reference` field), so the two sides share one list of names. Nothing of transformers is
+patched.
 
 transformers is imported lazily here (it is slow to import) and nowhere on the qwenlab forward path.
 """
@@ -16,12 +17,15 @@ from pathlib import Path
 import torch
 
 from qwenlab.errors import QwenlabError
-from qwenlab.model.config import Qwen3Config, config_from_dict
+from qwenlab.model.config import Qwen3Config, config_from_dict, read_config
 from qwenlab.model.hf_names import meta_model
-from qwenlab.model.hooks import Recorder, reference_paths
+from qwenlab.model.hooks import Recorder, Reference, reference_paths
 from qwenlab.versions import package_versions
 
-REFERENCE_NAME = "transformers.Qwen3ForCausalLM(eager)"
+
+def reference_name(config: Qwen3Config) -> str:
+    """The producer a reference dump names: transformers' class for this architecture, eager."""
+    return f"transformers.{config.architecture}(eager)"
 
 
 def quiet_optional_imports():
@@ -32,14 +36,17 @@ def quiet_optional_imports():
 
 
 def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="cpu", attention: str = "eager",
-                   direct_to_device: bool = False, device_map=None, max_memory: dict | None = None):
-    """Qwen3ForCausalLM from the checkpoint, eager attention by default (the trusted side of every diff).
+                   direct_to_device: bool = False, device_map=None, max_memory: dict | None = None,
+                   experts: str | None = "eager"):
+    """Qwen3ForCausalLM (Qwen3MoeForCausalLM for a qwen3_moe checkpoint, its experts run by transformers' eager loop)
+    from the checkpoint, eager attention by default (the trusted side of every diff).
     direct_to_device loads the weights straight onto `device`, transformers' fastest load. device_map ("auto",
     "balanced" or accelerate's dict) with max_memory ({gpu index: bytes}) splits it across GPUs through accelerate,
-    the maintained engine for that in the transformers ecosystem."""
+    the maintained engine for that in the transformers ecosystem. experts: a MoE model's experts implementation
+    (None: transformers' default, grouped_mm where it can run; a benchmark's fair baseline)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_optional_imports()
-    from transformers import Qwen3ForCausalLM
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -54,9 +61,11 @@ def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="c
             placement = {}
         with warnings.catch_warnings():  # "the quantization_config from the model will be used": as intended
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            model = Qwen3ForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype, attn_implementation=attention,
-                                                     local_files_only=True, **placement,
-                                                     **_quantized_kwargs(checkpoint_dir))
+            cfg = read_config(Path(checkpoint_dir))
+            moe = {"experts_implementation": experts} if cfg.is_moe and experts else {}
+            model = getattr(transformers, cfg.architecture).from_pretrained(
+                str(checkpoint_dir), dtype=dtype, attn_implementation=attention, local_files_only=True, **placement,
+                **moe, **_quantized_kwargs(checkpoint_dir))
     except (OSError, ValueError, ImportError) as e:
         raise QwenlabError(f"{checkpoint_dir}: transformers could not load it ({str(e).splitlines()[0]})") from None
     return (model if placement else model.to(device)).eval()
@@ -77,7 +86,7 @@ def _quantized_kwargs(checkpoint_dir) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _paths(config: Qwen3Config) -> dict[str, tuple[str, str]]:
+def _paths(config: Qwen3Config) -> dict[str, Reference]:
     return reference_paths(meta_model(config))
 
 
@@ -100,11 +109,19 @@ def _hooks(model, paths: dict, wanted, record) -> list:
     rope, tables, norms = rope_function(), {}, {}
     handles = [modules["model.rotary_emb"].register_forward_hook(lambda m, a, out: tables.update(cos_sin=out))]
 
-    def output(name):
-        return lambda m, args, out: record(name, out[0] if isinstance(out, tuple) else out)
+    def batched(x, where):
+        return x[None] if where.flat else x  # transformers' MoE block flattens batch and tokens
 
-    def first_input(name):
-        return lambda m, args, kwargs: record(name, args[0] if args else kwargs["hidden_states"])
+    def output(name, where):
+        def hook(m, args, out):
+            if where.index and not isinstance(out, tuple):
+                raise QwenlabError(f"reference: {where.path} returned one tensor, not a tuple holding {name} at "
+                                   f"{where.index} (qwenlab reads transformers 5.23's MoE router; pin it)")
+            record(name, batched(out[where.index] if isinstance(out, tuple) else out, where))
+        return hook
+
+    def first_input(name, where):
+        return lambda m, args, kwargs: record(name, batched(args[0] if args else kwargs["hidden_states"], where))
 
     def rotated(name, which):
         def hook(m, args, out):
@@ -115,18 +132,18 @@ def _hooks(model, paths: dict, wanted, record) -> list:
                 record(name, k.transpose(1, 2), wanted)
         return hook
 
-    for name, (path, kind) in paths.items():
-        if path not in modules:
-            raise QwenlabError(f"reference: transformers' model has no module {path} (for {name})")
-        module = modules[path]
-        if kind == "rope":
+    for name, where in paths.items():
+        if where.path not in modules:
+            raise QwenlabError(f"reference: transformers' model has no module {where.path} (for {name})")
+        module = modules[where.path]
+        if where.kind == "rope":
             if name.endswith("k_rope"):
-                q_path = path.replace("k_norm", "q_norm")
+                q_path = where.path.replace("k_norm", "q_norm")
                 handles.append(modules[q_path].register_forward_hook(rotated(name, "q")))
                 handles.append(module.register_forward_hook(rotated(name, "k")))
         elif wanted(name):
-            handles.append(module.register_forward_pre_hook(first_input(name), with_kwargs=True) if kind == "input"
-                           else module.register_forward_hook(output(name)))
+            handles.append(module.register_forward_pre_hook(first_input(name, where), with_kwargs=True)
+                           if where.kind == "input" else module.register_forward_hook(output(name, where)))
     return handles
 
 
@@ -153,7 +170,8 @@ def capture_reference(model, ids: list[int], include=None, to_cpu: bool = True,
     """The reference's canonical activations on one prompt (include: names or globs; None for all). inputs:
     {`layers.{i}.input`: tensor [T, hidden]} feeds those layers the given input (teacher forcing: each layer's
     error is then its own, qwenlab.activations.isolated)."""
-    if len({id(layer.mlp.act_fn) for layer in model.model.layers}) != len(model.model.layers):
+    acts = [layer.mlp.act_fn for layer in model.model.layers if hasattr(layer.mlp, "act_fn")]
+    if len({id(act) for act in acts}) != len(acts):
         raise QwenlabError("reference: layers share one activation module, per-layer mlp.act hooks would collide")
     paths = _paths(config_from_dict(model.config.to_dict(), "reference config"))
     recorder = Recorder(to_cpu=to_cpu)

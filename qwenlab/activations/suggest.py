@@ -1,5 +1,6 @@
 """Which canonical name a non-canonical dump name probably meant: HF module paths (`model.layers.0.self_attn.q_proj`),
-`self_attn`/`attention` for `attn`, a missing `layers.` prefix, `embed_tokens`/`lm_head`, or a near spelling."""
+`self_attn`/`attention` for `attn`, a missing `layers.` prefix, `embed_tokens`/`lm_head`, MoE spellings
+(`selected_experts`, `routing_weights`), or a near spelling."""
 from __future__ import annotations
 
 import re
@@ -10,7 +11,9 @@ from qwenlab.activations.names import split_name
 PREFIXES = ("base_model.", "model.", "transformer.", "decoder.")
 LAYER_PREFIX = re.compile(r"^(?:layers?|h|blocks?|decoder_layers?)[._](\d+)\.|^(\d+)\.")
 PART_ALIASES = {"self_attn": "attn", "self_attention": "attn", "attention": "attn", "feed_forward": "mlp",
-                "ffn": "mlp", "act_fn": "act", "activation": "act", "o_proj_input": "context"}
+                "ffn": "mlp", "act_fn": "act", "activation": "act", "o_proj_input": "context",
+                "router": "router_logits", "selected_experts": "router_ids", "topk_ids": "router_ids",
+                "expert_ids": "router_ids", "routing_weights": "router_weights", "topk_weights": "router_weights"}
 WHOLE_ALIASES = {"embed_tokens": "embed", "embeddings": "embed", "tok_embeddings": "embed", "wte": "embed",
                  "lm_head": "logits", "output": "logits", "final_norm": "norm", "final_layernorm": "norm",
                  "ln_f": "norm"}

@@ -92,13 +92,15 @@ def nvfp4_over_dense(rows: list[dict], dense: str) -> dict | None:
 
 
 def hf_rows(model_dir, dtype, device, prompt, new_tokens, prefill_ids, static: bool) -> list[dict]:
-    hf, load_s = timed(lambda: load_reference(model_dir, dtype, device, attention="sdpa", direct_to_device=True),
-                       device)
+    hf, load_s = timed(lambda: load_reference(model_dir, dtype, device, attention="sdpa", direct_to_device=True,
+                                              experts=None), device)  # MoE: transformers' default experts kernel
     ids = torch.tensor([prefill_ids], device=device)
     prefill_s = _prefill_seconds(lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1), device)
     rows = []
     for cache, kwargs in [("dynamic", {})] + ([("static", {"cache_implementation": "static"})] if static else []):
-        row = {"impl": "transformers", "engine": f"generate, {cache} cache", "note": "sdpa attention",
+        experts = getattr(hf.config, "_experts_implementation", None)
+        row = {"impl": "transformers", "engine": f"generate, {cache} cache",
+               "note": "sdpa attention" + (f", {experts} experts" if hf.config.model_type == "qwen3_moe" else ""),
                "load_s": load_s, "prefill_tok_s": len(prefill_ids) / prefill_s}
         try:
             def gen(n):

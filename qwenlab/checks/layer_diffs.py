@@ -301,6 +301,39 @@ def first_isolated(isolated: pd.DataFrame | None) -> str | None:
     return bad.index[0] if not bad.empty else None
 
 
+def routing_flips(diffs: list[PromptDiff]) -> pd.DataFrame:
+    """One row per token of a MoE layer whose chosen experts differ from the reference's (doc/moe.md): the two sets,
+    the reference's margin at that choice, the limit precision explains, explained?"""
+    rows = [{"prompt": d.label, "layer": split_name(name)[0], **flip}
+            for d in diffs for name, routing in d.result.routing.items() for flip in routing["flips"]]
+    columns = ["prompt", "layer", "token", "reference", "candidate", "margin", "cutoff_gap", "logit_error", "limit",
+               "explained"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def routing_table(diffs: list[PromptDiff]) -> pd.DataFrame | None:
+    """One row per MoE layer, pooled over the prompts: choices compared, agreement, tokens flipped, how many at a
+    near-tie (explained by precision) and at a clear margin (a bug), the largest margin of a flip. None: no MoE."""
+    layers: dict[int, dict] = {}
+    for d in diffs:
+        for name, routing in d.result.routing.items():
+            row = layers.setdefault(split_name(name)[0], {"choices": 0, "agreeing": 0.0, "flips": 0, "near_tie": 0,
+                                                           "clear_margin": 0, "max_flip_margin": float("nan")})
+            choices = routing["tokens"] * routing["top_k"]
+            row["choices"] += choices
+            row["agreeing"] += routing["agreement"] * choices
+            for flip in routing["flips"]:
+                row["flips"] += 1
+                row["near_tie" if flip["explained"] else "clear_margin"] += 1
+                row["max_flip_margin"] = max(flip["margin"], row["max_flip_margin"]) \
+                    if row["max_flip_margin"] == row["max_flip_margin"] else flip["margin"]
+    if not layers:
+        return None
+    frame = pd.DataFrame.from_dict(layers, orient="index").rename_axis("layer").sort_index()
+    frame.insert(1, "agreement", frame.pop("agreeing") / frame["choices"].clip(lower=1))
+    return frame
+
+
 def declared_absent(diffs: list[PromptDiff], name: str) -> bool:
     """The candidate said it does not produce `name` (its not_produced metadata), or allow_missing was given."""
     return any(name in d.result.coverage.not_produced or (name in d.result.coverage.missing and
@@ -347,8 +380,8 @@ def verdict(thresholds: dict, *, dtype: str, diffs: list[PromptDiff], summary: p
               thresholds["max_divergent_prompts"])
     if first:
         rel, floor = table.loc[first, "rel_l2"], table.loc[first, "floor"]
-        status = table.loc[first, "status"]
-        why = f"rel_l2 {rel:.3g}, {rel / floor:.3g}x its floor {floor:.3g}" if rel == rel else status
+        status, note = table.loc[first, "status"], table.loc[first, "note"]
+        why = f"rel_l2 {rel:.3g}, {rel / floor:.3g}x its floor {floor:.3g}" if rel == rel else note or status
         reasons.append(f"first divergent tensor: {first} ({why})")
     if isolated is not None:
         bad = first_isolated(isolated)
@@ -368,6 +401,13 @@ def verdict(thresholds: dict, *, dtype: str, diffs: list[PromptDiff], summary: p
     elif not declared_absent(diffs, "logits"):
         reasons.append("logits were not compared: the candidate has none (declare them in not_produced if it does "
                        "not produce them)")
+    routing = routing_table(diffs)
+    if routing is not None:
+        metrics["routing"] = {"agreement_min": float(routing["agreement"].min()), "flips": int(routing["flips"].sum()),
+                              "clear_margin_flips": int(routing["clear_margin"].sum()),
+                              "layers": routing.reset_index().to_dict(orient="records")}
+        check_max(reasons, "routing: tokens whose experts flipped at a clear margin",
+                  metrics["routing"]["clear_margin_flips"], thresholds.get("routing", {}).get("max_clear_flips", 0))
     if plant_bugs:
         check_min(reasons, "planted bugs localised (fraction)",
                   metrics["planted_localised"] / max(metrics["planted_total"], 1),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from qwenlab.activations import planted
+from qwenlab.activations import planted, planted_moe
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import normalize_dtype
 from qwenlab.activations.floors import EXACT_DTYPES, Gates
@@ -166,7 +166,7 @@ def run_layer_diffs(spec: LoadSpec, prompts, the_plan: Plan, gates: Gates, *, ca
                            for (_, ids), t, r in zip(cases, truths, refs)]
             bug_captures = {}
             if plant_bugs:
-                bugs = planted.standard_bugs(model)
+                bugs = planted.standard_bugs(model) + planted_moe.moe_bugs(model)
                 bug_captures = {bug.name: bug.capture(model, cases[0][1], attention) for bug in bugs}
     if ckpt is not None:
         del ckpt

@@ -27,6 +27,8 @@ def graph_unavailable(model) -> str | None:
         return f"the graph engine needs CUDA (the model is on {model.device})"
     if model.is_split:
         return f"the model is split across {', '.join(sorted(set(model.layer_devices)))}: a graph captures one device"
+    if model.config.is_moe:
+        return "a MoE model's experts are picked per token on the host (qwenlab.model.moe.mix): no graph can hold it"
     return None
 
 

@@ -4,6 +4,9 @@ The tracker (qwenlab.memory) measures; this module says what the measurement sho
 "measured minus predicted" separates the bytes the model needs from the bytes a bug or the
 allocator adds. Every formula counts tensors of the plain-torch forward in qwenlab.model.
 
+A MoE model (Qwen3-MoE) keeps every expert resident: its weights are all experts' bytes, though a token uses only
+num_experts_per_tok of them; the KV cache is the dense formula (attention is unchanged).
+
 Workspace is an estimate, not an identity: the peak of one prefill is the largest set of
 temporaries alive at once, which for this forward is the MLP (gate, up, act and act*up,
 each [T, intermediate]) plus a few float32 [T, hidden] tensors of the RMSNorms, the
@@ -19,10 +22,12 @@ import pandas as pd
 import torch
 
 from qwenlab.generation.decode import new_cache
-from qwenlab.model.config import Qwen3Config
+from qwenlab.model.config import Qwen3Config, is_moe_layer
 from qwenlab.model.dtypes import dtype_name
 from qwenlab.model.hf_names import hf_shapes
 from qwenlab.model.hf_names import linear_shapes as hf_linear_shapes
+from qwenlab.model.nvfp4_load import ROUTERS
+from qwenlab.quant.layouts import matches
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "int8": 1}
 # NVFP4 (NVIDIA ModelOpt): 4-bit e2m1 values, one fp8 (e4m3) scale per 16 consecutive elements of a row,
@@ -75,7 +80,7 @@ def weight_bytes(cfg: Qwen3Config, dtype="bfloat16", *, base_dtype="bfloat16",
                  quantize_lm_head: bool = False) -> dict[str, int]:
     """Bytes of the weights by group. dtype='nvfp4' quantizes the decoder projections whose input dimension is a
     multiple of 16 (and the lm_head when quantize_lm_head); everything else stays in base_dtype, as NVFP4
-    checkpoints ship it."""
+    checkpoints ship it, a MoE model's routers included (mlp.gate, counted in mlp_proj)."""
     quantized = dtype_name(dtype) == NVFP4
     b = bytes_per_element(base_dtype if quantized else dtype)
     linears = {f"{m}.weight": shape for m, shape in hf_linear_shapes(cfg).items()}
@@ -83,7 +88,7 @@ def weight_bytes(cfg: Qwen3Config, dtype="bfloat16", *, base_dtype="bfloat16",
     for name, shape in hf_shapes(cfg).items():
         group = weight_group(name)
         as_nvfp4 = (quantized and name in linears and shape[1] % NVFP4_BLOCK == 0
-                    and (group != "lm_head" or quantize_lm_head))
+                    and (group != "lm_head" or quantize_lm_head) and not matches(name.removesuffix(".weight"), ROUTERS))
         out[group] += nvfp4_linear_bytes(*shape) if as_nvfp4 else int(math.prod(shape) * b)
     out["total"] = sum(out.values())
     return out
@@ -118,20 +123,30 @@ def kv_cache_bytes(cfg: Qwen3Config, dtype="bfloat16", length: int = 1, batch: i
     return batch * length * kv_bytes_per_token(cfg, dtype)
 
 
+def mlp_width(cfg: Qwen3Config) -> int:
+    """The width of the widest MLP temporaries: a dense layer's intermediate_size, or one expert's (a MoE block runs
+    its experts one at a time, each on at most every token)."""
+    dense = any(not is_moe_layer(cfg, i) for i in range(cfg.num_hidden_layers))
+    return max(cfg.intermediate_size if dense else 0, cfg.moe_intermediate_size)
+
+
 def workspace_bytes(cfg: Qwen3Config, dtype="bfloat16", tokens: int = 1, *, context: int | None = None,
                     logits_tokens: int = 1, scores_materialised: bool = False) -> dict[str, int]:
     """Temporaries of one forward over `tokens` new positions attending to `context` positions (default: tokens).
 
     logits: [logits_tokens, vocab] in the model dtype plus the float32 copy the sampler takes (qwenlab's
     generate asks for the last position only: logits_tokens=1; a capture or HF's forward keeps [T, V]).
-    activations: MLP peak 4 x [T, intermediate] in the model dtype + 3 x [T, hidden] float32 (RMSNorm upcast)
-    + q/k/v and the RoPE temporaries (about 4 x [T, q_size]).
+    activations: MLP peak 4 x [T, intermediate] in the model dtype (mlp_width) + 3 x [T, hidden] float32 (RMSNorm
+    upcast) + q/k/v and the RoPE temporaries (about 4 x [T, q_size]); for MoE also the router's logits and float32
+    probabilities [T, experts] and the block's gathered input and output [T, hidden].
     attention_scores: [heads, T, context] float32 scores and weights when materialised (eager attention)."""
     b = bytes_per_element(dtype if dtype_name(dtype) != NVFP4 else "bfloat16")
     T, S = tokens, context if context is not None else tokens
     logits = int(logits_tokens * cfg.vocab_size * (b + 4))
-    activations = int(T * (4 * cfg.intermediate_size * b + 3 * cfg.hidden_size * 4 + 4 * cfg.q_size * b
+    activations = int(T * (4 * mlp_width(cfg) * b + 3 * cfg.hidden_size * 4 + 4 * cfg.q_size * b
                            + 2 * cfg.kv_size * b))
+    if cfg.is_moe:
+        activations += int(T * (cfg.num_experts * (b + 4) + 2 * cfg.hidden_size * b))
     scores = int(2 * cfg.num_attention_heads * T * S * 4) if scores_materialised else 0
     return {"logits": logits, "activations": activations, "attention_scores": scores,
             "total": logits + activations + scores}

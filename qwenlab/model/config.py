@@ -1,4 +1,4 @@
-"""Qwen3 config.json in both spellings seen in the wild (transformers 4.x and 5.x)."""
+"""Qwen3 and Qwen3-MoE config.json in both spellings seen in the wild (transformers 4.x and 5.x)."""
 import hashlib
 import json
 import math
@@ -7,9 +7,10 @@ from pathlib import Path
 
 from qwenlab.errors import QwenlabError
 
-QWEN3_ARCHITECTURES = {"Qwen3ForCausalLM"}
-REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "max_position_embeddings")
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}  # model_type -> architecture
+REQUIRED_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+              "mlp_only_layers")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,21 @@ class Qwen3Config:
     attention_bias: bool = False
     hidden_act: str = "silu"
     torch_dtype: str = "bfloat16"
+    # Qwen3-MoE (model_type qwen3_moe); num_experts 0 is a dense Qwen3. intermediate_size is then the dense layers'.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES["qwen3_moe" if self.is_moe else "qwen3"]
 
     @property
     def q_size(self) -> int:
@@ -39,7 +55,10 @@ class Qwen3Config:
 
     def config_hash(self) -> str:
         """Identity of the architecture: two checkpoints with the same hash have the same shapes and math."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if not self.is_moe:  # a dense config hashes as it did before the MoE fields existed
+            fields = {k: v for k, v in fields.items() if k not in MOE_FIELDS}
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -54,6 +73,16 @@ def _object(value, key: str, where: str) -> dict:
     if not isinstance(value, dict):
         raise QwenlabError(f"{where}: {key} must be a JSON object or null, got {value!r}")
     return value
+
+
+def is_moe_layer(cfg: Qwen3Config, layer: int) -> bool:
+    """transformers' rule (Qwen3MoeDecoderLayer): a sparse MoE block unless the layer is in mlp_only_layers or
+    off the decoder_sparse_step grid; a dense MLP otherwise."""
+    return _sparse(layer, cfg.num_experts, cfg.mlp_only_layers, cfg.decoder_sparse_step)
+
+
+def _sparse(layer: int, experts: int, mlp_only_layers, step: int) -> bool:
+    return experts > 0 and layer not in mlp_only_layers and (layer + 1) % step == 0
 
 
 def _rope_theta(raw: dict, where: str):
@@ -120,10 +149,10 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Qwen3Config:
     archs = raw.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise QwenlabError(f"{where}: architectures must be a list of strings, got {archs!r}")
-    if model_type != "qwen3" or (archs and not set(archs) & QWEN3_ARCHITECTURES):
+    if model_type not in ARCHITECTURES or (archs and ARCHITECTURES[model_type] not in archs):
         raise QwenlabError(
             f"{where}: model_type={model_type!r} architectures={sorted(archs)} is not Qwen3 "
-            "(qwenlab supports model_type 'qwen3' / Qwen3ForCausalLM only)"
+            "(qwenlab supports model_type 'qwen3' / Qwen3ForCausalLM and 'qwen3_moe' / Qwen3MoeForCausalLM)"
         )
     if _flag(raw, "use_sliding_window", where):
         raise QwenlabError(f"{where}: use_sliding_window=true is not supported")
@@ -131,7 +160,7 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Qwen3Config:
     if act != "silu":
         raise QwenlabError(f"{where}: hidden_act {act!r} is not supported (Qwen3 uses silu)")
     sizes = {key: _int(_require(raw, key, where), key, where) for key in REQUIRED_INTS}
-    heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+    heads, hidden, layers = sizes["num_attention_heads"], sizes["hidden_size"], sizes["num_hidden_layers"]
     kv_heads = heads if raw.get("num_key_value_heads") is None else _int(raw["num_key_value_heads"],
                                                                          "num_key_value_heads", where)
     if raw.get("head_dim") is not None:
@@ -139,9 +168,17 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Qwen3Config:
     else:
         head_dim = _int(hidden // heads, "head_dim (hidden_size // num_attention_heads, no head_dim given)", where)
     _check_heads(heads, kv_heads, head_dim, where)
+    moe = moe_fields(raw, layers, where) if model_type == "qwen3_moe" else {}
+    dense_layers = not moe or any(not _sparse(i, moe["num_experts"], moe["mlp_only_layers"],
+                                              moe["decoder_sparse_step"]) for i in range(layers))
+    if dense_layers or raw.get("intermediate_size") is not None:  # an all-MoE model needs no dense MLP width
+        intermediate = _int(_require(raw, "intermediate_size", where), "intermediate_size", where)
+    else:
+        intermediate = 0
     eps = raw.get("rms_norm_eps", 1e-6)
     return Qwen3Config(
         **sizes,
+        intermediate_size=intermediate,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=_positive(eps, "rms_norm_eps", where),
@@ -150,6 +187,7 @@ def config_from_dict(raw: dict, where: str = "config.json") -> Qwen3Config:
         attention_bias=_flag(raw, "attention_bias", where),
         hidden_act=act,
         torch_dtype=_text(raw, ("dtype", "torch_dtype"), "bfloat16", where),
+        **moe,
     )
 
 
@@ -165,6 +203,41 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise QwenlabError(f"{path}: the JSON root is {json_type(raw)}, not an object")
     return raw
+
+
+def _count(raw: dict, key: str, where: str, low: int, high: int | None = None, default=None) -> int:
+    """An integer config field within [low, high]; `default` when absent (None: required)."""
+    value = raw.get(key, default)
+    if value is None:
+        raise QwenlabError(f"{where}: missing required key {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QwenlabError(f"{where}: {key} must be an integer, not {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise QwenlabError(f"{where}: {key} = {value} must be {bound}")
+    return value
+
+
+def moe_fields(raw: dict, num_layers: int, where: str) -> dict:
+    """The Qwen3-MoE fields of a qwen3_moe config.json, checked. transformers 5 writes num_experts as
+    num_local_experts (an attribute_map alias); Qwen's own configs say num_experts."""
+    key = "num_local_experts" if "num_local_experts" in raw and "num_experts" not in raw else "num_experts"
+    experts = _count(raw, key, where, 1)
+    top_k = _count(raw, "num_experts_per_tok", where, 1, experts)
+    norm = raw.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        raise QwenlabError(f"{where}: norm_topk_prob must be true or false, not {norm!r}")
+    only = raw.get("mlp_only_layers")
+    only = [] if only is None else only
+    if not isinstance(only, list):
+        raise QwenlabError(f"{where}: mlp_only_layers must be a list of layer indices, not {only!r}")
+    for i in only:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers:
+            raise QwenlabError(f"{where}: mlp_only_layers entry {i!r} is not a layer index 0-{num_layers - 1}")
+    return dict(num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=_count(raw, "moe_intermediate_size", where, 1), norm_topk_prob=norm,
+                decoder_sparse_step=_count(raw, "decoder_sparse_step", where, 1, default=1),
+                mlp_only_layers=tuple(sorted(set(only))))
 
 
 def read_config(checkpoint_dir: Path) -> Qwen3Config:

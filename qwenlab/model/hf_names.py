@@ -2,7 +2,12 @@
 
 Shapes come from a model built on the meta device (no memory, no hand-written tables). Fused projections
 (`qkv_proj`, `gate_up_proj`, made at load) map to the HF names they concatenate, in order, along dim 0.
+A MoE layer's experts are stored one linear each (`mlp.experts.{e}.gate_proj.weight`, ...), as Qwen ships them and
+as transformers' save_pretrained writes them (it fuses them into 3-D `mlp.experts.gate_up_proj` / `down_proj` only
+in memory); its router is `mlp.gate.weight`.
 """
+import functools
+
 import torch
 from torch import nn
 
@@ -59,10 +64,30 @@ def fused_state(state: dict[str, torch.Tensor], model: Qwen3) -> dict[str, torch
 
 def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF checkpoint of this config holds, name -> shape, in the module tree's order."""
-    return {name: tuple(t.shape) for name, t in hf_state_dict(meta_model(cfg)).items()}
+    return dict(_tables(cfg)[0])
 
 
 def linear_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, int]]:
     """Every linear of the model, HF module name -> (out N, in K), forward order, lm_head last."""
-    return {name: (m.out_features, m.in_features) for name, m in meta_model(cfg).named_modules()
-            if isinstance(m, nn.Linear)}
+    return dict(_tables(cfg)[1])
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(cfg: Qwen3Config) -> tuple[tuple, tuple]:
+    """Both tables from one meta model, once per config (a MoE model's tens of thousands of expert linears take
+    seconds to build, and the planner asks many times)."""
+    model = meta_model(cfg)
+    shapes = tuple((name, tuple(t.shape)) for name, t in hf_state_dict(model).items())
+    linears = tuple((name, (m.out_features, m.in_features)) for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear))
+    return shapes, linears
+
+
+def fused_experts_hint(name: str, shapes: dict) -> str:
+    """For a missing per-expert tensor of a checkpoint that holds transformers' in-memory 3-D experts instead: why."""
+    layer, sep, _ = name.partition(".mlp.experts.")
+    fused = f"{layer}.mlp.experts.gate_up_proj"
+    if not sep or fused not in shapes:
+        return ""
+    return (f" (it holds {fused} {list(shapes[fused])}: transformers' fused in-memory layout; qwenlab reads the "
+            "per-expert layout that save_pretrained and Qwen's checkpoints store)")

@@ -5,11 +5,13 @@ input, so the same forward is what you debug and what runs fast (a captured CUDA
 canonical name (doc/dump-format.md) comes from its path in the module tree, in one place: canonical_name().
 `reference` says where HF transformers' Qwen3 holds the same tensor, relative to the hook point's parent module:
 (module, "output" | "input") or (norm module, "rope") for the rotated queries/keys, which transformers computes in
-a function rather than a module.
+a function rather than a module. `index`: the element of a module's tuple output (transformers' MoE router returns
+(logits, weights, ids)); `flat`: transformers holds the tensor with batch and tokens flattened into one dimension
+(its MoE block does), so the reference side adds the batch dimension back.
 """
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -19,11 +21,21 @@ from qwenlab.errors import QwenlabError
 HIDDEN = ("T", "hidden")
 
 
+class Reference(NamedTuple):
+    """Where transformers holds a canonical tensor: module path, "output" | "input" | "rope", tuple index, flat."""
+    path: str
+    kind: str
+    index: int = 0
+    flat: bool = False
+
+
 class HookPoint(nn.Module):
-    def __init__(self, dims: tuple[str, ...] = HIDDEN, reference: tuple[str, str] = ("", "output")):
+    def __init__(self, dims: tuple[str, ...] = HIDDEN, reference: tuple[str, str] = ("", "output"), *,
+                 index: int = 0, flat: bool = False):
         super().__init__()
         self.dims = dims
         self.reference = reference
+        self.index, self.flat = index, flat
         self.fns: list[Callable] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,14 +65,15 @@ def hook_points(model: nn.Module) -> dict[str, HookPoint]:
     return {canonical_name(path): m for path, m in model.named_modules() if isinstance(m, HookPoint)}
 
 
-def reference_paths(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """{canonical name: (HF module path, "output" | "input" | "rope")}: where transformers holds each tensor."""
+def reference_paths(model: nn.Module) -> dict[str, Reference]:
+    """{canonical name: Reference(HF module path, "output" | "input" | "rope", index, flat)}: where transformers
+    holds each tensor."""
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, HookPoint):
             parent = path.rpartition(".")[0]
             module, kind = m.reference
-            out[canonical_name(path)] = (".".join(p for p in (parent, module) if p), kind)
+            out[canonical_name(path)] = Reference(".".join(p for p in (parent, module) if p), kind, m.index, m.flat)
     return out
 
 

@@ -12,7 +12,7 @@ from qwenlab.model import nvfp4_load
 from qwenlab.model.config import Qwen3Config, read_config, read_generation_config
 from qwenlab.model.dtypes import parse_dtype, resolve_dtype  # noqa: F401  (re-exported)
 from qwenlab.model.files import check_checkpoint, tensor_shapes, weight_files
-from qwenlab.model.hf_names import fused_state, hf_shapes
+from qwenlab.model.hf_names import fused_experts_hint, fused_state, hf_shapes
 from qwenlab.model.placement import device_of, parse_device_map
 from qwenlab.model.qwen3 import Qwen3
 from qwenlab.model.spec import LoadSpec
@@ -43,7 +43,8 @@ def validate(checkpoint_dir: Path, cfg: Qwen3Config, quant: str | None = None, e
         if name in stored:
             continue
         if name not in shapes:
-            raise QwenlabError(f"{checkpoint_dir}: tensor {name} is missing from the checkpoint")
+            raise QwenlabError(f"{checkpoint_dir}: tensor {name} is missing from the checkpoint"
+                               f"{fused_experts_hint(name, shapes)}")
         if shapes[name] != shape:
             raise QwenlabError(f"{checkpoint_dir}: tensor {name} has shape {list(shapes[name])}, "
                                f"config.json implies {list(shape)}")

@@ -4,9 +4,10 @@ recognised from its config, no flag needed) or by quantizing a bf16/fp32 checkpo
 quant: None = what the checkpoint is; "none" = dense (an NVFP4 checkpoint is dequantized into nn.Linear);
 "nvfp4" = NVFP4 weights, activations in the run dtype (W4A16); "nvfp4-w4a4" = activations quantized too.
 exclude: when quantizing at load, the linears kept in high precision (globs, exact names or re:<regex>); default
-lm_head. Embeddings and norms are never quantized. A linear whose input dimension is not a multiple of 16 cannot
-be NVFP4 (blocks of 16 along K): it stays in high precision and the summary says so. An NVFP4 checkpoint's own
-exclusions decide for it.
+lm_head, and a MoE model's routers (`*.mlp.gate`, as ModelOpt and llm-compressor keep them); its experts are
+quantized one linear each. Embeddings and norms are never quantized. A linear whose input dimension is not a
+multiple of 16 cannot be NVFP4 (blocks of 16 along K): it stays in high precision and the summary says so. An
+NVFP4 checkpoint's own exclusions decide for it (what it stores quantized is what loads quantized).
 """
 from dataclasses import dataclass, field
 
@@ -23,6 +24,11 @@ from qwenlab.quant.reader import QuantizedModule, quantized_modules, read_module
 
 QUANT_MODES = ("none", "nvfp4", "nvfp4-w4a4")
 DEFAULT_KEEP = ("lm_head",)
+ROUTERS = "*.mlp.gate"  # a MoE layer's router: a few logits decide which experts run, kept in high precision
+
+
+def default_keep(cfg: Qwen3Config) -> tuple[str, ...]:
+    return (*DEFAULT_KEEP, ROUTERS) if cfg.is_moe else DEFAULT_KEEP
 
 
 def parse_quant(quant: str | None) -> str | None:
@@ -73,7 +79,7 @@ def select(checkpoint_dir, cfg: Qwen3Config, shapes: dict, files, quant: str | N
         return QuantSelection(mode, config, stored, [], list(config.exclude))
     if mode not in ("nvfp4", "nvfp4-w4a4"):
         return QuantSelection(mode, None)
-    exclude = list(DEFAULT_KEEP if exclude is None else exclude)
+    exclude = list(default_keep(cfg) if exclude is None else exclude)
     check_patterns(exclude)
     wanted = [m for m in linears if not is_excluded(m, exclude)]
     unquantizable = [m for m in wanted if linears[m][1] % codec.BLOCK]

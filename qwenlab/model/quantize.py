@@ -16,7 +16,7 @@ from qwenlab.errors import QwenlabError, standalone_main
 from qwenlab.model.files import is_inside, refuse_inside, weight_files
 from qwenlab.model.hf_names import hf_shapes
 from qwenlab.model.loader import load
-from qwenlab.model.nvfp4_load import DEFAULT_KEEP
+from qwenlab.model.nvfp4_load import DEFAULT_KEEP, ROUTERS
 from qwenlab.paths import DATA_DIR
 from qwenlab.quant.codec import tensor_scale_from_amax
 from qwenlab.quant.configs import HF_QUANT_CONFIG, compressed_tensors_config, modelopt_files
@@ -116,6 +116,30 @@ def export(ckpt, dst, layout: str = COMPRESSED_TENSORS, max_shard_bytes: int = D
             "bytes": sum(p.stat().st_size for p in Path(dst).iterdir() if p.name.endswith(".safetensors"))}
 
 
+def export_dequantized(ckpt, dst, dtype: torch.dtype = torch.bfloat16,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """A loaded NVFP4 model written as a plain (unquantized) checkpoint of the numbers it computes with: each
+    quantized linear's weight dequantized by qwenlab's codec (bit-exact with torchao) and rounded to `dtype`
+    (bfloat16: what compressed-tensors' decompression gives), every other tensor copied as stored. The quantized
+    reference for a model whose NVFP4 numbers transformers cannot decode itself (MoE experts, doc/moe.md)."""
+    info, tensors = ckpt.model.quantization, {}
+    for name, module in nvfp4_modules(ckpt.model).items():
+        tensors[f"{name}.weight"] = module.dequantize_weight(dtype).cpu()
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().cpu()
+    raw = json.loads((ckpt.path / "config.json").read_text())
+    raw.pop("quantization_config", None)
+    if raw.get("tie_word_embeddings") and "lm_head" in info.quantized:
+        raw["tie_word_embeddings"] = False  # the head is its own (quantized) tensor
+    files = weight_files(ckpt.path)
+    for name in hf_shapes(ckpt.config):
+        if name not in tensors:
+            with safe_open(str(files[name]), framework="pt", device="cpu") as f:
+                tensors[name] = f.get_tensor(name)
+    return write_checkpoint(dst, ckpt.path, raw, dict(sorted(tensors.items())), max_shard_bytes=max_shard_bytes,
+                            may_read=lambda path: is_inside(path, ckpt.path))
+
+
 def check_paths(src: Path, dst: Path, force: bool = False):
     """DST is never SRC; inside SRC (or the HF cache blobs it links to) only with force."""
     if dst.resolve() == src.resolve():
@@ -171,7 +195,8 @@ def register(subparsers):
     p.add_argument("--format", choices=(COMPRESSED_TENSORS, MODELOPT), default=COMPRESSED_TENSORS)
     p.add_argument("--exclude", nargs="*", default=None, metavar="PATTERN",
                    help=f"linears kept in high precision: module names, globs or re:<regex> (default: "
-                        f"{' '.join(DEFAULT_KEEP)}; --exclude with no pattern quantizes lm_head too)")
+                        f"{' '.join(DEFAULT_KEEP)}, and {ROUTERS} for a MoE model; --exclude with no pattern "
+                        "quantizes lm_head too)")
     p.add_argument("--calibrate", type=int, default=32, metavar="N",
                    help="texts for the activation input scales (default 32; 0: none, compressed-tensors only)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")

@@ -1,4 +1,5 @@
-"""Qwen3 forward in plain torch, HF parameter names, hook points at the canonical activation names.
+"""Qwen3 forward in plain torch, HF parameter names, hook points at the canonical activation names. Qwen3-MoE is the
+same model with a sparse MoE block (qwenlab.model.moe) in place of the MLP on its MoE layers.
 
 The module tree is fixed at construction (the loader builds it): which linears are NVFP4, whether q/k/v and
 gate/up are fused into one registered parameter each (`qkv_proj`, `gate_up_proj`; qwenlab.model.packing maps
@@ -9,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenlab.model.config import Qwen3Config
+from qwenlab.model.config import Qwen3Config, is_moe_layer
 from qwenlab.model.hooks import HIDDEN, HookPoint
 from qwenlab.model.kv_cache import KVCache
-from qwenlab.quant.linear import NVFP4Linear, QuantInfo
+from qwenlab.model.moe import SparseMoE
+from qwenlab.model.projection import make_linear, project
+from qwenlab.quant.linear import QuantInfo
 
 ATTENTIONS = ("sdpa", "eager")
 
@@ -49,19 +52,6 @@ class Rotary(nn.Module):
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-def make_linear(name: str, in_features: int, out_features: int, bias: bool, quant: QuantInfo | None) -> nn.Module:
-    """nn.Linear, or NVFP4Linear when the loader's QuantInfo lists `name` (an HF module name) as quantized."""
-    if quant is not None and name in quant.quantized:
-        return NVFP4Linear(in_features, out_features, bias, has_input_scale=name in quant.input_scales,
-                           activations=quant.activations, kernel=quant.kernel)
-    return nn.Linear(in_features, out_features, bias=bias)
-
-
-def project(linear: nn.Module, x: torch.Tensor, kernels) -> torch.Tensor:
-    """linear(x), or the decode engine's kernel for it when the engine passes its kernels."""
-    return linear(x) if kernels is None else kernels.linear(linear, x)
 
 
 class Attention(nn.Module):
@@ -188,7 +178,8 @@ class DecoderLayer(nn.Module):
         self.hook_post_attention_residual = HookPoint(HIDDEN, ("post_attention_layernorm", "input"))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hook_post_attention_layernorm = HookPoint(HIDDEN, ("post_attention_layernorm", "output"))
-        self.mlp = MLP(cfg, prefix + "mlp.", fused, quant)
+        self.mlp = SparseMoE(cfg, prefix + "mlp.", quant) if is_moe_layer(cfg, layer) else \
+            MLP(cfg, prefix + "mlp.", fused, quant)
         self.hook_output = HookPoint(HIDDEN, ("", "output"))
 
     def forward(self, x, cos, sin, mask, cache, layer: int, attention: str, kernels):

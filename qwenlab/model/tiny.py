@@ -1,4 +1,5 @@
-"""Deterministic Qwen3 checkpoints in HF layout: the embedded default model and test/benchmark shapes."""
+"""Deterministic Qwen3 (and Qwen3-MoE) checkpoints in HF layout: the embedded default model and test/benchmark
+shapes."""
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 from qwenlab.atomic import atomic_dir
 from qwenlab.errors import QwenlabError
-from qwenlab.model.config import config_from_dict
+from qwenlab.model.config import config_from_dict, is_moe_layer
 from qwenlab.model.hf_names import hf_shapes
 from qwenlab.model.tokenizer_files import TOKENIZER_FILES, qwen3_tokenizer_dir
 from qwenlab.paths import DATA_DIR
@@ -44,6 +45,18 @@ PRESETS = {
     "qwen3-32b": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
                       num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                       tie_word_embeddings=False, rope_theta=1_000_000.0, dtype="bfloat16", style="v5", shards=17),
+    # Qwen3-MoE in miniature (CI): 8 experts, 2 per token, renormalised; layer 0 a dense MLP (mlp_only_layers).
+    "tiny-moe": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
+                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                     decoder_sparse_step=1, mlp_only_layers=[0], dtype="float32", style="v5", shards=1),
+    # The Qwen3-30B-A3B shape (61 GB in bf16, every expert resident; 3.3B parameters active per token), its
+    # config.json spelled as Qwen ships it (transformers 4.x style, num_experts).
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+                          tie_word_embeddings=False, rope_theta=1_000_000.0, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          dtype="bfloat16", style="v4", shards=16),
     # Trained, not drawn: `qwenlab tiny DIR --preset trained-24l --train-steps N` (qwenlab.model.training) gives
     # logits with real near-ties; 24 layers, tied, bf16 as real Qwen3 checkpoints are.
     "trained-24l": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=8,
@@ -59,8 +72,12 @@ def config_json(preset: str, **overrides) -> dict:
     """config.json of a preset; overrides replace preset fields (a smaller variant of a shape, for tests)."""
     p = {**BASE, **PRESETS[preset], **overrides}
     raw = {k: v for k, v in p.items() if k not in ("style", "shards", "dtype", "rope_theta", "trained")}
-    raw |= {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "max_window_layers": p["num_hidden_layers"],
+    moe = "num_experts" in p
+    raw |= {"architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+            "model_type": "qwen3_moe" if moe else "qwen3", "max_window_layers": p["num_hidden_layers"],
             "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True}
+    if moe:
+        raw |= {"output_router_logits": False, "router_aux_loss_coef": 0.001}
     if p["style"] == "v4":
         raw |= {"rope_theta": p["rope_theta"], "rope_scaling": None, "torch_dtype": p["dtype"],
                 "transformers_version": "4.51.0"}
@@ -87,6 +104,7 @@ def _numpy_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     embed[list(STOP_TOKEN_ROWS)] *= np.float32(2.6)
     w = {"model.embed_tokens.weight": embed}
     resid = 1.0
+    moe = config_from_dict(cfg) if "num_experts" in cfg else None
     for i in range(L):
         p = f"model.layers.{i}."
         w |= {
@@ -98,10 +116,18 @@ def _numpy_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
             p + "self_attn.q_norm.weight": norm_weight(Dh, 0.3),
             p + "self_attn.k_norm.weight": norm_weight(Dh, 0.3),
             p + "post_attention_layernorm.weight": norm_weight(H, 0.1),
-            p + "mlp.gate_proj.weight": normal((I, H), 1 / np.sqrt(H)),
-            p + "mlp.up_proj.weight": normal((I, H), 1 / np.sqrt(H)),
-            p + "mlp.down_proj.weight": normal((H, I), resid / np.sqrt(I)),
         }
+        if moe is not None and is_moe_layer(moe, i):
+            I_e = moe.moe_intermediate_size
+            w[p + "mlp.gate.weight"] = normal((moe.num_experts, H), 1 / np.sqrt(H))
+            for e in range(moe.num_experts):
+                w |= {f"{p}mlp.experts.{e}.gate_proj.weight": normal((I_e, H), 1 / np.sqrt(H)),
+                      f"{p}mlp.experts.{e}.up_proj.weight": normal((I_e, H), 1 / np.sqrt(H)),
+                      f"{p}mlp.experts.{e}.down_proj.weight": normal((H, I_e), resid / np.sqrt(I_e))}
+        else:
+            w |= {p + "mlp.gate_proj.weight": normal((I, H), 1 / np.sqrt(H)),
+                  p + "mlp.up_proj.weight": normal((I, H), 1 / np.sqrt(H)),
+                  p + "mlp.down_proj.weight": normal((H, I), resid / np.sqrt(I))}
     w["model.norm.weight"] = (4 * norm_weight(H, 0.1)).astype(np.float32)
     if not cfg["tie_word_embeddings"]:
         w["lm_head.weight"] = normal((V, H), 0.5)

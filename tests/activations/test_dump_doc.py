@@ -14,13 +14,14 @@ from qwenlab.model.config import read_config
 from qwenlab.paths import DATA_DIR, REPO_ROOT
 
 DOC = (REPO_ROOT / "doc" / "dump-format.md").read_text()
+DENSE_DOC, MOE_DOC = DOC.split("### MoE layers")
 GOLDEN = DATA_DIR / "golden" / "tiny-qwen3_reference.safetensors"
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", DOC, flags=re.S)
 WRITERS = [block for block in PYTHON_BLOCKS if "save_file(" in block]
 
 
-def table_rows() -> dict[str, tuple[str, ...]]:
-    rows = re.findall(r"^\| `([a-z_.{}0-9]+)` \| \[([^\]]+)\] \|", DOC, flags=re.M)
+def table_rows(text: str = DENSE_DOC) -> dict[str, tuple[str, ...]]:
+    rows = re.findall(r"^\| `([a-z_.{}0-9]+)` \| \[([^\]]+)\] \|", text, flags=re.M)
     return {name: tuple(dim.strip() for dim in shape.split(",")) for name, shape in rows}
 
 
@@ -35,16 +36,24 @@ def test_name_table_is_the_canonical_list_with_its_shapes():
         assert dims == point_dims(name.replace("{i}", "0")), name
 
 
+def test_moe_table_is_a_moe_layer_s_mlp_points(moe_dir):
+    rows = table_rows(MOE_DOC)
+    points = [n for n in canonical_names(read_config(moe_dir)) if n.startswith("layers.1.mlp.")]
+    assert [n.replace("{i}", "1") for n in rows] == points
+    for name, dims in rows.items():
+        assert dims == point_dims(name.replace("{i}", "1")), name
+
+
 def test_one_layer_list_is_complete():
     block = re.search(r"```text\n(.*?)```", DOC, flags=re.S).group(1)
     assert block.split() == canonical_names(1)
 
 
-def test_config_hash_recipe_gives_qwenlabs_hash(tiny_dir, untied_dir):
+def test_config_hash_recipe_gives_qwenlabs_hash(tiny_dir, untied_dir, moe_dir):
     (recipe,) = [block for block in PYTHON_BLOCKS if "def config_hash" in block]
     namespace = {}
     exec(recipe, namespace)
-    for folder in (tiny_dir, untied_dir):  # the transformers 5.x and 4.x spellings of config.json
+    for folder in (tiny_dir, untied_dir, moe_dir):  # the transformers 5.x and 4.x spellings of config.json, MoE
         raw = json.loads((folder / "config.json").read_text())
         assert namespace["config_hash"](raw) == read_config(folder).config_hash()
 

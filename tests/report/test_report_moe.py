@@ -1,0 +1,33 @@
+"""`qwenlab report` on the tiny MoE: the notebooks where MoE changes what is checked (layer diffs with routing, NVFP4
+with transformers on qwenlab's dequantized experts as the quantized reference), judged on metrics.json values.
+(Decoding: tests/model.)"""
+import json
+
+import pytest
+
+from qwenlab.cli import main
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, moe_dir):
+    out = tmp_path_factory.mktemp("reports")
+    code = main(["report", "--model", str(moe_dir), "--out", str(out), "--only", "03,06"])
+    run = (out / "latest").resolve()
+    return code, json.loads((run / "metrics.json").read_text())["notebooks"]
+
+
+def test_report_on_the_tiny_moe_passes(report):
+    code, nb = report
+    assert code == 0, {name: n["reasons"] for name, n in nb.items()}
+    layers = nb["03_layer_diffs"]["metrics"]
+    assert layers["first_divergence"] is None and layers["max_rel_l2"] < 1e-5
+    assert layers["routing"]["agreement_min"] == 1.0 and layers["routing"]["flips"] == 0
+    assert [row["layer"] for row in layers["routing"]["layers"]] == [1, 2]
+    assert layers["planted_localised"] == layers["planted_total"] == 7
+    assert {"layers.1.mlp.router_weights", "layers.1.mlp.router_ids", "layers.2.mlp.experts"} <= \
+        {bug["expected"] for bug in layers["planted"].values()}
+    nvfp4 = nb["06_nvfp4_quantization"]["metrics"]
+    assert "qwenlab's dequantized numbers" in nvfp4["quantized_reference_note"]
+    assert nvfp4["quantized_reference"]["ran"] is True and nvfp4["quantized_reference"]["first_divergence"] is None
+    assert nvfp4["unquantized_reference"]["ran"] is True
+    assert nvfp4["planted_localised"] == nvfp4["planted_total"] == 3
