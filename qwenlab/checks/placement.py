@@ -126,10 +126,16 @@ def run_layer_diffs(spec: LoadSpec, prompts, the_plan: Plan, gates: Gates, *, ca
     else:
         cases = [(prompt_label(p), encode_prompt(tokenizer, p)) for p in prompts]
         torch_dtype = resolve_dtype(spec.dtype, phases.device, cfg)
+    quantized = spec.quant in ("nvfp4", "nvfp4-w4a4") or (spec.quant is None and read_quant_config(model_dir))
+    if quantized and quant_reference == "quantized" and torch_dtype in (torch.float32, torch.float64):
+        # transformers dequantizes NVFP4 weights through bfloat16, so its float32 run still has bf16 weights: the
+        # comparison runs the quantized reference in bfloat16 and measures its floors against its float32 run
+        torch_dtype = torch.bfloat16
+        the_plan.notes.append("a float32 NVFP4 run is compared in bfloat16: the quantized reference dequantizes its "
+                              "weights through bfloat16, and its floors are measured against its float32 run")
     dtype = dtype_name(torch_dtype)
     exact = dtype in EXACT_DTYPES
 
-    quantized = spec.quant in ("nvfp4", "nvfp4-w4a4") or (spec.quant is None and read_quant_config(model_dir))
     ckpt = None
     if the_plan.placement == "resident" and cand_dump is None or quantized:
         with phases.timed("qwenlab load"):

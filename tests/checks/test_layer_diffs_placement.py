@@ -87,3 +87,16 @@ def test_a_candidate_that_declares_what_it_does_not_produce_passes(tiny, tmp_pat
     assert reasons == [] and metrics["logits"] == {}
     declared = run.diffs[0].result.coverage.not_produced
     assert "logits" in declared and "layers.1.input" in declared
+
+
+def test_a_float32_nvfp4_run_is_compared_in_bfloat16_and_passes():
+    """transformers dequantizes NVFP4 weights through bfloat16, so its float32 run has bf16 weights: against the
+    float32 floor (1e-5) a correct qwenlab failed every tensor. Compared in bfloat16 with measured floors it passes,
+    and the planted bugs are still each found at their tensor."""
+    spec = SPEC.with_(quant="nvfp4")
+    run = pl.run_layer_diffs(spec, PROMPTS[:1], pl.plan_for(spec, PROMPTS[:1]), GATES)
+    assert run.dtype == "bfloat16" and any("compared in bfloat16" in note for note in run.plan.notes)
+    assert set(run.seconds) >= {"truth (reference, float32)", "reference (bfloat16)"}
+    diff = run.diffs[0]
+    assert diff.noise.measured and diff.result.passed and not diff.isolated["exceeds"].any()
+    assert run.localised["localised"].all()
