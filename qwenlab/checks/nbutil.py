@@ -10,6 +10,7 @@ exception means the notebook errored.
 """
 import json
 import os
+import sys
 from pathlib import Path
 
 from qwenlab.atomic import json_safe, write_text_atomic
@@ -21,8 +22,29 @@ VERDICTS = ("pass", "regressed")
 _key_figures: dict[tuple[str, str], str] = {}  # (run folder, notebook) -> the first figure saved with key=True
 
 
+def check_checkout(cwd: str | os.PathLike | None = None) -> None:
+    """A notebook opened in JupyterLab runs in its own folder; when that folder (or its parent) is a qwenlab checkout,
+    the kernel must import that checkout's qwenlab. Outside a virtual environment a per-user `qwenlab` kernelspec of
+    another environment wins over this one's, and the notebook would run another copy's code without a word."""
+    here = Path(cwd or Path.cwd()).resolve()
+    mine = Path(__file__).resolve().parents[1]  # this kernel's qwenlab package
+    for folder in (here, here.parent):
+        theirs = folder / "qwenlab"
+        if (theirs / "__init__.py").is_file() and (folder / "notebooks").is_dir():
+            if theirs.resolve() != mine:
+                raise QwenlabError(
+                    f"this kernel runs {sys.executable}, whose qwenlab is {mine}, not this checkout's {theirs}: a "
+                    "`qwenlab` kernelspec of another environment shadows this one's (`jupyter kernelspec list`); in "
+                    "this environment run `python -m ipykernel install --sys-prefix --name qwenlab`, then start "
+                    "JupyterLab with JUPYTER_PREFER_ENV_PATH=1 or remove the other kernelspec")
+            return
+
+
 def load_thresholds(thresholds_dir: str | os.PathLike | None, notebook: str) -> dict:
-    """data/thresholds/<notebook>.json (or the same file name under another folder given by the report)."""
+    """data/thresholds/<notebook>.json (or the same file name under another folder given by the report). Every
+    notebook calls it first, so it first checks that the kernel runs the checkout the notebook is in
+    (check_checkout)."""
+    check_checkout()
     path = Path(thresholds_dir or DATA_DIR / "thresholds") / f"{notebook}.json"
     if not path.is_file():
         raise QwenlabError(f"{path}: thresholds file not found")

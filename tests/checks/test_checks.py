@@ -360,3 +360,19 @@ def test_parity_numbers_tell_near_ties_from_bugs():
     loose = dp.parity_numbers(greedy, chat, flip_margin=1.0)
     assert loose["unexplained_token_mismatches"] == 1  # the flip at margin 4.0 is still a bug
     assert loose["unexplained_chat_mismatches"] == 0
+
+
+def test_a_notebook_of_another_checkout_refuses_this_kernel(tmp_path):
+    """JupyterLab runs a notebook in its folder; a kernel importing another checkout's qwenlab stops with one line."""
+    from qwenlab.checks.nbutil import check_checkout
+    from qwenlab.errors import QwenlabError
+    from qwenlab.paths import REPO_ROOT
+
+    check_checkout(REPO_ROOT / "notebooks")  # this checkout: fine
+    check_checkout(tmp_path)  # a folder that is no checkout: nothing to check
+    other = tmp_path / "other"
+    (other / "qwenlab").mkdir(parents=True)
+    (other / "qwenlab" / "__init__.py").write_text("")
+    (other / "notebooks").mkdir()
+    with pytest.raises(QwenlabError, match=r"this kernel runs .*not this checkout's .*other/qwenlab.*kernelspec"):
+        check_checkout(other / "notebooks")

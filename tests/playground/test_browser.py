@@ -67,7 +67,9 @@ def start_lab(tmp: Path):
     workspaces.mkdir()
     port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(workspaces),
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1",
+           # doc/playground.md: outside a venv a per-user `qwenlab` kernelspec would win over this environment's
+           "JUPYTER_PREFER_ENV_PATH": "1"}
     env.pop("MPLBACKEND", None)
     log = open(tmp / "jupyter.log", "wb")
     proc = subprocess.Popen(
