@@ -3,8 +3,9 @@ process per iteration. Records each iteration's baseline (memory left after it, 
 fails on a leak (baseline growing across iterations) or on any crash. `qwenlab stress` and notebook 05 run this.
 
 Baseline: on CUDA the allocator's allocated bytes, on CPU the bytes of live torch tensors found by a gc walk
-(both exact: live tensors only; RSS and USS are recorded beside it, for reading). Leak: per strategy, the median baseline of the last iterations minus the baseline of the first
-iteration after warm-up, in MB (2^20 bytes), against --leak-threshold-mb.
+(both exact: live tensors only; RSS and USS are recorded beside it, for reading). Leak: per strategy, the median
+baseline of the last iterations minus the baseline of the first iteration after warm-up, in MB (2^20 bytes),
+against --leak-threshold-mb.
 """
 import argparse
 import json

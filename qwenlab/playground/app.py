@@ -40,7 +40,8 @@ class Playground(PlaygroundWidgets):
         reuse models already loaded elsewhere instead of loading on first use. quant: the quantization dropdown's
         first value (nvfp4, nvfp4-w4a4; a `checkpoint` given must have been loaded with it); changing the
         dropdown reloads the model (and its reference) at the next job."""
-        self.model_dir, self.device, self.dtype, self.out_dir = model_dir or None, device or None, dtype or None, out_dir
+        self.model_dir, self.device, self.dtype = model_dir or None, device or None, dtype or None
+        self.out_dir = out_dir
         self.compare_max_new_tokens, self.refresh_s = compare_max_new_tokens, refresh_s
         self._given_checkpoint, self.reference_model = checkpoint, reference_model
         self.ckpt = self.session = None

@@ -278,7 +278,8 @@ def render_index(record: dict, run_dir: Path) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>qwenlab report {escape(h.get('run', ''))}</title>
 <style>{STYLE}</style></head><body>
 <h1>qwenlab report: {escape(h.get('model_name', ''))}</h1>
-<p><span class="banner" id="overall" style="background:{COLOURS.get(verdict, '#59636e')}">overall: {escape(str(verdict))}</span>
+<p><span class="banner" id="overall" style="background:{COLOURS.get(verdict, '#59636e')}">\
+overall: {escape(str(verdict))}</span>
 &nbsp; {run_line(h, record.get("counts") or {})}</p>{interruption_html(h)}
 <h2 id="verdicts">Verdicts</h2>
 {verdict_table(notebooks) if notebooks else '<p class=muted>no notebook ran</p>'}

@@ -248,8 +248,8 @@ def run_notebooks(run_file: RunFile, notebooks: list[Path], plan: dict, timeout:
                     entry["html"] = f"{nb.stem}.html"
                 except Exception as e:  # a notebook nbconvert cannot render is still reported, as an error
                     entry["verdict"] = "error"
-                    entry["error"] = entry["error"] or {"ename": "HTMLExportError", "evalue": str(e), "cell_index": None,
-                                                        "exec_count": None}
+                    entry["error"] = entry["error"] or {"ename": "HTMLExportError", "evalue": str(e),
+                                                        "cell_index": None, "exec_count": None}
             with run_file.lock:
                 record["notebooks"][nb.stem] = entry
                 run_file.save()
