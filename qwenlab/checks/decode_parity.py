@@ -6,11 +6,13 @@ import pandas as pd
 import torch
 
 from qwenlab.activations.diff import logits_metrics
+from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.activations.reference import reference_generate
 from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.generation.chat import ChatSession
 from qwenlab.generation.decode import Generation, generate
 from qwenlab.generation.sampling import SamplingParams
+from qwenlab.memory.device import empty_cache, settle
 from qwenlab.sequences import first_difference
 
 REQUIRED_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
@@ -111,6 +113,72 @@ def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int, stop_ids
                      "mean_kl_kv_vs_reference": vs_ref["kl"].mean(),
                      "min_ref_top2_margin": vs_ref["ref_top2_margin"].min(), "kv_ids": kv.ids, "reference_ids": hf})
     return pd.DataFrame(rows).set_index("prompt"), pd.concat(step_frames, ignore_index=True)
+
+
+def reference_steps(ref_model, prompts: dict, greedy: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """Per prompt, the reference's step logits over the tokens it generated (host memory, for step_noise once the
+    reference is freed)."""
+    return {label: reference_step_logits(ref_model, ids, greedy.loc[label, "reference_ids"])
+            for label, ids in prompts.items()}
+
+
+def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """The reference's own precision noise on notebook 04's sequences: per prompt, its step logits in the run dtype
+    (ref_steps) against the same model in float32 (truth_model), teacher-forced on the tokens the reference
+    generated: the largest rel_l2, the mean and largest KL(truth || reference), argmax disagreements."""
+    rows = []
+    for label, ids in prompts.items():
+        steps = step_metrics(ref_steps[label], reference_step_logits(truth_model, ids, greedy.loc[label, "reference_ids"]))
+        rows.append({"prompt": label, "steps": len(steps), "max_rel_l2": steps["rel_l2"].max(),
+                     "mean_kl": steps["kl"].mean(), "max_kl": steps["kl"].max(),
+                     "top1_disagreements": int((~steps["top1_match"].astype(bool)).sum())})
+    return pd.DataFrame(rows).set_index("prompt")
+
+
+def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dict[str, torch.Tensor],
+                       quant_reference: str = "quantized", unquantized_model=None,
+                       enabled: bool = True) -> tuple[pd.DataFrame | None, str]:
+    """Notebook 04's floors: loads the reference in float32 (for an NVFP4 model, the one `quant_reference` names) and
+    returns (step_noise table, note), or (None, why not) for a float32 run, `enabled` False, or a float32 reference
+    that does not fit (the fixed limits then apply). Free the run-dtype reference first: ref_steps has what it gave.
+    On several GPUs the float32 reference is spread over them (accelerate)."""
+    dtype = str(ckpt.model.dtype).removeprefix("torch.")
+    if not enabled:
+        return None, "floors not measured (measure_floors off, or a float32 NVFP4 run): the fixed limits apply"
+    if dtype in ("float32", "float64"):
+        return None, "a float32 run has no lower-precision noise to measure: the float32 limits apply"
+    device = ckpt.model.device
+    settle(device)
+    empty_cache(device)
+    spread = {"device_map": "auto"} if device.type == "cuda" and torch.cuda.device_count() > 1 else {}
+    try:
+        truth = load_reference_for(ckpt, quant_reference, unquantized_model, dtype=torch.float32, **spread)
+        noise = step_noise(truth, prompts, greedy, ref_steps)
+    except torch.OutOfMemoryError as e:
+        return None, f"floors not measured: the float32 reference does not fit ({str(e).splitlines()[0]}); " \
+                     "the fixed limits apply"
+    finally:
+        truth = None
+        settle(device)
+        empty_cache(device)
+    return noise, (f"floors measured: transformers in {dtype} against itself in float32 on these prompts "
+                   f"({int(noise['steps'].sum())} steps)")
+
+
+def step_limits(thresholds: dict, dtype: str, noise: pd.DataFrame | None) -> tuple[dict, bool]:
+    """The per-step logits limits at `dtype` -> (limits, measured). With the reference's noise measured on these
+    prompts (a low-precision run): noise.<stat>.multiple x the worst prompt's noise + noise.<stat>.absolute[dtype]
+    (doc/floors.md); else the fixed per-dtype limits of the thresholds file (float32: no noise to measure)."""
+    limits = dtype_limits(thresholds, dtype)
+    if noise is None or dtype in ("float32", "float64") or not len(noise) or "noise" not in thresholds:
+        return limits, False
+    for key, stat in (("max_step_logits_rel_l2", "max_rel_l2"), ("max_step_kl_mean", "mean_kl")):
+        gate = thresholds["noise"][stat]
+        worst = float(noise[stat].max())
+        if worst != worst:  # no step to measure on
+            return dtype_limits(thresholds, dtype), False
+        limits[key] = gate["multiple"] * worst + gate["absolute"].get(dtype, gate["absolute"]["bfloat16"])
+    return limits, True
 
 
 def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
@@ -281,7 +349,7 @@ def parity_numbers(greedy: pd.DataFrame, chat: pd.DataFrame, flip_margin: float)
 
 def dtype_limits(thresholds: dict, dtype: str) -> dict:
     """The thresholds given per dtype ({"float32": ..., "bfloat16": ...}), at this dtype."""
-    return {key: value[dtype] for key, value in thresholds.items() if isinstance(value, dict)}
+    return {key: value[dtype] for key, value in thresholds.items() if isinstance(value, dict) and key != "noise"}
 
 
 def greedy_metrics(greedy: pd.DataFrame) -> dict:
@@ -334,14 +402,18 @@ def stop_metrics(stops: pd.DataFrame, stop_ids) -> dict:
 
 def verdict(thresholds: dict, *, dtype: str, greedy: pd.DataFrame, chat: pd.DataFrame, chat_turns: list[str],
             latency: pd.DataFrame, by_position: pd.DataFrame, stops: pd.DataFrame, stop_ids,
-            limit_dtype: str | None = None) -> tuple[dict, list[str]]:
+            limit_dtype: str | None = None, noise: pd.DataFrame | None = None) -> tuple[dict, list[str]]:
     """Notebook 04's metrics and the thresholds they exceed (an empty list passes). limit_dtype: whose limits apply
-    (default `dtype`; an NVFP4 model is judged with the bfloat16 ones, doc/nvfp4.md)."""
-    limits = dtype_limits(thresholds, limit_dtype or dtype)
+    (default `dtype`; an NVFP4 model is judged with the bfloat16 ones, doc/nvfp4.md). noise: step_noise's table,
+    when the reference's own noise was measured: the per-step logits limits are then measured ones (step_limits)."""
+    limits, measured = step_limits(thresholds, limit_dtype or dtype, noise)
     numbers = parity_numbers(greedy, chat, limits["flip_margin"])
     metrics = {
         **numbers,
         "dtype": dtype,
+        "step_limits": {"measured": measured, "max_step_logits_rel_l2": limits["max_step_logits_rel_l2"],
+                        "max_step_kl_mean": limits["max_step_kl_mean"]},
+        "step_noise": None if noise is None else noise.to_dict(orient="index"),
         **greedy_metrics(greedy),
         **session_metrics(chat, chat_turns),
         **latency_metrics(latency, by_position),
@@ -352,9 +424,10 @@ def verdict(thresholds: dict, *, dtype: str, greedy: pd.DataFrame, chat: pd.Data
               numbers["unexplained_token_mismatches"], thresholds["max_token_mismatches"])
     check_max(reasons, "chat turns whose tokens differ from replay (not at a near-tie)",
               numbers["unexplained_chat_mismatches"], thresholds["max_chat_mismatches"])
-    check_max(reasons, "per-step logits max rel_l2", numbers["step_logits_max_rel_l2"],
+    how = " (measured floor)" if measured else ""
+    check_max(reasons, f"per-step logits max rel_l2{how}", numbers["step_logits_max_rel_l2"],
               limits["max_step_logits_rel_l2"])
-    check_max(reasons, "per-step logits worst mean KL", numbers["step_logits_worst_mean_kl"],
+    check_max(reasons, f"per-step logits worst mean KL{how}", numbers["step_logits_worst_mean_kl"],
               limits["max_step_kl_mean"])
     check_min(reasons, "stop cases exercised", metrics["stop_cases_exercised"], thresholds["min_stop_cases_exercised"])
     check_max(reasons, "stop cases not honoured", metrics["stop_failures"], thresholds["max_stop_failures"])

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import pandas as pd
 import pytest
 import torch
 
@@ -376,3 +377,48 @@ def test_a_notebook_of_another_checkout_refuses_this_kernel(tmp_path):
     (other / "notebooks").mkdir()
     with pytest.raises(QwenlabError, match=r"this kernel runs .*not this checkout's .*other/qwenlab.*kernelspec"):
         check_checkout(other / "notebooks")
+
+
+def test_bf16_decode_is_judged_against_the_reference_noise_and_a_bug_still_fails():
+    """Notebook 04 in bfloat16: the per-step limits are 4x / 8x transformers' own bf16-vs-float32 noise on the same
+    prompts (doc/floors.md); a correct decode passes under them, one down_proj scaled by 1.2 does not."""
+    import copy
+
+    from qwenlab.activations.nvfp4_reference import load_reference_for
+
+    ckpt = load(ensure_tiny(), "bfloat16", "cpu")
+    reference = load_reference_for(ckpt)
+    tok = ckpt.tokenizer
+    prompts = {"raw": tok.encode("The quick brown fox"),
+               "chat": tok.encode_chat([{"role": "user", "content": "Write a haiku about the sea."}])}
+    thresholds = load_thresholds(None, "04_decode_kv_parity")
+
+    def numbers(model):
+        greedy, _ = dp.greedy_parity(model, reference, prompts, 12, tok.stop_ids)
+        chat = dp.chat_parity(model, tok, ["Hi!", "Bye."], 4, strategies=("replay", "session"), enable_thinking=False)
+        return greedy, chat
+
+    greedy, chat = numbers(ckpt.model)
+    noise, note = dp.measure_step_noise(ckpt, prompts, greedy, dp.reference_steps(reference, prompts, greedy))
+    assert note.startswith("floors measured: transformers in bfloat16 against itself in float32")
+    assert noise["steps"].tolist() == greedy["reference_tokens"].tolist()
+    assert 1e-3 < noise["max_rel_l2"].max() < 0.05  # bf16 rounding: neither zero nor a different model
+    limits, measured = dp.step_limits(thresholds, "bfloat16", noise)
+    assert measured and limits["max_step_logits_rel_l2"] == pytest.approx(4 * noise["max_rel_l2"].max() + 0.002)
+
+    def verdict(greedy, chat):
+        stops = pd.DataFrame({"exercised": [True], "honoured": [True], "reference_agrees": [True], "stop_id": [151645]})
+        latency = pd.DataFrame({"mode": ["kv", "replay"], "step": [0, 0], "position": [8, 8], "step_ms": [1.0, 2.0],
+                                "prefill_ms": [1.0, 1.0]})
+        by_position = pd.DataFrame({"mode": ["kv", "replay"], "position": [8, 8], "ms_per_token": [1.0, 2.0]})
+        return dp.verdict(thresholds, dtype="bfloat16", greedy=greedy, chat=chat, chat_turns=["Hi!", "Bye."],
+                          latency=latency, by_position=by_position, stops=stops, stop_ids=tok.stop_ids, noise=noise)
+
+    metrics, reasons = verdict(greedy, chat)
+    assert reasons == [] and metrics["step_limits"]["measured"]
+    bad = copy.deepcopy(ckpt.model)
+    with torch.no_grad():
+        bad.model.layers[1].mlp.down_proj.weight.mul_(1.2)
+    _, reasons = verdict(*numbers(bad))
+    assert "per-step logits max rel_l2 (measured floor)" in " ".join(reasons)
+    assert "per-step logits worst mean KL (measured floor)" in " ".join(reasons)

@@ -210,3 +210,38 @@ def test_decode_verdict_regresses_on_stop_tokens():
     assert metrics["stop_failures"] == 1
     assert reasons == ["stop cases not honoured = 1 exceeds 0",
                        "stop ids [151643] are not among the tokenizer's stop ids [151645]"]
+
+
+def noise_frame(max_rel_l2: float, mean_kl: float) -> pd.DataFrame:
+    return pd.DataFrame({"steps": [5, 7], "max_rel_l2": [max_rel_l2 / 2, max_rel_l2], "mean_kl": [mean_kl, mean_kl / 3],
+                         "max_kl": [mean_kl * 4] * 2, "top1_disagreements": [0, 0]}, index=["a", "b"])
+
+
+def bf16_verdict(step_rel_l2: float, step_kl: float, noise=None):
+    greedy = GREEDY.assign(max_rel_l2_kv_vs_reference=[step_rel_l2 / 2, step_rel_l2],
+                           mean_kl_kv_vs_reference=[step_kl, step_kl / 2])
+    return dp.verdict(load_thresholds(None, "04_decode_kv_parity"), dtype="bfloat16", greedy=greedy,
+                      chat=chat_frame(), chat_turns=["Hi", "Story", "Bye"], latency=LATENCY, by_position=BY_POSITION,
+                      stops=stops_frame(), stop_ids=STOP_IDS, noise=noise)
+
+
+def test_decode_step_limits_are_measured_from_the_reference_noise_in_low_precision():
+    # the 32B-shape case: a correct bf16 decode whose logits KL (0.069) is over the fixed 0.02, as transformers' is
+    metrics, reasons = bf16_verdict(0.12, 0.069)
+    assert reasons == ["per-step logits max rel_l2 = 0.12 exceeds 0.1", "per-step logits worst mean KL = 0.069 exceeds 0.02"]
+    assert metrics["step_limits"]["measured"] is False and metrics["step_noise"] is None
+    metrics, reasons = bf16_verdict(0.12, 0.069, noise=noise_frame(max_rel_l2=0.06, mean_kl=0.03))
+    assert reasons == []
+    assert metrics["step_limits"] == {"measured": True, "max_step_logits_rel_l2": 4 * 0.06 + 0.002,
+                                      "max_step_kl_mean": 8 * 0.03 + 1e-5}
+    assert metrics["step_noise"]["b"]["max_rel_l2"] == 0.06
+    # a candidate far outside the reference's own noise still fails, below the fixed limits too
+    metrics, reasons = bf16_verdict(0.05, 0.01, noise=noise_frame(max_rel_l2=0.005, mean_kl=0.0002))
+    assert reasons == ["per-step logits max rel_l2 (measured floor) = 0.05 exceeds 0.022",
+                       "per-step logits worst mean KL (measured floor) = 0.01 exceeds 0.00161"]
+
+
+def test_a_float32_decode_keeps_the_fixed_limits():
+    limits, measured = dp.step_limits(load_thresholds(None, "04_decode_kv_parity"), "float32",
+                                      noise_frame(max_rel_l2=0.06, mean_kl=0.03))
+    assert not measured and limits["max_step_logits_rel_l2"] == 1e-5 and limits["max_step_kl_mean"] == 1e-6
