@@ -5,9 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import logits_metrics
+from qwenlab.activations.names import split_name
 from qwenlab.activations.nvfp4_reference import load_reference_for
-from qwenlab.activations.reference import reference_generate
+from qwenlab.activations.reference import capture_reference, reference_generate
+from qwenlab.activations.routing import DEFAULT_MARGIN
 from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.generation.chat import ChatSession
 from qwenlab.generation.decode import Generation, generate
@@ -56,9 +59,65 @@ def margin_at(steps: pd.DataFrame, at: int | None) -> float | None:
     return float(steps["ref_top2_margin"].iloc[at])
 
 
-def explained(at: int | None, margin: float | None, flip_margin: float) -> bool:
-    """Identical, or parted at a near-tie (margin <= flip_margin): a low-precision flip rather than a bug."""
-    return at is None or (margin is not None and margin <= flip_margin)
+def explained(at: int | None, margin: float | None, flip_margin: float, routing_tie: bool = False) -> bool:
+    """Identical, or parted at a near-tie (margin <= flip_margin), or (MoE) at a token whose experts were chosen at a
+    router near-tie (routing_near_ties): a low-precision flip rather than a bug."""
+    return at is None or (margin is not None and margin <= flip_margin) or bool(routing_tie)
+
+
+def limit_dtype(model) -> str:
+    """Whose limits judge this model: its dtype's, bfloat16's for an NVFP4 model (doc/nvfp4.md)."""
+    return "bfloat16" if model.quantization else str(model.dtype).removeprefix("torch.")
+
+
+def near_ties(router_logits: dict[str, torch.Tensor], start: int, n_steps: int, top_k: int,
+              margin: float) -> list[dict | None]:
+    """router_logits: {`layers.{i}.mlp.router_logits`: [.., T, experts]} of one forward. For each of n_steps tokens
+    produced at positions start, start + 1, ...: {"layer", "gap"} of the MoE layer whose gap between its k-th and
+    (k+1)-th router logit is smallest there, when that gap is at most `margin`, else None."""
+    found: list[dict | None] = []
+    for step in range(n_steps):
+        best = None
+        for name, logits in router_logits.items():
+            top = logits.reshape(-1, logits.shape[-1])[start + step].double().topk(top_k + 1).values
+            gap = (top[top_k - 1] - top[top_k]).item()
+            if gap <= margin and (best is None or gap < best["gap"]):
+                best = {"layer": split_name(name)[0], "gap": gap}
+        found.append(best)
+    return found
+
+
+ROUTER_LOGITS = ["layers.*.mlp.router_logits"]
+
+
+@torch.inference_mode()
+def routing_near_ties(model, prompt_ids, gen_ids, margin: float | None = None) -> list[dict | None]:
+    """A MoE model's tokens produced at a router near-tie (near_ties on one teacher-forced forward of qwenlab's model
+    over prompt + gen_ids[:-1]; margin: the routing margin of limit_dtype, about one rounding step of a router
+    logit, data/thresholds/03_layer_diffs.json). At such a token the kv path, replay and the reference can choose
+    different experts by rounding alone, and another expert moves that token's logits far more than rounding does
+    (doc/moe.md). Dense models: all None, nothing runs."""
+    cfg = model.config
+    if not cfg.is_moe or not gen_ids:
+        return [None] * len(gen_ids)
+    margin = DEFAULT_MARGIN[limit_dtype(model)] if margin is None else margin
+    logits = capture_qwenlab(model, list(prompt_ids) + list(gen_ids[:-1]), include=ROUTER_LOGITS)
+    return near_ties(logits, len(prompt_ids) - 1, len(gen_ids), cfg.num_experts_per_tok, margin)
+
+
+def judged(steps: pd.DataFrame, ties: list) -> pd.DataFrame:
+    """The steps a verdict judges: those not produced at a routing near-tie (all of them for a dense model)."""
+    keep = [ties[i] is None if i < len(ties) else True for i in range(len(steps))]
+    return steps[keep]
+
+
+def _max(values: pd.Series, had_steps: bool) -> float:
+    """The largest judged value; 0 when every step was at a routing near-tie, NaN when there was no step at all."""
+    return float(values.max()) if len(values) else (0.0 if had_steps else float("nan"))
+
+
+def _mean(values: pd.Series, had_steps: bool) -> float:
+    return float(values.mean()) if len(values) else (0.0 if had_steps else float("nan"))
 
 
 def compare_modes(model, prompt_ids, params: SamplingParams, stop_ids=(), cache=None, engine: str = "auto") -> dict:
@@ -87,7 +146,9 @@ def reference_step_logits(ref_model, prompt_ids, gen_ids) -> torch.Tensor:
 def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int, stop_ids=(),
                   engine: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
     """prompts: label -> ids. -> (one row per prompt, one row per prompt x step). Greedy, same stop ids everywhere;
-    kv decodes with `engine` (the CUDA graph under auto on a GPU), replay is always the plain forward."""
+    kv decodes with `engine` (the CUDA graph under auto on a GPU), replay is always the plain forward. A MoE model's
+    tokens produced at a routing near-tie (routing_near_ties) are listed but left out of the max/mean columns the
+    verdict judges; `*_all` columns keep every step."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     rows, step_frames = [], []
     for label, ids in prompts.items():
@@ -97,20 +158,36 @@ def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int, stop_ids
         at_ref = first_difference(kv.ids, hf)
         shared = len(kv.ids) if at_ref is None else at_ref + 1
         vs_ref = step_metrics(modes["kv_logits"][:shared], reference_step_logits(ref_model, ids, hf[:shared]))
+        ties = routing_near_ties(model, ids, kv.ids)
+        vs_replay_j, vs_ref_j = judged(modes["steps"], ties), judged(vs_ref, ties)
         steps = modes["steps"].add_prefix("kv_vs_replay_").join(vs_ref.add_prefix("kv_vs_reference_"), how="outer")
         steps.insert(0, "prompt", label)
         steps.insert(1, "step", range(len(steps)))
+        steps["routing_near_tie_layer"] = [ties[i]["layer"] if i < len(ties) and ties[i] else None
+                                           for i in range(len(steps))]
         step_frames.append(steps)
+        tie_at = {col: at is not None and at < len(ties) and ties[at] is not None
+                  for col, at in (("replay", modes["first_mismatch"]), ("reference", at_ref))}
+        excused = steps[steps["routing_near_tie_layer"].notna()]
         rows.append({"prompt": label, "prompt_tokens": len(ids), "kv_engine": kv.engine, "kv_tokens": len(kv.ids),
                      "replay_tokens": len(modes["replay"].ids), "reference_tokens": len(hf),
                      "kv_equals_replay": modes["identical"], "kv_equals_reference": at_ref is None,
                      "first_mismatch_replay": modes["first_mismatch"], "first_mismatch_reference": at_ref,
                      "margin_at_mismatch_replay": modes["margin_at_mismatch"],
                      "margin_at_mismatch_reference": margin_at(vs_ref, at_ref),
-                     "stop_reason": kv.stop_reason, "max_rel_l2_kv_vs_replay": modes["max_rel_l2"],
-                     "max_kl_kv_vs_replay": modes["max_kl"], "max_rel_l2_kv_vs_reference": vs_ref["rel_l2"].max(),
-                     "max_kl_kv_vs_reference": vs_ref["kl"].max(), "mean_kl_kv_vs_replay": modes["steps"]["kl"].mean(),
-                     "mean_kl_kv_vs_reference": vs_ref["kl"].mean(),
+                     "routing_tie_at_mismatch_replay": tie_at["replay"],
+                     "routing_tie_at_mismatch_reference": tie_at["reference"],
+                     "stop_reason": kv.stop_reason,
+                     "max_rel_l2_kv_vs_replay": _max(vs_replay_j["rel_l2"], len(modes["steps"]) > 0),
+                     "max_kl_kv_vs_replay": _max(vs_replay_j["kl"], len(modes["steps"]) > 0),
+                     "max_rel_l2_kv_vs_reference": _max(vs_ref_j["rel_l2"], len(vs_ref) > 0),
+                     "max_kl_kv_vs_reference": _max(vs_ref_j["kl"], len(vs_ref) > 0),
+                     "mean_kl_kv_vs_replay": _mean(vs_replay_j["kl"], len(modes["steps"]) > 0),
+                     "mean_kl_kv_vs_reference": _mean(vs_ref_j["kl"], len(vs_ref) > 0),
+                     "max_rel_l2_kv_vs_replay_all": modes["max_rel_l2"], "max_rel_l2_kv_vs_reference_all":
+                     vs_ref["rel_l2"].max(), "routing_near_tie_steps": len(excused),
+                     "routing_near_tie_max_rel_l2": float(excused[["kv_vs_replay_rel_l2", "kv_vs_reference_rel_l2"]]
+                                                          .max().max()) if len(excused) else 0.0,
                      "min_ref_top2_margin": vs_ref["ref_top2_margin"].min(), "kv_ids": kv.ids, "reference_ids": hf})
     return pd.DataFrame(rows).set_index("prompt"), pd.concat(step_frames, ignore_index=True)
 
@@ -122,16 +199,28 @@ def reference_steps(ref_model, prompts: dict, greedy: pd.DataFrame) -> dict[str,
             for label, ids in prompts.items()}
 
 
-def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict[str, torch.Tensor]) -> pd.DataFrame:
+def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict[str, torch.Tensor],
+               margin: float = DEFAULT_MARGIN["bfloat16"]) -> pd.DataFrame:
     """The reference's own precision noise on notebook 04's sequences: per prompt, its step logits in the run dtype
     (ref_steps) against the same model in float32 (truth_model), teacher-forced on the tokens the reference
-    generated: the largest rel_l2, the mean and largest KL(truth || reference), argmax disagreements."""
+    generated: the largest rel_l2, the mean and largest KL(truth || reference), argmax disagreements. A MoE model's
+    tokens produced at a router near-tie of the float32 run (gap <= margin, the run dtype's routing margin) are left
+    out, as they are from the candidate's numbers: the noise is rounding, not another expert."""
     rows = []
+    cfg = truth_model.config
+    k = getattr(cfg, "num_experts_per_tok", 0) if getattr(cfg, "model_type", "") == "qwen3_moe" else 0
     for label, ids in prompts.items():
-        steps = step_metrics(ref_steps[label], reference_step_logits(truth_model, ids, greedy.loc[label, "reference_ids"]))
-        rows.append({"prompt": label, "steps": len(steps), "max_rel_l2": steps["rel_l2"].max(),
-                     "mean_kl": steps["kl"].mean(), "max_kl": steps["kl"].max(),
-                     "top1_disagreements": int((~steps["top1_match"].astype(bool)).sum())})
+        gen = greedy.loc[label, "reference_ids"]
+        steps = step_metrics(ref_steps[label], reference_step_logits(truth_model, ids, gen))
+        ties = [None] * len(steps)
+        if k and len(gen):
+            router = capture_reference(truth_model, list(ids) + list(gen[:-1]), include=ROUTER_LOGITS)
+            ties = near_ties(router, len(ids) - 1, len(steps), k, margin)
+        kept, had = judged(steps, ties), len(steps) > 0
+        rows.append({"prompt": label, "steps": len(steps), "max_rel_l2": _max(kept["rel_l2"], had),
+                     "mean_kl": _mean(kept["kl"], had), "max_kl": _max(kept["kl"], had),
+                     "top1_disagreements": int((~kept["top1_match"].astype(bool)).sum()),
+                     "routing_near_tie_steps": len(steps) - len(kept)})
     return pd.DataFrame(rows).set_index("prompt")
 
 
@@ -153,7 +242,7 @@ def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dic
     spread = {"device_map": "auto"} if device.type == "cuda" and torch.cuda.device_count() > 1 else {}
     try:
         truth = load_reference_for(ckpt, quant_reference, unquantized_model, dtype=torch.float32, **spread)
-        noise = step_noise(truth, prompts, greedy, ref_steps)
+        noise = step_noise(truth, prompts, greedy, ref_steps, DEFAULT_MARGIN[limit_dtype(ckpt.model)])
     except torch.OutOfMemoryError as e:
         return None, f"floors not measured: the float32 reference does not fit ({str(e).splitlines()[0]}); " \
                      "the fixed limits apply"
@@ -185,9 +274,10 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
                 strategies=("replay", "rebuild", "session"), system: str | None = None,
                 enable_thinking: bool | None = None, max_len: int = 2048, engine: str = "auto") -> pd.DataFrame:
     """The same conversation under each strategy, compared turn by turn with the first strategy's: the tokens, and
-    the logits behind every token (max rel_l2 and KL, up to the first token where the two part)."""
+    the logits behind every token (max rel_l2 and KL, up to the first token where the two part). A MoE model's tokens
+    produced at a routing near-tie of the first strategy's turn are left out of the max/mean (routing_near_ties)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    rows, logits = [], {}
+    rows, logits, prompt_ids = [], {}, {}
     for strategy in strategies:
         session = ChatSession(model, tokenizer, system=system, enable_thinking=enable_thinking, strategy=strategy,
                               max_len=max_len, engine=engine)
@@ -196,6 +286,7 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
             turn = session.send(text, params, on_logits=steps)
             gen = turn.generation
             logits[strategy, k] = torch.stack(steps)
+            prompt_ids[strategy, k] = list(gen.prompt_ids)
             rows.append({"strategy": strategy, "turn": k, "engine": gen.engine, "prompt_tokens": len(gen.prompt_ids),
                          "reused_tokens": turn.reused_tokens, "prefill_tokens": turn.prefill_tokens,
                          "new_tokens": len(gen.ids), "stop_reason": gen.stop_reason,
@@ -205,14 +296,18 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
     base = strategies[0]
     base_ids = frame[frame["strategy"] == base].set_index("turn")["ids"]
     frame["same_tokens_as_" + base] = [ids == base_ids[t] for ids, t in zip(frame["ids"], frame["turn"])]
+    ties = {turn: routing_near_ties(model, prompt_ids[base, turn], base_ids[turn]) for turn in base_ids.index}
     stats = []
     for strategy, turn, ids in zip(frame["strategy"], frame["turn"], frame["ids"]):
         at = first_difference(ids, base_ids[turn])
         shared = len(ids) if at is None else at + 1
         steps = step_metrics(logits[strategy, turn][:shared], logits[base, turn][:shared])
+        kept, had = judged(steps, ties[turn]), len(steps) > 0
         stats.append({"first_mismatch": at, "margin_at_mismatch": margin_at(steps, at),
-                      f"max_rel_l2_vs_{base}": steps["rel_l2"].max(), f"max_kl_vs_{base}": steps["kl"].max(),
-                      f"mean_kl_vs_{base}": steps["kl"].mean()})
+                      "routing_tie_at_mismatch": at is not None and at < len(ties[turn]) and ties[turn][at] is not None,
+                      "routing_near_tie_steps": len(steps) - len(kept),
+                      f"max_rel_l2_vs_{base}": _max(kept["rel_l2"], had), f"max_kl_vs_{base}": _max(kept["kl"], had),
+                      f"mean_kl_vs_{base}": _mean(kept["kl"], had)})
     return pd.concat([frame, pd.DataFrame(stats, index=frame.index)], axis=1)
 
 
@@ -321,14 +416,20 @@ def _none(value):
 def parity_numbers(greedy: pd.DataFrame, chat: pd.DataFrame, flip_margin: float) -> dict:
     """The verdict's numbers. A token mismatch is 'explained' when the sequences part at a near-tie of the baseline
     (top-2 logit margin <= flip_margin, a low-precision flip); only unexplained ones fail a run."""
-    greedy_pairs = [(at, m) for col in ("replay", "reference")
-                    for at, m in zip(greedy[f"first_mismatch_{col}"], greedy[f"margin_at_mismatch_{col}"])]
+    def column(frame, name, default=False):  # MoE columns: absent from frames made before they existed
+        return list(frame[name]) if name in frame else [default] * len(frame)
+
+    greedy_pairs = [(at, m, tie) for col in ("replay", "reference")
+                    for at, m, tie in zip(greedy[f"first_mismatch_{col}"], greedy[f"margin_at_mismatch_{col}"],
+                                          column(greedy, f"routing_tie_at_mismatch_{col}"))]
     base = chat["strategy"].iloc[0]
     others = chat[chat["strategy"] != base]
-    chat_pairs = list(zip(others["first_mismatch"], others["margin_at_mismatch"]))
+    chat_pairs = list(zip(others["first_mismatch"], others["margin_at_mismatch"],
+                          column(others, "routing_tie_at_mismatch")))
 
     def unexplained(pairs):
-        return sum(not explained(_none(at), None if pd.isna(m) else float(m), flip_margin) for at, m in pairs)
+        return sum(not explained(_none(at), None if pd.isna(m) else float(m), flip_margin, bool(tie))
+                   for at, m, tie in pairs)
 
     per_prompt_bad = ~(greedy["kv_equals_replay"] & greedy["kv_equals_reference"])
     return {
@@ -344,6 +445,10 @@ def parity_numbers(greedy: pd.DataFrame, chat: pd.DataFrame, flip_margin: float)
         "step_logits_worst_mean_kl": float(max(greedy["mean_kl_kv_vs_replay"].max(),
                                                greedy["mean_kl_kv_vs_reference"].max(),
                                                others[f"mean_kl_vs_{base}"].max())),
+        # MoE: tokens produced at a routing near-tie, left out of the three numbers above, and their largest rel_l2
+        "routing_near_tie_steps": int(sum(column(greedy, "routing_near_tie_steps", 0)) +
+                                      sum(column(others, "routing_near_tie_steps", 0))),
+        "routing_near_tie_max_rel_l2": float(max(column(greedy, "routing_near_tie_max_rel_l2", 0.0), default=0.0)),
     }
 
 
