@@ -81,7 +81,7 @@ def prompt_diff(c: Captures, dtype: str, gates: Gates, overrides: dict | None = 
                         floors=floors, allow_missing=allow_missing)
     isolated = None
     if c.cand_isolated is not None and truth is not None:
-        errors = isolated_errors(c.cand_isolated, truth)
+        errors = isolated_errors(c.cand_isolated, truth, gates.routing_margin.get(dtype, 0.0))
         limits = gates.isolated_floors(noise, errors)
         isolated = isolated_frame(errors, limits, noise)
     return PromptDiff(c.label, list(c.ids), c.reference, result, noise, isolated)

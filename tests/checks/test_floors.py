@@ -72,3 +72,32 @@ def test_isolated_errors_compare_the_layer_update_on_the_residual():
     assert errors["layers.0.output"] == pytest.approx(1.0, abs=1e-3)  # 100% of the update, not 0.1% of the residual
     assert errors["layers.0.mlp.act"] == 0 and "layers.0.input" not in errors
     assert measure(truth, None, "bfloat16").measured is False
+
+
+def test_isolated_moe_errors_leave_out_a_token_flipped_at_a_near_tie():
+    """A teacher-forced MoE layer whose token 2 took expert 3 instead of expert 1, whose router logits were 0.01
+    apart: that token's experts output differs by far more than rounding, and is left out of the layer's
+    `mlp.experts` and `output` errors; the same flip at a clear margin (2.0) is kept, and fails."""
+    torch.manual_seed(0)
+    T, E, H = 6, 4, 8
+    logits = torch.randn(T, E)
+    logits[2] = torch.tensor([0.0, 1.0, -1.0, 0.99])
+    ids = logits.topk(1).indices
+    flipped = ids.clone()
+    flipped[2] = 3
+    inputs, experts = torch.randn(T, H), torch.randn(T, H)
+    truth = {"layers.1.input": inputs, "layers.1.mlp.router_logits": logits, "layers.1.mlp.router_ids": ids,
+             "layers.1.mlp.experts": experts, "layers.1.output": inputs + experts}
+    other = experts.clone()
+    other[2] = torch.randn(H)  # another expert's output for token 2
+    cand = {**truth, "layers.1.mlp.router_ids": flipped, "layers.1.mlp.experts": other,
+            "layers.1.output": inputs + other}
+    errors = isolated_errors(cand, truth, routing_margin=0.03125)
+    assert errors["layers.1.mlp.experts"] == 0.0 and errors["layers.1.output"] == 0.0
+    assert errors["layers.1.mlp.router_logits"] == 0.0
+
+    clear = logits.clone()
+    clear[2] = torch.tensor([0.0, 3.0, -1.0, 1.0])
+    truth_clear = {**truth, "layers.1.mlp.router_logits": clear}
+    errors = isolated_errors({**cand, "layers.1.mlp.router_logits": clear}, truth_clear, routing_margin=0.03125)
+    assert errors["layers.1.mlp.experts"] > 0.3 and errors["layers.1.output"] > 0.3
