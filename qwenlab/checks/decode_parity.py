@@ -16,6 +16,7 @@ from qwenlab.generation.chat import ChatSession
 from qwenlab.generation.decode import Generation, generate
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory.device import empty_cache, settle
+from qwenlab.memory.plan import HEADROOM, model_bytes, visible_devices
 from qwenlab.sequences import first_difference
 
 REQUIRED_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
@@ -240,6 +241,13 @@ def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dic
     settle(device)
     empty_cache(device)
     spread = {"device_map": "auto"} if device.type == "cuda" and torch.cuda.device_count() > 1 else {}
+    longest = max(len(ids) + len(greedy.loc[label, "reference_ids"]) for label, ids in prompts.items())
+    need = model_bytes(ckpt.model.config, "float32", longest)[1]
+    devices = visible_devices(str(device))
+    free = sum(d.free for d in (devices if spread else devices[:1])) * HEADROOM
+    if need > free:
+        return None, (f"floors not measured: the float32 reference needs {need / 2**30:.1f} GiB, "
+                      f"{free / 2**30:.1f} GiB free beside qwenlab's model; the fixed limits apply")
     try:
         truth = load_reference_for(ckpt, quant_reference, unquantized_model, dtype=torch.float32, **spread)
         noise = step_noise(truth, prompts, greedy, ref_steps, DEFAULT_MARGIN[limit_dtype(ckpt.model)])

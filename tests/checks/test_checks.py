@@ -422,3 +422,16 @@ def test_bf16_decode_is_judged_against_the_reference_noise_and_a_bug_still_fails
     _, reasons = verdict(*numbers(bad))
     assert "per-step logits max rel_l2 (measured floor)" in " ".join(reasons)
     assert "per-step logits worst mean KL (measured floor)" in " ".join(reasons)
+
+
+def test_a_float32_reference_that_does_not_fit_keeps_the_fixed_limits(monkeypatch):
+    """measure_step_noise checks the float32 reference's bytes against the free memory before loading it."""
+    from qwenlab.memory.plan import DeviceMemory
+
+    ckpt = load(ensure_tiny(), "bfloat16", "cpu")
+    ids = ckpt.tokenizer.encode("The quick brown fox")
+    greedy = pd.DataFrame({"reference_ids": [[1, 2, 3]]}, index=["p"])
+    monkeypatch.setattr(dp, "visible_devices", lambda device: [DeviceMemory("cpu", 1 << 20, 1 << 30)])
+    noise, note = dp.measure_step_noise(ckpt, {"p": ids}, greedy, {})
+    assert noise is None
+    assert note.startswith("floors not measured: the float32 reference needs ") and "the fixed limits apply" in note
