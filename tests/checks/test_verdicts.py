@@ -228,7 +228,8 @@ def bf16_verdict(step_rel_l2: float, step_kl: float, noise=None):
 def test_decode_step_limits_are_measured_from_the_reference_noise_in_low_precision():
     # the 32B-shape case: a correct bf16 decode whose logits KL (0.069) is over the fixed 0.02, as transformers' is
     metrics, reasons = bf16_verdict(0.12, 0.069)
-    assert reasons == ["per-step logits max rel_l2 = 0.12 exceeds 0.1", "per-step logits worst mean KL = 0.069 exceeds 0.02"]
+    assert reasons == ["per-step logits max rel_l2 = 0.12 exceeds 0.1",
+                       "per-step logits worst mean KL = 0.069 exceeds 0.02"]
     assert metrics["step_limits"]["measured"] is False and metrics["step_noise"] is None
     metrics, reasons = bf16_verdict(0.12, 0.069, noise=noise_frame(max_rel_l2=0.06, mean_kl=0.03))
     assert reasons == []
