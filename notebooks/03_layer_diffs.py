@@ -185,7 +185,10 @@ display(ld.logits_table(logits, noise, limits))
 # (as a set per token: the order within the top-k does not matter), the tokens that chose another set, and of those
 # how many flipped at a near-tie (the reference's logit margin there within the thresholds' routing margin plus twice
 # the candidate's own router-logit error at that token: precision) or at a clear margin (a routing bug). Below, each
-# flip with both sets of experts and the margins (doc/moe.md).
+# flip with both sets of experts and the margins (doc/moe.md). A near-tie flip sends that token through other
+# experts by rounding alone, so the tensors after it would differ by far more than rounding: the candidate's
+# tensors above come from a run with the reference's experts forced at exactly those tokens (replace hooks at
+# `mlp.router_ids` and `mlp.router_weights`), listed here; the routing rows keep what it chose on its own.
 
 # %%
 routing = ld.routing_table(diffs)
@@ -198,6 +201,9 @@ else:
           "every token chose the reference's experts")
     if len(flips):
         display(flips)
+    forced = pl.placement_metrics(run)["forced_routing"]
+    print(f"forced to the reference's experts for the tensors after them: {forced}" if forced else
+          "no near-tie flip to force")
 
 # %% [markdown]
 # ## 8. Planted bugs: does the table point at them?

@@ -23,6 +23,7 @@ from qwenlab.activations.names import split_name
 
 ROUTER_IDS = "mlp.router_ids"
 ROUTER_LOGITS = "mlp.router_logits"
+ROUTER_WEIGHTS = "mlp.router_weights"
 # routing.margin of data/thresholds/03_layer_diffs.json, used where no thresholds are given: about one rounding step
 # of a router logit in each dtype (bf16 and fp16 logits round to equal values, then top-k breaks the tie by index).
 DEFAULT_MARGIN = {"float64": 1e-9, "float32": 1e-5, "bfloat16": 0.03125, "float16": 0.004}

@@ -19,6 +19,7 @@ import torch
 
 from qwenlab.activations import planted, planted_moe
 from qwenlab.activations.capture import capture_qwenlab
+from qwenlab.activations.forced_routing import capture_routing_forced
 from qwenlab.activations.diff import normalize_dtype
 from qwenlab.activations.floors import EXACT_DTYPES, Gates
 from qwenlab.activations.nvfp4_reference import reference_dir
@@ -55,6 +56,7 @@ class LayerDiffRun:
     planted_results: dict = field(default_factory=dict)  # bug name -> DiffResult
     tokenizer: object = None
     seconds: dict = field(default_factory=dict)
+    forced_routing: list = field(default_factory=list)  # per prompt: {layer: {token: experts}} forced (MoE)
 
 
 def plan_for(spec: LoadSpec, prompts, placement: str = "auto") -> Plan:
@@ -167,6 +169,10 @@ def run_layer_diffs(spec: LoadSpec, prompts, the_plan: Plan, gates: Gates, *, ca
             ckpt = ckpt or phases.qwenlab()
             model = ckpt.model
             cands = [capture_qwenlab(model, ids, attention=attention) for _, ids in cases]
+            margin = gates.routing_margin.get(dtype, 0.0)
+            forced_pairs = [capture_routing_forced(model, ids, cand, ref, margin, attention)
+                            for (_, ids), cand, ref in zip(cases, cands, refs)]
+            cands, forced = [c for c, _ in forced_pairs], [f for _, f in forced_pairs]
             cand_forced = [capture_qwenlab(model, ids, attention=attention,
                                            replace=forcing(t if t is not None else r))
                            for (_, ids), t, r in zip(cases, truths, refs)]
@@ -188,7 +194,8 @@ def run_layer_diffs(spec: LoadSpec, prompts, the_plan: Plan, gates: Gates, *, ca
         floors = {row["name"]: row["floor"] for row in diffs[0].result.rows}
         localised, planted_results = planted.localise(bugs, refs[0], capture=lambda bug: bug_captures[bug.name],
                                                       floors=floors, dtype=dtype)
-    return LayerDiffRun(the_plan, diffs, dtype, meta, localised, planted_results, tokenizer, phases.seconds)
+    return LayerDiffRun(the_plan, diffs, dtype, meta, localised, planted_results, tokenizer, phases.seconds,
+                        forced if cand_dump is None else [])
 
 
 def reset_peaks():
@@ -204,5 +211,10 @@ def device_peaks() -> dict[str, float]:
 
 
 def placement_metrics(run: LayerDiffRun) -> dict:
-    """What notebook 03 records of where it ran: the plan, per-device peak memory, seconds per phase."""
-    return {"placement": run.plan.to_json(), "device_peak_gib": device_peaks(), "placement_seconds": run.seconds}
+    """What notebook 03 records of where it ran: the plan, per-device peak memory, seconds per phase, and (MoE) the
+    (layer, token) places whose near-tie flips were forced to the reference's experts (forced_routing)."""
+    forced = [{"prompt": d.label, "layer": layer, "token": token, "experts": experts}
+              for d, per_prompt in zip(run.diffs, run.forced_routing)
+              for layer, rows in sorted(per_prompt.items()) for token, experts in sorted(rows.items())]
+    return {"placement": run.plan.to_json(), "device_peak_gib": device_peaks(), "placement_seconds": run.seconds,
+            "forced_routing": forced}

@@ -1,0 +1,102 @@
+"""Routing-forced captures of a MoE model (doc/moe.md, "Near-tie flips").
+
+A token whose experts flip at a near-tie (routing.compare_routing: explained by precision) goes through other
+experts by rounding alone; every tensor after it at that token, and through attention a little at later tokens,
+then differs from the reference by far more than rounding. To compare those tensors like with like, the candidate is
+captured again with the reference's experts at exactly those (layer, token) places, through replace hooks at
+`mlp.router_ids` and `mlp.router_weights` (the weights are qwenlab's own softmax of its router logits, taken at the
+forced experts and renormalised as the config says). Flips that appear in later layers once the earlier ones are
+forced are forced in another round. The routing rows keep what the candidate chose on its own: the flip stays
+reported where it happened.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qwenlab.activations.capture import capture_qwenlab
+from qwenlab.activations.names import layer_name, split_name
+from qwenlab.activations.routing import ROUTER_IDS, ROUTER_LOGITS, ROUTER_WEIGHTS, compare_routing, is_routing
+
+MAX_ROUNDS = 4
+
+
+def forcing_hooks(forced: dict[int, dict[int, list[int]]], norm_topk_prob: bool) -> dict:
+    """{layer: {token: expert ids}} -> replace hooks that give those tokens those experts."""
+    hooks = {}
+    for layer, rows in forced.items():
+        kept: dict = {}
+
+        def keep(logits, name, kept=kept):
+            kept["logits"] = logits
+
+        def choose(ids, name, rows=rows, kept=kept):
+            out = ids.clone()
+            flat = out.view(-1, out.shape[-1])
+            for token, experts in rows.items():
+                flat[token] = torch.tensor(experts, dtype=out.dtype, device=out.device)
+            kept["ids"] = out
+            return out
+
+        def weigh(weights, name, rows=rows, kept=kept):
+            probs = F.softmax(kept["logits"], dim=-1, dtype=torch.float32).gather(-1, kept["ids"])
+            if norm_topk_prob:
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+            out = weights.clone()
+            flat, new = out.view(-1, out.shape[-1]), probs.reshape(-1, out.shape[-1]).to(out.dtype)
+            for token in rows:
+                flat[token] = new[token]
+            return out
+
+        hooks[layer_name(layer, ROUTER_LOGITS)] = keep
+        hooks[layer_name(layer, ROUTER_IDS)] = choose
+        hooks[layer_name(layer, ROUTER_WEIGHTS)] = weigh
+    return hooks
+
+
+def near_tie_flips(cand: dict, ref: dict, margin: float) -> dict[int, dict[int, list[int]]]:
+    """{layer: {token: the reference's expert ids}} for every explained (near-tie) flip of cand against ref."""
+    out: dict[int, dict[int, list[int]]] = {}
+    for name in ref:
+        if not is_routing(name) or name not in cand:
+            continue
+        k = ref[name].shape[-1]
+        logits = f"layers.{split_name(name)[0]}.{ROUTER_LOGITS}"
+        routing = compare_routing(cand[name].reshape(-1, k), ref[name].reshape(-1, k), ref.get(logits),
+                                  cand.get(logits), margin)
+        for flip in routing.flips:
+            if flip["explained"]:
+                out.setdefault(split_name(name)[0], {})[flip["token"]] = flip["reference"]
+    return out
+
+
+def capture_routing_forced(model, ids: list[int], cand: dict, ref: dict, margin: float,
+                           attention: str | None = None) -> tuple[dict, dict]:
+    """(candidate capture with near-tie flips forced to the reference's experts, {layer: {token: experts}} forced).
+    A dense model, or one without such flips, gives cand back unchanged and {}."""
+    if not getattr(model.config, "is_moe", False):
+        return cand, {}
+    forced: dict[int, dict[int, list[int]]] = {}
+    current = cand
+    for _ in range(MAX_ROUNDS):
+        new = {layer: {t: e for t, e in rows.items() if t not in forced.get(layer, {})}
+               for layer, rows in near_tie_flips(current, ref, margin).items()}
+        new = {layer: rows for layer, rows in new.items() if rows}
+        if not new:
+            break
+        for layer, rows in new.items():
+            forced.setdefault(layer, {}).update(rows)
+        current = capture_qwenlab(model, ids, attention=attention,
+                                  replace=forcing_hooks(forced, model.config.norm_topk_prob))
+    if not forced:
+        return cand, {}
+    out = dict(current)
+    for layer, rows in forced.items():  # the routing rows say what the candidate chose on its own
+        for point in (ROUTER_IDS, ROUTER_WEIGHTS):
+            name = layer_name(layer, point)
+            tensor = out[name].clone()
+            flat, own = tensor.view(-1, tensor.shape[-1]), cand[name].reshape(-1, tensor.shape[-1])
+            for token in rows:
+                flat[token] = own[token]
+            out[name] = tensor
+    return out, forced
