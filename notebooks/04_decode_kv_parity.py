@@ -176,7 +176,7 @@ display(stops)
 # reference dequantizes through bfloat16 (the fixed bfloat16 limits, doc/nvfp4.md).
 
 # %%
-limit_dtype = "bfloat16" if model.quantization else run_dtype  # NVFP4: doc/nvfp4.md
+limit_dtype = dp.limit_dtype(model)  # bfloat16 for an NVFP4 model: doc/nvfp4.md
 ref_steps = dp.reference_steps(reference, prompt_ids, greedy)
 del reference  # the float32 reference loads next
 noise, floors_note = dp.measure_step_noise(ckpt, prompt_ids, greedy, ref_steps, quant_reference,

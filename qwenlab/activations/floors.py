@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from qwenlab.activations.diff import default_floor, logits_metrics, tensor_metrics
 from qwenlab.activations.names import split_name
-from qwenlab.activations.routing import DEFAULT_MARGIN, ROUTER_IDS, ROUTER_LOGITS, compare_routing, is_routing
+from qwenlab.activations.routing import DEFAULT_MARGIN, explained_flips, is_routing
 
 LOGITS_STATS = ("kl_mean", "kl_p99", "top1_disagreement", "delta_p_max")
 RESIDUAL_POINTS = ("post_attention_residual", "output")
@@ -64,27 +64,15 @@ def measure(low: dict, high: dict | None, dtype: str, isolated_low: dict | None 
     return Noise(dtype, tensors, logits, isolated)
 
 
-def near_tie_flips(isolated: dict, truth: dict, layer: int, margin: float) -> list[int]:
-    """The tokens of a MoE layer whose chosen experts differ from the truth's at a near-tie (routing.compare_routing:
-    explained by precision) in a teacher-forced run; [] for a dense layer."""
-    ids, logits = f"layers.{layer}.{ROUTER_IDS}", f"layers.{layer}.{ROUTER_LOGITS}"
-    if ids not in isolated or ids not in truth:
-        return []
-    k = truth[ids].shape[-1]
-    routing = compare_routing(isolated[ids].reshape(-1, k), truth[ids].reshape(-1, k), truth.get(logits),
-                              isolated.get(logits), margin)
-    return [flip["token"] for flip in routing.flips if flip["explained"]]
-
-
 def isolated_errors(isolated: dict, truth: dict,
                     routing_margin: float = DEFAULT_MARGIN["bfloat16"]) -> dict[str, float]:
     """Per tensor of a teacher-forced run (every layer fed the float32 reference's input to it): rel_l2 against the
     float32 reference. The residual points are compared as the layer's update (x - layers.i.input), not the whole
     residual stream, so the error is the layer's own and does not drown in the residual it adds to. In a MoE layer,
-    a token whose experts flipped at a near-tie (within routing_margin, near_tie_flips) went through other experts
-    by rounding alone: it is left out of that layer's `mlp.experts` and `output` errors (its routing row reports
-    the flip)."""
-    out, flipped = {}, {}
+    a token whose experts flipped at a near-tie (within routing_margin, routing.explained_flips) went through other
+    experts by rounding alone: it is left out of that layer's `mlp.experts` and `output` errors (its routing row
+    reports the flip)."""
+    out, flipped = {}, None
     for name, tensor in isolated.items():
         layer, point = split_name(name)
         if layer is None or point == "input" or name not in truth or not tensor.is_floating_point():
@@ -94,10 +82,10 @@ def isolated_errors(isolated: dict, truth: dict,
             base = truth[f"layers.{layer}.input"].double()
             cand, ref = cand - base, ref - base
         if point in AFTER_ROUTING:
-            if layer not in flipped:
-                flipped[layer] = near_tie_flips(isolated, truth, layer, routing_margin)
-            if flipped[layer]:
-                keep = [t for t in range(cand.shape[-2]) if t not in set(flipped[layer])]
+            if flipped is None:
+                flipped = explained_flips(isolated, truth, routing_margin)
+            if flipped.get(layer):
+                keep = [t for t in range(cand.shape[-2]) if t not in flipped[layer]]
                 cand, ref = cand[..., keep, :], ref[..., keep, :]
         out[name] = tensor_metrics(cand, ref)["rel_l2"]
     return out

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from qwenlab.activations.capture import capture_qwenlab
-from qwenlab.activations.names import layer_name, split_name
-from qwenlab.activations.routing import ROUTER_IDS, ROUTER_LOGITS, ROUTER_WEIGHTS, compare_routing, is_routing
+from qwenlab.activations.names import layer_name
+from qwenlab.activations.routing import ROUTER_IDS, ROUTER_LOGITS, ROUTER_WEIGHTS, explained_flips
 
 MAX_ROUNDS = 4
 
@@ -54,22 +54,6 @@ def forcing_hooks(forced: dict[int, dict[int, list[int]]], norm_topk_prob: bool)
     return hooks
 
 
-def near_tie_flips(cand: dict, ref: dict, margin: float) -> dict[int, dict[int, list[int]]]:
-    """{layer: {token: the reference's expert ids}} for every explained (near-tie) flip of cand against ref."""
-    out: dict[int, dict[int, list[int]]] = {}
-    for name in ref:
-        if not is_routing(name) or name not in cand:
-            continue
-        k = ref[name].shape[-1]
-        logits = f"layers.{split_name(name)[0]}.{ROUTER_LOGITS}"
-        routing = compare_routing(cand[name].reshape(-1, k), ref[name].reshape(-1, k), ref.get(logits),
-                                  cand.get(logits), margin)
-        for flip in routing.flips:
-            if flip["explained"]:
-                out.setdefault(split_name(name)[0], {})[flip["token"]] = flip["reference"]
-    return out
-
-
 def capture_routing_forced(model, ids: list[int], cand: dict, ref: dict, margin: float,
                            attention: str | None = None) -> tuple[dict, dict]:
     """(candidate capture with near-tie flips forced to the reference's experts, {layer: {token: experts}} forced).
@@ -80,7 +64,7 @@ def capture_routing_forced(model, ids: list[int], cand: dict, ref: dict, margin:
     current = cand
     for _ in range(MAX_ROUNDS):
         new = {layer: {t: e for t, e in rows.items() if t not in forced.get(layer, {})}
-               for layer, rows in near_tie_flips(current, ref, margin).items()}
+               for layer, rows in explained_flips(current, ref, margin).items()}
         new = {layer: rows for layer, rows in new.items() if rows}
         if not new:
             break

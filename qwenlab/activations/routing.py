@@ -90,3 +90,20 @@ def compare_routing(cand_ids: torch.Tensor, ref_ids: torch.Tensor, ref_logits: t
             flip["explained"] = flip["margin"] <= flip["limit"]
         flips.append(flip)
     return Routing(T, k, agree / max(T * k, 1), flips)
+
+
+def explained_flips(cand: dict, ref: dict, margin: float) -> dict[int, dict[int, list[int]]]:
+    """{layer: {token: the reference's expert ids}} for every flip of cand against ref that precision explains
+    (compare_routing at `margin`), over every MoE layer both captures hold; {} for a dense model."""
+    out: dict[int, dict[int, list[int]]] = {}
+    for name in ref:
+        if not is_routing(name) or name not in cand:
+            continue
+        k = ref[name].shape[-1]
+        logits = logits_name(name)
+        routing = compare_routing(cand[name].reshape(-1, k), ref[name].reshape(-1, k), ref.get(logits),
+                                  cand.get(logits), margin)
+        for flip in routing.flips:
+            if flip["explained"]:
+                out.setdefault(split_name(name)[0], {})[flip["token"]] = flip["reference"]
+    return out

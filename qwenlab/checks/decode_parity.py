@@ -17,6 +17,7 @@ from qwenlab.generation.decode import Generation, generate
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory.device import empty_cache, settle
 from qwenlab.memory.plan import HEADROOM, model_bytes, visible_devices
+from qwenlab.model.dtypes import dtype_name
 from qwenlab.sequences import first_difference
 
 REQUIRED_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
@@ -68,7 +69,7 @@ def explained(at: int | None, margin: float | None, flip_margin: float, routing_
 
 def limit_dtype(model) -> str:
     """Whose limits judge this model: its dtype's, bfloat16's for an NVFP4 model (doc/nvfp4.md)."""
-    return "bfloat16" if model.quantization else str(model.dtype).removeprefix("torch.")
+    return "bfloat16" if model.quantization else dtype_name(model.dtype)
 
 
 def near_ties(router_logits: dict[str, torch.Tensor], start: int, n_steps: int, top_k: int,
@@ -232,7 +233,7 @@ def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dic
     returns (step_noise table, note), or (None, why not) for a float32 run, `enabled` False, or a float32 reference
     that does not fit (the fixed limits then apply). Free the run-dtype reference first: ref_steps has what it gave.
     On several GPUs the float32 reference is spread over them (accelerate)."""
-    dtype = str(ckpt.model.dtype).removeprefix("torch.")
+    dtype = dtype_name(ckpt.model.dtype)
     if not enabled:
         return None, "floors not measured (measure_floors off, or a float32 NVFP4 run): the fixed limits apply"
     if dtype in ("float32", "float64"):
