@@ -40,3 +40,15 @@ def tiny_ref(tiny_dir):
     from qwenlab.activations.reference import load_reference
 
     return load_reference(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def moe(moe_dir):
+    return load(moe_dir, "float32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def moe_ref(moe_dir):
+    from qwenlab.activations.reference import load_reference
+
+    return load_reference(moe_dir)

@@ -10,26 +10,15 @@ from qwenlab.activations import planted, planted_moe
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.floors import Gates, isolated_errors, measure
-from qwenlab.activations.reference import capture_reference, load_reference
+from qwenlab.activations.reference import capture_reference
 from qwenlab.activations.routing import compare_routing
 from qwenlab.activations.suggest import suggest
 from qwenlab.checks import layer_diffs as ld
 from qwenlab.checks.nbutil import load_thresholds
-from qwenlab.model.loader import load
 
 LOGITS = torch.tensor([[4.0, 3.0, 2.999999, 0.0],   # slots 2/3 at a near-tie
                        [5.0, 1.0, 0.5, -1.0]])      # a clear margin between the chosen two and the rest
 REF_IDS = torch.tensor([[0, 1], [0, 1]])
-
-
-@pytest.fixture(scope="module")
-def moe(moe_dir):
-    return load(moe_dir, "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
-def ref_model(moe_dir):
-    return load_reference(moe_dir)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +28,8 @@ def prompt(moe):
 
 
 @pytest.fixture(scope="module")
-def reference(ref_model, prompt):
-    return capture_reference(ref_model, prompt)
+def reference(moe_ref, prompt):
+    return capture_reference(moe_ref, prompt)
 
 
 def test_the_order_within_the_top_k_does_not_matter():
@@ -117,13 +106,13 @@ def test_the_standard_bugs_still_fit_a_moe_model(moe, prompt, reference):
     assert len(frame) == 4 and frame["localised"].all(), frame[["expected", "found"]]
 
 
-def test_teacher_forcing_through_moe_layers(moe, ref_model, prompt, reference):
+def test_teacher_forcing_through_moe_layers(moe, moe_ref, prompt, reference):
     forced = capture_qwenlab(moe.model, prompt, replace=ld.forcing(reference))
     errors = isolated_errors(forced, reference)
     assert {"layers.1.mlp.router_logits", "layers.1.mlp.router_weights", "layers.2.mlp.experts"} <= set(errors)
     assert "layers.1.mlp.router_ids" not in errors, "integer choices have no rel_l2"
     assert max(errors.values()) < 1e-5
-    ref_forced = capture_reference(ref_model, prompt, inputs=reference)
+    ref_forced = capture_reference(moe_ref, prompt, inputs=reference)
     assert torch.equal(ref_forced["layers.2.mlp.router_ids"], reference["layers.2.mlp.router_ids"])
 
 
@@ -136,12 +125,12 @@ def test_noise_and_floors_leave_integer_choices_to_routing(reference):
     assert floors["layers.1.mlp.router_ids"] == 0.03125 and floors["layers.1.mlp.router_logits"] < 0.03
 
 
-def test_verdict_names_routing_flips(moe, ref_model, moe_dir):
+def test_verdict_names_routing_flips(moe, moe_ref, moe_dir):
     thresholds = load_thresholds(None, "03_layer_diffs")
     gates = Gates.from_thresholds(thresholds)
     bug = planted_moe.moe_bugs(moe.model)[1]
     ids = moe.tokenizer.encode("Routing decides.")
-    caps = ld.capture_prompt(moe.model, ref_model, None, ids, "p", replace=bug.replace)
+    caps = ld.capture_prompt(moe.model, moe_ref, None, ids, "p", replace=bug.replace)
     diffs = [ld.prompt_diff(caps, "float32", gates)]
     table = ld.worst_frame(diffs)
     routing = ld.routing_table(diffs)

@@ -30,16 +30,6 @@ from qwenlab.model.tiny import config_json
 PROMPTS = ["Have you ever seen a UFO?", "你好, UFO? 🛸 def f(x): return x**2\r\n\t<|im_end|>"]
 
 
-@pytest.fixture(scope="module")
-def moe(moe_dir):
-    return load(moe_dir, "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
-def moe_ref(moe_dir):
-    return load_reference(moe_dir)
-
-
 def _hf_config(**overrides):
     from transformers import Qwen3MoeConfig
 

@@ -11,18 +11,15 @@ import psutil
 import pytest
 
 from qwenlab.paths import REPO_ROOT
+from tests.processes import ipykernel_child
 
 
 def kernel_of(proc: subprocess.Popen, timeout: float = 60.0) -> psutil.Process:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                if "ipykernel" in " ".join(child.cmdline()):
-                    return child
-            except psutil.Error:
-                continue
+        if (child := ipykernel_child(proc.pid)) is not None:
+            return child
         time.sleep(0.1)
     pytest.fail("no kernel started")
 

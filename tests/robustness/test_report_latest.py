@@ -18,6 +18,7 @@ import pytest
 from qwenlab import cli
 from qwenlab.paths import REPO_ROOT
 from qwenlab.report.liveness import STALE_S, RunFile, death, utc_text
+from tests.processes import ipykernel_child
 
 STANDARD = 'model_dir = ""\ndevice = "cpu"\ndtype = "float32"\nout_dir = ""\nthresholds_dir = ""\nquant = ""\n' \
            'device_map = ""\ngate = ""'
@@ -117,14 +118,7 @@ def test_of_concurrent_runs_the_one_that_started_last_wins(tmp_path, tiny_dir, c
 
 
 def kernel_of(proc: subprocess.Popen) -> psutil.Process:
-    def find():
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                if "ipykernel" in " ".join(child.cmdline()):
-                    return child
-            except psutil.Error:
-                continue
-    return wait_for(find, proc)
+    return wait_for(lambda: ipykernel_child(proc.pid), proc)
 
 
 def test_a_killed_run_is_dead_in_status_and_marked_by_the_next_run(tmp_path, tiny_dir, capsys):
