@@ -112,7 +112,9 @@ for label, row in greedy.iterrows():
 # `prefill_tokens` the ones run through the model at the start of the turn. With thinking off, the generation
 # prompt ends in an empty `<think>` block that the next turn's rendering of the history leaves out, so the session
 # must crop its cache back to the common prefix every turn: the case where a stale cache would show. Every turn's
-# tokens must equal `replay`'s, and so must the logits behind them (max rel_l2 / KL per turn).
+# tokens must equal `replay`'s, and so must the logits behind them (max rel_l2 / KL per turn). In low precision a
+# turn may part from replay's at a near-tie (judged like a greedy mismatch, by its margin): the later turns then
+# carry another answer in their history, `same_context_as_replay` is False, and they are not compared.
 
 # %%
 chat = dp.chat_parity(model, tok, chat_turns, chat_new_tokens, enable_thinking=chat_enable_thinking,

@@ -8,14 +8,19 @@
 #   OUT=/some/dir bash scripts/gpu_moe_evidence.sh      # on one H200 (141 GB); carry .tok
 #
 # Writes $OUT/gpu_moe_evidence.log, $OUT/03_layer_diffs.json, $OUT/04_decode_kv_parity.json, $OUT/bench.json.
-# Knobs: CKPT (/tmp/q30b-a3b), NOTEBOOKS ("03 04"), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS.
+# Knobs: CKPT (data/models/q30b-a3b: an ignored folder of the checkout, which a warm machine keeps between calls),
+# NOTEBOOKS ("03 04"), NB04_ARGS (extra name=value parameters of notebook 04, e.g. shorter latency plots),
+# SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS, BUDGET_S (560: a notebook or the bench that would start with under 60 s
+# left is skipped and says so).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-$REPO/reports/moe-gpu}
-CKPT=${CKPT:-/tmp/q30b-a3b}
+CKPT=${CKPT:-$REPO/data/models/q30b-a3b}
+BUDGET_S=${BUDGET_S:-560}
 NOTEBOOKS=${NOTEBOOKS:-03 04}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_moe_evidence.log") 2>&1
+left() { echo $((BUDGET_S - (SECONDS - START))); }
 print_env
 tokenizer_shim || exit 2
 echo "command: $0 (CKPT=$CKPT NOTEBOOKS=$NOTEBOOKS)"
@@ -26,14 +31,18 @@ fi
 make_checkpoint "$CKPT" qwen3-30b-a3b cuda || exit 1
 for nb in $NOTEBOOKS; do
   name=$(basename "$(ls notebooks/${nb}_*.ipynb)" .ipynb)
+  if [ "$(left)" -lt 60 ]; then step "notebook $name skipped: $(left) s left"; continue; fi
+  extra=(); [ "$nb" = 04 ] && read -r -a extra <<< "${NB04_ARGS:-}"
   step "notebook $name on $CKPT (cuda, bfloat16)"
   t0=$SECONDS
   $PY scripts/run_notebook.py "notebooks/$name.ipynb" "$WORK/report/$name.ipynb" model_dir="$CKPT" device=cuda \
-    dtype=bfloat16 out_dir="$WORK/report" || echo "notebook $name FAILED (exit $?)"
+    dtype=bfloat16 out_dir="$WORK/report" "${extra[@]}" || echo "notebook $name FAILED (exit $?)"
   echo "wall time ($name): $((SECONDS - t0)) s"
   cp -f "$WORK/report/metrics/$name.json" "$OUT/$name.json" 2>/dev/null
 done
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -lt 60 ]; then
+  step "bench skipped: $(left) s left"
+elif [ "${SKIP_BENCH:-0}" != 1 ]; then
   step "qwenlab bench --model $CKPT --device cuda --dtype bfloat16 ${BENCH_ARGS:-}"
   # shellcheck disable=SC2086
   $PY -m qwenlab bench --model "$CKPT" --device cuda --dtype bfloat16 --out "$OUT/bench.json" ${BENCH_ARGS:-}

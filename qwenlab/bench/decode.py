@@ -169,7 +169,7 @@ def run_bench(args) -> int:
               "floor_ms_per_token": models[first]["floor_ms_per_token"], "floor_tok_s": models[first]["floor_tok_s"],
               "models": models, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "prefill_tokens": args.prefill_tokens, "budget_bytes": budget, "rows": rows,
-              "graph_vs_eager": graph_vs_eager([r for r in rows if r["model"] == first]),
+              "graph_vs_eager": {label: graph_vs_eager([r for r in rows if r["model"] == label]) for label in models},
               "nvfp4_over_dense": nvfp4_over_dense(rows, first)}
     if args.out:
         Path(args.out).write_text(json.dumps(json_safe(result), indent=1))
@@ -213,12 +213,12 @@ def format_table(r: dict) -> str:
     for engine, ratio in (r.get("nvfp4_over_dense") or {}).items():
         lines.append(f"nvfp4 / {r['dtype']} ({engine} engine): decode {ratio['decode']:.2f}x, prefill "
                      f"{ratio['prefill']:.2f}x")
-    parting = r.get("graph_vs_eager")
-    if parting:
-        lines.append(f"greedy graph vs eager over {parting['tokens']} tokens: " + (
-            "identical" if parting["first_parting"] is None else
-            f"first part at token {parting['first_parting']} (top-2 margin graph {parting['graph_top2_margin']:.3g}, "
-            f"eager {parting['eager_top2_margin']:.3g})"))
+    for label, parting in (r.get("graph_vs_eager") or {}).items():
+        if parting:
+            lines.append(f"{label} greedy graph vs eager over {parting['tokens']} tokens: " + (
+                "identical" if parting["first_parting"] is None else
+                f"first part at token {parting['first_parting']} (top-2 margin graph "
+                f"{parting['graph_top2_margin']:.3g}, eager {parting['eager_top2_margin']:.3g})"))
     return "\n".join(lines + (["notes:"] + notes if notes else []))
 
 

@@ -283,7 +283,8 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
                 strategies=("replay", "rebuild", "session"), system: str | None = None,
                 enable_thinking: bool | None = None, max_len: int = 2048, engine: str = "auto") -> pd.DataFrame:
     """The same conversation under each strategy, compared turn by turn with the first strategy's: the tokens, and
-    the logits behind every token (max rel_l2 and KL, up to the first token where the two part). A MoE model's tokens
+    the logits behind every token (max rel_l2 and KL, up to the first token where the two part; a turn whose history
+    already differs from the first strategy's, because an earlier turn parted, is not compared). A MoE model's tokens
     produced at a routing near-tie of the first strategy's turn are left out of the max/mean (routing_near_ties)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     rows, logits, prompt_ids = [], {}, {}
@@ -306,8 +307,18 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
     base_ids = frame[frame["strategy"] == base].set_index("turn")["ids"]
     frame["same_tokens_as_" + base] = [ids == base_ids[t] for ids, t in zip(frame["ids"], frame["turn"])]
     ties = {turn: routing_near_ties(model, prompt_ids[base, turn], base_ids[turn]) for turn in base_ids.index}
+    # after a turn parts (at a near-tie, say), the later turns carry another answer in their history: their logits
+    # come from another context and are not compared; the parting turn itself is judged
+    frame[f"same_context_as_{base}"] = [prompt_ids[s, t] == prompt_ids[base, t]
+                                        for s, t in zip(frame["strategy"], frame["turn"])]
     stats = []
-    for strategy, turn, ids in zip(frame["strategy"], frame["turn"], frame["ids"]):
+    for strategy, turn, ids, same in zip(frame["strategy"], frame["turn"], frame["ids"],
+                                         frame[f"same_context_as_{base}"]):
+        if not same:
+            stats.append({"first_mismatch": None, "margin_at_mismatch": None, "routing_tie_at_mismatch": False,
+                          "routing_near_tie_steps": 0, f"max_rel_l2_vs_{base}": float("nan"),
+                          f"max_kl_vs_{base}": float("nan"), f"mean_kl_vs_{base}": float("nan")})
+            continue
         at = first_difference(ids, base_ids[turn])
         shared = len(ids) if at is None else at + 1
         steps = step_metrics(logits[strategy, turn][:shared], logits[base, turn][:shared])
