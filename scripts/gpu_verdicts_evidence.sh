@@ -12,7 +12,8 @@
 #
 # Writes $OUT/gpu_verdicts_evidence.log, training.json, deep_bug.json, bench_trained.json and metrics.tar.gz (each
 # notebook's metrics JSON and figures). Knobs: CKPT (data/models/trained-24l: an ignored folder of the checkout, so a
-# warm machine keeps it between calls), TRAIN_SECONDS (90), NOTEBOOKS ("03 04 06 03:nvfp4 04:nvfp4").
+# warm machine keeps it between calls), TRAIN_SECONDS (90), NOTEBOOKS ("03 04 06 03:nvfp4 04:nvfp4"), NB04_ARGS
+# (extra name=value parameters of notebook 04), SKIP_DEEP=1, BENCH_FIRST=1 (the bench before the notebooks).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-$REPO/reports/verdicts-gpu}
@@ -23,6 +24,15 @@ NOTEBOOKS=${NOTEBOOKS:-03 04 06 03:nvfp4 04:nvfp4}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_verdicts_evidence.log") 2>&1
 left() { echo $((BUDGET_S - (SECONDS - START))); }
+bench() {
+  if [ "$(left)" -gt 90 ]; then
+    step "qwenlab bench --quant nvfp4 on the trained checkpoint (greedy partings with their margins)"
+    $PY -m qwenlab bench --model "$CKPT" --device "$DEVICE" --dtype bfloat16 --quant nvfp4 --hf off --new-tokens 256 \
+      --prefill-tokens 2048 --out "$OUT/bench_trained.json"
+  else
+    step "bench skipped ($(left) s left)"
+  fi
+}
 print_env
 tokenizer_shim || exit 2
 if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
@@ -56,8 +66,11 @@ print("greedy text:", repr(tok.decode(m["greedy_ids"]))[:400])
 print("reproduce:", r["reproduce"])
 PYEOF
 
-step "a bug in one deep layer (layer 17 of 24), bf16 on cuda"
-$PY scripts/deep_bug_evidence.py "$CKPT" --device "$DEVICE" --dtype bfloat16 --layer 17 --out "$OUT/deep_bug.json"
+if [ "${SKIP_DEEP:-0}" != 1 ]; then
+  step "a bug in one deep layer (layer 17 of 24), bf16 on $DEVICE"
+  $PY scripts/deep_bug_evidence.py "$CKPT" --device "$DEVICE" --dtype bfloat16 --layer 17 --out "$OUT/deep_bug.json"
+fi
+if [ "${BENCH_FIRST:-0}" = 1 ]; then bench; fi
 
 for item in $NOTEBOOKS; do
   nb=${item%%:*}; quant=""; [ "$item" != "$nb" ] && quant=${item#*:}
@@ -66,19 +79,14 @@ for item in $NOTEBOOKS; do
   if [ "$(left)" -lt 60 ]; then step "notebook $name ($tag) skipped: $(left) s left"; continue; fi
   step "notebook $name on $CKPT (cuda, bfloat16${quant:+, quant=$quant})"
   t0=$SECONDS
+  extra=(); [ "$nb" = 04 ] && read -r -a extra <<< "${NB04_ARGS:-}"
   $PY scripts/run_notebook.py "notebooks/$name.ipynb" "$WORK/$tag/$name.ipynb" model_dir="$CKPT" device="$DEVICE" \
-    dtype=bfloat16 quant="$quant" out_dir="$WORK/$tag" || echo "notebook $name ($tag) FAILED (exit $?)"
+    dtype=bfloat16 quant="$quant" out_dir="$WORK/$tag" "${extra[@]}" || echo "notebook $name ($tag) FAILED (exit $?)"
   echo "wall time ($name, $tag): $((SECONDS - t0)) s"
   $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print('VERDICT', sys.argv[2], r['verdict'], r['reasons'])" \
     "$WORK/$tag/metrics/$name.json" "$name ($tag)" 2>/dev/null || echo "no metrics for $name ($tag)"
 done
 (cd "$WORK" && tar czf "$OUT/metrics.tar.gz" --exclude='*.ipynb' --exclude='*.py' bf16* 2>/dev/null)
 
-if [ "$(left)" -gt 90 ]; then
-  step "qwenlab bench --quant nvfp4 on the trained checkpoint (greedy partings with their margins)"
-  $PY -m qwenlab bench --model "$CKPT" --device "$DEVICE" --dtype bfloat16 --quant nvfp4 --hf off --new-tokens 256 \
-    --prefill-tokens 2048 --out "$OUT/bench_trained.json"
-else
-  step "bench skipped ($(left) s left)"
-fi
+if [ "${BENCH_FIRST:-0}" != 1 ]; then bench; fi
 step "done"

@@ -68,7 +68,21 @@ def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="c
                 **moe, **_quantized_kwargs(checkpoint_dir))
     except (OSError, ValueError, ImportError) as e:
         raise QwenlabError(f"{checkpoint_dir}: transformers could not load it ({str(e).splitlines()[0]})") from None
+    _weights_in(model, dtype)
     return (model if placement else model.to(device)).eval()
+
+
+def _weights_in(model, dtype: torch.dtype):
+    """Some transformers versions (5.17) leave the weights that compressed-tensors decompressed in bfloat16 inside a
+    float32 model, whose first matmul then fails on the dtypes. Their values are bfloat16 numbers (NVFP4 values
+    times scales, dequantized through bfloat16), so holding them in the asked dtype changes no number."""
+    if dtype not in (torch.float32, torch.float64):
+        return  # only an upcast is exact; a bf16 model may keep modules in float32 on purpose
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.is_floating_point() and param.element_size() < dtype.itemsize and name in ("weight", "bias"):
+                    param.data = param.data.to(dtype)
 
 
 def _quantized_kwargs(checkpoint_dir) -> dict:

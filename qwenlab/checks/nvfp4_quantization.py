@@ -159,7 +159,7 @@ def planted(model, ids: list[int], quantized_ref: dict | None, unquantized_ref: 
         if quantized_ref is not None:
             q = results[(bug.name, "quantized")] = diff_dumps(cand, quantized_ref, dtype=QUANTIZED_REFERENCE_DTYPE)
             row |= {"found": q.first_divergence, "rel_l2_vs_quantized": _rel_l2(q, bug.expected)}
-        row["localised"] = row.get("found") == bug.expected
+        row["localised"] = bug.localised(row.get("found"))
         rows.append(row)
     return PlantedResult(pd.DataFrame(rows).set_index("bug"), results)
 

@@ -196,5 +196,5 @@ def test_planted_bugs_are_named_after_a_graph_generate_on_a_fused_model(tiny_dir
     floors = {"float32": 1e-4}  # CUDA's float32 kernels (flash SDPA) against transformers' eager: about 1e-6
     for bug in bugs:
         found = diff_dumps(bug.capture(model, ids), ref, floors=floors).first_divergence
-        assert found == bug.expected, (bug.name, found)
+        assert bug.localised(found), (bug.name, found)
     assert diff_dumps(planted.capture_qwenlab(model, ids), ref, floors=floors).passed  # the model is as it was
