@@ -168,7 +168,8 @@ def _teacher_forcing(model, inputs: dict[str, torch.Tensor]) -> list:
         given = inputs.get(f"layers.{i}.input")
         if given is None:
             continue
-        param = next(layer.parameters())
+        # the layer's hidden dtype is its norm's: a quantized layer may list a float32 scale first
+        param = layer.input_layernorm.weight
 
         def hook(module, args, kwargs, x=given.to(param.device, param.dtype)[None]):
             if args:
