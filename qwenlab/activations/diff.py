@@ -362,11 +362,14 @@ def _local(name: str) -> str:
 
 
 def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = None,
-               floors: dict | None = None, allow_missing: bool = False) -> DiffResult:
+               floors: dict | None = None, allow_missing: bool = False, routing: dict | None = None) -> DiffResult:
     """Every name of either dump, in forward order. Floors: `dtype` if given, else floor_dtype(cand, ref).
     Passes only when no row exceeds and every reference tensor was compared, declared in the candidate's
     `not_produced` metadata, or allow_missing is set. An isolated candidate (metadata `isolated: true`) is compared
-    layer by layer (isolated_view), each tensor against its layer-0 floor."""
+    layer by layer (isolated_view), each tensor against its layer-0 floor. routing: the candidate's own
+    `mlp.router_ids` and `mlp.router_logits` for the routing rows, when `cand` is a routing-forced capture
+    (qwenlab.activations.forced_routing): its tensors compare like with like, its routing rows say what the candidate
+    chose on its own and how far its own router logits were from the reference's."""
     cand, ref = _as_dump(cand), _as_dump(ref)
     floors = check_floors(floors)
     _check_prompts(cand, ref)
@@ -376,9 +379,11 @@ def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = Non
         cand, ref = isolated_view(cand, ref)
     names = sort_forward(set(cand.tensors) | set(ref.tensors))
     num_layers = num_layers or _infer_num_layers(names)
-    rows = [compare_tensor(name, cand.tensors.get(name), ref.tensors.get(name),
+    own = routing or {}
+    rows = [compare_tensor(name, own.get(name, cand.tensors.get(name)) if is_routing(name) else cand.tensors.get(name),
+                           ref.tensors.get(name),
                            floor_for(_local(name) if isolated else name, dtype, num_layers, floors),
-                           cand.tensors, ref.tensors)
+                           {**cand.tensors, **own} if is_routing(name) else cand.tensors, ref.tensors)
             for name in names]
     logits = None
     if "logits" in cand.tensors and "logits" in ref.tensors:

@@ -6,8 +6,10 @@ then differs from the reference by far more than rounding. To compare those tens
 captured again with the reference's experts at exactly those (layer, token) places, through replace hooks at
 `mlp.router_ids` and `mlp.router_weights` (the weights are qwenlab's own softmax of its router logits, taken at the
 forced experts and renormalised as the config says). Flips that appear in later layers once the earlier ones are
-forced are forced in another round. The routing rows keep what the candidate chose on its own: the flip stays
-reported where it happened.
+forced are forced in another round. The routing rows keep what the candidate chose on its own, judged with its own router
+logits (own_routing, diff_dumps(routing=...)): the flip stays reported where it happened, and a flip that an earlier
+near-tie flip of the same token caused (its own router logits then moved by more than rounding) is explained by
+those logits, not judged against the forced run's.
 """
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ def forcing_hooks(forced: dict[int, dict[int, list[int]]], norm_topk_prob: bool)
         hooks[layer_name(layer, ROUTER_IDS)] = choose
         hooks[layer_name(layer, ROUTER_WEIGHTS)] = weigh
     return hooks
+
+
+def own_routing(cand: dict) -> dict:
+    """The candidate's own router ids and logits of every MoE layer: what its routing rows are judged on."""
+    return {name: t for name, t in cand.items() if name.endswith((ROUTER_IDS, ROUTER_LOGITS))}
 
 
 def capture_routing_forced(model, ids: list[int], cand: dict, ref: dict, margin: float,

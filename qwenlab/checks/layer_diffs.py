@@ -55,6 +55,7 @@ class Captures:
     cand_isolated: dict | None = None
     ref_isolated: dict | None = None
     cand_meta: dict = field(default_factory=dict)
+    cand_routing: dict | None = None  # a routing-forced candidate: its own router ids and logits (diff_dumps)
 
 
 @dataclass
@@ -78,7 +79,7 @@ def prompt_diff(c: Captures, dtype: str, gates: Gates, overrides: dict | None = 
     floors = {name: floor_for(name, dtype, 0, overrides) if _overridden(name, overrides, dtype) else value
               for name, value in floors.items()}
     result = diff_dumps(Dump(c.cand, c.cand_meta), Dump(c.reference, {"prompt_ids": list(c.ids)}), dtype=dtype,
-                        floors=floors, allow_missing=allow_missing)
+                        floors=floors, allow_missing=allow_missing, routing=c.cand_routing)
     isolated = None
     if c.cand_isolated is not None and truth is not None:
         errors = isolated_errors(c.cand_isolated, truth, gates.routing_margin.get(dtype, 0.0))

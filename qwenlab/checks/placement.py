@@ -19,7 +19,7 @@ import torch
 
 from qwenlab.activations import planted, planted_moe
 from qwenlab.activations.capture import capture_qwenlab
-from qwenlab.activations.forced_routing import capture_routing_forced
+from qwenlab.activations.forced_routing import capture_routing_forced, own_routing
 from qwenlab.activations.diff import normalize_dtype
 from qwenlab.activations.floors import EXACT_DTYPES, Gates
 from qwenlab.activations.nvfp4_reference import reference_dir
@@ -172,6 +172,7 @@ def run_layer_diffs(spec: LoadSpec, prompts, the_plan: Plan, gates: Gates, *, ca
             margin = gates.routing_margin.get(dtype, 0.0)
             forced_pairs = [capture_routing_forced(model, ids, cand, ref, margin, attention)
                             for (_, ids), cand, ref in zip(cases, cands, refs)]
+            owns = [own_routing(c) if f else None for c, (_, f) in zip(cands, forced_pairs)]
             cands, forced = [c for c, _ in forced_pairs], [f for _, f in forced_pairs]
             cand_forced = [capture_qwenlab(model, ids, attention=attention,
                                            replace=forcing(t if t is not None else r))
@@ -185,8 +186,10 @@ def run_layer_diffs(spec: LoadSpec, prompts, the_plan: Plan, gates: Gates, *, ca
         phases.free()
 
     diffs = []
-    for (label, ids), cand, ref, truth, cf, rf in zip(cases, cands, refs, truths, cand_forced, ref_forced):
-        captures = Captures(label, ids, cand, ref, truth, cf, rf, meta)
+    owns = owns if cand_dump is None else [None]
+    for (label, ids), cand, ref, truth, cf, rf, own in zip(cases, cands, refs, truths, cand_forced, ref_forced,
+                                                           owns):
+        captures = Captures(label, ids, cand, ref, truth, cf, rf, meta, own)
         diffs.append(prompt_diff(captures, dtype, gates, overrides, allow_missing))
     if cand_dump is not None:
         check_compared(diffs[0].result, candidate, cand_dump)

@@ -143,3 +143,26 @@ def test_verdict_names_routing_flips(moe, moe_ref, moe_dir):
     assert metrics["routing"]["clear_margin_flips"] >= 1
     assert any(r.startswith("first divergent tensor: layers.1.mlp.router_ids (routing: agreement") for r in reasons)
     assert any("routing: tokens whose experts flipped at a clear margin" in r for r in reasons)
+
+
+def test_routing_rows_of_a_forced_capture_are_judged_on_the_candidates_own_logits():
+    """On the Qwen3-30B-A3B shape in bf16 (one H200), notebook 03 had failed on 3 of 422 flips 'at a clear margin'
+    (0.13-0.21) in layers 31-37: the routing rows held the candidate's own expert ids but the router logits of the
+    routing-forced run, where an earlier near-tie flip of the same token had been undone. Its own logits had moved
+    with that flip and explain it; the forced run's did not."""
+    ref_ids, ref_logits = torch.tensor([[0, 1]]), torch.tensor([[2.0, 1.9, 1.7, 0.0]])
+    own_ids, own_logits = torch.tensor([[0, 2]]), torch.tensor([[2.0, 1.7, 1.9, 0.0]])
+    name, logits = "layers.0.mlp.router_ids", "layers.0.mlp.router_logits"
+    forced = {name: own_ids, logits: ref_logits.clone()}  # own choice, the forced run's (reference-like) logits
+    ref = {name: ref_ids, logits: ref_logits}
+    mixed = diff_dumps(forced, ref, dtype="bfloat16")
+    row = next(r for r in mixed.rows if r["name"] == name)
+    assert row["status"] == "routing_flip" and not mixed.passed
+    own = diff_dumps(forced, ref, dtype="bfloat16", routing={name: own_ids, logits: own_logits})
+    row = next(r for r in own.rows if r["name"] == name)
+    assert row["status"] == "routing" and row["flips"] == 1
+    assert row["routing"]["flips"][0]["logit_error"] == pytest.approx(0.2, abs=1e-6)
+    logit_row = next(r for r in own.rows if r["name"] == logits)
+    assert logit_row["rel_l2"] == 0  # the tensor row still compares the forced run's logits
+    bug = diff_dumps(forced, ref, dtype="bfloat16", routing={name: own_ids, logits: ref_logits})
+    assert next(r for r in bug.rows if r["name"] == name)["status"] == "routing_flip"  # right logits, wrong choice
