@@ -13,6 +13,7 @@ import pandas as pd
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import DiffResult, diff_dumps, floor_for, normalize_dtype
 from qwenlab.activations.dump import Dump, read_dump
+from qwenlab.activations.forced_routing import capture_routing_forced, own_routing
 from qwenlab.activations.floors import Gates, Noise, isolated_errors, logits_stats, measure  # noqa: F401
 from qwenlab.activations.names import sort_forward, split_name
 from qwenlab.activations.reference import capture_reference
@@ -113,23 +114,32 @@ def forcing(truth: dict) -> dict:
 
 
 def capture_prompt(model, ref_model, truth_model, ids: list[int], label: str, attention=None,
-                   replace: dict | None = None) -> Captures:
+                   replace: dict | None = None, routing_margin: float | None = None) -> Captures:
     """Every capture of one prompt with the models resident (notebook 06, tests). replace: patches applied to
-    qwenlab's runs (e.g. a planted bug's hooks)."""
+    qwenlab's runs (e.g. a planted bug's hooks). routing_margin (a MoE model, no replace): the candidate is captured
+    again with its near-tie expert flips forced to the reference's experts, as notebook 03 does
+    (qwenlab.activations.forced_routing); its routing rows stay its own."""
     reference = capture_reference(ref_model, ids)
     truth = capture_reference(truth_model, ids) if truth_model is not None else None
     forced = truth if truth is not None else reference
-    return Captures(label, ids, capture_qwenlab(model, ids, attention=attention, replace=replace), reference, truth,
+    cand = own = capture_qwenlab(model, ids, attention=attention, replace=replace)
+    flipped = None
+    if routing_margin is not None and not replace:
+        cand, flipped = capture_routing_forced(model, ids, own, reference, routing_margin, attention)
+    return Captures(label, ids, cand, reference, truth,
                     capture_qwenlab(model, ids, attention=attention, replace=forcing(forced) | (replace or {})),
-                    capture_reference(ref_model, ids, inputs=truth) if truth is not None else None)
+                    capture_reference(ref_model, ids, inputs=truth) if truth is not None else None,
+                    cand_routing=own_routing(own) if flipped else None)
 
 
 def diff_prompts(model, ref_model, tokenizer, prompts, gates: Gates, truth_model=None, attention: str | None = None,
                  overrides=None, dtype: str | None = None) -> list[PromptDiff]:
     """Captures and diffs each prompt with the models resident; dtype: the floors' (default the candidate's)."""
     dtype = dtype or dtype_name(model.dtype)
+    margin = gates.routing_margin.get(dtype, 0.0)
     return [prompt_diff(capture_prompt(model, ref_model, truth_model, encode_prompt(tokenizer, prompt),
-                                       prompt_label(prompt), attention), dtype, gates, overrides)
+                                       prompt_label(prompt), attention, routing_margin=margin), dtype, gates,
+                        overrides)
             for prompt in prompts]
 
 
