@@ -211,5 +211,8 @@ if noise is not None:
 metrics, reasons = dp.verdict(thresholds, dtype=run_dtype, greedy=greedy, chat=chat, chat_turns=chat_turns,
                               latency=latency, by_position=by_position, stops=stops, stop_ids=stop_ids,
                               limit_dtype=limit_dtype, noise=noise)
+print(f"logits judged at {metrics['judged_steps']} of {metrics['compared_steps']} compared steps" + (
+    "" if metrics["judged_steps"] or not metrics["compared_steps"] else
+    ": none, every step up to each parting was at a routing near-tie; the verdict rests on the tokens alone"))
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

@@ -190,7 +190,9 @@ def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int, stop_ids
                      vs_ref["rel_l2"].max(), "routing_near_tie_steps": len(excused),
                      "routing_near_tie_max_rel_l2": float(excused[["kv_vs_replay_rel_l2", "kv_vs_reference_rel_l2"]]
                                                           .max().max()) if len(excused) else 0.0,
-                     "min_ref_top2_margin": vs_ref["ref_top2_margin"].min(), "kv_ids": kv.ids, "reference_ids": hf})
+                     "min_ref_top2_margin": vs_ref["ref_top2_margin"].min(),
+                     "compared_steps": len(modes["steps"]) + len(vs_ref),
+                     "judged_steps": len(vs_replay_j) + len(vs_ref_j), "kv_ids": kv.ids, "reference_ids": hf})
     return pd.DataFrame(rows).set_index("prompt"), pd.concat(step_frames, ignore_index=True)
 
 
@@ -316,7 +318,7 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
                                          frame[f"same_context_as_{base}"]):
         if not same:
             stats.append({"first_mismatch": None, "margin_at_mismatch": None, "routing_tie_at_mismatch": False,
-                          "routing_near_tie_steps": 0, f"max_rel_l2_vs_{base}": float("nan"),
+                          "compared_steps": 0, "judged_steps": 0, "routing_near_tie_steps": 0, f"max_rel_l2_vs_{base}": float("nan"),
                           f"max_kl_vs_{base}": float("nan"), f"mean_kl_vs_{base}": float("nan")})
             continue
         at = first_difference(ids, base_ids[turn])
@@ -324,6 +326,7 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
         steps = step_metrics(logits[strategy, turn][:shared], logits[base, turn][:shared])
         kept, had = judged(steps, ties[turn]), len(steps) > 0
         stats.append({"first_mismatch": at, "margin_at_mismatch": margin_at(steps, at),
+                      "compared_steps": len(steps), "judged_steps": len(kept),
                       "routing_tie_at_mismatch": at is not None and at < len(ties[turn]) and ties[turn][at] is not None,
                       "routing_near_tie_steps": len(steps) - len(kept),
                       f"max_rel_l2_vs_{base}": _max(kept["rel_l2"], had), f"max_kl_vs_{base}": _max(kept["kl"], had),
@@ -465,6 +468,10 @@ def parity_numbers(greedy: pd.DataFrame, chat: pd.DataFrame, flip_margin: float)
         "step_logits_worst_mean_kl": float(max(greedy["mean_kl_kv_vs_replay"].max(),
                                                greedy["mean_kl_kv_vs_reference"].max(),
                                                others[f"mean_kl_vs_{base}"].max())),
+        # steps whose logits were compared (up to each parting) and those the three numbers above judge: a MoE
+        # model's steps at a routing near-tie are left out, and on a deep one that can be all of them
+        "compared_steps": int(sum(column(greedy, "compared_steps", 0)) + sum(column(others, "compared_steps", 0))),
+        "judged_steps": int(sum(column(greedy, "judged_steps", 0)) + sum(column(others, "judged_steps", 0))),
         # MoE: tokens produced at a routing near-tie, left out of the three numbers above, and their largest rel_l2
         "routing_near_tie_steps": int(sum(column(greedy, "routing_near_tie_steps", 0)) +
                                       sum(column(others, "routing_near_tie_steps", 0))),

@@ -38,6 +38,10 @@ def test_near_tie_tokens_explain_the_spikes_and_the_rest_pass(bf16):
     assert greedy["mean_kl_kv_vs_reference"].max() <= limits["max_step_kl_mean"]
     ties = steps["routing_near_tie_layer"].notna().sum()
     assert 0 < ties < len(steps) / 2 and greedy["routing_near_tie_steps"].sum() == ties
+    # the steps judged are counted, so a run whose every step sat at a near-tie (the 30B-A3B shape) can say so
+    assert (greedy["judged_steps"] < greedy["compared_steps"]).any() and (greedy["judged_steps"] > 0).all()
+    numbers = dp.parity_numbers(greedy, dp.chat_parity(ckpt.model, ckpt.tokenizer, ["Hi!"], 4), 1.0)
+    assert 0 < numbers["judged_steps"] < numbers["compared_steps"]
     assert greedy["routing_near_tie_max_rel_l2"].max() == pytest.approx(spikes[["kv_vs_replay_rel_l2",
                                                                                "kv_vs_reference_rel_l2"]].max().max())
 
