@@ -203,7 +203,10 @@ if noise is not None:
 #   where a router sat at a near-tie (its k-th and (k+1)-th logits within one rounding step) can take another
 #   expert by rounding alone, which moves that token's logits far more than rounding: such tokens are counted
 #   (`routing_near_tie_steps`, the largest rel_l2 among them) and left out of these numbers, in the noise too; a
-#   token mismatch at one is explained like one at a near-tie of the top-2 logits (doc/moe.md);
+#   token mismatch at one is explained like one at a near-tie of the top-2 logits (doc/moe.md). So that every step
+#   is still judged, a MoE model is also run once over the reference's own tokens with its near-tie expert flips
+#   forced to the reference's (as notebook 03 does; `forced_*` columns), and those step logits count in the numbers
+#   above;
 # * the session re-uses its cache after turn 1;
 # * every exercised stop case is honoured, and at least `min_stop_cases_exercised` were exercised.
 

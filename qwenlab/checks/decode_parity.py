@@ -7,6 +7,7 @@ import torch
 
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import logits_metrics
+from qwenlab.activations.forced_routing import capture_routing_forced
 from qwenlab.activations.names import split_name
 from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.activations.reference import capture_reference, reference_generate
@@ -107,6 +108,24 @@ def routing_near_ties(model, prompt_ids, gen_ids, margin: float | None = None) -
     return near_ties(logits, len(prompt_ids) - 1, len(gen_ids), cfg.num_experts_per_tok, margin)
 
 
+@torch.inference_mode()
+def forced_reference_steps(model, ref_model, prompt_ids, gen_ids, margin: float | None = None) -> pd.DataFrame | None:
+    """A MoE model's step logits against the reference's on the reference's own sequence, with qwenlab's experts
+    forced to the reference's wherever they flipped at a near-tie (qwenlab.activations.forced_routing, as notebook 03
+    does): one teacher-forced forward each, so every step is judged like with like, where the decode comparisons
+    leave out the steps at a router near-tie (on a deep MoE model that can be all of them). A flip at a clear margin
+    is not forced and shows. None for a dense model or no tokens."""
+    if not model.config.is_moe or not gen_ids:
+        return None
+    margin = DEFAULT_MARGIN[limit_dtype(model)] if margin is None else margin
+    seq = list(prompt_ids) + list(gen_ids[:-1])
+    ref = capture_reference(ref_model, seq)
+    forced, _ = capture_routing_forced(model, seq, capture_qwenlab(model, seq), ref, margin)
+    start = len(prompt_ids) - 1
+    return step_metrics(forced["logits"][start:start + len(gen_ids)].float(),
+                        ref["logits"][start:start + len(gen_ids)].float())
+
+
 def judged(steps: pd.DataFrame, ties: list) -> pd.DataFrame:
     """The steps a verdict judges: those not produced at a routing near-tie (all of them for a dense model)."""
     keep = [ties[i] is None if i < len(ties) else True for i in range(len(steps))]
@@ -162,6 +181,7 @@ def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int, stop_ids
         vs_ref = step_metrics(modes["kv_logits"][:shared], reference_step_logits(ref_model, ids, hf[:shared]))
         ties = routing_near_ties(model, ids, kv.ids)
         vs_replay_j, vs_ref_j = judged(modes["steps"], ties), judged(vs_ref, ties)
+        forced = forced_reference_steps(model, ref_model, ids, hf)  # MoE: every step judged, flips forced
         steps = modes["steps"].add_prefix("kv_vs_replay_").join(vs_ref.add_prefix("kv_vs_reference_"), how="outer")
         steps.insert(0, "prompt", label)
         steps.insert(1, "step", range(len(steps)))
@@ -191,7 +211,12 @@ def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int, stop_ids
                      "routing_near_tie_max_rel_l2": float(excused[["kv_vs_replay_rel_l2", "kv_vs_reference_rel_l2"]]
                                                           .max().max()) if len(excused) else 0.0,
                      "min_ref_top2_margin": vs_ref["ref_top2_margin"].min(),
-                     "compared_steps": len(modes["steps"]) + len(vs_ref),
+                     "compared_steps": len(modes["steps"]) + len(vs_ref) + (len(forced) if forced is not None else 0),
+                     "forced_steps": len(forced) if forced is not None else 0,
+                     "forced_max_rel_l2_vs_reference": _max(forced["rel_l2"], True) if forced is not None else
+                     float("nan"),
+                     "forced_max_kl_vs_reference": _max(forced["kl"], True) if forced is not None else float("nan"),
+                     "forced_mean_kl_vs_reference": _mean(forced["kl"], True) if forced is not None else float("nan"),
                      "judged_steps": len(vs_replay_j) + len(vs_ref_j), "kv_ids": kv.ids, "reference_ids": hf})
     return pd.DataFrame(rows).set_index("prompt"), pd.concat(step_frames, ignore_index=True)
 
@@ -432,6 +457,12 @@ def filler_ids(tokenizer, n_tokens: int, text: str = FILLER) -> list[int]:
     return (unit * (n_tokens // max(len(unit), 1) + 1))[:n_tokens]
 
 
+def _worst(*columns) -> float:
+    """The largest value over the columns, NaN (a column with nothing measured) left out; NaN when all are."""
+    values = [float(v) for col in columns for v in col if v == v]
+    return max(values) if values else float("nan")
+
+
 def _none(value):
     return None if value is None or pd.isna(value) else int(value)
 
@@ -460,18 +491,21 @@ def parity_numbers(greedy: pd.DataFrame, chat: pd.DataFrame, flip_margin: float)
         "unexplained_token_mismatches": unexplained(greedy_pairs),
         "chat_mismatches": int((~others[f"same_tokens_as_{base}"]).sum()),
         "unexplained_chat_mismatches": unexplained(chat_pairs),
-        "step_logits_max_rel_l2": float(max(greedy["max_rel_l2_kv_vs_replay"].max(),
-                                            greedy["max_rel_l2_kv_vs_reference"].max(),
-                                            others[f"max_rel_l2_vs_{base}"].max())),
-        "step_logits_max_kl": float(max(greedy["max_kl_kv_vs_replay"].max(), greedy["max_kl_kv_vs_reference"].max(),
-                                        others[f"max_kl_vs_{base}"].max())),
-        "step_logits_worst_mean_kl": float(max(greedy["mean_kl_kv_vs_replay"].max(),
-                                               greedy["mean_kl_kv_vs_reference"].max(),
-                                               others[f"mean_kl_vs_{base}"].max())),
+        "step_logits_max_rel_l2": _worst(greedy["max_rel_l2_kv_vs_replay"], greedy["max_rel_l2_kv_vs_reference"],
+                                         others[f"max_rel_l2_vs_{base}"],
+                                         column(greedy, "forced_max_rel_l2_vs_reference", float("nan"))),
+        "step_logits_max_kl": _worst(greedy["max_kl_kv_vs_replay"], greedy["max_kl_kv_vs_reference"],
+                                     others[f"max_kl_vs_{base}"],
+                                     column(greedy, "forced_max_kl_vs_reference", float("nan"))),
+        "step_logits_worst_mean_kl": _worst(greedy["mean_kl_kv_vs_replay"], greedy["mean_kl_kv_vs_reference"],
+                                            others[f"mean_kl_vs_{base}"],
+                                            column(greedy, "forced_mean_kl_vs_reference", float("nan"))),
+        "forced_steps": int(sum(column(greedy, "forced_steps", 0))),
         # steps whose logits were compared (up to each parting) and those the three numbers above judge: a MoE
         # model's steps at a routing near-tie are left out, and on a deep one that can be all of them
         "compared_steps": int(sum(column(greedy, "compared_steps", 0)) + sum(column(others, "compared_steps", 0))),
-        "judged_steps": int(sum(column(greedy, "judged_steps", 0)) + sum(column(others, "judged_steps", 0))),
+        "judged_steps": int(sum(column(greedy, "judged_steps", 0)) + sum(column(others, "judged_steps", 0)) +
+                            sum(column(greedy, "forced_steps", 0))),
         # MoE: tokens produced at a routing near-tie, left out of the three numbers above, and their largest rel_l2
         "routing_near_tie_steps": int(sum(column(greedy, "routing_near_tie_steps", 0)) +
                                       sum(column(others, "routing_near_tie_steps", 0))),

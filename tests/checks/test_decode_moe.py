@@ -42,6 +42,11 @@ def test_near_tie_tokens_explain_the_spikes_and_the_rest_pass(bf16):
     assert (greedy["judged_steps"] < greedy["compared_steps"]).any() and (greedy["judged_steps"] > 0).all()
     numbers = dp.parity_numbers(greedy, dp.chat_parity(ckpt.model, ckpt.tokenizer, ["Hi!"], 4), 1.0)
     assert 0 < numbers["judged_steps"] < numbers["compared_steps"]
+    # and the reference's own sequence, teacher-forced with the near-tie flips forced: every step judged, inside
+    # the same limits, spikes included
+    assert (greedy["forced_steps"] == greedy["reference_tokens"]).all() and numbers["forced_steps"] > 0
+    assert greedy["forced_max_rel_l2_vs_reference"].max() <= limits["max_step_logits_rel_l2"]
+    assert greedy["forced_mean_kl_vs_reference"].max() <= limits["max_step_kl_mean"]
     assert greedy["routing_near_tie_max_rel_l2"].max() == pytest.approx(spikes[["kv_vs_replay_rel_l2",
                                                                                "kv_vs_reference_rel_l2"]].max().max())
 
@@ -58,5 +63,6 @@ def test_a_routing_bug_still_fails_the_decode_steps(bf16):
     with hooks(ckpt.model, replace=bug):
         greedy, _ = dp.greedy_parity(ckpt.model, reference, prompts, 12, ckpt.tokenizer.stop_ids, engine="eager")
     assert greedy["max_rel_l2_kv_vs_reference"].max() > 2 * limits["max_step_logits_rel_l2"]
+    assert greedy["forced_max_rel_l2_vs_reference"].max() > 2 * limits["max_step_logits_rel_l2"]  # not forced away
     assert greedy["max_rel_l2_kv_vs_replay"].max() <= limits["max_step_logits_rel_l2"]  # the bug is in both paths
     assert greedy["routing_near_tie_steps"].sum() < greedy["kv_tokens"].sum() / 2
