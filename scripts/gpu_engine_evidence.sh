@@ -19,10 +19,7 @@ exec > >(tee "$OUT/gpu_engine_evidence.log") 2>&1
 left() { echo $((BUDGET_S - (SECONDS - START))); }
 print_env
 tokenizer_shim || exit 1
-if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-    "$REPO"/.whl/*.whl >/dev/null 2>&1 && export PYTHONPATH="$PYTHONPATH:$WORK/site" && echo "wheels installed"
-fi
+install_wheels
 
 step "CUDA tests of the redesign"
 $PY -m pytest -q -p no:cacheprovider -x \

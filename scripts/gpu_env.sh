@@ -54,3 +54,11 @@ make_checkpoint() {
   fi
   du -sh "$1"
 }
+
+# Wheels carried in ./.whl (packages the GPU image lacks: compressed-tensors and its needs, ipywidgets, ...) go into
+# a temp folder on PYTHONPATH.
+install_wheels() {
+  ls "$REPO"/.whl/*.whl >/dev/null 2>&1 || return 0
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    "$REPO"/.whl/*.whl >/dev/null 2>&1 && export PYTHONPATH="$PYTHONPATH:$WORK/site" && echo "wheels installed"
+}

@@ -35,10 +35,7 @@ bench() {
 }
 print_env
 tokenizer_shim || exit 2
-if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-    "$REPO"/.whl/*.whl >/dev/null 2>&1 && export PYTHONPATH="$PYTHONPATH:$WORK/site" && echo "wheels installed"
-fi
+install_wheels
 echo "command: $0 (CKPT=$CKPT BUDGET_S=$BUDGET_S TRAIN_SECONDS=${TRAIN_SECONDS:-90} NOTEBOOKS=$NOTEBOOKS)"
 
 if [ -f "$CKPT/training.json" ]; then
