@@ -21,3 +21,22 @@ def test_float32_inputs_reach_a_bf16_layer_that_lists_a_float32_parameter_first(
     plain = capture_reference(bf16, ids)
     rel = (plain["logits"].float() - truth["logits"]).norm() / truth["logits"].norm()
     assert 0 < rel < 0.05  # a bf16 run of the same weights, not another model
+
+
+def test_a_float32_reference_holds_decompressed_bf16_weights_in_float32(tiny_ref):
+    """transformers 5.17 left the weights compressed-tensors decompressed in bfloat16 inside a float32 model (its
+    first matmul failed on an H200); load_reference upcasts them, which changes no number. A bf16 model is left as
+    it is (an upcast is exact, a downcast is not)."""
+    from qwenlab.activations.reference import _weights_in
+
+    model = tiny_ref.__class__(tiny_ref.config).eval()
+    model.load_state_dict(tiny_ref.state_dict())
+    proj = model.model.layers[0].self_attn.q_proj
+    proj.weight.data = proj.weight.data.to(torch.bfloat16)
+    kept = proj.weight.data.clone()
+    _weights_in(model, torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(proj.weight.data, kept.float())
+    proj.weight.data = proj.weight.data.to(torch.bfloat16)
+    _weights_in(model, torch.bfloat16)
+    assert proj.weight.dtype == torch.bfloat16 and model.model.layers[1].self_attn.q_proj.weight.dtype == torch.float32
