@@ -2,7 +2,8 @@
 # GPU evidence for models larger than one GPU: a Qwen3-32B-shaped random bf16 checkpoint (65.5 GB: one copy fits
 # an 80 GB card, two do not), notebook 03 split across every visible GPU (qwenlab by layer ranges, the reference
 # through accelerate) and again sequentially on one GPU (one model at a time, diffed from dumps), with each run's
-# plan, per-device peak memory, wall time and verdict. Planted bugs are off: they copy the model.
+# plan, per-device peak memory, wall time and verdict. The planted bugs run under every placement (hooks and
+# overrides for one capture; PLANT_BUGS=False turns them off).
 #
 #   OUT=/some/dir bash scripts/gpu_multigpu_evidence.sh      # on the lent 2-GPU machine; carry .tok
 #
@@ -29,7 +30,7 @@ for run in $RUNS; do
   step "notebook 03, placement=$run, CUDA_VISIBLE_DEVICES=$visible"
   t0=$SECONDS
   CUDA_VISIBLE_DEVICES=$visible $PY scripts/run_notebook.py notebooks/03_layer_diffs.ipynb "$WORK/$run/03_layer_diffs.ipynb" \
-    model_dir="$CKPT" device=cuda dtype=bfloat16 out_dir="$WORK/$run" placement="$run" plant_bugs=False \
+    model_dir="$CKPT" device=cuda dtype=bfloat16 out_dir="$WORK/$run" placement="$run" plant_bugs="${PLANT_BUGS:-True}" \
     || echo "notebook 03 ($run) FAILED (exit $?)"
   echo "wall time ($run): $((SECONDS - t0)) s"
   cp -f "$WORK/$run/metrics/03_layer_diffs.json" "$OUT/03_$run.json" 2>/dev/null
