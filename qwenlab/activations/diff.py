@@ -379,11 +379,10 @@ def diff_dumps(cand, ref, dtype: str | None = None, num_layers: int | None = Non
         cand, ref = isolated_view(cand, ref)
     names = sort_forward(set(cand.tensors) | set(ref.tensors))
     num_layers = num_layers or _infer_num_layers(names)
-    own = routing or {}
-    rows = [compare_tensor(name, own.get(name, cand.tensors.get(name)) if is_routing(name) else cand.tensors.get(name),
-                           ref.tensors.get(name),
+    routed = {**cand.tensors, **routing} if routing else cand.tensors  # what the routing rows read
+    rows = [compare_tensor(name, (routed if is_routing(name) else cand.tensors).get(name), ref.tensors.get(name),
                            floor_for(_local(name) if isolated else name, dtype, num_layers, floors),
-                           {**cand.tensors, **own} if is_routing(name) else cand.tensors, ref.tensors)
+                           routed if is_routing(name) else cand.tensors, ref.tensors)
             for name in names]
     logits = None
     if "logits" in cand.tensors and "logits" in ref.tensors:

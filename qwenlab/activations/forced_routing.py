@@ -6,10 +6,10 @@ then differs from the reference by far more than rounding. To compare those tens
 captured again with the reference's experts at exactly those (layer, token) places, through replace hooks at
 `mlp.router_ids` and `mlp.router_weights` (the weights are qwenlab's own softmax of its router logits, taken at the
 forced experts and renormalised as the config says). Flips that appear in later layers once the earlier ones are
-forced are forced in another round. The routing rows keep what the candidate chose on its own, judged with its own router
-logits (own_routing, diff_dumps(routing=...)): the flip stays reported where it happened, and a flip that an earlier
-near-tie flip of the same token caused (its own router logits then moved by more than rounding) is explained by
-those logits, not judged against the forced run's.
+forced are forced in another round. The routing rows keep what the candidate chose on its own, judged with its own
+router logits (own_routing, diff_dumps(routing=...)): the flip stays reported where it happened, and a flip that an
+earlier near-tie flip of the same token caused (its own router logits then moved by more than rounding) is
+explained by those logits, not judged against the forced run's.
 """
 from __future__ import annotations
 
@@ -62,9 +62,10 @@ def own_routing(cand: dict) -> dict:
 
 
 def capture_routing_forced(model, ids: list[int], cand: dict, ref: dict, margin: float,
-                           attention: str | None = None) -> tuple[dict, dict]:
+                           attention: str | None = None, include=None) -> tuple[dict, dict]:
     """(candidate capture with near-tie flips forced to the reference's experts, {layer: {token: experts}} forced).
-    A dense model, or one without such flips, gives cand back unchanged and {}."""
+    A dense model, or one without such flips, gives cand back unchanged and {}. include: what the forced captures
+    record (capture_qwenlab's; None: everything); it must hold the router ids and logits, which each round reads."""
     if not getattr(model.config, "is_moe", False):
         return cand, {}
     forced: dict[int, dict[int, list[int]]] = {}
@@ -77,7 +78,7 @@ def capture_routing_forced(model, ids: list[int], cand: dict, ref: dict, margin:
             break
         for layer, rows in new.items():
             forced.setdefault(layer, {}).update(rows)
-        current = capture_qwenlab(model, ids, attention=attention,
+        current = capture_qwenlab(model, ids, include, attention=attention,
                                   replace=forcing_hooks(forced, model.config.norm_topk_prob))
     if not forced:
         return cand, {}
@@ -85,6 +86,8 @@ def capture_routing_forced(model, ids: list[int], cand: dict, ref: dict, margin:
     for layer, rows in forced.items():  # the routing rows say what the candidate chose on its own
         for point in (ROUTER_IDS, ROUTER_WEIGHTS):
             name = layer_name(layer, point)
+            if name not in out:  # not in `include`
+                continue
             tensor = out[name].clone()
             flat, own = tensor.view(-1, tensor.shape[-1]), cand[name].reshape(-1, tensor.shape[-1])
             for token in rows:

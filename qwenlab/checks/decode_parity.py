@@ -91,6 +91,12 @@ def near_ties(router_logits: dict[str, torch.Tensor], start: int, n_steps: int, 
 
 
 ROUTER_LOGITS = ["layers.*.mlp.router_logits"]
+FORCED_STEP_TENSORS = ["layers.*.mlp.router_ids", *ROUTER_LOGITS, "logits"]  # what forced_reference_steps reads
+
+
+def routing_margin(model, margin: float | None = None) -> float:
+    """`margin`, or the routing margin of the model's limit dtype: about one rounding step of a router logit."""
+    return DEFAULT_MARGIN[limit_dtype(model)] if margin is None else margin
 
 
 @torch.inference_mode()
@@ -103,9 +109,9 @@ def routing_near_ties(model, prompt_ids, gen_ids, margin: float | None = None) -
     cfg = model.config
     if not cfg.is_moe or not gen_ids:
         return [None] * len(gen_ids)
-    margin = DEFAULT_MARGIN[limit_dtype(model)] if margin is None else margin
     logits = capture_qwenlab(model, list(prompt_ids) + list(gen_ids[:-1]), include=ROUTER_LOGITS)
-    return near_ties(logits, len(prompt_ids) - 1, len(gen_ids), cfg.num_experts_per_tok, margin)
+    return near_ties(logits, len(prompt_ids) - 1, len(gen_ids), cfg.num_experts_per_tok,
+                     routing_margin(model, margin))
 
 
 @torch.inference_mode()
@@ -117,10 +123,10 @@ def forced_reference_steps(model, ref_model, prompt_ids, gen_ids, margin: float 
     is not forced and shows. None for a dense model or no tokens."""
     if not model.config.is_moe or not gen_ids:
         return None
-    margin = DEFAULT_MARGIN[limit_dtype(model)] if margin is None else margin
-    seq = list(prompt_ids) + list(gen_ids[:-1])
-    ref = capture_reference(ref_model, seq)
-    forced, _ = capture_routing_forced(model, seq, capture_qwenlab(model, seq), ref, margin)
+    seq, read = list(prompt_ids) + list(gen_ids[:-1]), FORCED_STEP_TENSORS
+    ref = capture_reference(ref_model, seq, include=read)
+    forced, _ = capture_routing_forced(model, seq, capture_qwenlab(model, seq, include=read), ref,
+                                       routing_margin(model, margin), include=read)
     start = len(prompt_ids) - 1
     return step_metrics(forced["logits"][start:start + len(gen_ids)].float(),
                         ref["logits"][start:start + len(gen_ids)].float())
@@ -278,7 +284,7 @@ def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dic
                       f"{free / 2**30:.1f} GiB free beside qwenlab's model; the fixed limits apply")
     try:
         truth = load_reference_for(ckpt, quant_reference, unquantized_model, dtype=torch.float32, **spread)
-        noise = step_noise(truth, prompts, greedy, ref_steps, DEFAULT_MARGIN[limit_dtype(ckpt.model)])
+        noise = step_noise(truth, prompts, greedy, ref_steps, routing_margin(ckpt.model))
     except torch.OutOfMemoryError as e:
         return None, f"floors not measured: the float32 reference does not fit ({str(e).splitlines()[0]}); " \
                      "the fixed limits apply"
@@ -343,8 +349,9 @@ def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
                                          frame[f"same_context_as_{base}"]):
         if not same:
             stats.append({"first_mismatch": None, "margin_at_mismatch": None, "routing_tie_at_mismatch": False,
-                          "compared_steps": 0, "judged_steps": 0, "routing_near_tie_steps": 0, f"max_rel_l2_vs_{base}": float("nan"),
-                          f"max_kl_vs_{base}": float("nan"), f"mean_kl_vs_{base}": float("nan")})
+                          "compared_steps": 0, "judged_steps": 0, "routing_near_tie_steps": 0,
+                          f"max_rel_l2_vs_{base}": float("nan"), f"max_kl_vs_{base}": float("nan"),
+                          f"mean_kl_vs_{base}": float("nan")})
             continue
         at = first_difference(ids, base_ids[turn])
         shared = len(ids) if at is None else at + 1
