@@ -12,7 +12,8 @@
 #
 # Writes $OUT/gpu_verdicts_evidence.log, training.json, deep_bug.json, bench_trained.json and metrics.tar.gz (each
 # notebook's metrics JSON and figures). Knobs: CKPT (data/models/trained-24l: an ignored folder of the checkout, so a
-# warm machine keeps it between calls), TRAIN_SECONDS (90), NOTEBOOKS ("03 04 06 03:nvfp4 04:nvfp4"), NB04_ARGS
+# warm machine keeps it between calls), TRAIN_SECONDS (90) or TRAIN_STEPS (a step count: the same weights on any
+# load of the machine; 776 is what 110 s gave on an idle H200), NOTEBOOKS ("03 04 06 03:nvfp4 04:nvfp4"), NB04_ARGS
 # (extra name=value parameters of notebook 04), SKIP_DEEP=1, BENCH_FIRST=1 (the bench before the notebooks).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -20,7 +21,7 @@ OUT=${OUT:-$REPO/reports/verdicts-gpu}
 CKPT=${CKPT:-$REPO/data/models/trained-24l}
 BUDGET_S=${BUDGET_S:-560}
 DEVICE=${DEVICE:-cuda}  # cpu: a dry run of the steps on a small checkpoint
-NOTEBOOKS=${NOTEBOOKS:-03 04 06 03:nvfp4 04:nvfp4}
+NOTEBOOKS=${NOTEBOOKS-03 04 06 03:nvfp4 04:nvfp4}  # set and empty: none
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_verdicts_evidence.log") 2>&1
 left() { echo $((BUDGET_S - (SECONDS - START))); }
@@ -41,8 +42,9 @@ echo "command: $0 (CKPT=$CKPT BUDGET_S=$BUDGET_S TRAIN_SECONDS=${TRAIN_SECONDS:-
 if [ -f "$CKPT/training.json" ]; then
   step "trained checkpoint $CKPT exists, reused"
 else
-  step "qwenlab tiny $CKPT --preset trained-24l --train-seconds ${TRAIN_SECONDS:-90} --seed 0 --device $DEVICE"
-  $PY -m qwenlab tiny "$CKPT" --preset trained-24l --train-seconds "${TRAIN_SECONDS:-90}" --seed 0 --device "$DEVICE"
+  if [ -n "${TRAIN_STEPS:-}" ]; then length=(--train-steps "$TRAIN_STEPS"); else length=(--train-seconds "${TRAIN_SECONDS:-90}"); fi
+  step "qwenlab tiny $CKPT --preset trained-24l ${length[*]} --seed 0 --device $DEVICE"
+  $PY -m qwenlab tiny "$CKPT" --preset trained-24l "${length[@]}" --seed 0 --device "$DEVICE"
   echo "train exit code: $? (0: realistic, 1: written but under the realism bar)"
 fi
 [ -f "$CKPT/training.json" ] || { echo "no checkpoint written"; exit 1; }

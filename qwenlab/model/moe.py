@@ -65,10 +65,19 @@ class SparseMoE(nn.Module):
 
 def mix(experts: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """x [N, H], ids/weights [N, k] -> [N, H]: each chosen expert on its tokens, weighted, summed per token in
-    increasing expert index. Which experts run depends on the data (a host sync): fine eagerly, not in a CUDA graph."""
+    increasing expert index. Which experts run depends on the data: one host sync per layer (the count of tokens
+    per expert), so fine eagerly, not in a CUDA graph."""
+    k = ids.shape[1]
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, row-major within each
+    token, slot = order // k, order % k
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()  # the layer's one host sync
     out = torch.zeros_like(x)
-    for e in ids.unique().tolist():
-        token, slot = torch.where(ids == e)
-        y = experts[e](x[token]) * weights[token, slot, None]
-        out.index_add_(0, token, y.to(out.dtype))
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            t, s = token[start:start + n], slot[start:start + n]
+            y = experts[e](x[t]) * weights[t, s, None]
+            out.index_add_(0, t, y.to(out.dtype))
+        start += n
     return out
