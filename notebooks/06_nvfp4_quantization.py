@@ -31,6 +31,11 @@
 # The model is quantized at load when `model_dir` is not NVFP4 (the report's tiny model); an NVFP4 checkpoint
 # (ModelOpt or compressed-tensors layout) is used as it is, and the unquantized side then needs `unquantized_model`.
 # The quantized reference is written to a temp folder (never into the model's folder). doc/nvfp4.md has the format.
+#
+# Each section holds only the references it needs: the quantized ones (section 2) are freed before the unquantized
+# one loads (sections 3-4), and each loads only when the memory model says it fits beside what is loaded (spread
+# over the GPUs when there are several). One that does not fit is said so: section 2 without its float32 reference
+# falls back to the fixed limits; a section without its reference is skipped, and not gated.
 
 # %% tags=["parameters"]
 model_dir = ""  # checkpoint directory (HF layout); empty: the embedded tiny fixture
@@ -69,13 +74,11 @@ except ImportError:  # run as a plain script (scripts/gpu_nvfp4_evidence.sh with
 
 from qwenlab.activations.diff import rel_l2_grid, styled
 from qwenlab.activations.floors import Gates
-from qwenlab.activations.nvfp4_reference import load_reference_for, quantized_reference_gap
-from qwenlab.activations.reference import load_reference
+from qwenlab.activations.nvfp4_reference import quantized_reference_gap
 from qwenlab.checks import floor_plots, nbutil, nvfp4_plots, plots
 from qwenlab.checks import layer_diffs as ld
 from qwenlab.checks import nvfp4_kl as kl
 from qwenlab.checks import nvfp4_quantization as nq
-from qwenlab.errors import QwenlabError
 from qwenlab.model.tiny import resolve_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -94,15 +97,8 @@ quantized_note = None if not_applicable else quantized_reference_gap(ckpt)  # NV
 use_quantized = quant_reference in ("quantized", "both") and not not_applicable
 use_unquantized = quant_reference in ("unquantized", "both") and source is not None and not not_applicable
 compare_dtype = nq.compare_dtype(model)
-ref_q = truth_q = ref_q_error = None
-if use_quantized:
-    try:
-        ref_q = load_reference_for(ckpt, "quantized", dtype=getattr(torch, compare_dtype))
-        truth_q = load_reference_for(ckpt, "quantized", dtype=torch.float32)
-    except QwenlabError as e:  # e.g. compressed-tensors not installed: the verdict says so, the rest still runs
-        ref_q_error = str(e)
-        print(f"quantized reference unavailable: {e}")
-ref_u = load_reference(source, model.dtype, model.device) if use_unquantized else None
+corpus_ids = [ld.encode_prompt(tok, p) for p in corpus]
+text_ids = kl.perplexity_ids(tok, perplexity_tokens)
 print(f"model {model_path} · {model.dtype} on {model.device}")
 print(not_applicable or info.summary())
 if quantized_note:
@@ -133,13 +129,19 @@ else:
 # quantized reference in the comparison dtype against itself in float32, on the same prompts (a float32 run is
 # compared in bfloat16: transformers rounds the dequantized weights through bfloat16). Beside the accumulated diff,
 # each layer runs isolated, fed the float32 quantized reference's input. A red row is a bug in the NVFP4 path; the
-# first one is where it starts.
+# first one is where it starts. When the float32 quantized reference does not fit beside the model and the
+# quantized reference (a 32B model on one GPU), the floors are the dtype's defaults and the logits limits the
+# thresholds' `unmeasured_logits`, and the line below says so.
 
 # %%
 floor_u = thresholds["unquantized_floor"]
 gates_q = Gates.from_thresholds(thresholds["quantized_reference"])
-diffs_q = ld.diff_prompts(model, ref_q, tok, prompts, gates_q, truth_model=truth_q, dtype=compare_dtype) \
-    if ref_q else None
+refs_q = nq.quantized_references(ckpt, compare_dtype, nq.longest(tok, prompts)) if use_quantized \
+    else nq.References(model.device)
+diffs_q = nq.quantized_diffs(model, refs_q, tok, prompts, gates_q, compare_dtype)
+refs_q.release()  # the captures are kept (diffs_q); the models go before the unquantized reference loads
+for line in refs_q.lines("the quantized reference"):
+    print(line)
 if diffs_q:
     display(ld.summary_frame(diffs_q))
     table_q = ld.worst_frame(diffs_q)
@@ -157,10 +159,14 @@ if diffs_q:
 #
 # The same view against the model before quantization, with one floor (thresholds `unquantized_floor`) for honest
 # NVFP4 noise. The noise starts at the first quantized tensor and grows with depth; a bug jumps far above it.
+# The unquantized reference stays loaded for section 4 and is freed after it.
 
 # %%
-diffs_u = ld.diff_prompts(model, ref_u, tok, prompts, gates_q, overrides=nq.unquantized_floors(floor_u)) \
-    if ref_u else None
+refs_u = nq.unquantized_reference(model, source if use_unquantized else None,
+                                  nq.longest(tok, prompts, corpus_ids + [text_ids]))
+diffs_u = nq.unquantized_diffs(model, refs_u, tok, prompts, gates_q, floor_u)
+for line in refs_u.lines("the unquantized reference"):
+    print(line)
 if diffs_u:
     display(ld.summary_frame(diffs_u))
     table_u = ld.worst_frame(diffs_u)
@@ -178,10 +184,10 @@ if diffs_u:
 # its perplexity is huge on any text; the ratio is what to read.)
 
 # %%
-corpus_data = corpus_stats = None
-if ref_u is not None:
-    corpus_data = kl.Corpus.build(ref_u, [ld.encode_prompt(tok, p) for p in corpus],
-                                  kl.perplexity_ids(tok, perplexity_tokens))
+corpus_stats = None
+corpus_data = nq.corpus_reference(refs_u, corpus_ids, text_ids)
+refs_u.release()  # the corpus keeps the reference's side of it; sections 5-6 need no reference model
+if corpus_data is not None:
     corpus_stats = corpus_data.stats(model)
     display(pd.Series({k: v for k, v in corpus_stats.items() if k != "kl_per_position"}, name="NVFP4").to_frame())
     fig = nvfp4_plots.kl_figure(corpus_stats["kl_per_position"])
@@ -246,11 +252,16 @@ if not_applicable:
 else:
     metrics, reasons = nq.verdict(thresholds, info=info, weights=weights, quantized=diffs_q, unquantized=diffs_u,
                                   corpus_stats=corpus_stats, variant_frame=variant_frame,
-                                  planted_frame=planted_frame, memory=memory)
-if ref_q_error:
-    reasons.append(f"the quantized reference did not load: {ref_q_error}")
+                                  planted_frame=planted_frame, memory=memory,
+                                  notes=nq.reference_notes(refs_q, refs_u))
+    for note in metrics["notes"].values():
+        print(note)
+for what, refs in (("quantized", refs_q), ("unquantized", refs_u)):
+    if refs.error:
+        reasons.append(f"the {what} reference did not load: {refs.error}")
 metrics |= {"dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-            "quant_reference": quant_reference, "quantized_reference_error": ref_q_error,
+            "quant_reference": quant_reference, "quantized_reference_error": refs_q.error,
+            "unquantized_reference_error": refs_u.error,
             "quantized_reference_note": quantized_note,
             "unquantized_model": str(source) if source else None}
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)

@@ -12,12 +12,12 @@ from qwenlab.activations.names import split_name
 from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.activations.reference import capture_reference, reference_generate
 from qwenlab.activations.routing import DEFAULT_MARGIN
+from qwenlab.checks.fit import load_if_fits, out_of_memory, reference_fit, release, several_gpus
 from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.generation.chat import ChatSession
 from qwenlab.generation.decode import Generation, generate
 from qwenlab.generation.sampling import SamplingParams
-from qwenlab.memory.device import empty_cache, settle
-from qwenlab.memory.plan import HEADROOM, model_bytes, visible_devices
+from qwenlab.memory.plan import visible_devices
 from qwenlab.model.dtypes import dtype_name
 from qwenlab.sequences import first_difference
 
@@ -272,26 +272,22 @@ def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dic
     if dtype in ("float32", "float64"):
         return None, "a float32 run has no lower-precision noise to measure: the float32 limits apply"
     device = ckpt.model.device
-    settle(device)
-    empty_cache(device)
-    spread = {"device_map": "auto"} if device.type == "cuda" and torch.cuda.device_count() > 1 else {}
+    release(device)
     longest = max(len(ids) + len(greedy.loc[label, "reference_ids"]) for label, ids in prompts.items())
-    need = model_bytes(ckpt.model.config, "float32", longest)[1]
-    devices = visible_devices(str(device))
-    free = sum(d.free for d in (devices if spread else devices[:1])) * HEADROOM
-    if need > free:
-        return None, (f"floors not measured: the float32 reference needs {need / 2**30:.1f} GiB, "
-                      f"{free / 2**30:.1f} GiB free beside qwenlab's model; the fixed limits apply")
+    fit = reference_fit("the float32 reference", ckpt.model.config, "float32", longest,
+                        visible_devices(str(device)), several_gpus(device))
+    truth, why = load_if_fits(fit, lambda **kw: load_reference_for(ckpt, quant_reference, unquantized_model,
+                                                                   dtype=torch.float32, **kw), device)
+    if truth is None:
+        return None, f"floors not measured: {why}; the fixed limits apply"
     try:
-        truth = load_reference_for(ckpt, quant_reference, unquantized_model, dtype=torch.float32, **spread)
         noise = step_noise(truth, prompts, greedy, ref_steps, routing_margin(ckpt.model))
     except torch.OutOfMemoryError as e:
-        return None, f"floors not measured: the float32 reference does not fit ({str(e).splitlines()[0]}); " \
-                     "the fixed limits apply"
+        return None, (f"floors not measured: the float32 reference does not fit ({out_of_memory(e)}); "
+                      "the fixed limits apply")
     finally:
         truth = None
-        settle(device)
-        empty_cache(device)
+        release(device)
     return noise, (f"floors measured: transformers in {dtype} against itself in float32 on these prompts "
                    f"({int(noise['steps'].sum())} steps)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -13,10 +14,14 @@ from safetensors import safe_open
 
 from qwenlab.activations.diff import diff_dumps
 from qwenlab.activations.floors import Gates, logits_stats
-from qwenlab.activations.nvfp4_reference import unquantized_dir
+from qwenlab.activations.nvfp4_reference import reference_dir, unquantized_dir
 from qwenlab.activations.planted_nvfp4 import first_quantized_point, nvfp4_bugs
+from qwenlab.activations.reference import load_reference
+from qwenlab.checks.fit import load_if_fits, out_of_memory, reference_fit, release, several_gpus
 from qwenlab.checks.layer_diffs import (
     PromptDiff,
+    diff_prompts,
+    encode_prompt,
     first_divergence,
     first_isolated,
     isolated_table,
@@ -25,7 +30,9 @@ from qwenlab.checks.layer_diffs import (
     worst_frame,
 )
 from qwenlab.checks.nbutil import check_max, check_min
+from qwenlab.checks.nvfp4_kl import Corpus
 from qwenlab.errors import QwenlabError
+from qwenlab.memory.plan import visible_devices
 from qwenlab.memory.predict import compare, measured_weight_bytes, quantized_weight_bytes
 from qwenlab.model.dtypes import dtype_name
 from qwenlab.model.loader import load, load_model, weight_files
@@ -83,6 +90,135 @@ def source_dir(ckpt, unquantized_model: str = "") -> Path | None:
         return unquantized_dir(ckpt, unquantized_model or None)
     except QwenlabError:
         return None
+
+
+FLOORS_MEASURED = ("floors measured: the quantized reference in the comparison dtype against itself in float32 on "
+                   "these prompts")
+
+
+@dataclass
+class References:
+    """The transformers model(s) one section of notebook 06 holds, each loaded only when it fits beside what is
+    already loaded (qwenlab.checks.fit; on several GPUs spread over them), and why one is missing. release() frees
+    them before the next section loads its own: the quantized references (section 2) and the unquantized one
+    (sections 3-4) are never resident together."""
+    device: object
+    reference: object = None
+    truth: object = None  # the float32 quantized reference that measures section 2's floors
+    error: str | None = None  # did not load for another reason (e.g. compressed-tensors missing): a verdict reason
+    skipped: str | None = None  # did not fit, or ran out of memory: its sections are skipped, not gated
+    floors: str | None = None  # section 2: measured, or why the fixed limits apply
+
+    def release(self):
+        self.reference = self.truth = None
+        release(self.device)
+
+    def lines(self, what: str) -> list[str]:
+        """What the notebook prints about this reference: why it is missing, how the floors were set."""
+        out = [f"{what} did not load: {self.error}"] if self.error else []
+        out += [f"{what} skipped: {self.skipped}"] if self.skipped else []
+        return out + ([self.floors] if self.floors else [])
+
+
+def longest(tokenizer, prompts, extra: list[list[int]] = ()) -> int:
+    """Tokens of the longest prompt (and extra token sequences): what sizes a reference's workspace."""
+    return max([len(encode_prompt(tokenizer, p)) for p in prompts] + [len(ids) for ids in extra] + [1])
+
+
+def quantized_references(ckpt, dtype: str, tokens: int) -> References:
+    """Section 2's references: transformers on the same NVFP4 numbers in the comparison `dtype` and, when it fits
+    beside that one too, in float32 (the truth the floors are measured against; else the fixed limits apply and
+    `floors` says why). The quantized checkpoint is written (or converted) once for both."""
+    model = ckpt.model
+    device, spread, refs = model.device, several_gpus(model.device), References(model.device)
+    fit = reference_fit("the quantized reference", model.config, dtype, tokens, visible_devices(str(device)), spread)
+    if not fit.fits:  # before writing the quantized checkpoint
+        refs.skipped = fit.why_not()
+        return refs
+    try:
+        with reference_dir(ckpt, "quantized") as folder:
+            refs.reference, refs.skipped = load_if_fits(fit, partial(load_reference, folder, getattr(torch, dtype),
+                                                                     device), device)
+            if refs.reference is None:
+                return refs
+            truth = reference_fit("the float32 quantized reference", model.config, "float32", tokens,
+                                  visible_devices(str(device)), spread, "qwenlab's model and the quantized reference")
+            refs.truth, why = load_if_fits(truth, partial(load_reference, folder, torch.float32, device), device)
+    except QwenlabError as e:  # e.g. compressed-tensors not installed: the verdict says so, the rest still runs
+        refs.release()
+        refs.error = str(e)
+        return refs
+    refs.floors = FLOORS_MEASURED if refs.truth is not None else f"floors not measured: {why}; the fixed limits apply"
+    return refs
+
+
+def quantized_diffs(model, refs: References, tokenizer, prompts, gates: Gates, dtype: str) -> list[PromptDiff] | None:
+    """Section 2's layer diffs against refs (None: no reference). When they run out of memory with the float32
+    reference resident, it is dropped and they run again with the fixed limits; when they still do, the section is
+    skipped (refs.skipped says why)."""
+    while refs.reference is not None:
+        try:
+            return diff_prompts(model, refs.reference, tokenizer, prompts, gates, truth_model=refs.truth, dtype=dtype)
+        except torch.OutOfMemoryError as e:
+            why = out_of_memory(e)
+        if refs.truth is None:
+            refs.release()
+            refs.skipped = f"the layer diff against the quantized reference ran out of memory ({why})"
+            return None
+        refs.truth = None
+        release(refs.device)
+        refs.floors = (f"floors not measured: the layer diff with the float32 quantized reference resident ran out "
+                       f"of memory ({why}); the fixed limits apply")
+    return None
+
+
+def unquantized_reference(model, source: Path | None, tokens: int) -> References:
+    """Sections 3-4's reference: transformers on the unquantized checkpoint in the model's dtype, when it fits."""
+    device, refs = model.device, References(model.device)
+    if source is None:
+        return refs
+    spread = several_gpus(device)
+    fit = reference_fit("the unquantized reference", model.config, dtype_name(model.dtype), tokens,
+                        visible_devices(str(device)), spread)
+    try:
+        refs.reference, refs.skipped = load_if_fits(fit, partial(load_reference, source, model.dtype, device), device)
+    except QwenlabError as e:
+        refs.error = str(e)
+    return refs
+
+
+def with_reference(refs: References, what: str, run):
+    """run(refs.reference), or None when there is none or it runs out of memory (the reference is then released and
+    refs.skipped says why: the later sections that need it are skipped too)."""
+    if refs.reference is None:
+        return None
+    try:
+        return run(refs.reference)
+    except torch.OutOfMemoryError as e:
+        why = f"{what} ran out of memory ({out_of_memory(e)})"
+    refs.release()
+    refs.skipped = why
+    return None
+
+
+def unquantized_diffs(model, refs: References, tokenizer, prompts, gates: Gates,
+                      floor: float) -> list[PromptDiff] | None:
+    """Section 3's layer diffs against the unquantized reference, one NVFP4 noise floor on every tensor."""
+    return with_reference(refs, "the layer diff against the unquantized reference",
+                          lambda ref: diff_prompts(model, ref, tokenizer, prompts, gates,
+                                                   overrides=unquantized_floors(floor)))
+
+
+def corpus_reference(refs: References, prompt_ids: list[list[int]], text_ids: list[int]) -> Corpus | None:
+    """Section 4: the unquantized reference's side of the corpus (kept on the host, so the model can go)."""
+    return with_reference(refs, "the corpus statistics of the unquantized reference",
+                          lambda ref: Corpus.build(ref, prompt_ids, text_ids))
+
+
+def reference_notes(quantized: References, unquantized: References) -> dict:
+    """For the metrics: why a reference is missing and how section 2's floors were set (None where nothing to say)."""
+    return {"quantized_reference_skipped": quantized.skipped, "quantized_floors": quantized.floors,
+            "unquantized_reference_skipped": unquantized.skipped}
 
 
 def read_source_tensor(name: str, files: dict, device) -> torch.Tensor:
@@ -213,14 +349,22 @@ def diff_summary(diffs: list[PromptDiff] | None, gates: Gates | None = None) -> 
 
 def verdict(thresholds: dict, *, info, weights: pd.DataFrame | None, quantized: list[PromptDiff] | None,
             unquantized: list[PromptDiff] | None, corpus_stats: dict | None, variant_frame: pd.DataFrame | None,
-            planted_frame: pd.DataFrame | None, memory: pd.DataFrame) -> tuple[dict, list[str]]:
+            planted_frame: pd.DataFrame | None, memory: pd.DataFrame,
+            notes: dict | None = None) -> tuple[dict, list[str]]:
     """Notebook 06's metrics and the reasons it regressed (empty: pass). Sections that did not run (no
-    unquantized checkpoint, plant_bugs off) are recorded as such and not gated."""
+    unquantized checkpoint, a reference that did not fit, plant_bugs off) are recorded as such and not gated.
+    notes: reference_notes(), kept in the metrics (`notes`, and beside each reference's summary)."""
     reasons: list[str] = []
+    notes = {k: v for k, v in (notes or {}).items() if v}
     q, u = diff_summary(quantized, Gates.from_thresholds(thresholds["quantized_reference"])), \
         diff_summary(unquantized)
+    for summary, key in ((q, "quantized_reference_skipped"), (u, "unquantized_reference_skipped")):
+        if key in notes:
+            summary["skipped"] = notes[key]
+    if q["ran"] and "quantized_floors" in notes:
+        q["floors"] = notes["quantized_floors"]
     metrics = {"quantization": info.to_json(), "summary": info.summary(), "quantized_reference": q,
-               "unquantized_reference": u}
+               "unquantized_reference": u, "notes": notes}
     if weights is not None and not weights.empty:
         metrics["weights"] = {"tensors": len(weights), "max_rel_l2": float(weights["rel_l2"].max()),
                               "mean_nmse_db": float(weights["nmse_db"].mean()),

@@ -86,6 +86,12 @@ def visible_devices(device: str) -> list[DeviceMemory]:
     return out
 
 
+def room(devices: list[DeviceMemory], spread: bool = False) -> float:
+    """Usable bytes for one more model now: the first device's free bytes x HEADROOM, or every device's when the model
+    is spread across them (several GPUs, accelerate's device_map="auto")."""
+    return sum(d.free for d in (devices if spread else devices[:1])) * HEADROOM
+
+
 def model_bytes(cfg: Qwen3Config, dtype: str, prompt_tokens: int, quant: str | None = None) -> tuple[int, int]:
     """(qwenlab, reference) bytes for one capture of a prompt: weights + KV + workspace for qwenlab; weights +
     the eager-attention workspace (all positions' logits kept) for the reference, which runs unquantized."""

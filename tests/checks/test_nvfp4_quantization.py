@@ -132,3 +132,92 @@ def test_perplexity_of_a_random_large_model_saturates_instead_of_overflowing():
     summary = stats.summary()
     assert summary["ppl_candidate"] == float("inf") and summary["ppl_reference"] == float("inf")
     assert abs(summary["ppl_ratio"] - 2.718281828) < 1e-6
+
+
+def free_memory(monkeypatch, config, fits: str):
+    """Fake free memory for notebook 06's references: room for the bfloat16 reference of PROMPT but not the float32
+    one (fits='bfloat16'), or for neither (fits='none')."""
+    from qwenlab.memory.plan import HEADROOM, DeviceMemory, model_bytes
+
+    tokens = 16
+    need = {dtype: model_bytes(config, dtype, tokens)[1] for dtype in ("bfloat16", "float32")}
+    assert need["bfloat16"] < need["float32"]
+    usable = (need["bfloat16"] + need["float32"]) / 2 if fits == "bfloat16" else need["bfloat16"] / 2
+    monkeypatch.setattr(nq, "visible_devices", lambda device: [DeviceMemory("cpu", int(usable / HEADROOM), 1 << 40)])
+    return tokens
+
+
+def test_section_2_without_room_for_the_float32_reference_uses_the_fixed_limits_and_says_why(quantized,
+                                                                                             monkeypatch):
+    import weakref
+
+    model, tok = quantized.model, quantized.tokenizer
+    tokens = free_memory(monkeypatch, model.config, "bfloat16")
+    assert nq.longest(tok, [PROMPT]) <= tokens
+    refs = nq.quantized_references(quantized, "bfloat16", tokens)
+    assert refs.reference is not None and refs.truth is None and refs.error is None and refs.skipped is None
+    assert refs.floors.startswith("floors not measured: the float32 quantized reference needs ")
+    assert refs.floors.endswith("free beside qwenlab's model and the quantized reference; the fixed limits apply")
+    gates = Gates.from_thresholds(THRESHOLDS["quantized_reference"])
+    diffs = nq.quantized_diffs(model, refs, tok, [PROMPT], gates, "bfloat16")
+    held = weakref.ref(refs.reference)
+    refs.release()
+    assert held() is None  # the diffs keep the captures, not the model
+    assert not diffs[0].noise.measured and diffs[0].isolated is None
+    memory = nq.memory_check(model, THRESHOLDS["weights_rel_error_max"])
+    metrics, reasons = nq.verdict(THRESHOLDS, info=model.quantization, weights=None, quantized=diffs,
+                                  unquantized=None, corpus_stats=None, variant_frame=None, planted_frame=None,
+                                  memory=memory, notes=nq.reference_notes(refs, nq.References("cpu")))
+    q = metrics["quantized_reference"]
+    assert q["ran"] and q["floors"] == refs.floors and metrics["notes"] == {"quantized_floors": refs.floors}
+    assert q["logits_limits"] == {stat: limits["bfloat16"]
+                                  for stat, limits in THRESHOLDS["quantized_reference"]["unmeasured_logits"].items()}
+    assert reasons == []  # honest NVFP4 within the fixed limits
+    assert refs.lines("the quantized reference") == [refs.floors]
+
+
+def test_references_that_do_not_fit_skip_their_sections_and_the_verdict_still_runs(quantized, monkeypatch):
+    model, tok = quantized.model, quantized.tokenizer
+    tokens = free_memory(monkeypatch, model.config, "none")
+    refs_q = nq.quantized_references(quantized, "bfloat16", tokens)
+    refs_u = nq.unquantized_reference(model, quantized.path, tokens)
+    gates = Gates.from_thresholds(THRESHOLDS["quantized_reference"])
+    assert refs_q.reference is None and refs_q.skipped.startswith("the quantized reference needs ")
+    assert refs_u.reference is None and refs_u.skipped.startswith("the unquantized reference needs ")
+    assert nq.quantized_diffs(model, refs_q, tok, [PROMPT], gates, "bfloat16") is None
+    assert nq.unquantized_diffs(model, refs_u, tok, [PROMPT], gates, THRESHOLDS["unquantized_floor"]) is None
+    assert nq.corpus_reference(refs_u, [tok.encode(PROMPT)], tok.encode(PROMPT)) is None
+    memory = nq.memory_check(model, THRESHOLDS["weights_rel_error_max"])
+    metrics, reasons = nq.verdict(THRESHOLDS, info=model.quantization, weights=None, quantized=None,
+                                  unquantized=None, corpus_stats=None, variant_frame=None, planted_frame=None,
+                                  memory=memory, notes=nq.reference_notes(refs_q, refs_u))
+    assert metrics["quantized_reference"] == {"ran": False, "skipped": refs_q.skipped}
+    assert metrics["unquantized_reference"] == {"ran": False, "skipped": refs_u.skipped}
+    assert reasons == []
+    assert refs_q.lines("the quantized reference") == [f"the quantized reference skipped: {refs_q.skipped}"]
+
+
+def test_section_2_out_of_memory_drops_the_float32_reference_then_the_section(monkeypatch):
+    calls = []
+
+    def diff_prompts(model, ref, tok, prompts, gates, truth_model=None, dtype=None):
+        calls.append(truth_model)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(nq, "diff_prompts", diff_prompts)
+    refs = nq.References("cpu", reference=object(), truth=object(), floors=nq.FLOORS_MEASURED)
+    truth = refs.truth
+    assert nq.quantized_diffs(None, refs, None, [PROMPT], None, "bfloat16") is None
+    assert calls == [truth, None]  # once with the float32 reference, once without it
+    assert refs.reference is None and refs.truth is None
+    assert refs.floors.startswith("floors not measured: the layer diff with the float32 quantized reference resident "
+                                  "ran out of memory (CUDA out of memory.")
+    assert refs.skipped == ("the layer diff against the quantized reference ran out of memory (CUDA out of memory. "
+                            "Tried to allocate 1.00 GiB)")
+
+    monkeypatch.setattr(nq, "diff_prompts", lambda *a, truth_model=None, **kw: (
+        ["diffs without the truth"] if truth_model is None else diff_prompts(*a, truth_model=truth_model, **kw)))
+    refs = nq.References("cpu", reference=object(), truth=object(), floors=nq.FLOORS_MEASURED)
+    assert nq.quantized_diffs(None, refs, None, [PROMPT], None, "bfloat16") == ["diffs without the truth"]
+    assert refs.reference is not None and refs.truth is None and refs.skipped is None
+    assert refs.floors.startswith("floors not measured:") and refs.floors.endswith("the fixed limits apply")
