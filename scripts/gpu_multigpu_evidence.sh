@@ -3,38 +3,66 @@
 # an 80 GB card, two do not), notebook 03 split across every visible GPU (qwenlab by layer ranges, the reference
 # through accelerate) and again sequentially on one GPU (one model at a time, diffed from dumps), with each run's
 # plan, per-device peak memory, wall time and verdict. The planted bugs run under every placement (hooks and
-# overrides for one capture; PLANT_BUGS=False turns them off).
+# overrides for one capture; PLANT_BUGS=False turns them off). Then MORE (e.g. "04 06") on the same checkpoint with
+# every GPU visible: notebook 04 (qwenlab on the first GPU, its float32 reference for the floors spread over all) and
+# notebook 06 (NVFP4 at load; each reference loaded only where it fits, spread over all; doc/nvfp4.md).
 #
 #   OUT=/some/dir bash scripts/gpu_multigpu_evidence.sh      # on the lent 2-GPU machine; carry .tok
 #
-# Writes $OUT/gpu_multigpu_evidence.log and $OUT/03_split.json, $OUT/03_sequential.json (notebook 03's metrics).
-# Knobs: CKPT (/tmp/q32b), PRESET (qwen3-32b), RUNS ("split sequential").
+# Writes $OUT/gpu_multigpu_evidence.log and $OUT/03_split.json, $OUT/03_sequential.json (notebook 03's metrics),
+# $OUT/04.json, $OUT/06.json, and metrics.tar.gz (every notebook's metrics and figures).
+# Knobs: CKPT (data/models/q32b: ignored, kept by a warm machine between calls), PRESET (qwen3-32b), RUNS ("split
+# sequential"; empty: none), MORE (""), NB04_ARGS and NB06_ARGS (name=value parameters; NB06_ARGS defaults to
+# run_variants=False: each variant re-quantizes the whole model), BUDGET_S (560: a notebook that would start with under
+# 60 s left is skipped and says so). Carry .whl too for notebook 06 (compressed-tensors).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-$REPO/reports/multigpu}
-CKPT=${CKPT:-/tmp/q32b}
+CKPT=${CKPT:-$REPO/data/models/q32b}
 PRESET=${PRESET:-qwen3-32b}
-RUNS=${RUNS:-split sequential}
+RUNS=${RUNS-split sequential}
+MORE=${MORE:-}
+BUDGET_S=${BUDGET_S:-560}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_multigpu_evidence.log") 2>&1
+left() { echo $((BUDGET_S - (SECONDS - START))); }
 print_env
 nvidia-smi -L || true
 tokenizer_shim || exit 2
-echo "command: $0 (CKPT=$CKPT PRESET=$PRESET RUNS=$RUNS)"
-make_checkpoint "$CKPT" "$PRESET" cuda || exit 1
+install_wheels
+echo "command: $0 (CKPT=$CKPT PRESET=$PRESET RUNS=$RUNS MORE=$MORE)"
+DEVICE=${DEVICE:-cuda}  # cpu: a dry run of the steps with a small PRESET
+make_checkpoint "$CKPT" "$PRESET" "$DEVICE" || exit 1
 for run in $RUNS; do
   case $run in
     split) visible=$(seq -s, 0 $(($(nvidia-smi -L | wc -l) - 1))) ;;
     *) visible=0 ;;
   esac
+  if [ "$(left)" -lt 60 ]; then step "notebook 03 ($run) skipped: $(left) s left"; continue; fi
   step "notebook 03, placement=$run, CUDA_VISIBLE_DEVICES=$visible"
   t0=$SECONDS
   CUDA_VISIBLE_DEVICES=$visible $PY scripts/run_notebook.py notebooks/03_layer_diffs.ipynb "$WORK/$run/03_layer_diffs.ipynb" \
-    model_dir="$CKPT" device=cuda dtype=bfloat16 out_dir="$WORK/$run" placement="$run" plant_bugs="${PLANT_BUGS:-True}" \
+    model_dir="$CKPT" device="$DEVICE" dtype=bfloat16 out_dir="$WORK/$run" placement="$run" plant_bugs="${PLANT_BUGS:-True}" \
     || echo "notebook 03 ($run) FAILED (exit $?)"
   echo "wall time ($run): $((SECONDS - t0)) s"
   cp -f "$WORK/$run/metrics/03_layer_diffs.json" "$OUT/03_$run.json" 2>/dev/null
 done
+for nb in $MORE; do
+  name=$(basename "$(ls notebooks/${nb}_*.ipynb)" .ipynb)
+  if [ "$(left)" -lt 60 ]; then step "notebook $name skipped: $(left) s left"; continue; fi
+  extra=()
+  [ "$nb" = 04 ] && read -r -a extra <<< "${NB04_ARGS:-}"
+  [ "$nb" = 06 ] && read -r -a extra <<< "${NB06_ARGS:-run_variants=False}"
+  step "notebook $name on $CKPT ($DEVICE, bfloat16, every GPU visible) ${extra[*]}"
+  t0=$SECONDS
+  $PY scripts/run_notebook.py "notebooks/$name.ipynb" "$WORK/$nb/$name.ipynb" model_dir="$CKPT" device="$DEVICE" \
+    dtype=bfloat16 out_dir="$WORK/$nb" "${extra[@]}" || echo "notebook $name FAILED (exit $?)"
+  echo "wall time ($name): $((SECONDS - t0)) s"
+  cp -f "$WORK/$nb/metrics/$name.json" "$OUT/$nb.json" 2>/dev/null
+  $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print('VERDICT', sys.argv[2], r['verdict'], r['reasons'])" \
+    "$OUT/$nb.json" "$name" 2>/dev/null || echo "no metrics for $name"
+done
+(cd "$WORK" && tar czf "$OUT/metrics.tar.gz" --exclude='*.ipynb' --exclude='*.py' ./*/metrics ./*/figures 2>/dev/null)
 step "summary"
 $PY - "$OUT" $RUNS <<'PYEOF'
 import json, sys
