@@ -58,7 +58,8 @@ def qwenlab_rows(model, prompt, new_tokens, prefill_ids, engines, load_s) -> lis
                "top2_margins": margins}
         with peak_allocated(device, row):
             run = generate(model, prompt, params, stop_ids=(-1,), engine=engine)
-        row |= {"decode_tok_s": decode_rate(run.step_s), "ttft_s": run.prefill_s + run.step_s[0]}
+        row |= {"decode_tok_s": decode_rate(run.step_s), "ttft_s": run.prefill_s + run.step_s[0],
+                "timed_note": run.engine_note, "timed_same_tokens": run.ids == warm.ids}
         rows.append(row)
     return rows
 
@@ -210,6 +211,9 @@ def format_table(r: dict) -> str:
                      f"{num('load_s', '6.1f')}")
     notes = [f"  {row.get('model', '')} {row['impl']} {row['engine']}: {row['note']}" for row in r["rows"]
              if row.get("note")]
+    notes += [f"  {row.get('model', '')} {row['impl']} {row['engine']}: the timed run ({row.get('timed_note', '')}) "
+              f"gave other tokens than the untimed step-by-step run" for row in r["rows"]
+              if row.get("timed_same_tokens") is False]
     for engine, ratio in (r.get("nvfp4_over_dense") or {}).items():
         lines.append(f"nvfp4 / {r['dtype']} ({engine} engine): decode {ratio['decode']:.2f}x, prefill "
                      f"{ratio['prefill']:.2f}x")

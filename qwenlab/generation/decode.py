@@ -2,6 +2,12 @@
 
 The loop is the same for every engine (qwenlab.generation.engine): prefill with the forward, then per token
 either the captured graph's replay or the forward on one token (kv) or on the whole sequence (replay).
+
+Greedy decoding on the graph engine with nobody reading the logits (no on_logits) runs ahead of the host: each
+replay feeds the graph the token the previous one chose on the device (CapturedStep.replay_chained), and the host
+reads the tokens back one step behind, through pinned memory, while the next step already runs (ChainedGreedy). A
+stop token is then seen one step late: the step launched past it is taken back (cache cropped), so the tokens, the
+cache and the stop reasons are those of the step-by-step loop.
 """
 import time
 from dataclasses import dataclass, field
@@ -36,6 +42,71 @@ class Generation:
         return {"prompt_ids": self.prompt_ids, "ids": self.ids, "text": self.text, "stop_reason": self.stop_reason,
                 "prefill_s": self.prefill_s, "step_s": self.step_s, "decode_tok_s": self.decode_tok_s,
                 "engine": self.engine, "engine_note": self.engine_note, "compile_s": self.compile_s}
+
+
+class ChainedGreedy:
+    """A captured step's greedy tokens, read back asynchronously: launch() replays the step on the last chosen token
+    and queues the copy of its choice into pinned host memory; read(i) waits for the i-th chosen token only (token 0
+    is the prefill's). Nothing else synchronises the host with the device."""
+
+    def __init__(self, step, prefill_logits: torch.Tensor, capacity: int):
+        self.step = step
+        self.host = torch.empty(capacity, dtype=torch.long, pin_memory=True)
+        self.events: list[torch.cuda.Event] = []
+        step.token.copy_(prefill_logits[:, -1].argmax(dim=-1, keepdim=True))
+        self._queue_copy()
+
+    def _queue_copy(self):
+        i = len(self.events)
+        self.host[i:i + 1].copy_(self.step.token.view(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.events.append(event)
+
+    def launch(self):
+        self.step.replay_chained()
+        self._queue_copy()
+
+    def read(self, i: int) -> int:
+        self.events[i].synchronize()
+        return int(self.host[i])
+
+
+def decode_ahead(pipe, out: Generation, seq: list[int], cache, stop_ids: set, max_new_tokens: int, max_len: int,
+                 on_token=None, should_stop=None):
+    """The step-by-step loop's tokens and stop reasons with one step always queued ahead: before waiting for token
+    i, the step that turns it into token i+1 is launched, unless a known limit says token i is the last. When token
+    i ends the generation (a stop token, should_stop()), the step queued past it is taken back: the cache is cropped
+    to the tokens fed, as the step-by-step loop leaves it. `pipe`: launch() and read(i) (ChainedGreedy)."""
+    launched = 0  # steps queued; token i+1 comes from step i+1
+    t0 = time.perf_counter()
+    for i in range(max_new_tokens):
+        if should_stop is not None and should_stop():
+            out.stop_reason = "stopped"
+            break
+        last = i + 1 >= max_new_tokens or len(seq) + 1 >= max_len
+        if not last and launched == i:
+            pipe.launch()
+            launched += 1
+        token = pipe.read(i)
+        out.ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in stop_ids:
+            out.stop_reason = "stop_token"
+        elif len(out.ids) >= max_new_tokens:
+            out.stop_reason = "max_new_tokens"
+        elif len(seq) + 1 >= max_len:
+            out.stop_reason = "context_full"
+        now = time.perf_counter()
+        out.step_s.append(now - t0)
+        t0 = now
+        if out.stop_reason:
+            break
+        seq.append(token)
+    if cache.length > len(seq):  # a step launched past the end: its K/V go, as if it never ran
+        pipe.read(launched)  # let it finish before its slots are reused
+        cache.crop(len(seq))
 
 
 def _sync(device):
@@ -98,6 +169,14 @@ def generate(model, prompt_ids: list[int], params: SamplingParams = SamplingPara
         logits = model(torch.tensor(seq, device=device), last_only=True)
     _sync(device)
     out.prefill_s = time.perf_counter() - t0
+
+    if step is not None and params.greedy and on_logits is None:
+        out.engine_note += "; greedy tokens chosen on the device, read back one step behind"
+        pipe = ChainedGreedy(step, logits, params.max_new_tokens + 1)
+        decode_ahead(pipe, out, seq, cache, stop_ids, params.max_new_tokens, max_len, on_token, should_stop)
+        if tokenizer is not None:
+            out.text = tokenizer.decode(out.ids[:-1] if out.stop_reason == "stop_token" else out.ids)
+        return out
 
     while True:
         if should_stop is not None and should_stop():

@@ -1,6 +1,11 @@
 """One decode step captured as a CUDA graph: the model's own forward for one token, with static shapes over a
 StaticKVCache and the engine's kernels, compiled by torch.compile (fused elementwise kernels) and captured once per
-cache. A step is then one graph replay: no Python, no per-kernel launches. The engine owns every CapturedStep."""
+cache. A step is then one graph replay: no Python, no per-kernel launches. The engine owns every CapturedStep.
+
+The graph ends by writing its greedy choice (the argmax of its logits) into its own input token, so greedy decoding
+can replay step after step without the host choosing or writing a token in between (replay_chained; the host reads
+the tokens back one step behind, qwenlab.generation.decode). replay(token) overwrites that input first: sampling
+and callers that read the logits are unaffected."""
 import time
 
 import torch
@@ -13,7 +18,9 @@ def one_token(model, token: torch.Tensor, cache: StaticKVCache, kernels) -> torc
 
 
 class CapturedStep:
-    """Write the token id into `token`, replay(), read `logits`. Each replay writes K/V at cache.pos and moves it."""
+    """replay(token) runs the step on `token`; replay_chained() on the token the previous replay chose greedily (or
+    that was written into `token`). Each replay writes K/V at cache.pos and moves it; `logits` holds its logits and
+    `token` its greedy choice afterwards."""
 
     def __init__(self, model, cache: StaticKVCache, step, kernels):
         self.cache = cache
@@ -32,6 +39,7 @@ class CapturedStep:
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):
                     self.logits = step(model, self.token, cache, kernels)
+                    self.token.copy_(self.logits[:, -1].argmax(dim=-1, keepdim=True))
         finally:
             cache.static_shapes = False
             cache.crop(length)  # the warm-up steps wrote scratch slots past `length`; pos goes back too
@@ -40,6 +48,9 @@ class CapturedStep:
 
     def replay(self, token: int) -> torch.Tensor:
         self.token.fill_(token)
+        return self.replay_chained()
+
+    def replay_chained(self) -> torch.Tensor:
         self.graph.replay()
         self.cache.replayed(1)
         return self.logits

@@ -1,6 +1,7 @@
 """The decode engines. On the CPU: engine choice and what a user is told, the static-shape one-token forward the
 CUDA graph captures (run eagerly here) against the ordinary cached forward, fused projections as registered
-parameters. On CUDA (skipped elsewhere): graph and eager give identical greedy tokens in float32, the playground
+parameters. On CUDA (skipped elsewhere): graph and eager give identical greedy tokens in float32 (the graph's
+greedy run chained on the device and read back one step behind, or step by step), the playground
 runs the graph engine, and a deep copy and .to() of a fused model compute the same thing."""
 import copy
 
@@ -113,6 +114,35 @@ def test_graph_and_eager_give_identical_greedy_tokens_on_cuda(fixture, request):
         graph = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="graph")
         assert graph.engine == "graph", graph.engine_note
         assert graph.ids == eager.ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_greedy_graph_decode_running_ahead_of_the_host_equals_the_step_by_step_one(tiny_dir):
+    """Greedy graph decoding without on_logits chains the device's choices and reads them one step behind
+    (decode.ChainedGreedy); with on_logits it goes step by step. Same tokens, stop reasons and cache, a stop token
+    in the middle included, and a chat's next turn on that cache too."""
+    ckpt = load(tiny_dir, "float32", "cuda")
+    engine = Engine(ckpt.model, "graph")
+    ids = ckpt.tokenizer.encode_chat([{"role": "user", "content": "Write a poem about the sea."}])
+    params = SamplingParams(max_new_tokens=16)
+    ahead = generate(ckpt.model, ids, params, stop_ids=(-1,), engine=engine)
+    assert "read back one step behind" in ahead.engine_note
+    steps = generate(ckpt.model, ids, params, stop_ids=(-1,), engine=engine, on_logits=lambda logits: None)
+    assert "read back one step behind" not in steps.engine_note
+    assert ahead.ids == steps.ids and ahead.stop_reason == steps.stop_reason == "max_new_tokens"
+    k = next(k for k in range(3, len(ahead.ids)) if ahead.ids[k] not in ahead.ids[:k])  # its first occurrence
+    stop = (ahead.ids[k],)
+    caches = [engine.new_cache(256), engine.new_cache(256)]
+    first = [generate(ckpt.model, ids, params, stop_ids=stop, cache=caches[0], engine=engine),
+             generate(ckpt.model, ids, params, stop_ids=stop, cache=caches[1], engine=engine,
+                      on_logits=lambda logits: None)]
+    assert first[0].ids == first[1].ids == ahead.ids[:k + 1] and first[0].stop_reason == "stop_token"
+    assert caches[0].length == caches[1].length == len(ids) + k
+    more = ids + first[0].ids + ckpt.tokenizer.encode(" And then?")
+    second = [generate(ckpt.model, more, params, stop_ids=(-1,), cache=c, engine=engine) for c in caches]
+    assert second[0].ids == second[1].ids
+    eager = generate(ckpt.model, more, params, stop_ids=(-1,), engine="eager")
+    assert second[0].ids == eager.ids
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
