@@ -60,7 +60,7 @@ class ChainedGreedy:
         i = len(self.events)
         self.host[i:i + 1].copy_(self.step.token.view(1), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.step.token.device))  # the copy's stream, on any GPU
         self.events.append(event)
 
     def launch(self):
