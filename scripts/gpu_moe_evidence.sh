@@ -39,6 +39,7 @@ for nb in $NOTEBOOKS; do
     dtype=bfloat16 out_dir="$WORK/report" "${extra[@]}" || echo "notebook $name FAILED (exit $?)"
   echo "wall time ($name): $((SECONDS - t0)) s"
   cp -f "$WORK/report/metrics/$name.json" "$OUT/$name.json" 2>/dev/null
+  cp -f "$WORK/report/$name.cells.json" "$OUT/$name.cells.json" 2>/dev/null  # seconds per cell
 done
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -lt 60 ]; then
   step "bench skipped: $(left) s left"

@@ -62,7 +62,7 @@ for nb in $MORE; do
   $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print('VERDICT', sys.argv[2], r['verdict'], r['reasons'])" \
     "$OUT/$nb.json" "$name" 2>/dev/null || echo "no metrics for $name"
 done
-(cd "$WORK" && tar czf "$OUT/metrics.tar.gz" --exclude='*.ipynb' --exclude='*.py' ./*/metrics ./*/figures 2>/dev/null)
+(cd "$WORK" && tar czf "$OUT/metrics.tar.gz" --exclude='*.ipynb' --exclude='*.py' ./*/metrics ./*/figures ./*/*.cells.json 2>/dev/null)
 step "summary"
 $PY - "$OUT" $RUNS <<'PYEOF'
 import json, sys

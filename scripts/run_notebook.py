@@ -8,10 +8,11 @@ Exit status: the notebook's (a cell that raises fails the run).
 """
 import ast
 import importlib.util
+import json
 import os
-import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 MARKER = '# %% tags=["parameters"]'
@@ -28,18 +29,46 @@ def parse(pairs: list[str]) -> dict:
     return params
 
 
+def cells(source: str) -> list[tuple[int, str, str]]:
+    """(first line, section, code) of each code cell of a jupytext percent script; section: the last markdown
+    heading above it."""
+    out, section, lines = [], "setup", source.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith("# %%")] + [len(lines)]
+    for a, b in zip(starts, starts[1:]):
+        body = "".join(lines[a + 1:b])
+        if "[markdown]" in lines[a]:
+            heading = next((ln.lstrip("# ").strip() for ln in lines[a + 1:b] if ln.startswith("# #")), None)
+            section = heading or section
+        else:
+            out.append((a + 1, section, body))
+    return out
+
+
 def as_script(notebook: Path, out: Path, params: dict) -> int:
+    """The notebook's percent script with the parameters injected, run cell by cell in one namespace; each code
+    cell's wall time is printed at the end and written to OUT.cells.json (where a notebook spends its time)."""
     source = notebook.with_suffix(".py").read_text()
     start = source.index(MARKER)
     end = source.index("\n# %%", start + len(MARKER))
     inject = "\n# injected by scripts/run_notebook.py\n" + "".join(f"{k} = {v!r}\n" for k, v in params.items())
     script = out.with_suffix(".py")
+    script.parent.mkdir(parents=True, exist_ok=True)
     source = source[:end] + inject + source[end:]
     if importlib.util.find_spec("IPython") is None:  # tables are displayed with IPython's display: print them
         source = source.replace("from IPython.display import display\n", "display = print\n")
     script.write_text(source)
     os.environ.setdefault("MPLBACKEND", "Agg")
-    runpy.run_path(str(script), run_name="__main__")
+    namespace, times = {"__name__": "__main__", "__file__": str(script)}, []
+    try:
+        for line, section, code in cells(source):
+            t0 = time.perf_counter()
+            exec(compile("\n" * line + code, str(script), "exec"), namespace)  # noqa: S102 - the notebook itself
+            times.append({"line": line + 1, "section": section, "seconds": round(time.perf_counter() - t0, 3)})
+    finally:
+        out.with_suffix(".cells.json").write_text(json.dumps(times, indent=1) + "\n")
+        slow = sorted(times, key=lambda t: -t["seconds"])[:8]
+        print(f"cell times ({sum(t['seconds'] for t in times):.1f} s in {len(times)} code cells), slowest: " +
+              "; ".join(f"line {t['line']} [{t['section'][:40]}] {t['seconds']:.1f} s" for t in slow), flush=True)
     return 0
 
 
