@@ -217,5 +217,10 @@ metrics, reasons = dp.verdict(thresholds, dtype=run_dtype, greedy=greedy, chat=c
 print(f"logits judged at {metrics['judged_steps']} of {metrics['compared_steps']} compared steps" + (
     "" if metrics["judged_steps"] or not metrics["compared_steps"] else
     ": none, every step up to each parting was at a routing near-tie; the verdict rests on the tokens alone"))
+metrics["graph_captures"] = kv_engine.captures  # where the graph engine's compile time went (doc/performance.md)
+if kv_engine.captures:
+    print(f"graph engine: {len(kv_engine.captures)} captures (cache lengths "
+          f"{sorted({c['max_len'] for c in kv_engine.captures})}), "
+          f"{sum(c['seconds'] for c in kv_engine.captures):.1f} s compiling and capturing")
 record = nbutil.write_metrics(out_dir, NOTEBOOK, metrics, reasons)
 print(nbutil.verdict_line(record))

@@ -4,7 +4,8 @@
 step over a static cache (qwenlab.generation.graph), with the engine's kernels (qwenlab.generation.kernels).
 `eager`: the forward once per token. `auto`: graph where it can run, else eager, saying why.
 The engine keeps the compiled step, the kernel choices and their timings, the captured graph of each static cache
-it made, and a pooled cache for one-off generations (so the playground's second Generate reuses the graph).
+it made (and, in `captures`, each capture's cache length and seconds: a new length compiles the step again), and a
+pooled cache for one-off generations (so the playground's second Generate reuses the graph).
 """
 import time
 import weakref
@@ -57,6 +58,7 @@ class Engine:
         self._step_fn = None
         self._graphs: "weakref.WeakKeyDictionary[StaticKVCache, CapturedStep]" = weakref.WeakKeyDictionary()
         self._pool: StaticKVCache | None = None
+        self.captures: list[dict] = []  # {"max_len", "seconds"}: each graph captured (compile included), in order
 
     def new_cache(self, max_len: int, preallocate: bool = True) -> KVCache:
         """A cache this engine decodes: static (graph-capturable) for graph unless a grown one is asked for."""
@@ -118,4 +120,6 @@ class Engine:
         if self._step_fn is None:
             self._step_fn = torch.compile(one_token, dynamic=False) if self.compile else one_token
         step = self._graphs[cache] = CapturedStep(self.model, cache, self._step_fn, self.kernels)
-        return step, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.captures.append({"max_len": cache.max_len, "seconds": round(seconds, 3)})
+        return step, seconds

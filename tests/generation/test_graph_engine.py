@@ -143,6 +143,9 @@ def test_greedy_graph_decode_running_ahead_of_the_host_equals_the_step_by_step_o
     assert second[0].ids == second[1].ids
     eager = generate(ckpt.model, more, params, stop_ids=(-1,), engine="eager")
     assert second[0].ids == eager.ids
+    # one capture per static cache (the pooled one, then the two made here), each with its length and seconds
+    assert [c["max_len"] for c in engine.captures] == [512, 256, 256]
+    assert all(c["seconds"] > 0 for c in engine.captures)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
