@@ -5,10 +5,9 @@
 #   GPU 1: scripts/gpu_verdicts_evidence.sh: the trained-24l checkpoint trained for TRAIN_STEPS steps, then notebooks
 #          TRAINED_NOTEBOOKS on it.
 # Only one lane loads a large model: two lanes each loading ~60 GB checkpoints thrash the host's page cache (a
-# first try ran both MoE notebooks at once and each took over four times as long as alone). Each lane is pinned to
-# half the host's cores (taskset) with its compile and OpenMP threads capped to match: with both lanes free to use
-# every core, the MoE notebooks (bound by the host's kernel launches) ran 4-6x slower than alone and a trained-model
-# notebook 04 3.7x slower.
+# first try ran both MoE notebooks at once and each took over four times as long as alone). scripts/gpu_lanes.sh
+# pins each lane to half the host's cores: with both lanes free to use every core, the MoE notebooks (bound by the
+# host's kernel launches) ran 4-6x slower than alone and a trained-model notebook 04 3.7x slower.
 # Each lane writes its own folder under $OUT (moe/, trained/) with its script's log. Carry .tok and .whl.
 #
 #   OUT=/some/dir bash scripts/gpu_x2_moe_trained.sh
@@ -22,13 +21,8 @@ NB04_ARGS=${NB04_ARGS:-latency_new_tokens=32 latency_positions=[64,256]}
 BENCH_ARGS=${BENCH_ARGS:---hf dynamic --engines eager --new-tokens 64 --prefill-tokens 512}
 BUDGET_S=${BUDGET_S:-560}
 mkdir -p "$OUT"
-half=$(( $(nproc) / 2 ))
-export TORCHINDUCTOR_COMPILE_THREADS=$(( half > 8 ? 8 : half )) OMP_NUM_THREADS=$(( half > 8 ? 8 : half ))
-pin() { if command -v taskset >/dev/null; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
-CUDA_VISIBLE_DEVICES=0 pin 0-$((half - 1)) env OUT=$OUT/moe NOTEBOOKS="${MOE_NOTEBOOKS:-03 04}" BUDGET_S=$BUDGET_S NB04_ARGS="$NB04_ARGS" \
-  BENCH_ARGS="$BENCH_ARGS" bash scripts/gpu_moe_evidence.sh > "$OUT/lane0.out" 2>&1 &
-CUDA_VISIBLE_DEVICES=1 pin $half-$(( 2 * half - 1 )) env OUT=$OUT/trained TRAIN_STEPS=${TRAIN_STEPS:-776} SKIP_DEEP=1 BUDGET_S=$BUDGET_S \
-  NOTEBOOKS="${TRAINED_NOTEBOOKS:-06 03 03:nvfp4 04 04:nvfp4}" NB04_ARGS="$NB04_ARGS" \
-  bash scripts/gpu_verdicts_evidence.sh > "$OUT/lane1.out" 2>&1 &
-wait
-echo "both lanes done"
+LANES_OUT=$OUT bash scripts/gpu_lanes.sh \
+  "OUT=$OUT/moe NOTEBOOKS='${MOE_NOTEBOOKS:-03 04}' BUDGET_S=$BUDGET_S NB04_ARGS='$NB04_ARGS' BENCH_ARGS='$BENCH_ARGS' \
+     bash scripts/gpu_moe_evidence.sh" \
+  "OUT=$OUT/trained TRAIN_STEPS=${TRAIN_STEPS:-776} SKIP_DEEP=1 BUDGET_S=$BUDGET_S \
+     NOTEBOOKS='${TRAINED_NOTEBOOKS:-06 03 03:nvfp4 04 04:nvfp4}' NB04_ARGS='$NB04_ARGS' bash scripts/gpu_verdicts_evidence.sh"
