@@ -174,7 +174,9 @@ display(stops)
 # are measured on these prompts: the reference's step logits in the run dtype (kept from section 1) against the
 # same reference in float32, teacher-forced on the reference's own tokens. The verdict allows a multiple of that
 # noise (thresholds file, `noise`; doc/floors.md). The run-dtype reference is freed first so the float32 one has
-# room. A float32 run has no lower-precision noise and keeps the float32 limits; so does a float32 NVFP4 run, whose
+# room; when it still does not fit beside qwenlab's model (a 30B model on one GPU), qwenlab's weights are released
+# too (nothing after this section runs the model; not for an NVFP4 model, whose quantized reference is exported from
+# it). When it does not fit even then, the fixed limits apply and the line below says so. A float32 run has no lower-precision noise and keeps the float32 limits; so does a float32 NVFP4 run, whose
 # reference dequantizes through bfloat16 (the fixed bfloat16 limits, doc/nvfp4.md).
 
 # %%
@@ -183,7 +185,8 @@ ref_steps = dp.reference_steps(reference, prompt_ids, greedy)
 del reference  # the float32 reference loads next
 noise, floors_note = dp.measure_step_noise(ckpt, prompt_ids, greedy, ref_steps, quant_reference,
                                            unquantized_model or None,
-                                           enabled=measure_floors and limit_dtype == run_dtype)
+                                           enabled=measure_floors and limit_dtype == run_dtype,
+                                           release_model=True)  # nothing below runs qwenlab's model
 print(floors_note)
 if noise is not None:
     display(noise)

@@ -261,27 +261,38 @@ def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict
 
 def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dict[str, torch.Tensor],
                        quant_reference: str = "quantized", unquantized_model=None,
-                       enabled: bool = True) -> tuple[pd.DataFrame | None, str]:
+                       enabled: bool = True, release_model: bool = False) -> tuple[pd.DataFrame | None, str]:
     """Notebook 04's floors: loads the reference in float32 (for an NVFP4 model, the one `quant_reference` names) and
     returns (step_noise table, note), or (None, why not) for a float32 run, `enabled` False, or a float32 reference
     that does not fit (the fixed limits then apply). Free the run-dtype reference first: ref_steps has what it gave.
-    On several GPUs the float32 reference is spread over them (accelerate)."""
-    dtype = dtype_name(ckpt.model.dtype)
+    On several GPUs the float32 reference is spread over them (accelerate). release_model: when the float32
+    reference does not fit beside qwenlab's model, move that model's weights to the meta device (it is unusable
+    afterwards: for a caller with nothing left to run on it) and try again; not for an NVFP4 model, whose quantized
+    reference is exported from it."""
+    model = ckpt.model
+    dtype = dtype_name(model.dtype)
     if not enabled:
         return None, "floors not measured (measure_floors off, or a float32 NVFP4 run): the fixed limits apply"
     if dtype in ("float32", "float64"):
         return None, "a float32 run has no lower-precision noise to measure: the float32 limits apply"
-    device = ckpt.model.device
+    device, margin, spread = model.device, routing_margin(model), several_gpus(model.device)
     release(device)
     longest = max(len(ids) + len(greedy.loc[label, "reference_ids"]) for label, ids in prompts.items())
-    fit = reference_fit("the float32 reference", ckpt.model.config, "float32", longest,
-                        visible_devices(str(device)), several_gpus(device))
+    fit = reference_fit("the float32 reference", model.config, "float32", longest, visible_devices(str(device)),
+                        spread)
+    freed = ""
+    if not fit.fits and release_model and model.quantization is None:
+        model.to("meta")  # the weights go; nothing the caller runs after the floors needs them
+        release(device)
+        fit = reference_fit("the float32 reference", model.config, "float32", longest, visible_devices(str(device)),
+                            spread, beside="nothing (qwenlab's model released)")
+        freed = "; qwenlab's model was released first to make room"
     truth, why = load_if_fits(fit, lambda **kw: load_reference_for(ckpt, quant_reference, unquantized_model,
-                                                                   dtype=torch.float32, **kw), device)
+                                                                   dtype=torch.float32, device=device, **kw), device)
     if truth is None:
         return None, f"floors not measured: {why}; the fixed limits apply"
     try:
-        noise = step_noise(truth, prompts, greedy, ref_steps, routing_margin(ckpt.model))
+        noise = step_noise(truth, prompts, greedy, ref_steps, margin)
     except torch.OutOfMemoryError as e:
         return None, (f"floors not measured: the float32 reference does not fit ({out_of_memory(e)}); "
                       "the fixed limits apply")
@@ -289,7 +300,7 @@ def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dic
         truth = None
         release(device)
     return noise, (f"floors measured: transformers in {dtype} against itself in float32 on these prompts "
-                   f"({int(noise['steps'].sum())} steps)")
+                   f"({int(noise['steps'].sum())} steps){freed}")
 
 
 def step_limits(thresholds: dict, dtype: str, noise: pd.DataFrame | None) -> tuple[dict, bool]:

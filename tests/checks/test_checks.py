@@ -456,3 +456,39 @@ def test_a_float32_reference_that_does_not_fit_keeps_the_fixed_limits(monkeypatc
     noise, note = dp.measure_step_noise(ckpt, {"p": ids}, greedy, {})
     assert noise is None
     assert note.startswith("floors not measured: the float32 reference needs ") and "the fixed limits apply" in note
+
+
+def test_a_float32_reference_that_fits_only_alone_is_measured_once_the_model_is_released(monkeypatch):
+    """Notebook 04 on a model whose float32 reference fits one GPU only without it (Qwen3-30B-A3B or -32B on one
+    H200): with release_model, qwenlab's weights go to the meta device first, then the floors are measured, the same
+    numbers as with room to spare. Without it, or for an NVFP4 model (its quantized reference is exported from it),
+    the fixed limits apply and the model is left alone."""
+    from qwenlab.activations.nvfp4_reference import load_reference_for
+    from qwenlab.memory.plan import DeviceMemory
+
+    ckpt = load(ensure_tiny(), "bfloat16", "cpu")
+    reference = load_reference_for(ckpt)
+    tok = ckpt.tokenizer
+    prompts = {"raw": tok.encode("The quick brown fox")}
+    greedy, _ = dp.greedy_parity(ckpt.model, reference, prompts, 8, tok.stop_ids)
+    ref_steps = dp.reference_steps(reference, prompts, greedy)
+    roomy, _ = dp.measure_step_noise(ckpt, prompts, greedy, ref_steps)
+
+    def free_once_released(device):  # room for the float32 reference only once qwenlab's weights are gone
+        released = all(p.device.type == "meta" for p in ckpt.model.parameters())
+        return [DeviceMemory("cpu", (1 << 34) if released else (1 << 20), 1 << 35)]
+
+    monkeypatch.setattr(dp, "visible_devices", free_once_released)
+    noise, note = dp.measure_step_noise(ckpt, prompts, greedy, ref_steps)
+    assert noise is None and "the fixed limits apply" in note
+    assert all(p.device.type == "cpu" for p in ckpt.model.parameters())
+    noise, note = dp.measure_step_noise(ckpt, prompts, greedy, ref_steps, release_model=True)
+    assert note.startswith("floors measured") and note.endswith("qwenlab's model was released first to make room")
+    assert all(p.device.type == "meta" for p in ckpt.model.parameters())
+    pd.testing.assert_frame_equal(noise, roomy)
+
+    quantized = load(ensure_tiny(), "bfloat16", "cpu", quant="nvfp4")
+    monkeypatch.setattr(dp, "visible_devices", lambda device: [DeviceMemory("cpu", 1 << 20, 1 << 35)])
+    noise, note = dp.measure_step_noise(quantized, prompts, greedy, ref_steps, release_model=True)
+    assert noise is None and "the fixed limits apply" in note
+    assert not any(p.device.type == "meta" for p in quantized.model.parameters())
