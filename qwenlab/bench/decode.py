@@ -12,7 +12,15 @@ import torch
 from qwenlab.activations.reference import load_reference, reference_generate
 from qwenlab.arguments import COUNT
 from qwenlab.atomic import json_safe
-from qwenlab.bench.measure import copy_bandwidth, device_facts, peak_allocated, read_files, timed, weight_bytes
+from qwenlab.bench.measure import (
+    copy_bandwidth,
+    device_facts,
+    peak_allocated,
+    read_bytes_per_token,
+    read_files,
+    timed,
+    weight_bytes,
+)
 from qwenlab.generation.decode import generate
 from qwenlab.generation.engine import ENGINES, Engine, graph_unavailable
 from qwenlab.generation.sampling import SamplingParams
@@ -141,9 +149,9 @@ def run_bench(args) -> int:
         ckpt, load_s = timed(lambda: load(each), device)
         model, cfg = ckpt.model, ckpt.config
         label = "nvfp4" if model.quantization is not None else dtype_name(model.dtype)
-        wbytes = weight_bytes(model)
-        models[label] = {"weight_bytes": wbytes, "floor_ms_per_token": wbytes / bandwidth * 1e3,
-                         "floor_tok_s": bandwidth / wbytes,
+        wbytes, rbytes = weight_bytes(model), read_bytes_per_token(model)  # rbytes < wbytes: a MoE model's
+        models[label] = {"weight_bytes": wbytes, "read_bytes_per_token": rbytes,
+                         "floor_ms_per_token": rbytes / bandwidth * 1e3, "floor_tok_s": bandwidth / rbytes,
                          "quantization": model.quantization.summary() if model.quantization else None}
         prompt = random_ids(args.prompt_tokens, cfg.vocab_size, 0)
         prefill_ids = random_ids(args.prefill_tokens, cfg.vocab_size, 1)
@@ -163,10 +171,11 @@ def run_bench(args) -> int:
     budget = wbytes + kv_bytes_per_token(cfg, dtype) * (args.prompt_tokens + args.new_tokens)
     for row in rows:
         tok_s, floor_s = row.get("decode_tok_s", float("nan")), models[row["model"]]["floor_ms_per_token"] / 1e3
-        row |= {"ms_per_token": 1e3 / tok_s, "weight_gb_s": models[row["model"]]["weight_bytes"] * tok_s / 1e9,
+        row |= {"ms_per_token": 1e3 / tok_s, "weight_gb_s": models[row["model"]]["read_bytes_per_token"] * tok_s / 1e9,
                 "pct_of_floor": 100 * tok_s * floor_s}
     result = {"facts": facts, "model": str(model_dir), "layers": cfg.num_hidden_layers, "dtype": dtype_name(dtype),
-              "weight_bytes": wbytes, "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "weight_bytes": wbytes, "read_bytes_per_token": models[first]["read_bytes_per_token"],
+              "copy_bandwidth_gb_s": bandwidth / 1e9,
               "floor_ms_per_token": models[first]["floor_ms_per_token"], "floor_tok_s": models[first]["floor_tok_s"],
               "models": models, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "prefill_tokens": args.prefill_tokens, "budget_bytes": budget, "rows": rows,
@@ -184,14 +193,19 @@ def format_table(r: dict) -> str:
     where = (f"{f['name']} · driver {f['driver']} · CUDA {f['cuda']}" if "driver" in f
              else f"cpu ({f['threads']} threads)")
     lines = [f"qwenlab bench · {where} · {versions}",
-             f"model {r['model']}: {r['layers']} layers, {r['dtype']}, weights {r['weight_bytes'] / 1e9:.3f} GB; copy "
+             f"model {r['model']}: {r['layers']} layers, {r['dtype']}, weights {r['weight_bytes'] / 1e9:.3f} GB"
+             + (f", read per token {r['read_bytes_per_token'] / 1e9:.3f} GB (the experts each token picks)"
+                if r.get("read_bytes_per_token", r["weight_bytes"]) != r["weight_bytes"] else "") + "; copy "
              f"bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s -> floor {r['floor_ms_per_token']:.2f} ms/token "
              f"({r['floor_tok_s']:.0f} tok/s)",
              f"batch 1, greedy, prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens; prefill of "
              f"{r['prefill_tokens']} tokens; budget = weights + KV for the context = {r['budget_bytes'] / GiB:.2f} GiB"]
     for label, m in r.get("models", {}).items():
         if label == "nvfp4":
-            lines.append(f"nvfp4: weights {m['weight_bytes'] / 1e9:.3f} GB -> floor {m['floor_ms_per_token']:.2f} "
+            lines.append(f"nvfp4: weights {m['weight_bytes'] / 1e9:.3f} GB"
+                         + (f", read per token {m['read_bytes_per_token'] / 1e9:.3f} GB"
+                            if m["read_bytes_per_token"] != m["weight_bytes"] else "")
+                         + f" -> floor {m['floor_ms_per_token']:.2f} "
                          f"ms/token ({m['floor_tok_s']:.0f} tok/s); {m['quantization']}")
     lines += ["",
              f"{'model':<8} {'impl':<13} {'engine':<25} {'tok/s':>7} {'ms/tok':>7} {'GB/s':>6} {'%floor':>6} "

@@ -66,6 +66,24 @@ def weight_bytes(model) -> int:
     return sum(seen.values())
 
 
+def read_bytes_per_token(model) -> int:
+    """Weight bytes one batch-1 decode step reads: every weight, except an input embedding table not tied to the
+    head (a step reads one row of it), and for a MoE model only num_experts_per_tok / num_experts of the experts'
+    (each layer runs the k experts its token picked)."""
+    total, cfg = weight_bytes(model), model.config
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head shares the embedding
+    head = {t.untyped_storage().data_ptr() for name, t in params.items() if name.startswith("lm_head.")}
+    embed = [t for name, t in params.items() if name.endswith("embed_tokens.weight")]
+    if embed and embed[0].untyped_storage().data_ptr() not in head:
+        total -= embed[0].untyped_storage().nbytes() - embed[0][0].nbytes
+    if cfg.is_moe:
+        experts = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for name, t in params.items() if ".experts." in name}
+        expert_bytes = sum(experts.values())
+        total -= expert_bytes - expert_bytes * cfg.num_experts_per_tok // cfg.num_experts
+    return total
+
+
 @contextmanager
 def peak_allocated(device, out: dict, key: str = "peak_allocated_bytes"):
     """Records the CUDA allocator's peak allocated bytes over the block into out[key] (NaN on the CPU)."""

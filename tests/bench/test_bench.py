@@ -52,3 +52,22 @@ def test_bench_with_quant_prints_the_dense_and_the_nvfp4_rows_of_one_run():
     assert rows == [["float32", "qwenlab", "eager"], ["nvfp4", "qwenlab", "eager"]]
     assert "nvfp4: weights 0.03" in out and "kernel dequantize" in out  # the CPU path, said so
     assert "nvfp4 / float32 (eager engine): decode" in out
+
+
+def test_the_decode_floor_counts_the_bytes_a_step_reads(tiny, untied_dir, moe):
+    """A step reads every weight of a tied dense model; one row of an untied input embedding; and of a MoE model's
+    experts only the num_experts_per_tok of num_experts each layer runs (bench's floor and GB/s use these bytes)."""
+    from qwenlab.bench.measure import read_bytes_per_token, weight_bytes
+    from qwenlab.model.loader import load
+
+    assert read_bytes_per_token(tiny.model) == weight_bytes(tiny.model)
+    untied = load(untied_dir, "float32", "cpu").model
+    cfg = untied.config
+    assert weight_bytes(untied) - read_bytes_per_token(untied) == (cfg.vocab_size - 1) * cfg.hidden_size * 4
+    cfg = moe.model.config
+    moe_layers = sum(1 for layer in moe.model.model.layers if hasattr(layer.mlp, "experts"))
+    expert_bytes = moe_layers * cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * 4
+    unread = expert_bytes - expert_bytes * cfg.num_experts_per_tok // cfg.num_experts
+    embedding = 0 if cfg.tie_word_embeddings else (cfg.vocab_size - 1) * cfg.hidden_size * 4
+    assert weight_bytes(moe.model) - read_bytes_per_token(moe.model) == unread + embedding
+    assert moe_layers == 2 and cfg.num_experts_per_tok / cfg.num_experts == 0.25
