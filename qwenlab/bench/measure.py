@@ -71,7 +71,8 @@ def read_bytes_per_token(model) -> int:
     head (a step reads one row of it), and for a MoE model only num_experts_per_tok / num_experts of the experts'
     (each layer runs the k experts its token picked)."""
     total, cfg = weight_bytes(model), model.config
-    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head shares the embedding
+    # a tied head shares the embedding; NVFP4 linears keep their packed weights and scales as buffers
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     head = {t.untyped_storage().data_ptr() for name, t in params.items() if name.startswith("lm_head.")}
     embed = [t for name, t in params.items() if name.endswith("embed_tokens.weight")]
     if embed and embed[0].untyped_storage().data_ptr() not in head:

@@ -54,9 +54,10 @@ def test_bench_with_quant_prints_the_dense_and_the_nvfp4_rows_of_one_run():
     assert "nvfp4 / float32 (eager engine): decode" in out
 
 
-def test_the_decode_floor_counts_the_bytes_a_step_reads(tiny, untied_dir, moe):
+def test_the_decode_floor_counts_the_bytes_a_step_reads(tiny, untied_dir, moe, moe_dir):
     """A step reads every weight of a tied dense model; one row of an untied input embedding; and of a MoE model's
-    experts only the num_experts_per_tok of num_experts each layer runs (bench's floor and GB/s use these bytes)."""
+    experts only the num_experts_per_tok of num_experts each layer runs, NVFP4-packed ones too (bench's floor and
+    GB/s use these bytes)."""
     from qwenlab.bench.measure import read_bytes_per_token, weight_bytes
     from qwenlab.model.loader import load
 
@@ -71,3 +72,8 @@ def test_the_decode_floor_counts_the_bytes_a_step_reads(tiny, untied_dir, moe):
     embedding = 0 if cfg.tie_word_embeddings else (cfg.vocab_size - 1) * cfg.hidden_size * 4
     assert weight_bytes(moe.model) - read_bytes_per_token(moe.model) == unread + embedding
     assert moe_layers == 2 and cfg.num_experts_per_tok / cfg.num_experts == 0.25
+    quantized = load(moe_dir, "float32", "cpu", quant="nvfp4").model  # experts packed into buffers
+    packed = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+              for name, t in quantized.named_buffers() if ".experts." in name}
+    unread = sum(packed.values()) - sum(packed.values()) * cfg.num_experts_per_tok // cfg.num_experts
+    assert weight_bytes(quantized) - read_bytes_per_token(quantized) == unread + embedding
