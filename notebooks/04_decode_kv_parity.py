@@ -176,8 +176,9 @@ display(stops)
 # noise (thresholds file, `noise`; doc/floors.md). The run-dtype reference is freed first so the float32 one has
 # room; when it still does not fit beside qwenlab's model (a 30B model on one GPU), qwenlab's weights are released
 # too (nothing after this section runs the model; not for an NVFP4 model, whose quantized reference is exported from
-# it). When it does not fit even then, the fixed limits apply and the line below says so. A float32 run has no lower-precision noise and keeps the float32 limits; so does a float32 NVFP4 run, whose
-# reference dequantizes through bfloat16 (the fixed bfloat16 limits, doc/nvfp4.md).
+# it). When it does not fit even then, the fixed limits apply and the line below says so. A float32 run has no
+# lower-precision noise and keeps the float32 limits; so does a float32 NVFP4 run, whose reference dequantizes
+# through bfloat16 (the fixed bfloat16 limits, doc/nvfp4.md).
 
 # %%
 limit_dtype = dp.limit_dtype(model)  # bfloat16 for an NVFP4 model: doc/nvfp4.md

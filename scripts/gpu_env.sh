@@ -59,6 +59,16 @@ make_checkpoint() {
 # a temp folder on PYTHONPATH.
 install_wheels() {
   ls "$REPO"/.whl/*.whl >/dev/null 2>&1 || return 0
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-    "$REPO"/.whl/*.whl >/dev/null 2>&1 && export PYTHONPATH="$PYTHONPATH:$WORK/site" && echo "wheels installed"
+  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+    export PYTHONPATH="$PYTHONPATH:$WORK/site" && echo "wheels installed into $WORK/site"
+  else
+    echo "installing the carried wheels FAILED: continuing without them"
+  fi
+}
+
+# verdict_line METRICS_JSON LABEL: "VERDICT LABEL pass|regressed [reasons]", or that there are no metrics.
+verdict_line() {
+  $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print('VERDICT', sys.argv[2], r['verdict'], r['reasons'])" \
+    "$1" "$2" 2>/dev/null || echo "no metrics for $2"
 }

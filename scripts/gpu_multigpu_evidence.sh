@@ -59,8 +59,7 @@ for nb in $MORE; do
     dtype=bfloat16 out_dir="$WORK/$nb" "${extra[@]}" || echo "notebook $name FAILED (exit $?)"
   echo "wall time ($name): $((SECONDS - t0)) s"
   cp -f "$WORK/$nb/metrics/$name.json" "$OUT/$nb.json" 2>/dev/null
-  $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print('VERDICT', sys.argv[2], r['verdict'], r['reasons'])" \
-    "$OUT/$nb.json" "$name" 2>/dev/null || echo "no metrics for $name"
+  verdict_line "$OUT/$nb.json" "$name"
 done
 (cd "$WORK" && tar czf "$OUT/metrics.tar.gz" --exclude='*.ipynb' --exclude='*.py' ./*/metrics ./*/figures ./*/*.cells.json 2>/dev/null)
 step "summary"

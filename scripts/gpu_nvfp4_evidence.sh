@@ -68,11 +68,7 @@ echo "command: $0  (PRESET=$PRESET CKPT=$CKPT DEVICE=$DEVICE DTYPE=$DTYPE DECODE
 
 # Optional: wheels carried in ./.whl (git-ignored) make the quantized reference possible on a machine without
 # compressed-tensors: installed into a private folder, never into the machine's python.
-if ! has compressed_tensors && ls "$REPO"/.whl/compressed_tensors-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --target "$WORK/site" "$REPO"/.whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:$WORK/site" && echo "compressed-tensors installed from .whl into $WORK/site" \
-    || echo "installing the carried wheels FAILED: continuing without compressed-tensors"
-fi
+has compressed_tensors || install_wheels
 
 make_checkpoint "$CKPT" "$PRESET" "$DEVICE" || exit 1
 du -sb "$CKPT"/*.safetensors | awk '{s += $1} END {printf "bf16 checkpoint: %.1f MiB of safetensors\n", s / 2^20}'

@@ -82,8 +82,7 @@ for item in $NOTEBOOKS; do
   $PY scripts/run_notebook.py "notebooks/$name.ipynb" "$WORK/$tag/$name.ipynb" model_dir="$CKPT" device="$DEVICE" \
     dtype=bfloat16 quant="$quant" out_dir="$WORK/$tag" "${extra[@]}" || echo "notebook $name ($tag) FAILED (exit $?)"
   echo "wall time ($name, $tag): $((SECONDS - t0)) s"
-  $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print('VERDICT', sys.argv[2], r['verdict'], r['reasons'])" \
-    "$WORK/$tag/metrics/$name.json" "$name ($tag)" 2>/dev/null || echo "no metrics for $name ($tag)"
+  verdict_line "$WORK/$tag/metrics/$name.json" "$name ($tag)"
 done
 (cd "$WORK" && tar czf "$OUT/metrics.tar.gz" --exclude='*.ipynb' --exclude='*.py' bf16* 2>/dev/null)
 

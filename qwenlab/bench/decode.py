@@ -149,7 +149,7 @@ def run_bench(args) -> int:
         ckpt, load_s = timed(lambda: load(each), device)
         model, cfg = ckpt.model, ckpt.config
         label = "nvfp4" if model.quantization is not None else dtype_name(model.dtype)
-        wbytes, rbytes = weight_bytes(model), read_bytes_per_token(model)  # rbytes < wbytes: a MoE model's
+        wbytes, rbytes = weight_bytes(model), read_bytes_per_token(model)  # the floor: what a step reads
         models[label] = {"weight_bytes": wbytes, "read_bytes_per_token": rbytes,
                          "floor_ms_per_token": rbytes / bandwidth * 1e3, "floor_tok_s": bandwidth / rbytes,
                          "quantization": model.quantization.summary() if model.quantization else None}
@@ -187,25 +187,27 @@ def run_bench(args) -> int:
     return 0
 
 
+def _weights(m: dict) -> str:
+    """'weights X GB', and the bytes a step reads where fewer (a MoE model's experts, an untied embedding)."""
+    read = m.get("read_bytes_per_token", m["weight_bytes"])
+    return f"weights {m['weight_bytes'] / 1e9:.3f} GB" + (
+        f", read per token {read / 1e9:.3f} GB" if read != m["weight_bytes"] else "")
+
+
 def format_table(r: dict) -> str:
     f = r["facts"]
     versions = " · ".join(f"{k} {f[k]}" for k in ("torch", "transformers", "triton", "python") if k in f)
     where = (f"{f['name']} · driver {f['driver']} · CUDA {f['cuda']}" if "driver" in f
              else f"cpu ({f['threads']} threads)")
     lines = [f"qwenlab bench · {where} · {versions}",
-             f"model {r['model']}: {r['layers']} layers, {r['dtype']}, weights {r['weight_bytes'] / 1e9:.3f} GB"
-             + (f", read per token {r['read_bytes_per_token'] / 1e9:.3f} GB (the experts each token picks)"
-                if r.get("read_bytes_per_token", r["weight_bytes"]) != r["weight_bytes"] else "") + "; copy "
+             f"model {r['model']}: {r['layers']} layers, {r['dtype']}, {_weights(r)}; copy "
              f"bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s -> floor {r['floor_ms_per_token']:.2f} ms/token "
              f"({r['floor_tok_s']:.0f} tok/s)",
              f"batch 1, greedy, prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens; prefill of "
              f"{r['prefill_tokens']} tokens; budget = weights + KV for the context = {r['budget_bytes'] / GiB:.2f} GiB"]
     for label, m in r.get("models", {}).items():
         if label == "nvfp4":
-            lines.append(f"nvfp4: weights {m['weight_bytes'] / 1e9:.3f} GB"
-                         + (f", read per token {m['read_bytes_per_token'] / 1e9:.3f} GB"
-                            if m["read_bytes_per_token"] != m["weight_bytes"] else "")
-                         + f" -> floor {m['floor_ms_per_token']:.2f} "
+            lines.append(f"nvfp4: {_weights(m)} -> floor {m['floor_ms_per_token']:.2f} "
                          f"ms/token ({m['floor_tok_s']:.0f} tok/s); {m['quantization']}")
     lines += ["",
              f"{'model':<8} {'impl':<13} {'engine':<25} {'tok/s':>7} {'ms/tok':>7} {'GB/s':>6} {'%floor':>6} "

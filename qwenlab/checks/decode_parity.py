@@ -278,15 +278,16 @@ def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dic
     device, margin, spread = model.device, routing_margin(model), several_gpus(model.device)
     release(device)
     longest = max(len(ids) + len(greedy.loc[label, "reference_ids"]) for label, ids in prompts.items())
-    fit = reference_fit("the float32 reference", model.config, "float32", longest, visible_devices(str(device)),
-                        spread)
-    freed = ""
+
+    def fit_now(beside: str = "qwenlab's model"):
+        return reference_fit("the float32 reference", model.config, "float32", longest, visible_devices(str(device)),
+                             spread, beside)
+
+    fit, freed = fit_now(), ""
     if not fit.fits and release_model and model.quantization is None:
         model.to("meta")  # the weights go; nothing the caller runs after the floors needs them
         release(device)
-        fit = reference_fit("the float32 reference", model.config, "float32", longest, visible_devices(str(device)),
-                            spread, beside="nothing (qwenlab's model released)")
-        freed = "; qwenlab's model was released first to make room"
+        fit, freed = fit_now("nothing (qwenlab's model released)"), "; qwenlab's model was released first to make room"
     truth, why = load_if_fits(fit, lambda **kw: load_reference_for(ckpt, quant_reference, unquantized_model,
                                                                    dtype=torch.float32, device=device, **kw), device)
     if truth is None:

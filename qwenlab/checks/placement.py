@@ -162,7 +162,7 @@ def run_layer_diffs(spec: LoadSpec, prompts, the_plan: Plan, gates: Gates, *, ca
 
     localised, planted_results = None, {}
     if cand_dump is not None:
-        cands, cand_forced, meta = [cand_dump.tensors], [None], cand_dump.metadata
+        cands, cand_forced, owns, meta = [cand_dump.tensors], [None], [None], cand_dump.metadata
     else:
         meta = {}
         with phases.timed("qwenlab"):
@@ -186,7 +186,6 @@ def run_layer_diffs(spec: LoadSpec, prompts, the_plan: Plan, gates: Gates, *, ca
         phases.free()
 
     diffs = []
-    owns = owns if cand_dump is None else [None]
     for (label, ids), cand, ref, truth, cf, rf, own in zip(cases, cands, refs, truths, cand_forced, ref_forced,
                                                            owns):
         captures = Captures(label, ids, cand, ref, truth, cf, rf, meta, own)

@@ -44,6 +44,19 @@ class Generation:
                 "engine": self.engine, "engine_note": self.engine_note, "compile_s": self.compile_s}
 
 
+def stop_reason(token, generated: int, fed: int, stop_ids, max_new_tokens: int, max_len: int) -> str:
+    """Why generation ends with `token`, the generated-th new token, chosen after `fed` tokens (prompt included):
+    'stop_token', 'max_new_tokens', 'context_full', or '' when it goes on (token None: only the limits known in
+    advance)."""
+    if token in stop_ids:
+        return "stop_token"
+    if generated >= max_new_tokens:
+        return "max_new_tokens"
+    if fed + 1 >= max_len:
+        return "context_full"
+    return ""
+
+
 class ChainedGreedy:
     """A captured step's greedy tokens, read back asynchronously: launch() replays the step on the last chosen token
     and queues the copy of its choice into pinned host memory; read(i) waits for the i-th chosen token only (token 0
@@ -84,7 +97,7 @@ def decode_ahead(pipe, out: Generation, seq: list[int], cache, stop_ids: set, ma
         if should_stop is not None and should_stop():
             out.stop_reason = "stopped"
             break
-        last = i + 1 >= max_new_tokens or len(seq) + 1 >= max_len
+        last = stop_reason(None, i + 1, len(seq), (), max_new_tokens, max_len)  # a known end: queue nothing past it
         if not last and launched == i:
             pipe.launch()
             launched += 1
@@ -92,12 +105,7 @@ def decode_ahead(pipe, out: Generation, seq: list[int], cache, stop_ids: set, ma
         out.ids.append(token)
         if on_token is not None:
             on_token(token)
-        if token in stop_ids:
-            out.stop_reason = "stop_token"
-        elif len(out.ids) >= max_new_tokens:
-            out.stop_reason = "max_new_tokens"
-        elif len(seq) + 1 >= max_len:
-            out.stop_reason = "context_full"
+        out.stop_reason = stop_reason(token, len(out.ids), len(seq), stop_ids, max_new_tokens, max_len)
         now = time.perf_counter()
         out.step_s.append(now - t0)
         t0 = now
@@ -174,39 +182,31 @@ def generate(model, prompt_ids: list[int], params: SamplingParams = SamplingPara
         out.engine_note += "; greedy tokens chosen on the device, read back one step behind"
         pipe = ChainedGreedy(step, logits, params.max_new_tokens + 1)
         decode_ahead(pipe, out, seq, cache, stop_ids, params.max_new_tokens, max_len, on_token, should_stop)
-        if tokenizer is not None:
-            out.text = tokenizer.decode(out.ids[:-1] if out.stop_reason == "stop_token" else out.ids)
-        return out
-
-    while True:
-        if should_stop is not None and should_stop():
-            out.stop_reason = "stopped"
-            break
-        t0 = time.perf_counter()
-        if on_logits is not None:
-            on_logits(logits[0, -1])
-        token = sampler(logits[0, -1])
-        out.ids.append(token)
-        if on_token is not None:
-            on_token(token)
-        if token in stop_ids:
-            out.stop_reason = "stop_token"
-        elif len(out.ids) >= params.max_new_tokens:
-            out.stop_reason = "max_new_tokens"
-        elif len(seq) + 1 >= max_len:
-            out.stop_reason = "context_full"
-        if out.stop_reason:
+    else:
+        while True:
+            if should_stop is not None and should_stop():
+                out.stop_reason = "stopped"
+                break
+            t0 = time.perf_counter()
+            if on_logits is not None:
+                on_logits(logits[0, -1])
+            token = sampler(logits[0, -1])
+            out.ids.append(token)
+            if on_token is not None:
+                on_token(token)
+            out.stop_reason = stop_reason(token, len(out.ids), len(seq), stop_ids, params.max_new_tokens, max_len)
+            if out.stop_reason:
+                out.step_s.append(time.perf_counter() - t0)
+                break
+            seq.append(token)
+            if step is not None:
+                logits = step.replay(token)
+            elif mode == "kv":
+                logits = model(torch.tensor([token], device=device), cache=cache)
+            else:
+                logits = model(torch.tensor(seq, device=device), last_only=True)
+            _sync(device)
             out.step_s.append(time.perf_counter() - t0)
-            break
-        seq.append(token)
-        if step is not None:
-            logits = step.replay(token)
-        elif mode == "kv":
-            logits = model(torch.tensor([token], device=device), cache=cache)
-        else:
-            logits = model(torch.tensor(seq, device=device), last_only=True)
-        _sync(device)
-        out.step_s.append(time.perf_counter() - t0)
     if tokenizer is not None:
         out.text = tokenizer.decode(out.ids[:-1] if out.stop_reason == "stop_token" else out.ids)
     return out
