@@ -1,10 +1,11 @@
 """The trusted side: HF transformers' Qwen3ForCausalLM or Qwen3MoeForCausalLM (eager attention, eager experts), its
 canonical activations captured by forward hooks on its modules. Which module holds each name comes from qwenlab's
-own hook points (their `reference` field), so the two sides share one list of names. Nothing of transformers is
-patched.
+own hook points (their `reference` field), so the two sides share one list of names. Nothing of transformers' model
+is patched (its loader's allocator warm-up is skipped during a load: see load_reference).
 
 transformers is imported lazily here (it is slow to import) and nowhere on the qwenlab forward path.
 """
+import contextlib
 import functools
 import inspect
 import json
@@ -36,14 +37,19 @@ def quiet_optional_imports():
 
 
 def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="cpu", attention: str = "eager",
-                   direct_to_device: bool = False, device_map=None, max_memory: dict | None = None,
-                   experts: str | None = "eager"):
+                   direct_to_device: bool = True, device_map=None, max_memory: dict | None = None,
+                   experts: str | None = "eager", allocator_warmup: bool = False):
     """Qwen3ForCausalLM (Qwen3MoeForCausalLM for a qwen3_moe checkpoint, its experts run by transformers' eager loop)
     from the checkpoint, eager attention by default (the trusted side of every diff).
-    direct_to_device loads the weights straight onto `device`, transformers' fastest load. device_map ("auto",
+    A GPU `device` gets the weights straight onto it (transformers' fastest load; direct_to_device=False stages the
+    whole model in host memory first, which a 30B model's float32 reference, 122 GB, overflows). device_map ("auto",
     "balanced" or accelerate's dict) with max_memory ({gpu index: bytes}) splits it across GPUs through accelerate,
     the maintained engine for that in the transformers ecosystem. experts: a MoE model's experts implementation
-    (None: transformers' default, grouped_mm where it can run; a benchmark's fair baseline)."""
+    (None: transformers' default, grouped_mm where it can run; a benchmark's fair baseline).
+    allocator_warmup: let transformers reserve the model's bytes as one block before a GPU load (its default, a
+    faster load). Off by default: a notebook frees its references to make room for the next, and any small tensor
+    allocated later inside that block's slack keeps the whole block reserved after the model is gone (notebook 04 on
+    a 30B model found 51 GiB still reserved after its bfloat16 reference was deleted)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_optional_imports()
     import transformers
@@ -59,7 +65,8 @@ def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="c
             placement = {"device_map": str(device)}
         else:
             placement = {}
-        with warnings.catch_warnings():  # "the quantization_config from the model will be used": as intended
+        with warnings.catch_warnings(), _allocator_warmup(allocator_warmup):  # warnings: "the quantization_config
+            # from the model will be used", as intended
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             cfg = read_config(Path(checkpoint_dir))
             moe = {"experts_implementation": experts} if cfg.is_moe and experts else {}
@@ -70,6 +77,22 @@ def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="c
         raise QwenlabError(f"{checkpoint_dir}: transformers could not load it ({str(e).splitlines()[0]})") from None
     _weights_in(model, dtype)
     return (model if placement else model.to(device)).eval()
+
+
+@contextlib.contextmanager
+def _allocator_warmup(enabled: bool):
+    """transformers.modeling_utils.caching_allocator_warmup as it is, or a no-op for the load (there is no option)."""
+    from transformers import modeling_utils
+
+    original = getattr(modeling_utils, "caching_allocator_warmup", None)
+    if enabled or original is None:
+        yield
+        return
+    modeling_utils.caching_allocator_warmup = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        modeling_utils.caching_allocator_warmup = original
 
 
 def _weights_in(model, dtype: torch.dtype):

@@ -101,7 +101,7 @@ def nvfp4_over_dense(rows: list[dict], dense: str) -> dict | None:
 
 
 def hf_rows(model_dir, dtype, device, prompt, new_tokens, prefill_ids, static: bool) -> list[dict]:
-    hf, load_s = timed(lambda: load_reference(model_dir, dtype, device, attention="sdpa", direct_to_device=True,
+    hf, load_s = timed(lambda: load_reference(model_dir, dtype, device, attention="sdpa", allocator_warmup=True,
                                               experts=None), device)  # MoE: transformers' default experts kernel
     ids = torch.tensor([prefill_ids], device=device)
     prefill_s = _prefill_seconds(lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1), device)

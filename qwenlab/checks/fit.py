@@ -53,6 +53,15 @@ def release(device):
     empty_cache(device)
 
 
+def held(device) -> str:
+    """What this process itself still holds on a GPU `device` ("" elsewhere): tells a leak (allocated) from cached
+    blocks the allocator could not hand back (reserved) when a reference does not fit."""
+    if torch.device(device).type != "cuda":
+        return ""
+    return (f" (this process holds {torch.cuda.memory_allocated(device) / GIB:.1f} GiB allocated, "
+            f"{torch.cuda.memory_reserved(device) / GIB:.1f} GiB reserved)")
+
+
 def out_of_memory(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -61,7 +70,7 @@ def load_if_fits(fit: Fit, load: Callable[..., object], device) -> tuple[object 
     """(model, None), or (None, why) when `fit` says it does not fit (nothing is loaded) or its load runs out of
     memory (what it had allocated is released). load is called with fit.load_kwargs()."""
     if not fit.fits:
-        return None, fit.why_not()
+        return None, fit.why_not() + held(device)
     try:
         return load(**fit.load_kwargs()), None
     except torch.OutOfMemoryError as e:

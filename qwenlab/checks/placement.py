@@ -101,7 +101,7 @@ class Phases:
         if split:
             return load_reference(folder, dtype, self.device, device_map="auto",
                                   max_memory=self.plan.reference_max_memory)
-        return load_reference(folder, dtype, self.device, direct_to_device=True)
+        return load_reference(folder, dtype, self.device)
 
     def qwenlab(self):
         layers = self.spec.device_map or (self.plan.layer_devices or None)
