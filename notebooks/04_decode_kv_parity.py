@@ -206,11 +206,12 @@ if noise is not None:
 #   measured in section 5 in low precision (greedy prompts and chat turns alike). On a MoE model a token produced
 #   where a router sat at a near-tie (its k-th and (k+1)-th logits within one rounding step) can take another
 #   expert by rounding alone, which moves that token's logits far more than rounding: such tokens are counted
-#   (`routing_near_tie_steps`, the largest rel_l2 among them) and left out of these numbers, in the noise too; a
-#   token mismatch at one is explained like one at a near-tie of the top-2 logits (doc/moe.md). So that every step
-#   is still judged, a MoE model is also run once over the reference's own tokens with its near-tie expert flips
-#   forced to the reference's (as notebook 03 does; `forced_*` columns), and those step logits count in the numbers
-#   above;
+#   (`routing_near_tie_steps`, the largest rel_l2 among them) and left out of these numbers; a token mismatch at
+#   one is explained like one at a near-tie of the top-2 logits (doc/moe.md). So that every step is still judged, a
+#   MoE model is also run once over the reference's own tokens with its near-tie expert flips forced to the
+#   reference's (as notebook 03 does; `forced_*` columns), and those step logits count in the numbers above. The
+#   noise of section 5 is measured the same way: the float32 reference takes the run-dtype reference's experts
+#   where it flipped at a near-tie (`forced_steps` in its table), and every step counts;
 # * the session re-uses its cache after turn 1;
 # * every exercised stop case is honoured, and at least `min_stop_cases_exercised` were exercised.
 

@@ -184,6 +184,35 @@ def _hooks(model, paths: dict, wanted, record) -> list:
     return handles
 
 
+def _routing_hooks(model, paths: dict, routing: dict[int, dict[int, list[int]]]) -> list:
+    """Forward hooks on transformers' MoE routers giving {layer: {token: expert ids}} those experts, weighted as the
+    router weighs its own choice: its softmax (float32) at those experts, renormalised when norm_topk_prob, in the
+    logits' dtype (qwenlab.activations.forced_routing.forcing_hooks does the same on qwenlab's side)."""
+    import torch.nn.functional as F
+
+    modules, norm = dict(model.named_modules()), bool(getattr(model.config, "norm_topk_prob", False))
+    handles = []
+    for layer, rows in routing.items():
+        where = paths.get(f"layers.{layer}.mlp.router_ids")
+        if where is None or where.path not in modules:
+            raise QwenlabError(f"reference: no MoE router in layer {layer} to force experts at")
+
+        def hook(m, args, out, rows=rows):
+            logits, weights, ids = out
+            ids = ids.clone()
+            for token, experts in rows.items():
+                ids[token] = torch.tensor(experts, dtype=ids.dtype, device=ids.device)
+            probs = F.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, ids)
+            if norm:
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+            weights = weights.clone()
+            for token in rows:
+                weights[token] = probs[token].to(weights.dtype)
+            return logits, weights, ids
+        handles.append(modules[where.path].register_forward_hook(hook))
+    return handles
+
+
 def _teacher_forcing(model, inputs: dict[str, torch.Tensor]) -> list:
     """Pre-hooks feeding decoder layer i the given `layers.{i}.input` instead of what the layer before made."""
     handles = []
@@ -204,10 +233,12 @@ def _teacher_forcing(model, inputs: dict[str, torch.Tensor]) -> list:
 
 @torch.inference_mode()
 def capture_reference(model, ids: list[int], include=None, to_cpu: bool = True,
-                      inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                      inputs: dict[str, torch.Tensor] | None = None,
+                      routing: dict[int, dict[int, list[int]]] | None = None) -> dict[str, torch.Tensor]:
     """The reference's canonical activations on one prompt (include: names or globs; None for all). inputs:
     {`layers.{i}.input`: tensor [T, hidden]} feeds those layers the given input (teacher forcing: each layer's
-    error is then its own, qwenlab.activations.isolated)."""
+    error is then its own, qwenlab.activations.isolated). routing: {layer: {token: expert ids}} gives a MoE model's
+    tokens those experts (the captured router ids and weights are the forced ones)."""
     acts = [layer.mlp.act_fn for layer in model.model.layers if hasattr(layer.mlp, "act_fn")]
     if len({id(act) for act in acts}) != len(acts):
         raise QwenlabError("reference: layers share one activation module, per-layer mlp.act hooks would collide")
@@ -221,7 +252,8 @@ def capture_reference(model, ids: list[int], include=None, to_cpu: bool = True,
         if keep(name):
             recorder(name)(x)
 
-    handles = _teacher_forcing(model, inputs or {}) + _hooks(model, paths, wanted, record)
+    handles = (_teacher_forcing(model, inputs or {}) + _routing_hooks(model, paths, routing or {})
+               + _hooks(model, paths, wanted, record))
     try:
         model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
     finally:

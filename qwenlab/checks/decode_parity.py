@@ -7,11 +7,11 @@ import torch
 
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.diff import logits_metrics
-from qwenlab.activations.forced_routing import capture_routing_forced
+from qwenlab.activations.forced_routing import capture_routing_forced, force_near_tie_flips
 from qwenlab.activations.names import split_name
 from qwenlab.activations.nvfp4_reference import load_reference_for
 from qwenlab.activations.reference import capture_reference, reference_generate
-from qwenlab.activations.routing import DEFAULT_MARGIN
+from qwenlab.activations.routing import DEFAULT_MARGIN, is_routing
 from qwenlab.checks.fit import load_if_fits, out_of_memory, reference_fit, release, several_gpus
 from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.generation.chat import ChatSession
@@ -227,39 +227,45 @@ def greedy_parity(model, ref_model, prompts: dict, max_new_tokens: int, stop_ids
     return pd.DataFrame(rows).set_index("prompt"), pd.concat(step_frames, ignore_index=True)
 
 
-def reference_steps(ref_model, prompts: dict, greedy: pd.DataFrame) -> dict[str, torch.Tensor]:
-    """Per prompt, the reference's step logits over the tokens it generated (host memory, for step_noise once the
-    reference is freed)."""
-    return {label: reference_step_logits(ref_model, ids, greedy.loc[label, "reference_ids"])
-            for label, ids in prompts.items()}
+def reference_steps(ref_model, prompts: dict, greedy: pd.DataFrame) -> dict[str, dict[str, torch.Tensor]]:
+    """Per prompt, what step_noise needs from the run-dtype reference once it is freed (host memory): over prompt +
+    the tokens it generated[:-1], its logits and, for a MoE model, its router ids and logits (the experts the float32
+    reference is forced to where it flips at a near-tie)."""
+    read = FORCED_STEP_TENSORS if getattr(ref_model.config, "model_type", "") == "qwen3_moe" else ["logits"]
+    return {label: capture_reference(ref_model, list(ids) + list(greedy.loc[label, "reference_ids"][:-1]),
+                                     include=read) for label, ids in prompts.items()}
 
 
-def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict[str, torch.Tensor],
+def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict[str, dict[str, torch.Tensor]],
                margin: float = DEFAULT_MARGIN["bfloat16"]) -> pd.DataFrame:
     """The reference's own precision noise on notebook 04's sequences: per prompt, its step logits in the run dtype
     (ref_steps) against the same model in float32 (truth_model), teacher-forced on the tokens the reference
-    generated: the largest rel_l2, the mean and largest KL(truth || reference), argmax disagreements. A MoE model's
-    tokens produced at a router near-tie of the float32 run (gap <= margin, the run dtype's routing margin) are left
-    out, as they are from the candidate's numbers: the noise is rounding, not another expert."""
+    generated: the largest rel_l2, the mean and largest KL(truth || reference), argmax disagreements. On a MoE model
+    the float32 run takes the run-dtype reference's experts wherever it flipped at a near-tie (gap <= margin, the run
+    dtype's routing margin; force_near_tie_flips), as qwenlab's forced steps do against the reference: otherwise
+    another expert, not rounding, would be measured, and on a deep MoE model every step has such a flip.
+    `forced_steps` counts the steps whose token had experts forced in some layer."""
     rows = []
-    cfg = truth_model.config
-    k = getattr(cfg, "num_experts_per_tok", 0) if getattr(cfg, "model_type", "") == "qwen3_moe" else 0
     for label, ids in prompts.items():
         gen = greedy.loc[label, "reference_ids"]
-        steps = step_metrics(ref_steps[label], reference_step_logits(truth_model, ids, gen))
-        ties = [None] * len(steps)
-        if k and len(gen):
-            router = capture_reference(truth_model, list(ids) + list(gen[:-1]), include=ROUTER_LOGITS)
-            ties = near_ties(router, len(ids) - 1, len(steps), k, margin)
-        kept, had = judged(steps, ties), len(steps) > 0
-        rows.append({"prompt": label, "steps": len(steps), "max_rel_l2": _max(kept["rel_l2"], had),
-                     "mean_kl": _mean(kept["kl"], had), "max_kl": _max(kept["kl"], had),
-                     "top1_disagreements": int((~kept["top1_match"].astype(bool)).sum()),
-                     "routing_near_tie_steps": len(steps) - len(kept)})
+        run, seq, start = ref_steps[label], list(ids) + list(gen[:-1]), len(ids) - 1
+        read = [name for name in FORCED_STEP_TENSORS if name != "logits"] if any(map(is_routing, run)) else []
+        truth = capture_reference(truth_model, seq, include=read + ["logits"])
+        forced = {}
+        if read and len(gen):
+            truth, forced = force_near_tie_flips(
+                lambda f: capture_reference(truth_model, seq, include=read + ["logits"], routing=f), truth, run, margin)
+        window = slice(start, start + len(gen))
+        steps = step_metrics(run["logits"][window].float(), truth["logits"][window].float())
+        tokens = {t for rows_ in forced.values() for t in rows_}
+        rows.append({"prompt": label, "steps": len(steps), "max_rel_l2": _max(steps["rel_l2"], False),
+                     "mean_kl": _mean(steps["kl"], False), "max_kl": _max(steps["kl"], False),
+                     "top1_disagreements": int((~steps["top1_match"].astype(bool)).sum()),
+                     "forced_steps": sum(start <= t < start + len(gen) for t in tokens)})
     return pd.DataFrame(rows).set_index("prompt")
 
 
-def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dict[str, torch.Tensor],
+def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dict[str, dict[str, torch.Tensor]],
                        quant_reference: str = "quantized", unquantized_model=None,
                        enabled: bool = True, release_model: bool = False) -> tuple[pd.DataFrame | None, str]:
     """Notebook 04's floors: loads the reference in float32 (for an NVFP4 model, the one `quant_reference` names) and

@@ -3,6 +3,7 @@ alone, and that moves its logits far more than rounding does. Such tokens are fo
 left out of the per-step numbers the verdict judges; a routing bug still fails. Checked on the tiny MoE in
 bfloat16 against transformers, with the floors measured from transformers' own bf16 noise."""
 import pytest
+import torch
 
 from qwenlab.activations import planted_moe
 from qwenlab.activations.nvfp4_reference import load_reference_for
@@ -49,6 +50,23 @@ def test_near_tie_tokens_explain_the_spikes_and_the_rest_pass(bf16):
     assert greedy["forced_mean_kl_vs_reference"].max() <= limits["max_step_kl_mean"]
     assert greedy["routing_near_tie_max_rel_l2"].max() == pytest.approx(spikes[["kv_vs_replay_rel_l2",
                                                                                "kv_vs_reference_rel_l2"]].max().max())
+
+
+def test_the_reference_noise_forces_its_own_near_tie_flips_and_measures_every_step(bf16):
+    """The floors' float32 reference takes the bf16 reference's experts where it flipped at a near-tie, as qwenlab's
+    forced steps do: every step is measured (none left out: on the 30B-A3B shape every step had such a flip, and
+    the floors had come out as the bare absolute minimums), and rounding is measured, not another expert."""
+    ckpt, reference, prompts, greedy, _, _ = bf16
+    truth = load_reference_for(ckpt, dtype=torch.float32)
+    run = dp.reference_steps(reference, prompts, greedy)
+    noise = dp.step_noise(truth, prompts, greedy, run)
+    assert (noise["steps"] == greedy["reference_tokens"]).all()
+    label = noise["forced_steps"].idxmax()
+    assert noise.loc[label, "forced_steps"] >= 1  # this fixture's float32 run flips an expert against its bf16 run
+    gen, start = greedy.loc[label, "reference_ids"], len(prompts[label]) - 1
+    plain = dp.step_metrics(run[label]["logits"][start:start + len(gen)].float(),
+                            dp.reference_step_logits(truth, prompts[label], gen))
+    assert plain["rel_l2"].max() > 5 * noise.loc[label, "max_rel_l2"]  # unforced: another expert's output
 
 
 def test_a_dense_model_has_no_near_ties(tiny_dir):

@@ -153,6 +153,26 @@ def test_tiny_moe_matches_transformers(moe, moe_ref, prompt, attention):
     assert torch.allclose(weights.sum(-1), torch.ones(T)), "norm_topk_prob: the k weights sum to one"
 
 
+def test_experts_forced_on_both_sides_still_match_transformers(moe, moe_ref):
+    """capture_reference(routing=...) gives transformers' router the experts qwenlab's forcing hooks give qwenlab's
+    (notebook 04's floors force the float32 reference like notebook 03 forces the candidate): the same experts
+    forced on both sides keep them equal to float32 rounding, and the forced choice is what both record."""
+    from qwenlab.activations.forced_routing import forcing_hooks
+
+    ids = moe.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    own = capture_reference(moe_ref, ids, include=["layers.*.mlp.router_ids"])
+    k, E = moe.config.num_experts_per_tok, moe.config.num_experts
+    forced = {1: {t: [e for e in range(E) if e not in own["layers.1.mlp.router_ids"][t].tolist()][:k]
+                  for t in (0, 3)}}
+    ref = capture_reference(moe_ref, ids, routing=forced)
+    cand = capture_qwenlab(moe.model, ids, replace=forcing_hooks(forced, moe.config.norm_topk_prob))
+    for t, experts in forced[1].items():
+        assert ref["layers.1.mlp.router_ids"][t].tolist() == cand["layers.1.mlp.router_ids"][t].tolist() == experts
+    assert tensor_metrics(cand["logits"], ref["logits"])["rel_l2"] < 1e-5
+    plain = capture_reference(moe_ref, ids, include=["logits"])["logits"]
+    assert tensor_metrics(plain, ref["logits"])["rel_l2"] > 1e-3  # the forcing did change the reference's output
+
+
 def test_checkpoint_transformers_wrote_matches_transformers(hf_written):
     ckpt, ref_model = load(hf_written, "float32", "cpu"), load_reference(hf_written)
     ids = ckpt.tokenizer.encode("Routing without renormalisation, every other layer sparse: 1, 2, 3.")
