@@ -58,7 +58,7 @@ for path in sorted(out.glob("0*.json")):
     r = json.loads(path.read_text())
     m = r["metrics"]
     print(f"{path.stem}: verdict {r['verdict']} {r['reasons']}")
-    if "routing" in m:
+    if isinstance(m.get("routing"), dict):
         print(f"  first divergence {m.get('first_divergence')}; isolated {m.get('isolated_first_divergence')}; "
               f"max ratio to floor {m.get('max_ratio_to_floor'):.3g}; planted {m.get('planted_localised')}/"
               f"{m.get('planted_total')}; routing agreement min {m['routing']['agreement_min']:.4f}, flips "
