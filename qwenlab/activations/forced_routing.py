@@ -1,17 +1,17 @@
 """Routing-forced captures of a MoE model (doc/moe.md, "Near-tie flips").
 
 A token whose experts flip at a near-tie (routing.compare_routing: explained by precision) goes through other
-experts by rounding alone; every tensor after it at that token, and through attention a little at later tokens,
-then differs from the reference by far more than rounding. To compare those tensors like with like, the candidate is
+experts by rounding alone; every tensor after it at that token, and through attention a little at later tokens, then
+differs from the reference by far more than rounding. To compare those tensors like with like, the candidate is
 captured again with the reference's experts at exactly those (layer, token) places, through replace hooks at
 `mlp.router_ids` and `mlp.router_weights` (the weights are qwenlab's own softmax of its router logits, taken at the
 forced experts and renormalised as the config says). Flips that appear in later layers once the earlier ones are
 forced are forced in another round (force_near_tie_flips: the same rounds force transformers' model, whose router
 capture_reference(routing=...) gives the experts, where notebook 04 measures the reference's own noise). The routing
-rows keep what the candidate chose on its own, judged with its own
-router logits (own_routing, diff_dumps(routing=...)): the flip stays reported where it happened, and a flip that an
-earlier near-tie flip of the same token caused (its own router logits then moved by more than rounding) is
-explained by those logits, not judged against the forced run's.
+rows keep what the candidate chose on its own, judged with its own router logits (own_routing,
+diff_dumps(routing=...)): the flip stays reported where it happened, and a flip that an earlier near-tie flip of the
+same token caused (its own router logits then moved by more than rounding) is explained by those logits, not judged
+against the forced run's.
 """
 from __future__ import annotations
 
