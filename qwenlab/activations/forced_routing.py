@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
-
 from qwenlab.activations.capture import capture_qwenlab
 from qwenlab.activations.names import layer_name
-from qwenlab.activations.routing import ROUTER_IDS, ROUTER_LOGITS, ROUTER_WEIGHTS, explained_flips
+from qwenlab.activations.routing import (
+    ROUTER_IDS,
+    ROUTER_LOGITS,
+    ROUTER_WEIGHTS,
+    explained_flips,
+    forced_weights,
+    with_experts,
+)
 
 MAX_ROUNDS = 4
 
@@ -37,22 +41,11 @@ def forcing_hooks(forced: dict[int, dict[int, list[int]]], norm_topk_prob: bool)
             kept["logits"] = logits
 
         def choose(ids, name, rows=rows, kept=kept):
-            out = ids.clone()
-            flat = out.view(-1, out.shape[-1])
-            for token, experts in rows.items():
-                flat[token] = torch.tensor(experts, dtype=out.dtype, device=out.device)
-            kept["ids"] = out
-            return out
+            kept["ids"] = with_experts(ids, rows)
+            return kept["ids"]
 
         def weigh(weights, name, rows=rows, kept=kept):
-            probs = F.softmax(kept["logits"], dim=-1, dtype=torch.float32).gather(-1, kept["ids"])
-            if norm_topk_prob:
-                probs = probs / probs.sum(dim=-1, keepdim=True)
-            out = weights.clone()
-            flat, new = out.view(-1, out.shape[-1]), probs.reshape(-1, out.shape[-1]).to(out.dtype)
-            for token in rows:
-                flat[token] = new[token]
-            return out
+            return forced_weights(weights, kept["logits"], kept["ids"], rows, norm_topk_prob)
 
         hooks[layer_name(layer, ROUTER_LOGITS)] = keep
         hooks[layer_name(layer, ROUTER_IDS)] = choose

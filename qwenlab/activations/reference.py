@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from qwenlab.activations.routing import forced_weights, with_experts
 from qwenlab.errors import QwenlabError
 from qwenlab.model.config import Qwen3Config, config_from_dict, read_config
 from qwenlab.model.hf_names import meta_model
@@ -49,7 +50,7 @@ def load_reference(checkpoint_dir, dtype: torch.dtype = torch.float32, device="c
     allocator_warmup: let transformers reserve the model's bytes as one block before a GPU load (its default, a
     faster load). Off by default: a notebook frees its references to make room for the next, and any small tensor
     allocated later inside that block's slack keeps the whole block reserved after the model is gone (notebook 04 on
-    a 30B model found 51 GiB still reserved after its bfloat16 reference was deleted)."""
+    a 30B model on an H200 found 56.9 GiB still reserved after its bfloat16 reference was deleted)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_optional_imports()
     import transformers
@@ -186,10 +187,7 @@ def _hooks(model, paths: dict, wanted, record) -> list:
 
 def _routing_hooks(model, paths: dict, routing: dict[int, dict[int, list[int]]]) -> list:
     """Forward hooks on transformers' MoE routers giving {layer: {token: expert ids}} those experts, weighted as the
-    router weighs its own choice: its softmax (float32) at those experts, renormalised when norm_topk_prob, in the
-    logits' dtype (qwenlab.activations.forced_routing.forcing_hooks does the same on qwenlab's side)."""
-    import torch.nn.functional as F
-
+    router weighs its own choice (routing.forced_weights, as qwenlab's forcing hooks do)."""
     modules, norm = dict(model.named_modules()), bool(getattr(model.config, "norm_topk_prob", False))
     handles = []
     for layer, rows in routing.items():
@@ -199,16 +197,8 @@ def _routing_hooks(model, paths: dict, routing: dict[int, dict[int, list[int]]])
 
         def hook(m, args, out, rows=rows):
             logits, weights, ids = out
-            ids = ids.clone()
-            for token, experts in rows.items():
-                ids[token] = torch.tensor(experts, dtype=ids.dtype, device=ids.device)
-            probs = F.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, ids)
-            if norm:
-                probs = probs / probs.sum(dim=-1, keepdim=True)
-            weights = weights.clone()
-            for token in rows:
-                weights[token] = probs[token].to(weights.dtype)
-            return logits, weights, ids
+            ids = with_experts(ids, rows)
+            return logits, forced_weights(weights, logits, ids, rows, norm), ids
         handles.append(modules[where.path].register_forward_hook(hook))
     return handles
 

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from qwenlab.activations.names import split_name
 
@@ -106,4 +107,29 @@ def explained_flips(cand: dict, ref: dict, margin: float) -> dict[int, dict[int,
         for flip in routing.flips:
             if flip["explained"]:
                 out.setdefault(split_name(name)[0], {})[flip["token"]] = flip["reference"]
+    return out
+
+
+def with_experts(ids: torch.Tensor, rows: dict[int, list[int]]) -> torch.Tensor:
+    """Router ids [..., k] with the tokens of `rows` ({token: expert ids}, tokens counted over the flattened leading
+    dimensions) given those experts; a copy."""
+    out = ids.clone()
+    flat = out.view(-1, out.shape[-1])
+    for token, experts in rows.items():
+        flat[token] = torch.tensor(experts, dtype=out.dtype, device=out.device)
+    return out
+
+
+def forced_weights(weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, rows: dict[int, list[int]],
+                   norm_topk_prob: bool) -> torch.Tensor:
+    """Router weights [..., k] with the tokens of `rows` weighted as a router weighs its own choice of `ids`: the
+    softmax of its logits (float32) at those experts, renormalised when norm_topk_prob, in the weights' dtype; a
+    copy. Used by the forcing of both sides (qwenlab's replace hooks, the reference's router hooks)."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, ids)
+    if norm_topk_prob:
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    out = weights.clone()
+    flat, new = out.view(-1, out.shape[-1]), probs.reshape(-1, out.shape[-1]).to(out.dtype)
+    for token in rows:
+        flat[token] = new[token]
     return out

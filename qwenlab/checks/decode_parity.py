@@ -249,12 +249,12 @@ def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict
     for label, ids in prompts.items():
         gen = greedy.loc[label, "reference_ids"]
         run, seq, start = ref_steps[label], list(ids) + list(gen[:-1]), len(ids) - 1
-        read = [name for name in FORCED_STEP_TENSORS if name != "logits"] if any(map(is_routing, run)) else []
-        truth = capture_reference(truth_model, seq, include=read + ["logits"])
-        forced = {}
-        if read and len(gen):
+        moe = any(map(is_routing, run))  # reference_steps kept the run's routing
+        include = FORCED_STEP_TENSORS if moe else ["logits"]
+        truth, forced = capture_reference(truth_model, seq, include=include), {}
+        if moe and len(gen):
             truth, forced = force_near_tie_flips(
-                lambda f: capture_reference(truth_model, seq, include=read + ["logits"], routing=f), truth, run, margin)
+                lambda f: capture_reference(truth_model, seq, include=include, routing=f), truth, run, margin)
         window = slice(start, start + len(gen))
         steps = step_metrics(run["logits"][window].float(), truth["logits"][window].float())
         tokens = {t for rows_ in forced.values() for t in rows_}

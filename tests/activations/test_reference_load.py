@@ -1,6 +1,7 @@
 """Where transformers' reference is loaded: a GPU reference goes straight to its device. Staged in host memory first,
 a 30B model's float32 reference (122 GB) killed notebook 04 on a 128 GB host (H200 run, 2026-12-01)."""
 import transformers
+from transformers import modeling_utils
 
 from qwenlab.activations.reference import load_reference
 
@@ -10,7 +11,7 @@ def _calls(monkeypatch, tiny_dir, **kw):
     real = transformers.Qwen3ForCausalLM.from_pretrained.__func__
 
     def record(cls, path, **kwargs):
-        seen.append(dict(kwargs))
+        seen.append(dict(kwargs, warmup=modeling_utils.caching_allocator_warmup))  # as it is during the load
         kwargs.pop("device_map", None)  # no GPU here: load on the CPU, as the recorded call asked for the GPU
         return real(cls, path, **kwargs)
 
@@ -34,18 +35,8 @@ def test_a_cpu_reference_and_a_staged_one_pass_no_device_map(monkeypatch, tiny_d
 def test_the_allocator_warm_up_is_skipped_unless_asked(monkeypatch, tiny_dir):
     """transformers reserves a GPU model's bytes as one block before loading it; a small tensor allocated later in
     its slack keeps the whole block reserved after the model is freed. Off by default, restored after the load."""
-    from transformers import modeling_utils
-
-    original, during = modeling_utils.caching_allocator_warmup, []
-    real = transformers.Qwen3ForCausalLM.from_pretrained.__func__
-
-    def record(cls, path, **kwargs):
-        during.append(modeling_utils.caching_allocator_warmup)
-        kwargs.pop("device_map", None)
-        return real(cls, path, **kwargs)
-
-    monkeypatch.setattr(transformers.Qwen3ForCausalLM, "from_pretrained", classmethod(record))
-    load_reference(tiny_dir, device="cuda:0")
-    load_reference(tiny_dir, device="cuda:0", allocator_warmup=True)
-    assert during[0] is not original and during[0]() is None and during[1] is original
+    original = modeling_utils.caching_allocator_warmup
+    skipped, _ = _calls(monkeypatch, tiny_dir, device="cuda:0")
+    kept, _ = _calls(monkeypatch, tiny_dir, device="cuda:0", allocator_warmup=True)
+    assert skipped["warmup"] is not original and skipped["warmup"]() is None and kept["warmup"] is original
     assert modeling_utils.caching_allocator_warmup is original
