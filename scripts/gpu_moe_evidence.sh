@@ -55,6 +55,8 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 for path in sorted(out.glob("0*.json")):
+    if path.name.endswith(".cells.json"):  # seconds per cell, not metrics
+        continue
     r = json.loads(path.read_text())
     m = r["metrics"]
     print(f"{path.stem}: verdict {r['verdict']} {r['reasons']}")
@@ -65,5 +67,10 @@ for path in sorted(out.glob("0*.json")):
               f"{m['routing']['flips']} ({m['routing']['clear_margin_flips']} at a clear margin); plan "
               f"{m.get('placement', {}).get('placement')}; peaks GiB {m.get('device_peak_gib')}; seconds "
               f"{m.get('placement_seconds')}")
+    if "step_limits" in m:
+        print(f"  token mismatches {m['token_mismatches']} ({m['unexplained_token_mismatches']} not at a near-tie); "
+              f"step logits max rel_l2 {m['step_logits_max_rel_l2']:.3g}, worst mean KL "
+              f"{m['step_logits_worst_mean_kl']:.3g}; limits {m['step_limits']}; judged {m['judged_steps']} of "
+              f"{m['compared_steps']} steps; routing near-tie steps {m.get('routing_near_tie_steps')}")
 PYEOF
 step "done"

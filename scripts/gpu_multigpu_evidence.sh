@@ -11,8 +11,9 @@
 #
 # Writes $OUT/gpu_multigpu_evidence.log and $OUT/03_split.json, $OUT/03_sequential.json (notebook 03's metrics),
 # $OUT/04.json, $OUT/06.json, and metrics.tar.gz (every notebook's metrics and figures).
-# One H200 (nvidia-h200: 64 GiB of disk, 62 GiB of checkpoint): RAMDISK=1 keeps the checkpoint in a tmpfs at
-# /mnt/ram (128 GB of memory; references load straight onto the GPU, so the host needs little beside it), e.g.
+# One H200 (nvidia-h200: 64 GiB of disk, 62 GiB of checkpoint): RAMDISK=1 keeps the checkpoint and TMPDIR (notebook
+# 06's exported quantized reference) in a tmpfs at /mnt/ram (128 GB of memory; references load straight onto the
+# GPU, so the host needs little beside it), e.g.
 #   OUT=$OUT RAMDISK=1 RUNS=sequential MORE="04 06" bash scripts/gpu_multigpu_evidence.sh
 # Knobs: CKPT (data/models/q32b, or /mnt/ram/q32b with RAMDISK=1: kept by a warm machine between calls), PRESET
 # (qwen3-32b), RUNS ("split sequential"; empty: none), MORE (""), NB04_ARGS and NB06_ARGS (name=value parameters;
@@ -22,9 +23,12 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-$REPO/reports/multigpu}
 if [ "${RAMDISK:-0}" = 1 ]; then
-  mkdir -p /mnt/ram && { mountpoint -q /mnt/ram || mount -t tmpfs -o size=70g tmpfs /mnt/ram; } \
-    || { echo "RAMDISK=1: could not mount a tmpfs at /mnt/ram"; exit 2; }
+  # 62 GiB of checkpoint plus notebook 06's quantized reference (about 20 GB, exported into TMPDIR); the disk has
+  # too little room for the export beside the tools
+  mkdir -p /mnt/ram && { mountpoint -q /mnt/ram && mount -o remount,size=88g /mnt/ram \
+    || mount -t tmpfs -o size=88g tmpfs /mnt/ram; } || { echo "RAMDISK=1: could not mount a tmpfs at /mnt/ram"; exit 2; }
   CKPT=${CKPT:-/mnt/ram/q32b}
+  mkdir -p /mnt/ram/tmp && export TMPDIR=/mnt/ram/tmp
 fi
 CKPT=${CKPT:-$REPO/data/models/q32b}
 PRESET=${PRESET:-qwen3-32b}

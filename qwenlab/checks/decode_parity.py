@@ -42,16 +42,20 @@ def generate_recorded(model, prompt_ids, params: SamplingParams, mode: str = "kv
 
 
 def step_metrics(cand: torch.Tensor, ref: torch.Tensor) -> pd.DataFrame:
-    """Per step: rel_l2 of the logits, KL(ref||cand), whether the argmax agrees, and the reference's top-2 margin."""
+    """Per step: rel_l2 of the logits, KL(ref||cand), whether the argmax agrees, the reference's top-2 margin, and
+    how far the candidate moves that margin (margin_shift: |gap(ref) - gap(cand)| between the reference's two best
+    tokens; a token flips between two runs only where the margin is within such shifts)."""
     n = min(len(cand), len(ref))
     if n == 0:
-        return pd.DataFrame(columns=["rel_l2", "kl", "top1_match", "ref_top2_margin"])
+        return pd.DataFrame(columns=["rel_l2", "kl", "top1_match", "ref_top2_margin", "margin_shift"])
     c, r = cand[:n].double(), ref[:n].double()
     lm = logits_metrics(c, r)
-    top2 = r.topk(2, dim=-1).values
+    top2 = r.topk(2, dim=-1)
+    pair = c.gather(-1, top2.indices)
+    gap_ref, gap_cand = top2.values[:, 0] - top2.values[:, 1], pair[:, 0] - pair[:, 1]
     return pd.DataFrame({"rel_l2": ((c - r).norm(dim=-1) / r.norm(dim=-1)).tolist(), "kl": lm["kl_per_position"],
-                         "top1_match": lm["top1_match_per_position"],
-                         "ref_top2_margin": (top2[:, 0] - top2[:, 1]).tolist()})
+                         "top1_match": lm["top1_match_per_position"], "ref_top2_margin": gap_ref.tolist(),
+                         "margin_shift": (gap_ref - gap_cand).abs().tolist()})
 
 
 def margin_at(steps: pd.DataFrame, at: int | None) -> float | None:
@@ -240,7 +244,9 @@ def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict
                margin: float = DEFAULT_MARGIN["bfloat16"]) -> pd.DataFrame:
     """The reference's own precision noise on notebook 04's sequences: per prompt, its step logits in the run dtype
     (ref_steps) against the same model in float32 (truth_model), teacher-forced on the tokens the reference
-    generated: the largest rel_l2, the mean and largest KL(truth || reference), argmax disagreements. On a MoE model
+    generated: the largest rel_l2, the mean and largest KL(truth || reference), the largest shift of the top-2 margin
+    (step_metrics' margin_shift: how far rounding alone moves the gap a greedy choice rests on), argmax
+    disagreements. On a MoE model
     the float32 run takes the run-dtype reference's experts wherever it flipped at a near-tie (gap <= margin, the run
     dtype's routing margin; force_near_tie_flips), as qwenlab's forced steps do against the reference: otherwise
     another expert, not rounding, would be measured, and on a deep MoE model every step has such a flip.
@@ -260,6 +266,7 @@ def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict
         tokens = {t for rows_ in forced.values() for t in rows_}
         rows.append({"prompt": label, "steps": len(steps), "max_rel_l2": _max(steps["rel_l2"], False),
                      "mean_kl": _mean(steps["kl"], False), "max_kl": _max(steps["kl"], False),
+                     "max_margin_shift": _max(steps["margin_shift"], False),
                      "top1_disagreements": int((~steps["top1_match"].astype(bool)).sum()),
                      "forced_steps": sum(start <= t < start + len(gen) for t in tokens)})
     return pd.DataFrame(rows).set_index("prompt")
@@ -313,7 +320,11 @@ def measure_step_noise(ckpt, prompts: dict, greedy: pd.DataFrame, ref_steps: dic
 def step_limits(thresholds: dict, dtype: str, noise: pd.DataFrame | None) -> tuple[dict, bool]:
     """The per-step logits limits at `dtype` -> (limits, measured). With the reference's noise measured on these
     prompts (a low-precision run): noise.<stat>.multiple x the worst prompt's noise + noise.<stat>.absolute[dtype]
-    (doc/floors.md); else the fixed per-dtype limits of the thresholds file (float32: no noise to measure)."""
+    (doc/floors.md); else the fixed per-dtype limits of the thresholds file (float32: no noise to measure).
+    The flip margin (a token mismatch at a baseline top-2 margin up to it is a precision flip) is then the larger
+    of the file's `flip_margin` for the dtype and noise.max_margin_shift.multiple x the largest margin shift
+    measured: on a model whose logits are large (hundreds on random weights) one rounding step of the logits alone
+    is several units, far above a fixed margin tuned on small logits."""
     limits = dtype_limits(thresholds, dtype)
     if noise is None or dtype in ("float32", "float64") or not len(noise) or "noise" not in thresholds:
         return limits, False
@@ -323,6 +334,9 @@ def step_limits(thresholds: dict, dtype: str, noise: pd.DataFrame | None) -> tup
         if worst != worst:  # no step to measure on
             return dtype_limits(thresholds, dtype), False
         limits[key] = gate["multiple"] * worst + gate["absolute"].get(dtype, gate["absolute"]["bfloat16"])
+    gate = thresholds["noise"].get("max_margin_shift")
+    if gate and "max_margin_shift" in noise and noise["max_margin_shift"].notna().any():
+        limits["flip_margin"] = max(limits["flip_margin"], gate["multiple"] * float(noise["max_margin_shift"].max()))
     return limits, True
 
 
@@ -599,7 +613,7 @@ def verdict(thresholds: dict, *, dtype: str, greedy: pd.DataFrame, chat: pd.Data
         **numbers,
         "dtype": dtype,
         "step_limits": {"measured": measured, "max_step_logits_rel_l2": limits["max_step_logits_rel_l2"],
-                        "max_step_kl_mean": limits["max_step_kl_mean"]},
+                        "max_step_kl_mean": limits["max_step_kl_mean"], "flip_margin": limits["flip_margin"]},
         "step_noise": None if noise is None else noise.to_dict(orient="index"),
         **greedy_metrics(greedy),
         **session_metrics(chat, chat_turns),

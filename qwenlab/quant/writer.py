@@ -1,6 +1,9 @@
 """Writing a checkpoint folder in HF layout: config.json, the quant config files, safetensors (sharded with an index
 when larger than max_shard_bytes) and every other file of the source (tokenizer, generation config, chat template).
-Written into a temp folder beside DST and renamed at the end: a failed run leaves no half-written DST."""
+Written into a temp folder beside DST and renamed at the end: a failed run leaves no half-written DST. A disk
+without room for the tensors is said before writing (and a write that runs out of room anyway says the same), in
+one line naming the folder."""
+import errno
 import json
 import shutil
 import sys
@@ -36,6 +39,24 @@ def shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[
         current[name] = t
         size += nbytes(t)
     return out + [current] if current else out
+
+
+def no_room(dst: Path, need: int, free: int) -> QwenlabError:
+    return QwenlabError(f"{dst}: not enough disk space to write this checkpoint ({need / 1e9:.1f} GB of tensors, "
+                        f"{free / 1e9:.1f} GB free in {dst.parent}); free some, or write it elsewhere (a temp folder "
+                        "follows TMPDIR)")
+
+
+def check_room(dst: Path, need: int):
+    """Refuses before writing when dst's disk has less than `need` bytes (plus 1%) free."""
+    free = shutil.disk_usage(dst.parent).free
+    if free < need * 1.01:
+        raise no_room(dst, need, free)
+
+
+def out_of_space(e: BaseException) -> bool:
+    """An OSError ENOSPC, or safetensors' error for one (it wraps the I/O error in its own class)."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
 
 
 def _write_weights(folder: Path, tensors: dict, max_shard_bytes: int):
@@ -76,13 +97,21 @@ def write_checkpoint(dst, src_dir, config: dict, tensors: dict[str, torch.Tensor
     folder those of src."""
     dst, src_dir = Path(dst), Path(src_dir)
     check_destination(dst)
+    need = sum(nbytes(t) for t in tensors.values())
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    check_room(dst, need)
     written_mode = (src_dir / "config.json").stat().st_mode & 0o666
     with atomic_dir(dst, mode=src_dir.stat().st_mode & 0o777) as tmp:
         copied = copy_side_files(src_dir, tmp, may_read)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
-        _write_weights(tmp, {k: v.contiguous() for k, v in tensors.items()}, max_shard_bytes)
+        try:
+            _write_weights(tmp, {k: v.contiguous() for k, v in tensors.items()}, max_shard_bytes)
+        except Exception as e:  # noqa: BLE001 - re-raised unless the disk filled up
+            if out_of_space(e):
+                raise no_room(dst, need, shutil.disk_usage(dst.parent).free) from None
+            raise
         for path in tmp.iterdir():
             if path.name not in copied:
                 path.chmod(written_mode)

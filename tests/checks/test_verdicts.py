@@ -234,12 +234,47 @@ def test_decode_step_limits_are_measured_from_the_reference_noise_in_low_precisi
     metrics, reasons = bf16_verdict(0.12, 0.069, noise=noise_frame(max_rel_l2=0.06, mean_kl=0.03))
     assert reasons == []
     assert metrics["step_limits"] == {"measured": True, "max_step_logits_rel_l2": 4 * 0.06 + 0.002,
-                                      "max_step_kl_mean": 8 * 0.03 + 1e-5}
+                                      "max_step_kl_mean": 8 * 0.03 + 1e-5, "flip_margin": 1.0}
     assert metrics["step_noise"]["b"]["max_rel_l2"] == 0.06
     # a candidate far outside the reference's own noise still fails, below the fixed limits too
     metrics, reasons = bf16_verdict(0.05, 0.01, noise=noise_frame(max_rel_l2=0.005, mean_kl=0.0002))
     assert reasons == ["per-step logits max rel_l2 (measured floor) = 0.05 exceeds 0.022",
                        "per-step logits worst mean KL (measured floor) = 0.01 exceeds 0.00161"]
+
+
+def test_the_flip_margin_grows_with_the_measured_margin_noise():
+    """The Qwen3-32B shape on an H200: logits in the hundreds, so one bfloat16 rounding step of a logit is 2; kv,
+    replay and transformers parted at top-2 margins of 0 and 2, under the fixed flip margin 1.0 three bugs. The
+    reference's own bf16-vs-float32 logits move the top-2 margin by up to a few units there: with that measured,
+    such a parting is a precision flip, one at a clear margin (40) is still a bug, and on small logits (shift 0.1)
+    the fixed margin stays."""
+    parted = GREEDY.assign(kv_equals_reference=[True, False], first_mismatch_reference=[None, 3],
+                           margin_at_mismatch_reference=[None, 2.0])
+    thresholds = load_thresholds(None, "04_decode_kv_parity")
+
+    def judged(greedy, shift):
+        noise = None if shift is None else noise_frame(0.02, 0.07).assign(max_margin_shift=[shift / 3, shift])
+        return dp.verdict(thresholds, dtype="bfloat16", greedy=greedy, chat=chat_frame(),
+                          chat_turns=["Hi", "Story", "Bye"], latency=LATENCY, by_position=BY_POSITION,
+                          stops=stops_frame(), stop_ids=STOP_IDS, noise=noise)
+
+    metrics, reasons = judged(parted, None)
+    assert reasons == ["prompts where kv / replay / reference tokens differ (not at a near-tie) = 1 exceeds 0"]
+    metrics, reasons = judged(parted, 3.0)
+    assert reasons == [] and metrics["step_limits"]["flip_margin"] == 6.0
+    metrics, reasons = judged(parted.assign(margin_at_mismatch_reference=[None, 40.0]), 3.0)
+    assert reasons == ["prompts where kv / replay / reference tokens differ (not at a near-tie) = 1 exceeds 0"]
+    metrics, reasons = judged(parted, 0.1)
+    assert metrics["step_limits"]["flip_margin"] == 1.0 and len(reasons) == 1
+
+
+def test_step_metrics_measure_how_far_the_top2_margin_moves():
+    ref = torch.tensor([[10.0, 7.0, 0.0], [1.0, 5.0, 4.5]])
+    cand = torch.tensor([[9.0, 7.5, 1.0], [1.0, 4.0, 4.6]])  # step 2 flips: the gap 0.5 became -0.6
+    steps = dp.step_metrics(cand, ref)
+    assert steps["ref_top2_margin"].tolist() == pytest.approx([3.0, 0.5])
+    assert steps["margin_shift"].tolist() == pytest.approx([1.5, 1.1])
+    assert steps["top1_match"].tolist() == [True, False]
 
 
 def test_a_float32_decode_keeps_the_fixed_limits():

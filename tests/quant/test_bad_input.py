@@ -150,3 +150,34 @@ def test_nonfinite_weight_is_refused_at_load(tiny_dir, tmp_path, capsys):
     err = run(capsys, tmp_path, "capture", "--model", str(folder), "--quant", "nvfp4")
     assert f"{Q}.weight: holds NaN or infinite values" in err
     assert torch.isnan(load_file(str(folder / "model.safetensors"))[f"{Q}.weight"]).any()
+
+
+def test_a_disk_without_room_is_said_before_writing(tiny_dir, tmp_path, capsys, monkeypatch):
+    """notebook 06 on the Qwen3-32B shape exported its quantized reference into a temp folder on a full disk and
+    stopped on safetensors' 'No space left on device' traceback: now one line naming the folder, nothing left."""
+    from collections import namedtuple
+
+    from qwenlab.quant import writer
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    dst = tmp_path / "q"
+    err = run(capsys, tmp_path, "quantize", str(tiny_dir), str(dst), "--device", "cpu")
+    assert f"{dst}: not enough disk space to write this checkpoint" in err
+    assert "0.0 GB free in" in err and "TMPDIR" in err
+    assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_fills_up_while_writing_is_said_in_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    from qwenlab.quant import writer
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(writer, "save_file", full)
+    dst = tmp_path / "q"
+    err = run(capsys, tmp_path, "quantize", str(tiny_dir), str(dst), "--device", "cpu")
+    assert f"{dst}: not enough disk space to write this checkpoint" in err
+    assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
