@@ -83,7 +83,9 @@ model, tok = ckpt.model, ckpt.tokenizer
 run_dtype = str(model.dtype).removeprefix("torch.")
 reference = ql.load_reference(ckpt, quant_reference, unquantized_model or None)
 stop_ids = tok.stop_ids
-kv_engine = ql.Engine(model, engine)  # one engine for every kv decode below: compiled and captured once
+# one engine for every kv decode below, all its caches of one length: the graph engine compiles its step once
+cache_len = dp.cache_length(model, sequences=[latency_prompt_tokens + latency_new_tokens], positions=latency_positions)
+kv_engine = ql.Engine(model, engine, min_cache_len=cache_len)
 print(f"model {ckpt.path} · {run_dtype} on {model.device} · stop ids {stop_ids} · kv engine {kv_engine.kind}"
       + (f" ({kv_engine.note})" if kv_engine.note else ""))
 
@@ -118,7 +120,7 @@ for label, row in greedy.iterrows():
 
 # %%
 chat = dp.chat_parity(model, tok, chat_turns, chat_new_tokens, enable_thinking=chat_enable_thinking,
-                      engine=kv_engine)
+                      max_len=cache_len, engine=kv_engine)
 display(chat.drop(columns=["ids", "text"]).set_index(["strategy", "turn"]))
 
 # %% [markdown]

@@ -22,6 +22,7 @@ from qwenlab.model.dtypes import dtype_name
 from qwenlab.sequences import first_difference
 
 REQUIRED_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+CHAT_MAX_LEN = 2048  # positions of a chat session's cache
 
 
 class StepLogits(list):
@@ -342,7 +343,8 @@ def step_limits(thresholds: dict, dtype: str, noise: pd.DataFrame | None) -> tup
 
 def chat_parity(model, tokenizer, user_turns: list[str], max_new_tokens: int,
                 strategies=("replay", "rebuild", "session"), system: str | None = None,
-                enable_thinking: bool | None = None, max_len: int = 2048, engine: str = "auto") -> pd.DataFrame:
+                enable_thinking: bool | None = None, max_len: int = CHAT_MAX_LEN,
+                engine: str = "auto") -> pd.DataFrame:
     """The same conversation under each strategy, compared turn by turn with the first strategy's: the tokens, and
     the logits behind every token (max rel_l2 and KL, up to the first token where the two part; a turn whose history
     already differs from the first strategy's, because an earlier turn parted, is not compared). A MoE model's tokens
@@ -484,6 +486,17 @@ def stop_cases(model, prompts: dict, stop_ids, max_new_tokens: int = 8, ref_mode
 
 
 FILLER = "The quick brown fox jumps over the lazy dog while the band plays on. "
+
+
+def cache_length(model, *, chat: int = CHAT_MAX_LEN, sequences=(), positions=(), steps: int = 4) -> int:
+    """One cache length for every kv decode of notebook 04, so its graph engine compiles the step once: the power of
+    two (from 512) that holds the chat sessions' `chat` positions, each of `sequences` (prompt + new tokens) and
+    each latency position plus its steps, at most the model's context."""
+    need = max([chat, *sequences, *(p + steps + 1 for p in positions)])
+    size = 512
+    while size < need:
+        size *= 2
+    return min(size, model.config.max_position_embeddings)
 
 
 def filler_ids(tokenizer, n_tokens: int, text: str = FILLER) -> list[int]:

@@ -50,6 +50,36 @@ def test_chat_session_keeps_one_engine(tiny):
     assert turn.generation.engine == "eager" and "CUDA" in turn.generation.engine_note
 
 
+def test_notebook_04_decodes_every_length_into_caches_of_one_length(tiny):
+    """The graph engine's step is static-shaped: each new cache length compiles it again (131 s and 86 s on the
+    Qwen3-32B shape, 0.2 s for another cache of a compiled length). Notebook 04 makes all its caches one length:
+    the power of two holding its chat sessions, latency prompt and latency positions, within the model's context."""
+    from qwenlab.checks import decode_parity as dp
+
+    model = tiny.model  # context 4096
+    assert dp.cache_length(model, sequences=[32 + 288], positions=[64, 256]) == dp.CHAT_MAX_LEN == 2048
+    assert dp.cache_length(model, sequences=[352], positions=[64, 256, 1024, 2048]) == 4096
+    assert dp.cache_length(model, chat=100, sequences=[600]) == 1024
+    assert dp.cache_length(model, positions=[8000]) == 4096  # capped at the context
+    engine = Engine(model, "eager", min_cache_len=2048)
+    assert engine.pooled_cache(10).max_len == 2048 and engine.pooled_cache(3000).max_len == 4096
+    assert Engine(model, "eager").pooled_cache(10).max_len == 512
+    with pytest.raises(QwenlabError, match="min_cache_len=0"):
+        Engine(model, "eager", min_cache_len=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_one_cache_length_compiles_the_graph_step_once(tiny_dir):
+    """Notebook 04's use: a greedy decode (the pooled cache) and a chat session's cache, both of min_cache_len,
+    are captured at one length: one compile, then captures that reuse it."""
+    ckpt = load(tiny_dir, "float32", "cuda")
+    engine = Engine(ckpt.model, "graph", min_cache_len=1024)
+    generate(ckpt.model, ckpt.tokenizer.encode("Hello"), GREEDY, stop_ids=(-1,), engine=engine)
+    session = ChatSession(ckpt.model, ckpt.tokenizer, engine=engine, max_len=1024)
+    session.send("Hi", SamplingParams(max_new_tokens=4))
+    assert [c["max_len"] for c in engine.captures] == [1024, 1024]
+
+
 def _static_steps(model, ids, new_tokens):
     """What the captured graph computes, run eagerly: prefill, then one-token steps with static shapes."""
     cache = StaticKVCache.for_config(model.config, max_len=64, dtype=model.dtype, device=model.device)
