@@ -247,10 +247,10 @@ def step_noise(truth_model, prompts: dict, greedy: pd.DataFrame, ref_steps: dict
     (ref_steps) against the same model in float32 (truth_model), teacher-forced on the tokens the reference
     generated: the largest rel_l2, the mean and largest KL(truth || reference), the largest shift of the top-2 margin
     (step_metrics' margin_shift: how far rounding alone moves the gap a greedy choice rests on), argmax
-    disagreements. On a MoE model
-    the float32 run takes the run-dtype reference's experts wherever it flipped at a near-tie (gap <= margin, the run
-    dtype's routing margin; force_near_tie_flips), as qwenlab's forced steps do against the reference: otherwise
-    another expert, not rounding, would be measured, and on a deep MoE model every step has such a flip.
+    disagreements. On a MoE model the float32 run takes the run-dtype reference's experts wherever it flipped at a
+    near-tie (gap <= margin, the run dtype's routing margin; force_near_tie_flips), as qwenlab's forced steps do
+    against the reference: otherwise another expert, not rounding, would be measured, and on a deep MoE model every
+    step has such a flip.
     `forced_steps` counts the steps whose token had experts forced in some layer."""
     rows = []
     for label, ids in prompts.items():

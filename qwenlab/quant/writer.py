@@ -47,9 +47,17 @@ def no_room(dst: Path, need: int, free: int) -> QwenlabError:
                         "follows TMPDIR)")
 
 
+def free_bytes(dst: Path) -> int:
+    """Free bytes on the disk dst would be written to (its nearest existing folder: nothing is created to ask)."""
+    folder = dst.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
 def check_room(dst: Path, need: int):
     """Refuses before writing when dst's disk has less than `need` bytes (plus 1%) free."""
-    free = shutil.disk_usage(dst.parent).free
+    free = free_bytes(dst)
     if free < need * 1.01:
         raise no_room(dst, need, free)
 
@@ -98,7 +106,6 @@ def write_checkpoint(dst, src_dir, config: dict, tensors: dict[str, torch.Tensor
     dst, src_dir = Path(dst), Path(src_dir)
     check_destination(dst)
     need = sum(nbytes(t) for t in tensors.values())
-    dst.parent.mkdir(parents=True, exist_ok=True)
     check_room(dst, need)
     written_mode = (src_dir / "config.json").stat().st_mode & 0o666
     with atomic_dir(dst, mode=src_dir.stat().st_mode & 0o777) as tmp:
@@ -110,7 +117,7 @@ def write_checkpoint(dst, src_dir, config: dict, tensors: dict[str, torch.Tensor
             _write_weights(tmp, {k: v.contiguous() for k, v in tensors.items()}, max_shard_bytes)
         except Exception as e:  # noqa: BLE001 - re-raised unless the disk filled up
             if out_of_space(e):
-                raise no_room(dst, need, shutil.disk_usage(dst.parent).free) from None
+                raise no_room(dst, need, free_bytes(dst)) from None
             raise
         for path in tmp.iterdir():
             if path.name not in copied:

@@ -161,7 +161,7 @@ def test_a_disk_without_room_is_said_before_writing(tiny_dir, tmp_path, capsys, 
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    dst = tmp_path / "q"
+    dst = tmp_path / "new" / "q"  # its folder is not created to ask
     err = run(capsys, tmp_path, "quantize", str(tiny_dir), str(dst), "--device", "cpu")
     assert f"{dst}: not enough disk space to write this checkpoint" in err
     assert "0.0 GB free in" in err and "TMPDIR" in err
