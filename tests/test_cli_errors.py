@@ -125,3 +125,15 @@ def test_python_dash_m_reports_errors_the_same_way(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "tokenizer" in proc.stderr
+
+
+def test_tiny_on_a_disk_without_room_says_so_before_writing(tmp_path, capsys, monkeypatch):
+    """`qwenlab tiny --preset qwen3-32b` (62 GiB) on the GPU machine's 64 GiB disk: one line, nothing written."""
+    from collections import namedtuple
+
+    from qwenlab.quant import writer
+
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10, 9, 1))
+    code, err = _run(capsys, "tiny", str(tmp_path / "t"), "--preset", "tiny")
+    _assert_one_line_error(code, err, f"{tmp_path / 't'}: not enough disk space to write this checkpoint", "TMPDIR")
+    assert list(tmp_path.iterdir()) == []

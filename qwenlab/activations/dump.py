@@ -15,6 +15,7 @@ from safetensors import safe_open
 from qwenlab.atomic import atomic_path
 from qwenlab.errors import QwenlabError
 from qwenlab.model.dtypes import dtype_name
+from qwenlab.quant.writer import out_of_space
 from qwenlab.versions import package_versions
 
 JSON_KEYS = ("prompt_ids", "versions", "not_produced")
@@ -142,8 +143,10 @@ def write_dump(path, tensors: dict[str, torch.Tensor], metadata: dict | None = N
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             safetensors.torch.save_file(prepared, tmp, metadata=encoded)
-    except OSError as exc:
-        raise QwenlabError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+        if not isinstance(exc, OSError) and not out_of_space(exc):
+            raise
+        raise QwenlabError(f"{path}: cannot be written ({getattr(exc, 'strerror', None) or exc})") from None
     return path
 
 

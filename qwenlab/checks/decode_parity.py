@@ -16,6 +16,7 @@ from qwenlab.checks.fit import load_if_fits, out_of_memory, reference_fit, relea
 from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.generation.chat import ChatSession
 from qwenlab.generation.decode import Generation, generate
+from qwenlab.generation.engine import MIN_POOLED_LEN, cache_length_for
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.memory.plan import visible_devices
 from qwenlab.model.dtypes import dtype_name
@@ -23,6 +24,7 @@ from qwenlab.sequences import first_difference
 
 REQUIRED_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 CHAT_MAX_LEN = 2048  # positions of a chat session's cache
+LATENCY_STEPS = 4  # decode steps timed at each latency position
 
 
 class StepLogits(list):
@@ -421,7 +423,7 @@ def latency_summary(steps: pd.DataFrame, edge: int = 10) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("mode")
 
 
-def latency_by_position(model, tokenizer, positions, steps: int = 4, modes=("kv", "replay"),
+def latency_by_position(model, tokenizer, positions, steps: int = LATENCY_STEPS, modes=("kv", "replay"),
                         engine: str = "auto") -> pd.DataFrame:
     """Cost of one new token at each context length, from short generate() runs on filler prompts of that length:
     the median of `steps` decode steps (the prefill is recorded apart). Positions beyond the model's context are
@@ -488,15 +490,12 @@ def stop_cases(model, prompts: dict, stop_ids, max_new_tokens: int = 8, ref_mode
 FILLER = "The quick brown fox jumps over the lazy dog while the band plays on. "
 
 
-def cache_length(model, *, chat: int = CHAT_MAX_LEN, sequences=(), positions=(), steps: int = 4) -> int:
-    """One cache length for every kv decode of notebook 04, so its graph engine compiles the step once: the power of
-    two (from 512) that holds the chat sessions' `chat` positions, each of `sequences` (prompt + new tokens) and
-    each latency position plus its steps, at most the model's context."""
+def cache_length(model, *, chat: int = CHAT_MAX_LEN, sequences=(), positions=(), steps: int = LATENCY_STEPS) -> int:
+    """One cache length for every kv decode of notebook 04, so its graph engine compiles the step once: the length
+    the engine would pool (cache_length_for, from 512) for the longest of the chat sessions' `chat` positions, each
+    of `sequences` (prompt + new tokens) and each latency position plus its steps (latency_by_position's)."""
     need = max([chat, *sequences, *(p + steps + 1 for p in positions)])
-    size = 512
-    while size < need:
-        size *= 2
-    return min(size, model.config.max_position_embeddings)
+    return cache_length_for(need, MIN_POOLED_LEN, model.config.max_position_embeddings)
 
 
 def filler_ids(tokenizer, n_tokens: int, text: str = FILLER) -> list[int]:

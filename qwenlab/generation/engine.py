@@ -22,6 +22,15 @@ ENGINES = ("auto", "graph", "eager")
 MIN_POOLED_LEN = 512
 
 
+def cache_length_for(needed: int, shortest: int, limit: int) -> int:
+    """The cache length a graph is captured for: `shortest`, doubled until `needed` fits, at most `limit` (the
+    model's context)."""
+    size = shortest
+    while size < needed:
+        size *= 2
+    return min(size, limit)
+
+
 def graph_unavailable(model) -> str | None:
     """Why the graph engine cannot run this model, or None when it can."""
     if model.device.type != "cuda" or not torch.cuda.is_available():
@@ -80,15 +89,12 @@ class Engine:
     def pooled_cache(self, needed: int) -> StaticKVCache:
         """A static cache of at least `needed` positions, kept for the next one-off generation with its graph.
         Lengths are min_cache_len, doubled until `needed` fits (each new length compiles and captures anew)."""
-        limit = self.model.config.max_position_embeddings
         if self._pool is not None and self._pool.max_len >= needed:
             self._pool.crop(0)
             return self._pool
         self._pool = None
-        size = self.min_cache_len
-        while size < needed:
-            size *= 2
-        self._pool = self.new_cache(min(size, limit))
+        self._pool = self.new_cache(cache_length_for(needed, self.min_cache_len,
+                                                     self.model.config.max_position_embeddings))
         return self._pool
 
     def prepare(self, mode: str, cache: KVCache | None, needed: int) -> Prepared:

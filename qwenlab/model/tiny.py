@@ -2,6 +2,7 @@
 shapes."""
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from qwenlab.model.config import config_from_dict, is_moe_layer
 from qwenlab.model.hf_names import hf_shapes
 from qwenlab.model.tokenizer_files import TOKENIZER_FILES, qwen3_tokenizer_dir
 from qwenlab.paths import DATA_DIR
+from qwenlab.quant.writer import room_for
 
 BASE = dict(vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1_000_000.0, hidden_act="silu",
             attention_bias=False, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645)
@@ -171,7 +173,9 @@ def write_checkpoint(out_dir, preset: str = "tiny", seed: int = 0, device: str =
         raise QwenlabError(f"--preset {preset}: a trained preset; add --train-steps N (or --train-seconds S)")
     out_dir = check_empty(out_dir)
     cfg = config_json(preset)
-    with atomic_dir(out_dir) as tmp:
+    need = sum(math.prod(shape) for shape in hf_shapes(config_from_dict(cfg)).values()) * \
+        getattr(torch, PRESETS[preset]["dtype"]).itemsize  # a tied head's table counted twice: an upper bound
+    with room_for(out_dir, need), atomic_dir(out_dir) as tmp:
         write_files(tmp, cfg, _shards(cfg, preset, seed, device))
         umask_modes(tmp)
     return out_dir

@@ -7,6 +7,7 @@ import errno
 import json
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,16 +56,24 @@ def free_bytes(dst: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def check_room(dst: Path, need: int):
-    """Refuses before writing when dst's disk has less than `need` bytes (plus 1%) free."""
-    free = free_bytes(dst)
-    if free < need * 1.01:
-        raise no_room(dst, need, free)
-
-
 def out_of_space(e: BaseException) -> bool:
     """An OSError ENOSPC, or safetensors' error for one (it wraps the I/O error in its own class)."""
     return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
+@contextmanager
+def room_for(dst: Path, need: int):
+    """Around writing `need` bytes of tensors to checkpoint folder dst: refuses first when its disk has less (plus
+    1%) free, and a write that runs out of room anyway (the estimate, another writer) says the same in one line."""
+    free = free_bytes(dst)
+    if free < need * 1.01:
+        raise no_room(dst, need, free)
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless the disk filled up
+        if out_of_space(e):
+            raise no_room(dst, need, free_bytes(dst)) from None
+        raise
 
 
 def _write_weights(folder: Path, tensors: dict, max_shard_bytes: int):
@@ -105,20 +114,14 @@ def write_checkpoint(dst, src_dir, config: dict, tensors: dict[str, torch.Tensor
     folder those of src."""
     dst, src_dir = Path(dst), Path(src_dir)
     check_destination(dst)
-    need = sum(nbytes(t) for t in tensors.values())
-    check_room(dst, need)
     written_mode = (src_dir / "config.json").stat().st_mode & 0o666
-    with atomic_dir(dst, mode=src_dir.stat().st_mode & 0o777) as tmp:
+    with room_for(dst, sum(nbytes(t) for t in tensors.values())), \
+            atomic_dir(dst, mode=src_dir.stat().st_mode & 0o777) as tmp:
         copied = copy_side_files(src_dir, tmp, may_read)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, data in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
-        try:
-            _write_weights(tmp, {k: v.contiguous() for k, v in tensors.items()}, max_shard_bytes)
-        except Exception as e:  # noqa: BLE001 - re-raised unless the disk filled up
-            if out_of_space(e):
-                raise no_room(dst, need, free_bytes(dst)) from None
-            raise
+        _write_weights(tmp, {k: v.contiguous() for k, v in tensors.items()}, max_shard_bytes)
         for path in tmp.iterdir():
             if path.name not in copied:
                 path.chmod(written_mode)

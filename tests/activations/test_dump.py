@@ -73,6 +73,22 @@ def test_failed_write_leaves_existing_file_and_no_temp(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["run.safetensors"]
 
 
+def test_a_full_disk_is_named_in_one_line_and_the_old_dump_stays(tmp_path, monkeypatch):
+    """safetensors wraps ENOSPC in its own error class, which an `except OSError` let through as a traceback."""
+    path = tmp_path / "run.safetensors"
+    write_dump(path, sample_tensors(), META)
+    before = path.read_bytes()
+
+    def full(tensors, filename, metadata=None):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(QwenlabError, match=r"run.safetensors: cannot be written \(.*No space left on device"):
+        write_dump(path, {"embed": torch.zeros(2, 2)}, META)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.safetensors"]
+
+
 def test_truncated_file_names_the_file(tmp_path):
     path = write_dump(tmp_path / "run.safetensors", sample_tensors(), META)
     data = path.read_bytes()
