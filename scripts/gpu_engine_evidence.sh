@@ -12,7 +12,9 @@
 #
 # BENCH_ARGS (default "--hf off --new-tokens 128 --prefill-tokens 2048"): the decode bars of doc/performance.md are
 # measured with "--hf auto --new-tokens 256 --prefill-tokens 2048" (transformers' compiled static cache in the same
-# run). SKIP_TESTS=1 skips step 1.
+# run). SKIP_TESTS=1 skips step 1; TESTS="pytest targets and options" runs those instead; KERNEL_BENCH=1 also runs
+# bench/nvfp4_kernels.py (each NVFP4 kernel against cuBLAS per Qwen3-4B projection shape) before the checkpoint;
+# GEMV_SWEEP=1 runs bench/nvfp4_gemv_sweep.py (every GEMV tile on those shapes).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-$REPO/reports/gpu-engine}
@@ -26,12 +28,27 @@ tokenizer_shim || exit 1
 install_wheels
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-step "CUDA tests of the redesign"
-$PY -m pytest -q -p no:cacheprovider -x \
-  tests/generation/test_graph_engine.py tests/model/test_placement.py \
-  "tests/playground/test_playground.py::test_the_playground_runs_the_graph_engine_on_cuda" \
-  tests/quant/test_triton_nvfp4.py -k "cuda or gemv or split or deep_copy or planted or graph or triton" 2>&1 \
-  | tail -25
+step "CUDA tests"
+if [ -n "${TESTS:-}" ]; then
+  # shellcheck disable=SC2086
+  $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -25
+else
+  $PY -m pytest -q -p no:cacheprovider -x \
+    tests/generation/test_graph_engine.py tests/model/test_placement.py \
+    "tests/playground/test_playground.py::test_the_playground_runs_the_graph_engine_on_cuda" \
+    tests/quant/test_triton_nvfp4.py -k "cuda or gemv or split or deep_copy or planted or graph or triton" 2>&1 \
+    | tail -25
+fi
+fi
+
+if [ "${KERNEL_BENCH:-0}" = 1 ]; then
+  step "NVFP4 kernels against bf16 cuBLAS, per projection shape"
+  $PY bench/nvfp4_kernels.py --small-m "" --out "$OUT/nvfp4_kernels.json" > "$OUT/nvfp4_kernels.log" 2>&1
+  tail -28 "$OUT/nvfp4_kernels.log"
+fi
+if [ "${GEMV_SWEEP:-0}" = 1 ]; then
+  step "NVFP4 GEMV tiles, one by one (bench/nvfp4_gemv_sweep.py)"
+  $PY bench/nvfp4_gemv_sweep.py --out "$OUT/nvfp4_gemv_sweep.json" 2>&1 | tee "$OUT/nvfp4_gemv_sweep.log" | grep -v "^ "
 fi
 
 step "Qwen3-4B-shaped checkpoint"

@@ -121,7 +121,9 @@ class Engine:
             return Prepared(cache, None, "eager", why)
         kernels = self.kernels.describe()
         gemv = ", ".join(kernels["gemv"]) or "no shape"
-        return Prepared(cache, step, "graph", f"attention {kernels['attention']}; Triton GEMV for {gemv}", seconds)
+        nvfp4 = f"; NVFP4: {kernels['nvfp4']}" if kernels["nvfp4"] else ""
+        return Prepared(cache, step, "graph", f"attention {kernels['attention']}; Triton GEMV for {gemv}{nvfp4}",
+                        seconds)
 
     def captured(self, cache: StaticKVCache) -> tuple[CapturedStep, float]:
         """The cache's captured step, made on first use. -> (step, seconds spent compiling and capturing now)."""

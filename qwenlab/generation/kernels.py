@@ -8,12 +8,15 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import nn
 
+from qwenlab.quant.linear import NVFP4Linear
+
 
 @dataclass(frozen=True)
 class DecodeKernels:
     attend: Callable  # (q, k, v, pos) -> context, for one query token over every cache slot
     gemv: Callable | None = None  # (x, weight, bias) -> y for one row
     gemv_shapes: frozenset = field(default_factory=frozenset)  # (N, K) of the weights the GEMV runs
+    nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> outputs concatenated
 
     def linear(self, module: nn.Module, x):
         if type(module) is nn.Linear and x.numel() == module.in_features:
@@ -22,12 +25,29 @@ class DecodeKernels:
             return F.linear(x, module.weight, module.bias)
         return module(x)
 
+    def linear_parts(self, modules: tuple, x) -> tuple:
+        """Each module on the same one-row x: W4A16 NVFP4 linears (Triton kernel, no bias, no hooks) as one GEMV
+        launch over their separate weights, split back; anything else one by one as `linear`."""
+        if (self.nvfp4_parts is not None and x.numel() == modules[0].in_features
+                and all(one_launch_nvfp4(m) for m in modules)):
+            y = self.nvfp4_parts(x, [m.packed for m in modules], [m.block_scale for m in modules],
+                                 [m.tensor_scale for m in modules])
+            return y.split([m.out_features for m in modules], dim=-1)
+        return tuple(self.linear(m, x) for m in modules)
+
     def attention(self, q, k, v, pos):
         return self.attend(q, k, v, pos)
 
     def describe(self) -> dict:
         return {"attention": "split-K Triton",
-                "gemv": sorted(f"{n}x{k}" for n, k in self.gemv_shapes)}
+                "gemv": sorted(f"{n}x{k}" for n, k in self.gemv_shapes),
+                "nvfp4": "one Triton GEMV launch per q/k/v and per gate/up" if self.nvfp4_parts else None}
+
+
+def one_launch_nvfp4(module: nn.Module) -> bool:
+    """An NVFP4Linear whose call is exactly the W4A16 Triton GEMV (no bias, no forward hook that would change it)."""
+    return (type(module) is NVFP4Linear and module.kernel == "triton" and module.activations == "w4a16"
+            and module.bias is None and not module._forward_hooks and not module._forward_pre_hooks)
 
 
 def decode_linears(model) -> list[nn.Linear]:
@@ -50,4 +70,9 @@ def choose_kernels(model, timings: dict) -> DecodeKernels:
         cublas_us, triton_us = timings[key]
         if triton_us < 0.97 * cublas_us:
             chosen.add(tuple(weight.shape))
-    return DecodeKernels(decode_attention_static, gemv, frozenset(chosen))
+    parts = None
+    if any(one_launch_nvfp4(m) for m in model.modules()):
+        from qwenlab.quant.triton_nvfp4 import nvfp4_gemv_parts  # the same
+
+        parts = nvfp4_gemv_parts
+    return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts)

@@ -16,3 +16,11 @@ def make_linear(name: str, in_features: int, out_features: int, bias: bool, quan
 def project(linear: nn.Module, x: torch.Tensor, kernels) -> torch.Tensor:
     """linear(x), or the decode engine's kernel for it when the engine passes its kernels."""
     return linear(x) if kernels is None else kernels.linear(linear, x)
+
+
+def project_parts(linears: tuple, x: torch.Tensor, kernels) -> tuple:
+    """(linear(x) for each of linears, all on the same x): q/k/v or gate/up of an unfused model. The decode engine's
+    kernels may multiply them in one launch (NVFP4: one GEMV over the separate weights)."""
+    if kernels is None:
+        return tuple(linear(x) for linear in linears)
+    return kernels.linear_parts(linears, x)

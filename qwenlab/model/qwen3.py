@@ -14,7 +14,7 @@ from qwenlab.model.config import Qwen3Config, is_moe_layer
 from qwenlab.model.hooks import HIDDEN, HookPoint
 from qwenlab.model.kv_cache import KVCache
 from qwenlab.model.moe import SparseMoE
-from qwenlab.model.projection import make_linear, project
+from qwenlab.model.projection import make_linear, project, project_parts
 from qwenlab.quant.linear import QuantInfo
 
 ATTENTIONS = ("sdpa", "eager")
@@ -82,7 +82,7 @@ class Attention(nn.Module):
     def projections(self, x, kernels):
         if hasattr(self, "qkv_proj"):
             return project(self.qkv_proj, x, kernels).split(self.sizes, dim=-1)
-        return project(self.q_proj, x, kernels), project(self.k_proj, x, kernels), project(self.v_proj, x, kernels)
+        return project_parts((self.q_proj, self.k_proj, self.v_proj), x, kernels)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, attention: str, kernels):
         B, T, _ = x.shape
@@ -161,7 +161,7 @@ class MLP(nn.Module):
         if hasattr(self, "gate_up_proj"):
             gate, up = project(self.gate_up_proj, x, kernels).chunk(2, dim=-1)
         else:
-            gate, up = project(self.gate_proj, x, kernels), project(self.up_proj, x, kernels)
+            gate, up = project_parts((self.gate_proj, self.up_proj), x, kernels)
         gate, up = self.hook_gate_proj(gate), self.hook_up_proj(up)
         act = self.hook_act(F.silu(gate))
         return self.hook_down_proj(project(self.down_proj, act * up, kernels))

@@ -6,13 +6,18 @@ block_scale float8_e4m3fn [N, K/16], tensor_scale float32, a scalar or a vector 
 fused q/k/v whose parts had different tensor scales). value = e2m1(code) x block_scale x tensor_scale.
 
 A nibble s|e1 e0|m is decoded without a table, by moving its bits into a float: as float32 bits (sign -> bit 31,
-e1 e0 m -> bits 24..22) it reads as exactly e2m1 x 2^-126 (GEMV: three integer ops per nibble, measured the
-cheapest); as an FP8 E4M3 byte (sign -> bit 7, e1 e0 m -> bits 4..2) as e2m1 x 2^-6, converted by the hardware
-(GEMM, dequantize). Code 1 (0.5) lands on a subnormal either way, which is exact; the power of two is folded into
-a later multiply.
+e1 e0 m -> bits 24..22) it reads as exactly e2m1 x 2^-126 (GEMV: the packed codes read as int32 words, each nibble
+shifted to the top, shifted back arithmetically and masked, three integer instructions); as an FP8 E4M3 byte
+(sign -> bit 7, e1 e0 m -> bits 4..2) as e2m1 x 2^-6, converted by the hardware (GEMM, dequantize). Code 1 (0.5)
+lands on a subnormal either way, which is exact; the power of two is folded into a later multiply.
+
+Speed on an H200 (doc/nvfp4.md): the GEMV reads the packed weights at 19-35% of the copy bandwidth, 1.2-1.4x
+faster than bf16 cuBLAS on the same shapes; neither fewer decode instructions (bytes -> words) nor unrolling the
+loop along K moved it, so its limit is elsewhere (x is re-read as 4-byte loads per step: X_VEC tries 16-byte ones).
 
     nvfp4_gemv       one row (batch-1 decode), fp32 accumulation, the tensor scale applied once at the end;
                      split-K with a second, atomic-free pass under 4096 rows (gemv_split)
+    nvfp4_gemv_parts the same for 1-3 weights in one launch, outputs concatenated (q/k/v, gate/up)
     nvfp4_gemm       M rows (prefill): W tiles dequantized to x.dtype (exact: e2m1 x E4M3 fits in 8 bits), tl.dot
     dequantize_into  the whole weight into a preallocated buffer, bit-identical to codec.dequantize
 """
@@ -24,8 +29,11 @@ import triton.language as tl
 
 from qwenlab.errors import QwenlabError
 
-GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w, num_stages=1)  # the H200's picks
-                for n, g, w in [(4, 32, 2), (8, 32, 2), (4, 32, 4), (4, 64, 2), (8, 16, 1), (4, 32, 1)]]
+# The H200's fastest tiles (bench/nvfp4_gemv_sweep.py; doc/evidence/nvfp4-decode-h200/): 4x32 for q/k/v, 8x32 for
+# o and down (split-K), 8x16 for gate/up. X_VEC (x read as one 16-byte load per weight word) has not run on a GPU
+# yet: the sweep measures it, the autotuner leaves it off until then.
+GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "X_VEC": False}, num_warps=w, num_stages=1)
+                for n, g, w in [(4, 32, 1), (8, 32, 2), (8, 16, 1)]]
 GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
                 for m, n, k, w, s in [(16, 32, 256, 2, 3), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4),
                                       (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
@@ -35,6 +43,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot benc
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 256
 E4M3_UNIT = tl.constexpr(64.0)  # a nibble decoded through E4M3 reads e2m1 x 2^-6
 X_SCALE = tl.constexpr(9.223372036854775808e18)  # 2^63
+E2M1_BITS = tl.constexpr(-0x7E400000)  # 0x81C00000 as int32: bit 31 (sign) and bits 24..22 (e1 e0 m)
 
 
 @triton.jit
@@ -46,59 +55,111 @@ def _e2m1_as_e4m3(p):
 
 
 @triton.jit
-def _e2m1_as_f32_bits(p):
-    """uint8 bytes -> (low nibble, high nibble) as float32 e2m1 x 2^-126 (exact; code +-1, 0.5, is subnormal)."""
-    q = p.to(tl.uint32)
-    lo = ((q & 0x08) << 28) | ((q & 0x07) << 22)
-    hi = ((q & 0x80) << 24) | ((q & 0x70) << 18)
-    return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
+def _byte_products(words, x_pair, byte: tl.constexpr):
+    """Byte `byte` of each int32 word (elements 2i and 2i + 1) times its x pair (bf16 x2 in one int32 word, or two
+    float32 x values), [BLOCK_N, GROUPS, 2] float32. Nibble j of a word is moved to the top bits, shifted back
+    arithmetically by 6 and masked: sign at bit 31, e1 e0 m at bits 24..22, i.e. the float32 e2m1 x 2^-126 in three
+    integer instructions, with all eight elements of a word in the thread that loaded it."""
+    x_even = (x_pair << 16).to(tl.float32, bitcast=True) * X_SCALE
+    x_odd = (x_pair & 0xFFFF0000).to(tl.float32, bitcast=True) * X_SCALE
+    w_even = (((words << (28 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
+    w_odd = (((words << (24 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
+    return w_even * x_even[None, :, :] + w_odd * x_odd[None, :, :]
 
 
-@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "SPLIT"])
-@triton.heuristics({"EVEN_K": lambda args: args["SPLIT"] == 1 and (args["K"] // 16) % args["GROUPS"] == 0})
-@triton.jit(do_not_specialize=["ts_stride"])
-def _gemv_kernel(X, P, S, TS, B, Y, PARTIAL, N, K, stride_p, stride_s, ts_stride, X_WORDS: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 GROUPS: tl.constexpr):
-    """Each program: BLOCK_N rows, GROUPS 16-element blocks (8 packed bytes + 1 scale each) per step along K, over
-    its 1/SPLIT of K (SPLIT > 1: float32 partial sums into PARTIAL [SPLIT, N], summed by _gemv_finish_kernel).
-    X_WORDS: x is bf16 read as int32 words (element 2i in the low half), else any float dtype read per element.
-    Weights decode to e2m1 x 2^-126 and x is scaled by 2^63 so that the products stay normal floats."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+@triton.jit
+def _gemv_step(X, P, S, src, stride_p, stride_s, gk, ok, X_WORDS: tl.constexpr, X_VEC: tl.constexpr,
+               EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """The rows `src` times x over the 16-element blocks gk: [BLOCK_N, GROUPS] float32 sums, block scale applied.
+    Each block is two int32 words of 8 nibbles + 1 E4M3 scale. X_WORDS: x is bf16 read as int32 words (element 2i
+    in the low half): X_VEC reads each word's 8 x values as one 16-byte load and splits them in registers, else
+    4 loads of one pair each; without X_WORDS any float dtype is read per element. x is scaled by 2^63 so that the
+    products stay normal floats."""
+    half = tl.arange(0, 2)  # the block's two words
+    pointers = P + src[:, None, None] * stride_p + gk[None, :, None] * 2 + half[None, None, :]
+    if EVEN_K:
+        words = tl.load(pointers, eviction_policy="evict_first")
+    else:
+        words = tl.load(pointers, mask=ok[None, :, None], other=0, eviction_policy="evict_first")
+    s = tl.load(S + src[:, None] * stride_s + gk[None, :], mask=ok[None, :], other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    word_index = gk[:, None] * 2 + half[None, :]  # [GROUPS, 2]
+    if X_WORDS and X_VEC:
+        quads = tl.load(X + word_index[:, :, None] * 4 + tl.arange(0, 4)[None, None, :], mask=ok[:, None, None],
+                        other=0).to(tl.uint32, bitcast=True)  # [GROUPS, 2, 4]: pair i of each word
+        even_pairs, odd_pairs = tl.split(tl.reshape(quads, [GROUPS, 2, 2, 2]))  # pairs 0, 2 and 1, 3
+        pair0, pair2 = tl.split(even_pairs)
+        pair1, pair3 = tl.split(odd_pairs)
+        part = _byte_products(words, pair0, 0) + _byte_products(words, pair1, 1)
+        part += _byte_products(words, pair2, 2) + _byte_products(words, pair3, 3)
+    else:
+        part = tl.zeros([BLOCK_N, GROUPS, 2], tl.float32)
+        for byte in tl.static_range(4):  # byte i of each word: elements 2i (low nibble) and 2i + 1
+            if X_WORDS:
+                pair = tl.load(X + word_index * 4 + byte, mask=ok[:, None], other=0).to(tl.uint32, bitcast=True)
+                part += _byte_products(words, pair, byte)
+            else:  # x of any float dtype, element by element
+                element = word_index * 8 + 2 * byte
+                x_even = tl.load(X + element, mask=ok[:, None], other=0.0).to(tl.float32) * X_SCALE
+                x_odd = tl.load(X + element + 1, mask=ok[:, None], other=0.0).to(tl.float32) * X_SCALE
+                w_even = (((words << (28 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
+                w_odd = (((words << (24 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
+                part += w_even * x_even[None, :, :] + w_odd * x_odd[None, :, :]
+    return tl.sum(part, axis=2) * s
+
+
+@triton.jit
+def _gemv_tile(X, P, S, TS, B, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s, ts_stride, y_offset,
+               X_WORDS: tl.constexpr, X_VEC: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+               EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """Rows tile*BLOCK_N.. of one weight over this program's 1/SPLIT of K, written at y_offset + row of Y (or of
+    each PARTIAL row, [SPLIT, N_ALL])."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     src = tl.minimum(rows, N - 1)  # the tail program re-reads the last row instead of masking every load
     g = tl.arange(0, GROUPS)
-    byte = tl.arange(0, 8)
     chunk = tl.cdiv(tl.cdiv(K // 16, SPLIT), GROUPS) * GROUPS
     first = tl.program_id(1) * chunk
     blocks = tl.minimum(K // 16, first + chunk)
     acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
     for g0 in range(first, blocks, GROUPS):
         gk = g0 + g
-        ok = gk < blocks
-        pointers = P + src[:, None, None] * stride_p + gk[None, :, None] * 8 + byte[None, None, :]
-        if EVEN_K:
-            p = tl.load(pointers, eviction_policy="evict_first")
-        else:
-            p = tl.load(pointers, mask=ok[None, :, None], other=0, eviction_policy="evict_first")
-        s = tl.load(S + src[:, None] * stride_s + gk[None, :], mask=ok[None, :], other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
-        if X_WORDS:
-            words = tl.load(X + gk[:, None] * 8 + byte[None, :], mask=ok[:, None], other=0).to(tl.uint32, bitcast=True)
-            x_even = (words << 16).to(tl.float32, bitcast=True) * X_SCALE
-            x_odd = (words & 0xFFFF0000).to(tl.float32, bitcast=True) * X_SCALE
-        else:
-            offsets = gk[:, None] * 16 + byte[None, :] * 2
-            x_even = tl.load(X + offsets, mask=ok[:, None], other=0.0).to(tl.float32) * X_SCALE
-            x_odd = tl.load(X + offsets + 1, mask=ok[:, None], other=0.0).to(tl.float32) * X_SCALE
-        lo, hi = _e2m1_as_f32_bits(p)
-        acc += tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2) * s
+        acc += _gemv_step(X, P, S, src, stride_p, stride_s, gk, gk < blocks, X_WORDS, X_VEC, EVEN_K, BLOCK_N,
+                          GROUPS)
     if SPLIT > 1:
-        tl.store(PARTIAL + tl.program_id(1) * N + rows, tl.sum(acc, axis=1), mask=rows < N)
+        tl.store(PARTIAL + tl.program_id(1) * N_ALL + y_offset + rows, tl.sum(acc, axis=1), mask=rows < N)
     else:
         y = tl.sum(acc, axis=1) * (tl.load(TS + src * ts_stride) * X_SCALE)  # 2^-126 x 2^63 x 2^63 = 1
         if HAS_BIAS:
             y += tl.load(B + src).to(tl.float32)
-        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
+        tl.store(Y + y_offset + rows, y.to(Y.dtype.element_ty), mask=rows < N)
+
+
+@triton.autotune(configs=GEMV_CONFIGS, key=["N0", "N1", "N2", "K", "SPLIT"])
+@triton.heuristics({"EVEN_K": lambda args: args["SPLIT"] == 1 and (args["K"] // 16) % args["GROUPS"] == 0})
+@triton.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])
+def _gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, B, Y, PARTIAL, N0, N1, N2, K,
+                 stride_p0, stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, stride_p2, stride_s2, ts_stride2,
+                 PARTS: tl.constexpr, X_WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                 EVEN_K: tl.constexpr, X_VEC: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """y = x @ [W0; W1; W2].T for PARTS (1-3) weights of the same K, one launch: the row tiles of W0, then W1's,
+    then W2's (a fused q/k/v or gate/up without a fused copy of the weights). Split-K only with one part."""
+    pid = tl.program_id(0)
+    n_all = N0 + N1 + N2
+    if PARTS == 1:
+        _gemv_tile(X, P0, S0, TS0, B, Y, PARTIAL, pid, N0, K, n_all, stride_p0, stride_s0, ts_stride0, 0,
+                   X_WORDS, X_VEC, HAS_BIAS, SPLIT, EVEN_K, BLOCK_N, GROUPS)
+    else:
+        tiles0 = tl.cdiv(N0, BLOCK_N)
+        tiles1 = tl.cdiv(N1, BLOCK_N)
+        if pid < tiles0:
+            _gemv_tile(X, P0, S0, TS0, B, Y, PARTIAL, pid, N0, K, n_all, stride_p0, stride_s0, ts_stride0, 0,
+                       X_WORDS, X_VEC, False, 1, EVEN_K, BLOCK_N, GROUPS)
+        elif PARTS == 2 or pid < tiles0 + tiles1:
+            _gemv_tile(X, P1, S1, TS1, B, Y, PARTIAL, pid - tiles0, N1, K, n_all, stride_p1, stride_s1, ts_stride1,
+                       N0, X_WORDS, X_VEC, False, 1, EVEN_K, BLOCK_N, GROUPS)
+        else:
+            _gemv_tile(X, P2, S2, TS2, B, Y, PARTIAL, pid - tiles0 - tiles1, N2, K, n_all, stride_p2, stride_s2,
+                       ts_stride2, N0 + N1, X_WORDS, X_VEC, False, 1, EVEN_K, BLOCK_N, GROUPS)
 
 
 @triton.jit(do_not_specialize=["ts_stride"])
@@ -210,33 +271,76 @@ def _ts_stride(tensor_scale: torch.Tensor) -> int:
     return tensor_scale.stride(0) if tensor_scale.dim() == 1 and tensor_scale.numel() > 1 else 0
 
 
-@torch.library.custom_op("qwenlab::nvfp4_gemv", mutates_args=())
-def nvfp4_gemv(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor, tensor_scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T for ONE row x ([K], [1, K], [1, 1, K]; bf16/fp16/fp32) -> [..., N] in x.dtype. Reads each packed
-    byte and block scale once; fp32 accumulation; tensor_scale: float32 scalar or per-row vector [N]."""
-    n, k = _check(x.shape[-1], packed, block_scale, tensor_scale, bias, "nvfp4_gemv")
+def _words(packed: torch.Tensor, where: str) -> torch.Tensor:
+    if packed.data_ptr() % 4 or packed.stride(0) % 4:
+        raise QwenlabError(f"{where}: packed must start and have its rows at multiples of 4 bytes (it is read as "
+                           f"int32 words), got offset {packed.data_ptr() % 4} and row stride {packed.stride(0)}")
+    return packed.view(torch.int32)
+
+
+def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str, config: dict | None = None
+          ) -> torch.Tensor:
+    """weights: 1-3 (packed, block_scale, tensor_scale) of the same K -> x times each, concatenated, [..., sum N].
+    config: BLOCK_N, GROUPS, X_VEC, num_warps, num_stages given instead of autotuned (bench/nvfp4_gemv_sweep.py)."""
+    k = x.shape[-1]
+    ns = [_check(k, *w, bias, where)[0] for w in weights]
     if x.numel() != k:
-        raise QwenlabError(f"nvfp4_gemv: x {list(x.shape)} holds more than one row (use nvfp4_gemm)")
+        raise QwenlabError(f"{where}: x {list(x.shape)} holds more than one row (use nvfp4_gemm)")
+    n = sum(ns)
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     row = x.reshape(k).contiguous()
     words = row.dtype == torch.bfloat16 and row.data_ptr() % 4 == 0
-    split = gemv_split(n, k)
+    split = gemv_split(n, k) if len(weights) == 1 else 1
     partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
     b = bias if bias is not None else y
-    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
-        row.view(torch.int32) if words else row, packed, block_scale, tensor_scale, b, y, partial, n, k,
-        packed.stride(0), block_scale.stride(0), _ts_stride(tensor_scale), X_WORDS=words, HAS_BIAS=bias is not None,
-        SPLIT=split)
+    parts = [(_words(p, where), s, ts, n_i, p.stride(0) // 4, s.stride(0), _ts_stride(ts))
+             for (p, s, ts), n_i in zip(weights, ns)]
+    parts += [parts[0][:3] + (0,) + parts[0][4:]] * (3 - len(parts))  # unused slots: the first weight, 0 rows
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = parts
+    kernel = _gemv_kernel if config is None else _gemv_kernel.fn  # .fn: the kernel under the autotuner
+    kernel[lambda meta: (sum(triton.cdiv(n_i, meta["BLOCK_N"]) for n_i in ns), split)](
+        row.view(torch.int32) if words else row, p0, s0, t0, p1, s1, t1, p2, s2, t2, b, y, partial, n0, n1, n2, k,
+        sp0, ss0, st0, sp1, ss1, st1, sp2, ss2, st2, PARTS=len(weights), X_WORDS=words, HAS_BIAS=bias is not None,
+        SPLIT=split, **(config or {}))
     if split > 1:
+        tensor_scale = weights[0][2]
         _gemv_finish_kernel[(triton.cdiv(n, 1024),)](partial, tensor_scale, b, y, n, _ts_stride(tensor_scale),
                                                      HAS_BIAS=bias is not None, SPLIT=split, BLOCK=1024)
     return y.reshape(*x.shape[:-1], n)
 
 
+def gemv_with_config(x: torch.Tensor, weights: list, config: dict) -> torch.Tensor:
+    """nvfp4_gemv_parts (nvfp4_gemv for one weight) with the tile given, not autotuned: for benchmarks."""
+    return _gemv(x, weights, None, "gemv_with_config", config)
+
+
+@torch.library.custom_op("qwenlab::nvfp4_gemv", mutates_args=())
+def nvfp4_gemv(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor, tensor_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T for ONE row x ([K], [1, K], [1, 1, K]; bf16/fp16/fp32) -> [..., N] in x.dtype. Reads each packed
+    byte and block scale once; fp32 accumulation; tensor_scale: float32 scalar or per-row vector [N]."""
+    return _gemv(x, [(packed, block_scale, tensor_scale)], bias, "nvfp4_gemv")
+
+
 @nvfp4_gemv.register_fake
 def _(x, packed, block_scale, tensor_scale, bias=None):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.custom_op("qwenlab::nvfp4_gemv_parts", mutates_args=())
+def nvfp4_gemv_parts(x: torch.Tensor, packed: list[torch.Tensor], block_scale: list[torch.Tensor],
+                     tensor_scale: list[torch.Tensor]) -> torch.Tensor:
+    """x times 1-3 weights of the same K in one launch, concatenated: [..., N0 + N1 (+ N2)] (q/k/v or gate/up as
+    one GEMV while each stays its own NVFP4 weight, with its own tensor scale). No bias, no split-K."""
+    if not 1 <= len(packed) == len(block_scale) == len(tensor_scale) <= 3:
+        raise QwenlabError(f"nvfp4_gemv_parts: give 1-3 weights (packed, block_scale, tensor_scale each), got "
+                           f"{len(packed)}, {len(block_scale)}, {len(tensor_scale)}")
+    return _gemv(x, list(zip(packed, block_scale, tensor_scale)), None, "nvfp4_gemv_parts")
+
+
+@nvfp4_gemv_parts.register_fake
+def _(x, packed, block_scale, tensor_scale):
+    return x.new_empty((*x.shape[:-1], sum(p.shape[0] for p in packed)))
 
 
 @torch.library.custom_op("qwenlab::nvfp4_gemm", mutates_args=())

@@ -147,6 +147,21 @@ def test_graph_and_eager_give_identical_greedy_tokens_on_cuda(fixture, request):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_nvfp4_graph_decode_multiplies_q_k_v_and_gate_up_in_one_launch_each_on_cuda(tiny_dir):
+    """NVFP4 linears stay separate modules (nothing fused at load); the graph's step runs q/k/v and gate/up as one
+    GEMV launch each over their own weights, and gives the eager engine's (one GEMV per linear) greedy tokens."""
+    ckpt = load(tiny_dir, "float32", "cuda", quant="nvfp4")
+    assert hasattr(ckpt.model.layers[0].self_attn, "q_proj")
+    for prompt in ["Have you ever seen a UFO?", "Write a poem about the sea."]:
+        ids = ckpt.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        eager = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="eager")
+        graph = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="graph")
+        assert graph.engine == "graph", graph.engine_note
+        assert "NVFP4: one Triton GEMV launch per q/k/v and per gate/up" in graph.engine_note
+        assert graph.ids == eager.ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 def test_greedy_graph_decode_running_ahead_of_the_host_equals_the_step_by_step_one(tiny_dir):
     """Greedy graph decoding without on_logits chains the device's choices and reads them one step behind
     (decode.ChainedGreedy); with on_logits it goes step by step. Same tokens, stop reasons and cache, a stop token

@@ -21,7 +21,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_cuda = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs CUDA (and no interpreter)")
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1 (Triton's CPU interpreter)")
 
-from qwenlab.quant.triton_nvfp4 import dequantize_into, gemv_split, nvfp4_gemm, nvfp4_gemv  # noqa: E402
+from qwenlab.quant.triton_nvfp4 import (  # noqa: E402
+    dequantize_into,
+    gemv_split,
+    nvfp4_gemm,
+    nvfp4_gemv,
+    nvfp4_gemv_parts,  # noqa: E402
+)
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}  # fp32 accumulation, then the cast
 
@@ -69,6 +75,25 @@ def check_gemv(n, k, dtype, per_row, bias, device, seed, offset=0):
     assert rel_l2(y.reshape(n), ref) < TOLERANCE[dtype]
 
 
+def check_gemv_parts(ns, k, dtype, device, seed):
+    """Weights of the same K (each quantized on its own, its own tensor scale) in one launch: x times each,
+    concatenated, against float64 matmuls of codec.dequantize's weights."""
+    gen = torch.Generator(device).manual_seed(seed)
+    parts = [codec.quantize(torch.randn(n, k, device=device, generator=gen) * (0.02 * (i + 1)))
+             for i, n in enumerate(ns)]
+    x = torch.randn(1, 1, k, device=device, generator=gen).to(dtype)
+    ref = torch.cat([x.double().reshape(k) @ reference([q]).T for q in parts])
+    poison_next((sum(ns),), dtype, device)
+    y = nvfp4_gemv_parts(x, [q.packed for q in parts], [q.block_scale for q in parts],
+                         [q.tensor_scale for q in parts])
+    assert y.shape == (1, 1, sum(ns)) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert rel_l2(y.reshape(-1), ref) < TOLERANCE[dtype]
+    for i, q in enumerate(parts):  # each part lands in its own rows, not just the sum
+        start = sum(ns[:i])
+        assert rel_l2(y.reshape(-1)[start:start + ns[i]], ref[start:start + ns[i]]) < TOLERANCE[dtype]
+
+
 def check_gemm(m, n, k, dtype, per_row, bias, device, seed):
     gen = torch.Generator(device).manual_seed(seed)
     packed, block_scale, tensor_scale, parts = fused_weight(n, k, per_row, device, gen)
@@ -103,6 +128,14 @@ GEMV_CASES = [(1024, 2560, torch.bfloat16, False, False, 0), (1000, 2576, torch.
 @pytest.mark.parametrize("n,k,dtype,per_row,bias,offset", GEMV_CASES)
 def test_gemv_matches_a_float64_matmul_on_cuda(n, k, dtype, per_row, bias, offset):
     check_gemv(n, k, dtype, per_row, bias, "cuda", seed=n + k, offset=offset)
+
+
+@needs_cuda
+@pytest.mark.parametrize("ns,k,dtype", [((4096, 1024, 1024), 2560, torch.bfloat16),
+                                        ((9728, 9728), 2560, torch.bfloat16), ((1000, 24, 40), 2576, torch.float32),
+                                        ((40,), 48, torch.float16)])
+def test_gemv_parts_match_float64_matmuls_on_cuda(ns, k, dtype):
+    check_gemv_parts(ns, k, dtype, "cuda", seed=sum(ns) + k)
 
 
 @needs_cuda
@@ -182,6 +215,30 @@ def test_bad_input_is_a_one_line_error(call, message):
                                                            (13, 2064, torch.float32, True, True, 0)])
 def test_gemv_matches_a_float64_matmul_interpreted(n, k, dtype, per_row, bias, offset):
     check_gemv(n, k, dtype, per_row, bias, "cpu", seed=n + k, offset=offset)
+
+
+@interpreted
+@pytest.mark.parametrize("ns,k,dtype", [((37, 9, 9), 80, torch.bfloat16), ((20, 13), 48, torch.float32),
+                                        ((5, 3, 7), 528, torch.float16)])
+def test_gemv_parts_match_float64_matmuls_interpreted(ns, k, dtype):
+    check_gemv_parts(ns, k, dtype, "cpu", seed=sum(ns) + k)
+
+
+@interpreted
+@pytest.mark.parametrize("x_vec", [True, False])
+@pytest.mark.parametrize("ns,k", [((37,), 528), ((21, 9, 9), 1040), ((13,), 2064)])
+def test_gemv_x_read_per_word_or_per_pair_matches_a_float64_matmul_interpreted(ns, k, x_vec):
+    """Both ways of reading x (a word's 8 values in one load and split, or pair by pair), one weight, split-K
+    (13 rows) and parts."""
+    from qwenlab.quant.triton_nvfp4 import gemv_with_config
+
+    gen = torch.Generator().manual_seed(k)
+    parts = [codec.quantize(torch.randn(n, k, generator=gen) * 0.02) for n in ns]
+    x = torch.randn(1, k, generator=gen).bfloat16()
+    ref = torch.cat([x.double().reshape(k) @ reference([q]).T for q in parts])
+    y = gemv_with_config(x, [(q.packed, q.block_scale, q.tensor_scale) for q in parts],
+                         {"BLOCK_N": 4, "GROUPS": 16, "X_VEC": x_vec, "num_warps": 1, "num_stages": 1})
+    assert rel_l2(y.reshape(-1), ref) < TOLERANCE[torch.bfloat16]
 
 
 def test_gemv_splits_k_only_where_rows_are_few():

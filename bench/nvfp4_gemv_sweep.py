@@ -1,0 +1,111 @@
+"""The NVFP4 GEMV's tiles, one by one, on the Qwen3-4B decode shapes (CUDA only; prints its numbers, asserts none):
+which BLOCK_N / GROUPS / warps, and x read per word or per pair, read the packed weights fastest from HBM, against
+bf16 cuBLAS on the same shapes in the same run. q/k/v and gate/up run as one launch over their separate weights
+(nvfp4_gemv_parts), also timed as separate calls; o and down as one weight (split-K).
+
+    python bench/nvfp4_gemv_sweep.py [--out FILE.json]
+
+Timing as bench/nvfp4_kernels.py: a CUDA graph of calls over rotated weight copies larger than the L2 cache. Every
+output is checked against a float64 matmul of the dequantized weights (rel L2).
+"""
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from nvfp4_kernels import ROTATE_BYTES, graph_us, nvfp4_bytes
+
+from qwenlab.bench.measure import copy_bandwidth, device_facts
+from qwenlab.quant import codec
+
+SHAPES = {"qkv": ((4096, 1024, 1024), 2560), "o": ((2560,), 4096), "gate_up": ((9728, 9728), 2560),
+          "down": ((2560,), 9728)}
+LAYER = {"qkv": 1, "o": 1, "gate_up": 1, "down": 1}
+LAYERS = 36
+# (BLOCK_N, GROUPS, num_warps, X_VEC): x read as one 16-byte load per weight word, or pair by pair
+TILES = [(bn, g, w, v) for v in (True, False) for bn, g, w in [(4, 32, 1), (8, 32, 2), (8, 16, 1), (16, 32, 2),
+                                                                (4, 64, 2)]]
+
+
+def weights_for(ns, k, device):
+    return [codec.quantize(torch.randn(n, k, device=device) * 0.02) for n in ns]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write every number to this JSON file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("nvfp4_gemv_sweep: needs a CUDA GPU (the kernels are Triton)", file=sys.stderr)
+        return 2
+    from qwenlab.quant import triton_nvfp4 as kernels
+
+    device = torch.device("cuda")
+    facts = device_facts(device)
+    copy_bw = copy_bandwidth(device)
+    print(f"{facts['name']}  torch {facts['torch']}  triton {facts['triton']}  CUDA {facts['cuda']}  copy bandwidth "
+          f"{copy_bw / 1e9:.0f} GB/s", flush=True)
+    started = time.perf_counter()
+    results = {}
+    for name, (ns, k) in SHAPES.items():
+        qs = weights_for(ns, k, device)
+        x = torch.randn(1, k, device=device).bfloat16()
+        ref = torch.cat([x.double() @ codec.dequantize(q, torch.float32).double().T for q in qs], dim=-1)
+        nbytes = sum(nvfp4_bytes(n, k) for n in ns)
+        sets = [qs] + [[codec.NVFP4Weight(q.packed.clone(), q.block_scale.clone(), q.tensor_scale.clone())
+                        for q in qs] for _ in range(math.ceil(ROTATE_BYTES / nbytes) - 1)]
+        bf16 = [torch.cat([codec.dequantize(q, torch.bfloat16) for q in qs])]
+        bf16 += [bf16[0].clone() for _ in range(math.ceil(ROTATE_BYTES / bf16[0].nbytes) - 1)]
+        row = {"ns": ns, "k": k, "nvfp4_bytes": nbytes, "floor_us": nbytes / copy_bw * 1e6,
+               "bf16_us": graph_us([lambda w=w: F.linear(x, w) for w in bf16]), "tiles": {}}
+        del bf16
+        if len(ns) > 1:
+            row["separate_calls_us"] = graph_us([lambda q=q: kernels.nvfp4_gemv(x, q.packed, q.block_scale,
+                                                                                 q.tensor_scale)
+                                                 for s in sets for q in s])
+            row["separate_calls_us"] *= len(ns)  # graph_us divides by the number of calls: per layer here
+        triples = [[(q.packed, q.block_scale, q.tensor_scale) for q in s] for s in sets]
+        for bn, g, w, x_vec in TILES:
+            config = {"BLOCK_N": bn, "GROUPS": g, "X_VEC": x_vec, "num_warps": w, "num_stages": 1}
+            label = f"{bn}x{g} w{w} {'x per word' if x_vec else 'x per pair'}"
+            try:
+                y = kernels.gemv_with_config(x, triples[0], config)
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                us = graph_us([lambda t=t: kernels.gemv_with_config(x, t, config) for t in triples])
+            except Exception as e:  # noqa: BLE001 - a tile the compiler refuses is reported, not fatal
+                row["tiles"][label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+                print(f"{name:>8} {label:>16}: {row['tiles'][label]['error']}", flush=True)
+                continue
+            row["tiles"][label] = {"us": us, "pct_copy_bw": 100 * nbytes / us / 1e-6 / copy_bw, "rel_l2": err}
+        best = min((t for t in row["tiles"].items() if "us" in t[1]), key=lambda t: t[1]["us"])
+        row["best"] = best[0]
+        results[name] = row
+        auto_us = graph_us([lambda t=t: kernels._gemv(x, t, None, "autotuned") for t in triples])
+        row["autotuned_us"] = auto_us
+        ranked = sorted((t for t in row["tiles"].items() if "us" in t[1]), key=lambda t: t[1]["us"])
+        print(f"\n{name} {'+'.join(map(str, ns))}x{k}: bf16 cuBLAS {row['bf16_us']:.1f} us, floor "
+              f"{row['floor_us']:.1f} us, autotuned {auto_us:.1f} us ({kernels._gemv_kernel.best_config})"
+              + (f", separate calls {row['separate_calls_us']:.1f} us" if "separate_calls_us" in row else ""))
+        for label, t in ranked[:8]:
+            print(f"   {label:>16}: {t['us']:6.1f} us  {t['pct_copy_bw']:4.0f}% of copy bw  "
+                  f"{row['bf16_us'] / t['us']:.2f}x bf16  rel L2 {t['rel_l2']:.1e}")
+        print(f"   worst {ranked[-1][0]}: {ranked[-1][1]['us']:.1f} us", flush=True)
+        del sets, triples
+        torch.cuda.empty_cache()
+    per_layer = {m: sum(results[s][m if m != "best" else "tiles"][results[s]["best"]]["us"] if m == "best"
+                        else results[s][m] for s in LAYER) for m in ("bf16_us", "autotuned_us", "best")}
+    print(f"\none layer x {LAYERS} (qkv + o + gate_up + down): bf16 cuBLAS {LAYERS * per_layer['bf16_us'] / 1e3:.3f}"
+          f" ms, NVFP4 autotuned {LAYERS * per_layer['autotuned_us'] / 1e3:.3f} ms, NVFP4 best tiles "
+          f"{LAYERS * per_layer['best'] / 1e3:.3f} ms  (ran {time.perf_counter() - started:.0f} s)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"facts": facts, "copy_bandwidth": copy_bw, "shapes": results, "layer_x36_ms": {
+                k: LAYERS * v / 1e3 for k, v in per_layer.items()}}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

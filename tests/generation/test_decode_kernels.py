@@ -1,0 +1,76 @@
+"""The decode engine's kernel routing on the CPU (qwenlab.generation.kernels): which linears of a one-token step
+go to one NVFP4 GEMV launch together, and that their outputs come back split in order. The Triton kernel itself is
+tested against float64 in tests/quant/test_triton_nvfp4.py; here a stand-in records the calls."""
+import torch
+import torch.nn.functional as F
+
+from qwenlab.generation.kernels import DecodeKernels, one_launch_nvfp4
+from qwenlab.model.projection import project_parts
+from qwenlab.quant import codec
+from qwenlab.quant.linear import NVFP4Linear
+
+
+def nvfp4_linear(n: int, k: int, seed: int, kernel: str = "triton") -> NVFP4Linear:
+    gen = torch.Generator().manual_seed(seed)
+    return NVFP4Linear.from_weight(codec.quantize(torch.randn(n, k, generator=gen) * 0.02), kernel=kernel)
+
+
+class Recorder:
+    """Stands in for nvfp4_gemv_parts: x times each dequantized weight, concatenated; remembers each call's rows."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, packed, block_scale, tensor_scale):
+        self.calls.append([p.shape[0] for p in packed])
+        weights = [codec.dequantize(codec.NVFP4Weight(p, s, t), x.dtype)
+                   for p, s, t in zip(packed, block_scale, tensor_scale)]
+        return torch.cat([F.linear(x, w) for w in weights], dim=-1)
+
+
+def kernels_with(recorder) -> DecodeKernels:
+    return DecodeKernels(attend=None, nvfp4_parts=recorder)
+
+
+def test_q_k_v_go_to_one_launch_and_come_back_split_in_order():
+    q, k, v = nvfp4_linear(64, 32, 0), nvfp4_linear(16, 32, 1), nvfp4_linear(16, 32, 2)
+    x = torch.randn(1, 1, 32)
+    recorder = Recorder()
+    outs = project_parts((q, k, v), x, kernels_with(recorder))
+    assert recorder.calls == [[64, 16, 16]]
+    for out, module in zip(outs, (q, k, v)):
+        assert out.shape == (1, 1, module.out_features)
+        torch.testing.assert_close(out, F.linear(x, module.dequantize_weight(x.dtype)))
+
+
+class OneByOne(DecodeKernels):
+    """Records the modules `linear` gets one by one (instead of running them: a Triton-kernel NVFP4Linear needs
+    CUDA)."""
+
+    def linear(self, module, x):
+        self.alone.append(module)
+        return torch.zeros(*x.shape[:-1], module.out_features)
+
+
+def test_anything_else_goes_one_by_one():
+    """More than one row (prefill), a dense linear among them, a bias, the torch kernel, or a forward hook (a planted
+    bug reads the weight its own way) -> each module on its own, through `linear`, as its forward would."""
+    x1, x3 = torch.randn(1, 1, 32), torch.randn(1, 3, 32)
+    hooked = nvfp4_linear(16, 32, 3)
+    hooked.register_forward_hook(lambda module, args, out: out * 0)
+    with_bias = NVFP4Linear.from_weight(codec.quantize(torch.randn(16, 32)), bias=torch.randn(16), kernel="triton")
+    dense = torch.nn.Linear(32, 16, bias=False)
+    cases = [((nvfp4_linear(16, 32, 4), nvfp4_linear(16, 32, 5)), x3),
+             ((nvfp4_linear(16, 32, 4), dense), x1),
+             ((nvfp4_linear(16, 32, 4), with_bias), x1),
+             ((nvfp4_linear(16, 32, 4, kernel="dequantize"), nvfp4_linear(16, 32, 5)), x1),
+             ((nvfp4_linear(16, 32, 4), hooked), x1)]
+    for modules, x in cases:
+        recorder = Recorder()
+        kernels = OneByOne(attend=None, nvfp4_parts=recorder)
+        object.__setattr__(kernels, "alone", [])
+        outs = project_parts(modules, x, kernels)
+        assert recorder.calls == [] and kernels.alone == list(modules)
+        assert [o.shape[-1] for o in outs] == [m.out_features for m in modules]
+    assert not one_launch_nvfp4(hooked) and not one_launch_nvfp4(with_bias) and not one_launch_nvfp4(dense)
+    assert one_launch_nvfp4(nvfp4_linear(16, 32, 4)) and not one_launch_nvfp4(nvfp4_linear(16, 32, 4, "dequantize"))
