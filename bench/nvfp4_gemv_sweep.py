@@ -1,5 +1,5 @@
 """The NVFP4 GEMV's tiles, one by one, on the Qwen3-4B decode shapes (CUDA only; prints its numbers, asserts none):
-which BLOCK_N / GROUPS / warps, and x read per word or per pair, read the packed weights fastest from HBM, against
+which BLOCK_N / GROUPS / warps and step layout (X_VEC, FLAT) read the packed weights fastest from HBM, against
 bf16 cuBLAS on the same shapes in the same run. q/k/v and gate/up run as one launch over their separate weights
 (nvfp4_gemv_parts), also timed as separate calls; o and down as one weight (split-K).
 
@@ -25,9 +25,10 @@ SHAPES = {"qkv": ((4096, 1024, 1024), 2560), "o": ((2560,), 4096), "gate_up": ((
           "down": ((2560,), 9728)}
 LAYER = {"qkv": 1, "o": 1, "gate_up": 1, "down": 1}
 LAYERS = 36
-# (BLOCK_N, GROUPS, num_warps, X_VEC): x read as one 16-byte load per weight word, or pair by pair
-TILES = [(bn, g, w, v) for v in (True, False) for bn, g, w in [(4, 32, 1), (8, 32, 2), (8, 16, 1), (16, 32, 2),
-                                                                (4, 64, 2)]]
+# (BLOCK_N, GROUPS, num_warps, X_VEC, FLAT): x read as one 16-byte load per weight word, or pair by pair; the
+# words of a step as [blocks, 2] (two per thread) or as one axis loaded one per thread (no layout conversion)
+TILES = [(bn, g, w, v, f) for v, f in [(False, False), (True, False), (False, True)]
+         for bn, g, w in [(4, 32, 1), (8, 32, 2), (8, 16, 1), (16, 32, 2), (4, 64, 2)]]
 
 
 def weights_for(ns, k, device):
@@ -68,9 +69,9 @@ def main(argv=None) -> int:
                                                  for s in sets for q in s])
             row["separate_calls_us"] *= len(ns)  # graph_us divides by the number of calls: per layer here
         triples = [[(q.packed, q.block_scale, q.tensor_scale) for q in s] for s in sets]
-        for bn, g, w, x_vec in TILES:
-            config = {"BLOCK_N": bn, "GROUPS": g, "X_VEC": x_vec, "num_warps": w, "num_stages": 1}
-            label = f"{bn}x{g} w{w} {'x per word' if x_vec else 'x per pair'}"
+        for bn, g, w, x_vec, flat in TILES:
+            config = {"BLOCK_N": bn, "GROUPS": g, "X_VEC": x_vec, "FLAT": flat, "num_warps": w, "num_stages": 1}
+            label = f"{bn}x{g} w{w}{' x_vec' if x_vec else ''}{' flat' if flat else ''}"
             try:
                 y = kernels.gemv_with_config(x, triples[0], config)
                 err = ((y.double() - ref).norm() / ref.norm()).item()

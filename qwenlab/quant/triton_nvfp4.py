@@ -13,7 +13,9 @@ lands on a subnormal either way, which is exact; the power of two is folded into
 
 Speed on an H200 (doc/nvfp4.md): the GEMV reads the packed weights at 19-35% of the copy bandwidth, 1.2-1.4x
 faster than bf16 cuBLAS on the same shapes; neither fewer decode instructions (bytes -> words) nor unrolling the
-loop along K moved it, so its limit is elsewhere (x is re-read as 4-byte loads per step: X_VEC tries 16-byte ones).
+loop along K moved it. Compiled, its loop spends 50-57 instructions per int32 word (bench/nvfp4_gemv_sass.py):
+x re-read and converted between layouts at every step, scales and addresses. X_VEC (x as 16-byte loads) and FLAT
+(one word per thread, one layout for everything) are built and tested on the CPU, not yet timed on a GPU.
 
     nvfp4_gemv       one row (batch-1 decode), fp32 accumulation, the tensor scale applied once at the end;
                      split-K with a second, atomic-free pass under 4096 rows (gemv_split)
@@ -30,9 +32,9 @@ import triton.language as tl
 from qwenlab.errors import QwenlabError
 
 # The H200's fastest tiles (bench/nvfp4_gemv_sweep.py; doc/evidence/nvfp4-decode-h200/): 4x32 for q/k/v, 8x32 for
-# o and down (split-K), 8x16 for gate/up. X_VEC (x read as one 16-byte load per weight word) has not run on a GPU
-# yet: the sweep measures it, the autotuner leaves it off until then.
-GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "X_VEC": False}, num_warps=w, num_stages=1)
+# o and down (split-K), 8x16 for gate/up. X_VEC and FLAT have not run on a GPU yet: the sweep measures them, the
+# autotuner leaves them off until then.
+GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "X_VEC": False, "FLAT": False}, num_warps=w, num_stages=1)
                 for n, g, w in [(4, 32, 1), (8, 32, 2), (8, 16, 1)]]
 GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
                 for m, n, k, w, s in [(16, 32, 256, 2, 3), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4),
@@ -109,22 +111,61 @@ def _gemv_step(X, P, S, src, stride_p, stride_s, gk, ok, X_WORDS: tl.constexpr, 
 
 
 @triton.jit
-def _gemv_tile(X, P, S, TS, B, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s, ts_stride, y_offset,
-               X_WORDS: tl.constexpr, X_VEC: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-               EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+def _gemv_step_flat(X, P, S, src, stride_p, stride_s, w, ok, unit, X_WORDS: tl.constexpr, EVEN_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """As _gemv_step, over the words w (two per block) as one axis: [BLOCK_N, WORDS] float32 sums, each word's
+    block scale applied. `unit` is a runtime 1: multiplied into the word and scale offsets it hides their
+    contiguity from the compiler, so that every load (words, scales, x) is one value per thread in the same layout
+    and nothing is exchanged through shared memory (vectorised word loads put x in another layout, converted at
+    every step)."""
+    offsets = src[:, None] * stride_p + w[None, :] * unit
+    if EVEN_K:
+        words = tl.load(P + offsets, eviction_policy="evict_first")
+    else:
+        words = tl.load(P + offsets, mask=ok[None, :], other=0, eviction_policy="evict_first")
+    s = tl.load(S + src[:, None] * stride_s + (w[None, :] // 2) * unit, mask=ok[None, :], other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    part = tl.zeros([BLOCK_N, WORDS], tl.float32)
+    for byte in tl.static_range(4):  # byte i of each word: elements 2i (low nibble) and 2i + 1
+        if X_WORDS:
+            pair = tl.load(X + w * 4 + byte, mask=ok, other=0).to(tl.uint32, bitcast=True)
+            x_even = (pair << 16).to(tl.float32, bitcast=True) * X_SCALE
+            x_odd = (pair & 0xFFFF0000).to(tl.float32, bitcast=True) * X_SCALE
+        else:
+            x_even = tl.load(X + w * 8 + 2 * byte, mask=ok, other=0.0).to(tl.float32) * X_SCALE
+            x_odd = tl.load(X + w * 8 + 2 * byte + 1, mask=ok, other=0.0).to(tl.float32) * X_SCALE
+        w_even = (((words << (28 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
+        w_odd = (((words << (24 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
+        part += w_even * x_even[None, :] + w_odd * x_odd[None, :]
+    return part * s
+
+
+@triton.jit
+def _gemv_tile(X, P, S, TS, B, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s, ts_stride, y_offset, unit,
+               X_WORDS: tl.constexpr, X_VEC: tl.constexpr, FLAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
     """Rows tile*BLOCK_N.. of one weight over this program's 1/SPLIT of K, written at y_offset + row of Y (or of
-    each PARTIAL row, [SPLIT, N_ALL])."""
+    each PARTIAL row, [SPLIT, N_ALL]). FLAT: the step's words as one axis, loaded one per thread
+    (_gemv_step_flat); else [blocks, 2 words] with the two words of a block in one thread (_gemv_step)."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     src = tl.minimum(rows, N - 1)  # the tail program re-reads the last row instead of masking every load
-    g = tl.arange(0, GROUPS)
     chunk = tl.cdiv(tl.cdiv(K // 16, SPLIT), GROUPS) * GROUPS
     first = tl.program_id(1) * chunk
     blocks = tl.minimum(K // 16, first + chunk)
-    acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-    for g0 in range(first, blocks, GROUPS):
-        gk = g0 + g
-        acc += _gemv_step(X, P, S, src, stride_p, stride_s, gk, gk < blocks, X_WORDS, X_VEC, EVEN_K, BLOCK_N,
-                          GROUPS)
+    if FLAT:
+        w = tl.arange(0, 2 * GROUPS)
+        acc = tl.zeros([BLOCK_N, 2 * GROUPS], tl.float32)
+        for g0 in range(first, blocks, GROUPS):
+            wk = 2 * g0 + w
+            acc += _gemv_step_flat(X, P, S, src, stride_p, stride_s, wk, wk < 2 * blocks, unit, X_WORDS, EVEN_K,
+                                   BLOCK_N, 2 * GROUPS)
+    else:
+        g = tl.arange(0, GROUPS)
+        acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+        for g0 in range(first, blocks, GROUPS):
+            gk = g0 + g
+            acc += _gemv_step(X, P, S, src, stride_p, stride_s, gk, gk < blocks, X_WORDS, X_VEC, EVEN_K, BLOCK_N,
+                              GROUPS)
     if SPLIT > 1:
         tl.store(PARTIAL + tl.program_id(1) * N_ALL + y_offset + rows, tl.sum(acc, axis=1), mask=rows < N)
     else:
@@ -136,30 +177,32 @@ def _gemv_tile(X, P, S, TS, B, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s
 
 @triton.autotune(configs=GEMV_CONFIGS, key=["N0", "N1", "N2", "K", "SPLIT"])
 @triton.heuristics({"EVEN_K": lambda args: args["SPLIT"] == 1 and (args["K"] // 16) % args["GROUPS"] == 0})
-@triton.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])
+@triton.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2", "unit"])
 def _gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, B, Y, PARTIAL, N0, N1, N2, K,
                  stride_p0, stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, stride_p2, stride_s2, ts_stride2,
+                 unit,
                  PARTS: tl.constexpr, X_WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 EVEN_K: tl.constexpr, X_VEC: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+                 EVEN_K: tl.constexpr, X_VEC: tl.constexpr, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUPS: tl.constexpr):
     """y = x @ [W0; W1; W2].T for PARTS (1-3) weights of the same K, one launch: the row tiles of W0, then W1's,
     then W2's (a fused q/k/v or gate/up without a fused copy of the weights). Split-K only with one part."""
     pid = tl.program_id(0)
     n_all = N0 + N1 + N2
     if PARTS == 1:
         _gemv_tile(X, P0, S0, TS0, B, Y, PARTIAL, pid, N0, K, n_all, stride_p0, stride_s0, ts_stride0, 0,
-                   X_WORDS, X_VEC, HAS_BIAS, SPLIT, EVEN_K, BLOCK_N, GROUPS)
+                   unit, X_WORDS, X_VEC, FLAT, HAS_BIAS, SPLIT, EVEN_K, BLOCK_N, GROUPS)
     else:
         tiles0 = tl.cdiv(N0, BLOCK_N)
         tiles1 = tl.cdiv(N1, BLOCK_N)
         if pid < tiles0:
             _gemv_tile(X, P0, S0, TS0, B, Y, PARTIAL, pid, N0, K, n_all, stride_p0, stride_s0, ts_stride0, 0,
-                       X_WORDS, X_VEC, False, 1, EVEN_K, BLOCK_N, GROUPS)
+                       unit, X_WORDS, X_VEC, FLAT, False, 1, EVEN_K, BLOCK_N, GROUPS)
         elif PARTS == 2 or pid < tiles0 + tiles1:
             _gemv_tile(X, P1, S1, TS1, B, Y, PARTIAL, pid - tiles0, N1, K, n_all, stride_p1, stride_s1, ts_stride1,
-                       N0, X_WORDS, X_VEC, False, 1, EVEN_K, BLOCK_N, GROUPS)
+                       N0, unit, X_WORDS, X_VEC, FLAT, False, 1, EVEN_K, BLOCK_N, GROUPS)
         else:
             _gemv_tile(X, P2, S2, TS2, B, Y, PARTIAL, pid - tiles0 - tiles1, N2, K, n_all, stride_p2, stride_s2,
-                       ts_stride2, N0 + N1, X_WORDS, X_VEC, False, 1, EVEN_K, BLOCK_N, GROUPS)
+                       ts_stride2, N0 + N1, unit, X_WORDS, X_VEC, FLAT, False, 1, EVEN_K, BLOCK_N, GROUPS)
 
 
 @triton.jit(do_not_specialize=["ts_stride"])
@@ -300,7 +343,7 @@ def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str,
     kernel = _gemv_kernel if config is None else _gemv_kernel.fn  # .fn: the kernel under the autotuner
     kernel[lambda meta: (sum(triton.cdiv(n_i, meta["BLOCK_N"]) for n_i in ns), split)](
         row.view(torch.int32) if words else row, p0, s0, t0, p1, s1, t1, p2, s2, t2, b, y, partial, n0, n1, n2, k,
-        sp0, ss0, st0, sp1, ss1, st1, sp2, ss2, st2, PARTS=len(weights), X_WORDS=words, HAS_BIAS=bias is not None,
+        sp0, ss0, st0, sp1, ss1, st1, sp2, ss2, st2, 1, PARTS=len(weights), X_WORDS=words, HAS_BIAS=bias is not None,
         SPLIT=split, **(config or {}))
     if split > 1:
         tensor_scale = weights[0][2]

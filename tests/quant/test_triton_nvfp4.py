@@ -225,11 +225,12 @@ def test_gemv_parts_match_float64_matmuls_interpreted(ns, k, dtype):
 
 
 @interpreted
-@pytest.mark.parametrize("x_vec", [True, False])
-@pytest.mark.parametrize("ns,k", [((37,), 528), ((21, 9, 9), 1040), ((13,), 2064)])
-def test_gemv_x_read_per_word_or_per_pair_matches_a_float64_matmul_interpreted(ns, k, x_vec):
-    """Both ways of reading x (a word's 8 values in one load and split, or pair by pair), one weight, split-K
-    (13 rows) and parts."""
+@pytest.mark.parametrize("x_vec,flat", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("ns,k", [((37,), 528), ((21, 9, 9), 1040), ((13,), 2064), ((13,), 2576)])
+def test_gemv_layouts_match_a_float64_matmul_interpreted(ns, k, x_vec, flat):
+    """Every way the GEMV lays out a step (x read as a word's 8 values in one load and split, or pair by pair; the
+    words as [blocks, 2] or as one flat axis), one weight, split-K (13 rows; 2576: K/16 odd, a masked tail) and
+    parts."""
     from qwenlab.quant.triton_nvfp4 import gemv_with_config
 
     gen = torch.Generator().manual_seed(k)
@@ -237,7 +238,8 @@ def test_gemv_x_read_per_word_or_per_pair_matches_a_float64_matmul_interpreted(n
     x = torch.randn(1, k, generator=gen).bfloat16()
     ref = torch.cat([x.double().reshape(k) @ reference([q]).T for q in parts])
     y = gemv_with_config(x, [(q.packed, q.block_scale, q.tensor_scale) for q in parts],
-                         {"BLOCK_N": 4, "GROUPS": 16, "X_VEC": x_vec, "num_warps": 1, "num_stages": 1})
+                         {"BLOCK_N": 4, "GROUPS": 16, "X_VEC": x_vec, "FLAT": flat, "num_warps": 1,
+                          "num_stages": 1})
     assert rel_l2(y.reshape(-1), ref) < TOLERANCE[torch.bfloat16]
 
 

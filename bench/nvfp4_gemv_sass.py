@@ -1,0 +1,84 @@
+"""What the NVFP4 GEMV compiles to, without a GPU: Triton compiles the kernel for sm_90 (Hopper) on this machine
+(its wheel bundles ptxas and cuobjdump), and this prints, per tile and layout, the shared memory, the layout
+conversions in the Triton GPU IR, and the instructions of the loop along K per packed int32 word a thread handles,
+with the loads, shared-memory traffic, barriers and shuffles among them. A development tool beside
+bench/nvfp4_gemv_sweep.py, which measures the time on a GPU; counts are no timings.
+
+    python bench/nvfp4_gemv_sass.py [--arch 90]
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from qwenlab.quant import triton_nvfp4
+
+CONSTEXPRS = ("PARTS", "X_WORDS", "HAS_BIAS", "SPLIT", "EVEN_K", "X_VEC", "FLAT", "BLOCK_N", "GROUPS")
+POINTERS = {"X": "*i32", "P0": "*i32", "S0": "*fp8e4nv", "TS0": "*fp32", "P1": "*i32", "S1": "*fp8e4nv",
+            "TS1": "*fp32", "P2": "*i32", "S2": "*fp8e4nv", "TS2": "*fp32", "B": "*bf16", "Y": "*bf16",
+            "PARTIAL": "*fp32"}
+DIVISIBLE = {"K", "N0", "N1", "N2", "stride_p0", "stride_s0", "stride_p1", "stride_s1", "stride_p2", "stride_s2"}
+# (BLOCK_N, GROUPS, num_warps, X_VEC, FLAT)
+TILES = [(4, 32, 1, False, False), (8, 32, 2, False, False), (8, 16, 1, False, False), (4, 32, 1, True, False),
+         (4, 32, 1, False, True), (8, 32, 2, False, True), (8, 16, 1, False, True)]
+
+
+def compile_tile(block_n, groups, warps, x_vec, flat, arch):
+    """The kernel for one bf16 row and one weight of Qwen3-4B-like sizes, specialised as at run time (pointers and
+    sizes divisible by 16)."""
+    jit = triton_nvfp4._gemv_kernel.fn.fn  # autotuner -> heuristics -> the JIT function
+    names = jit.arg_names
+    signature = {n: POINTERS.get(n, "constexpr" if n in CONSTEXPRS else "i32") for n in names}
+    values = dict(PARTS=1, X_WORDS=True, HAS_BIAS=False, SPLIT=1, EVEN_K=True, X_VEC=x_vec, FLAT=flat,
+                  BLOCK_N=block_n, GROUPS=groups)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n in DIVISIBLE}
+    source = ASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
+                       attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
+
+
+def loop_instructions(cubin: bytes, path: str) -> list[str]:
+    """The opcodes between the first backward branch and its target (the loop along K)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*(.*?);", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    for address, op, args in code:
+        target = re.search(r"0x([0-9a-f]+)", args)
+        if op.startswith("BRA") and target and int(target.group(1), 16) < address:
+            return [o for a, o, _ in code if int(target.group(1), 16) <= a <= address]
+    return []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: Hopper)")
+    parser.add_argument("--out-dir", default="/tmp", help="where the cubins are written for cuobjdump")
+    args = parser.parse_args(argv)
+    print(f"triton {triton.__version__}, sm_{args.arch}; per word: loop instructions / int32 words per thread")
+    print(f"{'tile':<22} {'shared B':>8} {'converts':>8} {'loop':>5} {'per word':>8}  LDG LDS STS BAR SHFL")
+    for block_n, groups, warps, x_vec, flat in TILES:
+        kernel = compile_tile(block_n, groups, warps, x_vec, flat, args.arch)
+        body = loop_instructions(kernel.asm["cubin"], os.path.join(args.out_dir, "nvfp4_gemv.cubin"))
+        count = collections.Counter(op.split(".")[0] for op in body)
+        words = block_n * groups * 2 / (32 * warps)
+        label = f"{block_n}x{groups} w{warps}{' x_vec' if x_vec else ''}{' flat' if flat else ''}"
+        print(f"{label:<22} {kernel.metadata.shared:>8} {kernel.asm['ttgir'].count('convert_layout'):>8} "
+              f"{len(body):>5} {len(body) / words:>8.1f}  {count['LDG']:>3} {count['LDS']:>3} {count['STS']:>3} "
+              f"{count['BAR']:>3} {count['SHFL']:>4}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
