@@ -324,7 +324,7 @@ def _words(packed: torch.Tensor, where: str) -> torch.Tensor:
 def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str, config: dict | None = None
           ) -> torch.Tensor:
     """weights: 1-3 (packed, block_scale, tensor_scale) of the same K -> x times each, concatenated, [..., sum N].
-    config: BLOCK_N, GROUPS, X_VEC, num_warps, num_stages given instead of autotuned (bench/nvfp4_gemv_sweep.py)."""
+    config: BLOCK_N, GROUPS, X_VEC, FLAT, num_warps, num_stages given instead of autotuned (the benches)."""
     k = x.shape[-1]
     ns = [_check(k, *w, bias, where)[0] for w in weights]
     if x.numel() != k:
@@ -374,7 +374,7 @@ def _(x, packed, block_scale, tensor_scale, bias=None):
 def nvfp4_gemv_parts(x: torch.Tensor, packed: list[torch.Tensor], block_scale: list[torch.Tensor],
                      tensor_scale: list[torch.Tensor]) -> torch.Tensor:
     """x times 1-3 weights of the same K in one launch, concatenated: [..., N0 + N1 (+ N2)] (q/k/v or gate/up as
-    one GEMV while each stays its own NVFP4 weight, with its own tensor scale). No bias, no split-K."""
+    one GEMV while each stays its own NVFP4 weight, with its own tensor scale). No bias; split-K only for one weight."""
     if not 1 <= len(packed) == len(block_scale) == len(tensor_scale) <= 3:
         raise QwenlabError(f"nvfp4_gemv_parts: give 1-3 weights (packed, block_scale, tensor_scale each), got "
                            f"{len(packed)}, {len(block_scale)}, {len(tensor_scale)}")
