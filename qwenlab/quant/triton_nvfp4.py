@@ -57,26 +57,42 @@ def _e2m1_as_e4m3(p):
 
 
 @triton.jit
-def _byte_products(words, x_pair, byte: tl.constexpr):
-    """Byte `byte` of each int32 word (elements 2i and 2i + 1) times its x pair (bf16 x2 in one int32 word, or two
-    float32 x values), [BLOCK_N, GROUPS, 2] float32. Nibble j of a word is moved to the top bits, shifted back
-    arithmetically by 6 and masked: sign at bit 31, e1 e0 m at bits 24..22, i.e. the float32 e2m1 x 2^-126 in three
-    integer instructions, with all eight elements of a word in the thread that loaded it."""
-    x_even = (x_pair << 16).to(tl.float32, bitcast=True) * X_SCALE
-    x_odd = (x_pair & 0xFFFF0000).to(tl.float32, bitcast=True) * X_SCALE
+def _bf16_pair(pair):
+    """Two bf16 x values in one int32 word (element 2i in the low half) -> float32, scaled by 2^63 so that the
+    products with the decoded weights stay normal floats."""
+    x_even = (pair << 16).to(tl.float32, bitcast=True) * X_SCALE
+    x_odd = (pair & 0xFFFF0000).to(tl.float32, bitcast=True) * X_SCALE
+    return x_even, x_odd
+
+
+@triton.jit
+def _x_pair(X, word, ok, byte: tl.constexpr, X_WORDS: tl.constexpr):
+    """The x values of byte `byte` of each packed word `word` (elements 8 word + 2 byte and the next), scaled as
+    _bf16_pair. X_WORDS: x is bf16 read as int32 words, else any float dtype read per element."""
+    if X_WORDS:
+        return _bf16_pair(tl.load(X + word * 4 + byte, mask=ok, other=0).to(tl.uint32, bitcast=True))
+    element = word * 8 + 2 * byte
+    return (tl.load(X + element, mask=ok, other=0.0).to(tl.float32) * X_SCALE,
+            tl.load(X + element + 1, mask=ok, other=0.0).to(tl.float32) * X_SCALE)
+
+
+@triton.jit
+def _products(words, x_even, x_odd, byte: tl.constexpr):
+    """Byte `byte` of each int32 word (elements 2i and 2i + 1) times its x values, float32 (x broadcast over the
+    rows). Nibble j of a word is moved to the top bits, shifted back arithmetically by 6 and masked: sign at bit 31,
+    e1 e0 m at bits 24..22, i.e. the float32 e2m1 x 2^-126 in three integer instructions, with all eight elements of
+    a word in the thread that loaded it."""
     w_even = (((words << (28 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
     w_odd = (((words << (24 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
-    return w_even * x_even[None, :, :] + w_odd * x_odd[None, :, :]
+    return w_even * x_even[None] + w_odd * x_odd[None]
 
 
 @triton.jit
 def _gemv_step(X, P, S, src, stride_p, stride_s, gk, ok, X_WORDS: tl.constexpr, X_VEC: tl.constexpr,
                EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
     """The rows `src` times x over the 16-element blocks gk: [BLOCK_N, GROUPS] float32 sums, block scale applied.
-    Each block is two int32 words of 8 nibbles + 1 E4M3 scale. X_WORDS: x is bf16 read as int32 words (element 2i
-    in the low half): X_VEC reads each word's 8 x values as one 16-byte load and splits them in registers, else
-    4 loads of one pair each; without X_WORDS any float dtype is read per element. x is scaled by 2^63 so that the
-    products stay normal floats."""
+    Each block is two int32 words of 8 nibbles + 1 E4M3 scale. With bf16 x (X_WORDS), X_VEC reads each word's 8 x
+    values as one 16-byte load and splits them in registers, else 4 loads of one pair each."""
     half = tl.arange(0, 2)  # the block's two words
     pointers = P + src[:, None, None] * stride_p + gk[None, :, None] * 2 + half[None, None, :]
     if EVEN_K:
@@ -92,21 +108,19 @@ def _gemv_step(X, P, S, src, stride_p, stride_s, gk, ok, X_WORDS: tl.constexpr, 
         even_pairs, odd_pairs = tl.split(tl.reshape(quads, [GROUPS, 2, 2, 2]))  # pairs 0, 2 and 1, 3
         pair0, pair2 = tl.split(even_pairs)
         pair1, pair3 = tl.split(odd_pairs)
-        part = _byte_products(words, pair0, 0) + _byte_products(words, pair1, 1)
-        part += _byte_products(words, pair2, 2) + _byte_products(words, pair3, 3)
+        x_even, x_odd = _bf16_pair(pair0)
+        part = _products(words, x_even, x_odd, 0)
+        x_even, x_odd = _bf16_pair(pair1)
+        part += _products(words, x_even, x_odd, 1)
+        x_even, x_odd = _bf16_pair(pair2)
+        part += _products(words, x_even, x_odd, 2)
+        x_even, x_odd = _bf16_pair(pair3)
+        part += _products(words, x_even, x_odd, 3)
     else:
         part = tl.zeros([BLOCK_N, GROUPS, 2], tl.float32)
         for byte in tl.static_range(4):  # byte i of each word: elements 2i (low nibble) and 2i + 1
-            if X_WORDS:
-                pair = tl.load(X + word_index * 4 + byte, mask=ok[:, None], other=0).to(tl.uint32, bitcast=True)
-                part += _byte_products(words, pair, byte)
-            else:  # x of any float dtype, element by element
-                element = word_index * 8 + 2 * byte
-                x_even = tl.load(X + element, mask=ok[:, None], other=0.0).to(tl.float32) * X_SCALE
-                x_odd = tl.load(X + element + 1, mask=ok[:, None], other=0.0).to(tl.float32) * X_SCALE
-                w_even = (((words << (28 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
-                w_odd = (((words << (24 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
-                part += w_even * x_even[None, :, :] + w_odd * x_odd[None, :, :]
+            x_even, x_odd = _x_pair(X, word_index, ok[:, None], byte, X_WORDS)
+            part += _products(words, x_even, x_odd, byte)
     return tl.sum(part, axis=2) * s
 
 
@@ -127,16 +141,8 @@ def _gemv_step_flat(X, P, S, src, stride_p, stride_s, w, ok, unit, X_WORDS: tl.c
                 eviction_policy="evict_first").to(tl.float32)
     part = tl.zeros([BLOCK_N, WORDS], tl.float32)
     for byte in tl.static_range(4):  # byte i of each word: elements 2i (low nibble) and 2i + 1
-        if X_WORDS:
-            pair = tl.load(X + w * 4 + byte, mask=ok, other=0).to(tl.uint32, bitcast=True)
-            x_even = (pair << 16).to(tl.float32, bitcast=True) * X_SCALE
-            x_odd = (pair & 0xFFFF0000).to(tl.float32, bitcast=True) * X_SCALE
-        else:
-            x_even = tl.load(X + w * 8 + 2 * byte, mask=ok, other=0.0).to(tl.float32) * X_SCALE
-            x_odd = tl.load(X + w * 8 + 2 * byte + 1, mask=ok, other=0.0).to(tl.float32) * X_SCALE
-        w_even = (((words << (28 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
-        w_odd = (((words << (24 - 8 * byte)) >> 6) & E2M1_BITS).to(tl.float32, bitcast=True)
-        part += w_even * x_even[None, :] + w_odd * x_odd[None, :]
+        x_even, x_odd = _x_pair(X, w, ok, byte, X_WORDS)
+        part += _products(words, x_even, x_odd, byte)
     return part * s
 
 
