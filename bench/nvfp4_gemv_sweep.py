@@ -16,9 +16,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from nvfp4_kernels import ROTATE_BYTES, graph_us, nvfp4_bytes
+from nvfp4_kernels import ROTATE_BYTES, copies, graph_us, nvfp4_bytes, open_cuda
 
-from qwenlab.bench.measure import copy_bandwidth, device_facts
 from qwenlab.quant import codec
 
 SHAPES = {"qkv": ((4096, 1024, 1024), 2560), "o": ((2560,), 4096), "gate_up": ((9728, 9728), 2560),
@@ -39,16 +38,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write every number to this JSON file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("nvfp4_gemv_sweep: needs a CUDA GPU (the kernels are Triton)", file=sys.stderr)
+    opened = open_cuda("nvfp4_gemv_sweep")
+    if opened is None:
         return 2
+    device, facts, copy_bw = opened
     from qwenlab.quant import triton_nvfp4 as kernels
 
-    device = torch.device("cuda")
-    facts = device_facts(device)
-    copy_bw = copy_bandwidth(device)
-    print(f"{facts['name']}  torch {facts['torch']}  triton {facts['triton']}  CUDA {facts['cuda']}  copy bandwidth "
-          f"{copy_bw / 1e9:.0f} GB/s", flush=True)
     started = time.perf_counter()
     results = {}
     for name, (ns, k) in SHAPES.items():
@@ -56,8 +51,7 @@ def main(argv=None) -> int:
         x = torch.randn(1, k, device=device).bfloat16()
         ref = torch.cat([x.double() @ codec.dequantize(q, torch.float32).double().T for q in qs], dim=-1)
         nbytes = sum(nvfp4_bytes(n, k) for n in ns)
-        sets = [qs] + [[codec.NVFP4Weight(q.packed.clone(), q.block_scale.clone(), q.tensor_scale.clone())
-                        for q in qs] for _ in range(math.ceil(ROTATE_BYTES / nbytes) - 1)]
+        sets = list(zip(*(copies(q, nbytes) for q in qs)))  # rotated copies of all the parts together
         bf16 = [torch.cat([codec.dequantize(q, torch.bfloat16) for q in qs])]
         bf16 += [bf16[0].clone() for _ in range(math.ceil(ROTATE_BYTES / bf16[0].nbytes) - 1)]
         row = {"ns": ns, "k": k, "nvfp4_bytes": nbytes, "floor_us": nbytes / copy_bw * 1e6,
@@ -82,7 +76,7 @@ def main(argv=None) -> int:
                 continue
             row["tiles"][label] = {"us": us, "pct_copy_bw": 100 * nbytes / us / 1e-6 / copy_bw, "rel_l2": err}
         best = min((t for t in row["tiles"].items() if "us" in t[1]), key=lambda t: t[1]["us"])
-        row["best"] = best[0]
+        row["best"], row["best_us"] = best[0], best[1]["us"]
         results[name] = row
         auto_us = graph_us([lambda t=t: kernels._gemv(x, t, None, "autotuned") for t in triples])
         row["autotuned_us"] = auto_us
@@ -96,11 +90,10 @@ def main(argv=None) -> int:
         print(f"   worst {ranked[-1][0]}: {ranked[-1][1]['us']:.1f} us", flush=True)
         del sets, triples
         torch.cuda.empty_cache()
-    per_layer = {m: sum(results[s][m if m != "best" else "tiles"][results[s]["best"]]["us"] if m == "best"
-                        else results[s][m] for s in LAYER) for m in ("bf16_us", "autotuned_us", "best")}
+    per_layer = {m: sum(results[s][m] for s in LAYER) for m in ("bf16_us", "autotuned_us", "best_us")}
     print(f"\none layer x {LAYERS} (qkv + o + gate_up + down): bf16 cuBLAS {LAYERS * per_layer['bf16_us'] / 1e3:.3f}"
           f" ms, NVFP4 autotuned {LAYERS * per_layer['autotuned_us'] / 1e3:.3f} ms, NVFP4 best tiles "
-          f"{LAYERS * per_layer['best'] / 1e3:.3f} ms  (ran {time.perf_counter() - started:.0f} s)")
+          f"{LAYERS * per_layer['best_us'] / 1e3:.3f} ms  (ran {time.perf_counter() - started:.0f} s)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"facts": facts, "copy_bandwidth": copy_bw, "shapes": results, "layer_x36_ms": {

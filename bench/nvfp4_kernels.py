@@ -188,6 +188,20 @@ def print_tables(facts, copy_bw, decode, prefill, decode_sums, prefill_sums):
             print(f"  layer x {LAYERS} + lm_head ({label} projections): {cells}")
 
 
+def open_cuda(prog: str):
+    """(device, facts, copy bandwidth) of the GPU, printed; None, after a one-line error, where there is none."""
+    if not torch.cuda.is_available():
+        print(f"{prog}: needs a CUDA GPU (the kernels are Triton)", file=sys.stderr)
+        return None
+    device = torch.device("cuda")
+    facts = device_facts(device)
+    print(f"{facts['name']}  torch {facts['torch']}  triton {facts['triton']}  CUDA {facts['cuda']}  "
+          f"driver {facts['driver']}", flush=True)
+    copy_bw = copy_bandwidth(device)
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    return device, facts, copy_bw
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the fused projections and lm_head only")
@@ -196,17 +210,12 @@ def main(argv=None) -> int:
                         "(comma-separated; '' for none)")
     parser.add_argument("--out", help="write every number to this JSON file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("nvfp4_kernels: needs a CUDA GPU (the kernels are Triton)", file=sys.stderr)
+    opened = open_cuda("nvfp4_kernels")
+    if opened is None:
         return 2
+    device, facts, copy_bw = opened
     from qwenlab.quant import triton_nvfp4 as kernels
 
-    device = torch.device("cuda")
-    facts = device_facts(device)
-    print(f"{facts['name']}  torch {facts['torch']}  triton {facts['triton']}  CUDA {facts['cuda']}  "
-          f"driver {facts['driver']}", flush=True)
-    copy_bw = copy_bandwidth(device)
-    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
     shapes = {s: SHAPES[s] for s in (QUICK_SHAPES if args.quick else SHAPES)}
     started = time.perf_counter()
     decode, prefill = {}, {}
