@@ -1,6 +1,8 @@
 """The decode engine's kernel routing on the CPU (qwenlab.generation.kernels): which linears of a one-token step
 go to one NVFP4 GEMV launch together, and that their outputs come back split in order. The Triton kernel itself is
 tested against float64 in tests/quant/test_triton_nvfp4.py; here a stand-in records the calls."""
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -43,9 +45,11 @@ def test_q_k_v_go_to_one_launch_and_come_back_split_in_order():
         torch.testing.assert_close(out, F.linear(x, module.dequantize_weight(x.dtype)))
 
 
+@dataclass(frozen=True)
 class OneByOne(DecodeKernels):
     """Records the modules `linear` gets one by one (instead of running them: a Triton-kernel NVFP4Linear needs
     CUDA)."""
+    alone: list = field(default_factory=list)
 
     def linear(self, module, x):
         self.alone.append(module)
@@ -68,7 +72,6 @@ def test_anything_else_goes_one_by_one():
     for modules, x in cases:
         recorder = Recorder()
         kernels = OneByOne(attend=None, nvfp4_parts=recorder)
-        object.__setattr__(kernels, "alone", [])
         outs = project_parts(modules, x, kernels)
         assert recorder.calls == [] and kernels.alone == list(modules)
         assert [o.shape[-1] for o in outs] == [m.out_features for m in modules]
