@@ -1,8 +1,9 @@
-"""What the NVFP4 GEMV compiles to, without a GPU: Triton compiles the kernel for sm_90 (Hopper) on this machine
+"""What the NVFP4 GEMVs compile to, without a GPU: Triton compiles the kernels for sm_90 (Hopper) on this machine
 (its wheel bundles ptxas and cuobjdump), and this prints, per tile and layout, the shared memory, the layout
 conversions in the Triton GPU IR, and the instructions of the loop along K per packed int32 word a thread handles,
-with the loads, shared-memory traffic, barriers and shuffles among them. A development tool beside
-bench/nvfp4_gemv_sweep.py, which measures the time on a GPU; counts are no timings.
+with the loads, shared-memory traffic, barriers, shuffles and tensor-core MMAs among them: the FMA GEMV
+(qwenlab.quant.triton_nvfp4) and the tensor-core one (qwenlab.quant.mma_nvfp4, "mma" rows). A development tool
+beside bench/nvfp4_gemv_sweep.py, which measures the time on a GPU; counts are no timings.
 
     python bench/nvfp4_gemv_sass.py [--arch 90]
 """
@@ -43,6 +44,30 @@ def compile_tile(block_n, groups, warps, x_vec, flat, arch):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
 
 
+MMA_TILES = [(32, 128, 2), (64, 128, 2), (64, 256, 4), (16, 128, 1)]  # (BLOCK_N, BLOCK_K, warps)
+
+
+def compile_mma(block_n, block_k, warps, parts=1, split=1, arch=90):
+    """The tensor-core GEMV (a Gluon kernel) for bf16 x, specialised as at run time; None where this Triton has
+    no Gluon."""
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        from qwenlab.quant import mma_nvfp4
+    except ImportError:
+        return None
+    jit = mma_nvfp4.mma_gemv_kernel
+    names = jit.arg_names
+    values = dict(PARTS=parts, SPLIT=split, EVEN_K=True, BLOCK_N=block_n, BLOCK_K=block_k, WARPS=warps,
+                  L3=mma_nvfp4.operand_layout(block_n, block_k, warps))
+    pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16"}
+    signature = {n: pointers.get(n, "constexpr" if n in values else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
+    source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
+                            attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
 def loop_instructions(cubin: bytes, path: str) -> list[str]:
     """The opcodes between the first backward branch and its target (the loop along K)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -67,16 +92,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default="/tmp", help="where the cubins are written for cuobjdump")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}; per word: loop instructions / int32 words per thread")
-    print(f"{'tile':<22} {'shared B':>8} {'converts':>8} {'loop':>5} {'per word':>8}  LDG LDS STS BAR SHFL")
-    for block_n, groups, warps, x_vec, flat in TILES:
-        kernel = compile_tile(block_n, groups, warps, x_vec, flat, args.arch)
+    print(f"{'tile':<22} {'shared B':>8} {'converts':>8} {'loop':>5} {'per word':>8}  LDG LDS STS BAR SHFL HMMA")
+    rows = [(f"{n}x{g} w{w}{' x_vec' if v else ''}{' flat' if f else ''}", compile_tile(n, g, w, v, f, args.arch),
+             n * g * 2 / (32 * w)) for n, g, w, v, f in TILES]
+    rows += [(f"mma {n}x{k} w{w}", compile_mma(n, k, w, arch=args.arch), n * k / 8 / (32 * w)) for n, k, w in MMA_TILES]
+    for label, kernel, words in rows:
+        if kernel is None:
+            print(f"{label:<22} (no Gluon in this Triton)")
+            continue
         body = loop_instructions(kernel.asm["cubin"], os.path.join(args.out_dir, "nvfp4_gemv.cubin"))
         count = collections.Counter(op.split(".")[0] for op in body)
-        words = block_n * groups * 2 / (32 * warps)
-        label = f"{block_n}x{groups} w{warps}{' x_vec' if x_vec else ''}{' flat' if flat else ''}"
         print(f"{label:<22} {kernel.metadata.shared:>8} {kernel.asm['ttgir'].count('convert_layout'):>8} "
               f"{len(body):>5} {len(body) / words:>8.1f}  {count['LDG']:>3} {count['LDS']:>3} {count['STS']:>3} "
-              f"{count['BAR']:>3} {count['SHFL']:>4}")
+              f"{count['BAR']:>3} {count['SHFL']:>4} {count['HMMA']:>4}")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""The NVFP4 GEMV's tiles, one by one, on the Qwen3-4B decode shapes (CUDA only; prints its numbers, asserts none):
-which BLOCK_N / GROUPS / warps and step layout (X_VEC, FLAT) read the packed weights fastest from HBM, against
-bf16 cuBLAS on the same shapes in the same run. q/k/v and gate/up run as one launch over their separate weights
-(nvfp4_gemv_parts), also timed as separate calls; o and down as one weight (split-K).
+"""The NVFP4 GEMVs' tiles, one by one, on the Qwen3-4B decode shapes (CUDA only; prints its numbers, asserts none):
+which tile reads the packed weights fastest from HBM, against bf16 cuBLAS on the same shapes in the same run: the
+tensor-core GEMV (qwenlab.quant.mma_nvfp4; "mma" rows: BLOCK_N x BLOCK_K, warps, split-K or the default split) and
+the Triton FMA one (BLOCK_N / GROUPS / warps and step layout X_VEC, FLAT). q/k/v and gate/up run as one launch
+over their separate weights (nvfp4_gemv_parts), also timed as separate calls; o and down as one weight (split-K).
 
     python bench/nvfp4_gemv_sweep.py [--out FILE.json]
 
@@ -26,8 +27,13 @@ LAYER = {"qkv": 1, "o": 1, "gate_up": 1, "down": 1}
 LAYERS = 36
 # (BLOCK_N, GROUPS, num_warps, X_VEC, FLAT): x read as one 16-byte load per weight word, or pair by pair; the
 # words of a step as [blocks, 2] (two per thread) or as one axis loaded one per thread (no layout conversion)
-TILES = [(bn, g, w, v, f) for v, f in [(False, False), (True, False), (False, True)]
-         for bn, g, w in [(4, 32, 1), (8, 32, 2), (8, 16, 1), (16, 32, 2), (4, 64, 2)]]
+TILES = [(bn, g, w, v, f) for v, f in [(False, False), (False, True)]
+         for bn, g, w in [(4, 32, 1), (8, 32, 2), (8, 16, 1)]]
+TILES += [(4, 32, 1, True, False)]
+# (BLOCK_N, BLOCK_K, warps, SPLIT): None = the default split (triton_nvfp4.mma_split)
+MMA_TILES = [(bn, bk, w, sp)
+             for bn, bk, w in [(32, 128, 2), (32, 256, 2), (64, 256, 4), (16, 128, 1), (16, 256, 1), (64, 128, 4)]
+             for sp in (None, 1, 2, 4, 8)]
 
 
 def weights_for(ns, k, device):
@@ -63,9 +69,13 @@ def main(argv=None) -> int:
                                                  for s in sets for q in s])
             row["separate_calls_us"] *= len(ns)  # graph_us divides by the number of calls: per layer here
         triples = [[(q.packed, q.block_scale, q.tensor_scale) for q in s] for s in sets]
-        for bn, g, w, x_vec, flat in TILES:
-            config = {"BLOCK_N": bn, "GROUPS": g, "X_VEC": x_vec, "FLAT": flat, "num_warps": w, "num_stages": 1}
-            label = f"{bn}x{g} w{w}{' x_vec' if x_vec else ''}{' flat' if flat else ''}"
+        configs = [({"MMA": True, "BLOCK_N": bn, "BLOCK_K": bk, "WARPS": w, "SPLIT": sp},
+                    f"mma {bn}x{bk} w{w} {'split ' + str(sp) if sp else 'default split'}")
+                   for bn, bk, w, sp in MMA_TILES]
+        configs += [({"BLOCK_N": bn, "GROUPS": g, "X_VEC": x_vec, "FLAT": flat, "num_warps": w, "num_stages": 1},
+                     f"{bn}x{g} w{w}{' x_vec' if x_vec else ''}{' flat' if flat else ''}")
+                    for bn, g, w, x_vec, flat in TILES]
+        for config, label in configs:
             try:
                 y = kernels.gemv_with_config(x, triples[0], config)
                 err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -79,12 +89,12 @@ def main(argv=None) -> int:
         row["best"], row["best_us"] = best[0], best[1]["us"]
         results[name] = row
         auto_us = graph_us([lambda t=t: kernels._gemv(x, t, None, "autotuned") for t in triples])
-        row["autotuned_us"] = auto_us
+        row["autotuned_us"], row["default_engine"] = auto_us, kernels.gemv_engine(x)
         ranked = sorted((t for t in row["tiles"].items() if "us" in t[1]), key=lambda t: t[1]["us"])
         print(f"\n{name} {'+'.join(map(str, ns))}x{k}: bf16 cuBLAS {row['bf16_us']:.1f} us, floor "
-              f"{row['floor_us']:.1f} us, autotuned {auto_us:.1f} us ({kernels._gemv_kernel.best_config})"
+              f"{row['floor_us']:.1f} us, default ({row['default_engine']}) {auto_us:.1f} us"
               + (f", separate calls {row['separate_calls_us']:.1f} us" if "separate_calls_us" in row else ""))
-        for label, t in ranked[:8]:
+        for label, t in ranked[:10]:
             print(f"   {label:>16}: {t['us']:6.1f} us  {t['pct_copy_bw']:4.0f}% of copy bw  "
                   f"{row['bf16_us'] / t['us']:.2f}x bf16  rel L2 {t['rel_l2']:.1e}")
         print(f"   worst {ranked[-1][0]}: {ranked[-1][1]['us']:.1f} us", flush=True)
@@ -92,7 +102,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     per_layer = {m: sum(results[s][m] for s in LAYER) for m in ("bf16_us", "autotuned_us", "best_us")}
     print(f"\none layer x {LAYERS} (qkv + o + gate_up + down): bf16 cuBLAS {LAYERS * per_layer['bf16_us'] / 1e3:.3f}"
-          f" ms, NVFP4 autotuned {LAYERS * per_layer['autotuned_us'] / 1e3:.3f} ms, NVFP4 best tiles "
+          f" ms, NVFP4 default {LAYERS * per_layer['autotuned_us'] / 1e3:.3f} ms, NVFP4 best tiles "
           f"{LAYERS * per_layer['best_us'] / 1e3:.3f} ms  (ran {time.perf_counter() - started:.0f} s)")
     if args.out:
         with open(args.out, "w") as f:

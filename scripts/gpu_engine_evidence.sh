@@ -12,9 +12,10 @@
 #
 # BENCH_ARGS (default "--hf off --new-tokens 128 --prefill-tokens 2048"): the decode bars of doc/performance.md are
 # measured with "--hf auto --new-tokens 256 --prefill-tokens 2048" (transformers' compiled static cache in the same
-# run). SKIP_TESTS=1 skips step 1; TESTS="pytest targets and options" runs those instead; KERNEL_BENCH=1 also runs
+# run). SKIP_TESTS=1 skips step 1; TESTS="pytest targets" runs those instead (TESTS_K: their -k); KERNEL_BENCH=1 also runs
 # bench/nvfp4_kernels.py (each NVFP4 kernel against cuBLAS per Qwen3-4B projection shape) before the checkpoint;
-# GEMV_SWEEP=1 runs bench/nvfp4_gemv_sweep.py (every GEMV tile on those shapes).
+# GEMV_SWEEP=1 runs bench/nvfp4_gemv_sweep.py (every GEMV tile on those shapes); BENCH=0 stops there (no checkpoint,
+# bench or training); TRAIN=0 skips step 4.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-$REPO/reports/gpu-engine}
@@ -31,7 +32,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 step "CUDA tests"
 if [ -n "${TESTS:-}" ]; then
   # shellcheck disable=SC2086
-  $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -25
+  $PY -m pytest -q -p no:cacheprovider $TESTS ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -25
 else
   $PY -m pytest -q -p no:cacheprovider -x \
     tests/generation/test_graph_engine.py tests/model/test_placement.py \
@@ -51,6 +52,8 @@ if [ "${GEMV_SWEEP:-0}" = 1 ]; then
   $PY bench/nvfp4_gemv_sweep.py --out "$OUT/nvfp4_gemv_sweep.json" 2>&1 | tee "$OUT/nvfp4_gemv_sweep.log" | grep -v "^ "
 fi
 
+if [ "${BENCH:-1}" = 0 ]; then step "done (BENCH=0: no checkpoint, bench or training)"; exit 0; fi
+
 step "Qwen3-4B-shaped checkpoint"
 make_checkpoint /tmp/q4b qwen3-4b cuda || exit 1
 
@@ -67,7 +70,7 @@ else
   step "old bench skipped ($(left) s left)"
 fi
 
-if [ "$(left)" -gt 100 ]; then
+if [ "${TRAIN:-1}" = 1 ] && [ "$(left)" -gt 100 ]; then
   secs=$(( $(left) - 70 )); [ "$secs" -gt 100 ] && secs=100
   step "trained-24l for ${secs} s"
   $PY -m qwenlab tiny /tmp/t24 --preset trained-24l --train-seconds "$secs" --device cuda

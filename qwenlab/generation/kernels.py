@@ -17,6 +17,7 @@ class DecodeKernels:
     gemv: Callable | None = None  # (x, weight, bias) -> y for one row
     gemv_shapes: frozenset = field(default_factory=frozenset)  # (N, K) of the weights the GEMV runs
     nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> outputs concatenated
+    nvfp4_gemv: str = ""  # which NVFP4 GEMV runs for the model's activations: "mma" (tensor cores) or "fma"
 
     def linear(self, module: nn.Module, x):
         if type(module) is nn.Linear and x.numel() == module.in_features:
@@ -41,7 +42,11 @@ class DecodeKernels:
     def describe(self) -> dict:
         return {"attention": "split-K Triton",
                 "gemv": sorted(f"{n}x{k}" for n, k in self.gemv_shapes),
-                "nvfp4": "one Triton GEMV launch per q/k/v and per gate/up" if self.nvfp4_parts else None}
+                "nvfp4": (f"one {NVFP4_GEMVS.get(self.nvfp4_gemv, 'Triton')} GEMV launch per q/k/v and per gate/up"
+                          if self.nvfp4_parts else None)}
+
+
+NVFP4_GEMVS = {"mma": "tensor-core (bf16 mma.sync, Gluon)", "fma": "Triton FMA"}
 
 
 def one_launch_nvfp4(module: nn.Module) -> bool:
@@ -70,9 +75,12 @@ def choose_kernels(model, timings: dict) -> DecodeKernels:
         cublas_us, triton_us = timings[key]
         if triton_us < 0.97 * cublas_us:
             chosen.add(tuple(weight.shape))
-    parts = None
+    parts, engine = None, ""
     if any(one_launch_nvfp4(m) for m in model.modules()):
-        from qwenlab.quant.triton_nvfp4 import nvfp4_gemv_parts  # the same
+        import torch
+
+        from qwenlab.quant.triton_nvfp4 import gemv_engine, nvfp4_gemv_parts  # the same
 
         parts = nvfp4_gemv_parts
-    return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts)
+        engine = gemv_engine(torch.empty(1, 1, dtype=model.dtype, device=model.device))
+    return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts, engine)

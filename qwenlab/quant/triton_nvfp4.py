@@ -11,11 +11,10 @@ shifted to the top, shifted back arithmetically and masked, three integer instru
 (sign -> bit 7, e1 e0 m -> bits 4..2) as e2m1 x 2^-6, converted by the hardware (GEMM, dequantize). Code 1 (0.5)
 lands on a subnormal either way, which is exact; the power of two is folded into a later multiply.
 
-Speed on an H200 (doc/nvfp4.md): the GEMV reads the packed weights at 19-35% of the copy bandwidth, 1.2-1.4x
-faster than bf16 cuBLAS on the same shapes; neither fewer decode instructions (bytes -> words) nor unrolling the
-loop along K moved it. Compiled, its loop spends 50-57 instructions per int32 word (bench/nvfp4_gemv_sass.py):
-x re-read and converted between layouts at every step, scales and addresses. X_VEC (x as 16-byte loads) and FLAT
-(one word per thread, one layout for everything) are built and tested on the CPU, not yet timed on a GPU.
+Speed on an H200 (doc/nvfp4.md): the GEMV reads the packed weights at 20-39% of the copy bandwidth, 1.3-1.7x
+faster than bf16 cuBLAS on the same shapes, fastest with X_VEC (x as 16-byte loads). Its loop spends 54-57
+instructions per int32 word (bench/nvfp4_gemv_sass.py), yet qwenlab.quant.mma_nvfp4, a tensor-core GEMV at 33, is
+no faster there: the instruction count is not the limit. That one runs with QWENLAB_NVFP4_GEMV=mma (gemv_engine).
 
     nvfp4_gemv       one row (batch-1 decode), fp32 accumulation, the tensor scale applied once at the end;
                      split-K with a second, atomic-free pass under 4096 rows (gemv_split)
@@ -43,6 +42,7 @@ GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot benchmark: one config each, no tuning
     GEMV_CONFIGS, GEMM_CONFIGS = GEMV_CONFIGS[:1], GEMM_CONFIGS[:1]
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 256
+MMA_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "WARPS": 2}  # the tensor-core GEMV's tile (qwenlab.quant.mma_nvfp4)
 E4M3_UNIT = tl.constexpr(64.0)  # a nibble decoded through E4M3 reads e2m1 x 2^-6
 X_SCALE = tl.constexpr(9.223372036854775808e18)  # 2^63
 E2M1_BITS = tl.constexpr(-0x7E400000)  # 0x81C00000 as int32: bit 31 (sign) and bits 24..22 (e1 e0 m)
@@ -213,13 +213,16 @@ def _gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, B, Y, PARTIAL, N0, N1
 
 @triton.jit(do_not_specialize=["ts_stride"])
 def _gemv_finish_kernel(PARTIAL, TS, B, Y, N, ts_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    """y = (sum of the SPLIT partial rows) x tensor_scale (+ bias), cast to Y's dtype: split-K's second pass."""
+                        BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr = True):
+    """y = (sum of the SPLIT partial rows) x tensor_scale (+ bias), cast to Y's dtype: split-K's second pass
+    (HAS_SCALE False: the partial rows carry the tensor scale already)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
     total = tl.sum(tl.load(PARTIAL + tl.arange(0, SPLIT)[:, None] * N + rows[None, :], mask=ok[None, :], other=0.0),
                    axis=0)
-    y = total * (tl.load(TS + rows * ts_stride, mask=ok, other=0.0) * X_SCALE)
+    y = total
+    if HAS_SCALE:
+        y = total * (tl.load(TS + rows * ts_stride, mask=ok, other=0.0) * X_SCALE)
     if HAS_BIAS:
         y += tl.load(B + rows, mask=ok, other=0.0).to(tl.float32)
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=ok)
@@ -327,10 +330,55 @@ def _words(packed: torch.Tensor, where: str) -> torch.Tensor:
     return packed.view(torch.int32)
 
 
+def gemv_engine(x: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """Which GEMV runs for this one-row x: "fma" (the Triton kernel below, the default: the faster of the two on an
+    H200, doc/nvfp4.md) or, with QWENLAB_NVFP4_GEMV=mma, "mma" (qwenlab.quant.mma_nvfp4 on bf16 tensor cores) where
+    it can run: bf16 x, no bias, CUDA compute capability 8.0 or newer."""
+    if (os.environ.get("QWENLAB_NVFP4_GEMV", "fma") != "mma" or bias is not None or x.dtype != torch.bfloat16
+            or x.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+            or torch.cuda.get_device_capability(x.device) < (8, 0)):
+        return "fma"
+    return "mma"
+
+
+def mma_split(tiles: int, warps: int, k: int, block_k: int) -> int:
+    """Split-K factor of the tensor-core GEMV: halve K until about 1024 warps are in flight (8 per SM of an H200) or
+    a slice would hold fewer than 2 steps of block_k."""
+    split, steps = 1, triton.cdiv(k, block_k)
+    while tiles * warps * split < 1024 and steps // (2 * split) >= 2:
+        split *= 2
+    return split
+
+
+def _mma_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, config: dict | None) -> None:
+    """nvfp4 GEMV of 1-3 weights on tensor cores (qwenlab.quant.mma_nvfp4) into y; split-K sums through the
+    finish pass (the partial rows already carry the tensor scale)."""
+    from qwenlab.quant import mma_nvfp4  # Gluon: compiled only on a GPU
+
+    config = {**MMA_CONFIG, **(config or {})}
+    block_n, block_k, warps = config["BLOCK_N"], config["BLOCK_K"], config["WARPS"]
+    k, n = row.shape[0], y.shape[0]
+    tiles = sum(triton.cdiv(n_i, block_n) for n_i in ns)
+    split = config.get("SPLIT") or mma_split(tiles, warps, k, block_k)
+    partial = torch.empty(split, n, dtype=torch.float32, device=row.device) if split > 1 else y
+    parts = [(_words(p, "nvfp4 GEMV"), s, ts, n_i, p.stride(0) // 4, s.stride(0), _ts_stride(ts))
+             for (p, s, ts), n_i in zip(weights, ns)]
+    parts += [parts[0][:3] + (0,) + parts[0][4:]] * (3 - len(parts))
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = parts
+    mma_nvfp4.mma_gemv_kernel[(tiles, split)](
+        row, p0, s0, t0, p1, s1, t1, p2, s2, t2, y, partial, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1, st1, sp2, ss2,
+        st2, PARTS=len(weights), SPLIT=split, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+        WARPS=warps, L3=mma_nvfp4.operand_layout(block_n, block_k, warps), num_warps=warps)
+    if split > 1:
+        _gemv_finish_kernel[(triton.cdiv(n, 1024),)](partial, partial, y, y, n, 0, HAS_BIAS=False, HAS_SCALE=False,
+                                                     SPLIT=split, BLOCK=1024)
+
+
 def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str, config: dict | None = None
           ) -> torch.Tensor:
     """weights: 1-3 (packed, block_scale, tensor_scale) of the same K -> x times each, concatenated, [..., sum N].
-    config: BLOCK_N, GROUPS, X_VEC, FLAT, num_warps, num_stages given instead of autotuned (the benches)."""
+    config (the benches): {"MMA": True, BLOCK_N, BLOCK_K, WARPS[, SPLIT]} for the tensor-core GEMV, else BLOCK_N,
+    GROUPS, X_VEC, FLAT, num_warps, num_stages of the FMA one, instead of the defaults / the autotuner."""
     k = x.shape[-1]
     ns = [_check(k, *w, bias, where)[0] for w in weights]
     if x.numel() != k:
@@ -338,6 +386,9 @@ def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str,
     n = sum(ns)
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     row = x.reshape(k).contiguous()
+    if (config or {}).get("MMA", config is None and gemv_engine(x, bias) == "mma"):
+        _mma_gemv(row, weights, ns, y, {key: v for key, v in (config or {}).items() if key != "MMA"})
+        return y.reshape(*x.shape[:-1], n)
     words = row.dtype == torch.bfloat16 and row.data_ptr() % 4 == 0
     split = gemv_split(n, k) if len(weights) == 1 else 1
     partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y

@@ -147,18 +147,32 @@ def test_graph_and_eager_give_identical_greedy_tokens_on_cuda(fixture, request):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
-def test_nvfp4_graph_decode_multiplies_q_k_v_and_gate_up_in_one_launch_each_on_cuda(tiny_dir):
+@pytest.mark.parametrize("dtype,asked,gemv", [("float32", "fma", "Triton FMA"), ("bfloat16", "fma", "Triton FMA"),
+                                              ("bfloat16", "mma", "tensor-core (bf16 mma.sync, Gluon)")])
+def test_nvfp4_graph_decode_multiplies_q_k_v_and_gate_up_in_one_launch_each_on_cuda(tiny_dir, dtype, asked, gemv,
+                                                                                      monkeypatch):
     """NVFP4 linears stay separate modules (nothing fused at load); the graph's step runs q/k/v and gate/up as one
-    GEMV launch each over their own weights, and gives the eager engine's (one GEMV per linear) greedy tokens."""
-    ckpt = load(tiny_dir, "float32", "cuda", quant="nvfp4")
-    assert hasattr(ckpt.model.layers[0].self_attn, "q_proj")
+    GEMV launch each over their own weights (QWENLAB_NVFP4_GEMV=mma with bf16 activations: on tensor cores), says
+    which, and gives the eager engine's (one GEMV per linear) greedy tokens: all of them in float32; in bfloat16 up
+    to a parting whose top-2 margin is within bf16 rounding of the logits (the two paths sum in different orders)."""
+    if asked == "mma" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 tensor cores need compute capability 8.0")
+    monkeypatch.setenv("QWENLAB_NVFP4_GEMV", asked)
+    ckpt = load(tiny_dir, dtype, "cuda", quant="nvfp4")
+    assert hasattr(ckpt.model.model.layers[0].self_attn, "q_proj")
     for prompt in ["Have you ever seen a UFO?", "Write a poem about the sea."]:
         ids = ckpt.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-        eager = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="eager")
+        margins = []
+        eager = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="eager",
+                         on_logits=lambda logits: margins.append(logits.float().topk(2).values.diff().abs().item()))
         graph = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="graph")
         assert graph.engine == "graph", graph.engine_note
-        assert "NVFP4: one Triton GEMV launch per q/k/v and per gate/up" in graph.engine_note
-        assert graph.ids == eager.ids
+        assert f"NVFP4: one {gemv} GEMV launch per q/k/v and per gate/up" in graph.engine_note
+        parting = next((i for i, (a, b) in enumerate(zip(graph.ids, eager.ids)) if a != b), None)
+        if dtype == "float32" or parting is None:
+            assert graph.ids == eager.ids
+        else:
+            assert margins[parting] < 0.1, (parting, margins[parting])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
