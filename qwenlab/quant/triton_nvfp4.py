@@ -30,11 +30,10 @@ import triton.language as tl
 
 from qwenlab.errors import QwenlabError
 
-# The H200's fastest tiles (bench/nvfp4_gemv_sweep.py; doc/evidence/nvfp4-decode-h200/): 4x32 for q/k/v, 8x32 for
-# o and down (split-K), 8x16 for gate/up. X_VEC and FLAT have not run on a GPU yet: the sweep measures them, the
-# autotuner leaves them off until then.
-GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "X_VEC": False, "FLAT": False}, num_warps=w, num_stages=1)
-                for n, g, w in [(4, 32, 1), (8, 32, 2), (8, 16, 1)]]
+# The H200's fastest tiles (bench/nvfp4_gemv_sweep.py; doc/evidence/nvfp4-decode-h200/): 4x32 with X_VEC first on
+# every decode shape (q/k/v, o, gate/up, down), then 4x32, 8x32 and 8x16 without it. FLAT measured no faster.
+GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "X_VEC": v, "FLAT": False}, num_warps=w, num_stages=1)
+                for n, g, w, v in [(4, 32, 1, True), (4, 32, 1, False), (8, 32, 2, False), (8, 16, 1, False)]]
 GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
                 for m, n, k, w, s in [(16, 32, 256, 2, 3), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4),
                                       (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
