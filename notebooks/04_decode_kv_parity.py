@@ -229,7 +229,10 @@ metrics["graph_captures"] = kv_engine.captures  # where the graph engine's compi
 if kv_engine.captures:
     print(f"graph engine: {len(kv_engine.captures)} captures (cache lengths "
           f"{sorted({c['max_len'] for c in kv_engine.captures})}), "
-          f"{sum(c['seconds'] for c in kv_engine.captures):.1f} s compiling and capturing")
+          f"{sum(c['seconds'] for c in kv_engine.captures):.1f} s compiling and capturing: "
+          f"{sum(c['kernels_s'] for c in kv_engine.captures):.1f} s choosing kernels, "
+          f"{sum(c['first_call_s'] for c in kv_engine.captures):.1f} s in first calls of the step, "
+          f"{sum(c['graphs_compiled'] for c in kv_engine.captures)} graphs compiled)")
 print(f"flip margin {metrics['step_limits']['flip_margin']:.3g}: the thresholds file's for {limit_dtype}"
       + (f", or {thresholds['noise']['max_margin_shift']['multiple']:g}x the largest top-2 margin shift of section 5 "
          "if larger" if metrics["step_limits"]["measured"] else ""))

@@ -4,8 +4,8 @@
 step over a static cache (qwenlab.generation.graph), with the engine's kernels (qwenlab.generation.kernels).
 `eager`: the forward once per token. `auto`: graph where it can run, else eager, saying why.
 The engine keeps the compiled step, the kernel choices and their timings, the captured graph of each static cache
-it made (and, in `captures`, each capture's cache length and seconds: a new length compiles the step again), and a
-pooled cache for one-off generations (so the playground's second Generate reuses the graph).
+it made (and, in `captures`, each capture's cache length, seconds and graphs compiled: a new length compiles the step
+again), and a pooled cache for one-off generations (so the playground's second Generate reuses the graph).
 """
 import time
 import weakref
@@ -74,7 +74,9 @@ class Engine:
         self._step_fn = None
         self._graphs: "weakref.WeakKeyDictionary[StaticKVCache, CapturedStep]" = weakref.WeakKeyDictionary()
         self._pool: StaticKVCache | None = None
-        self.captures: list[dict] = []  # {"max_len", "seconds"}: each graph captured (compile included), in order
+        # each graph captured, in order: {"max_len", "seconds" (all of it), "kernels_s" (choosing the kernels, first
+        # capture only), "first_call_s" (the step's first call: compiling it where it is new), "graphs_compiled"}
+        self.captures: list[dict] = []
 
     def new_cache(self, max_len: int, preallocate: bool = True) -> KVCache:
         """A cache this engine decodes: static (graph-capturable) for graph unless a grown one is asked for."""
@@ -132,9 +134,20 @@ class Engine:
         t0 = time.perf_counter()
         if self.kernels is None:
             self.kernels = choose_kernels(self.model, self.timings)
+        kernels_s = time.perf_counter() - t0
         if self._step_fn is None:
             self._step_fn = torch.compile(one_token, dynamic=False) if self.compile else one_token
+        graphs = compiled_graphs()
         step = self._graphs[cache] = CapturedStep(self.model, cache, self._step_fn, self.kernels)
         seconds = time.perf_counter() - t0
-        self.captures.append({"max_len": cache.max_len, "seconds": round(seconds, 3)})
+        self.captures.append({"max_len": cache.max_len, "seconds": round(seconds, 3),
+                              "kernels_s": round(kernels_s, 3), "first_call_s": round(step.first_call_s, 3),
+                              "graphs_compiled": compiled_graphs() - graphs})
         return step, seconds
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has made in this process so far (Dynamo's own count)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

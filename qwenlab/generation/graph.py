@@ -33,8 +33,11 @@ class CapturedStep:
                 side = torch.cuda.Stream(model.device)
                 side.wait_stream(torch.cuda.current_stream(model.device))
                 with torch.cuda.stream(side):
-                    for _ in range(3):  # the first call compiles; the next ones settle cuBLAS/Triton workspaces
+                    for i in range(3):  # the first call compiles; the next ones settle cuBLAS/Triton workspaces
                         step(model, self.token, cache, kernels)
+                        if i == 0:
+                            torch.cuda.synchronize(model.device)
+                            self.first_call_s = time.perf_counter() - t0
                 torch.cuda.current_stream(model.device).wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):
@@ -44,7 +47,7 @@ class CapturedStep:
             cache.static_shapes = False
             cache.crop(length)  # the warm-up steps wrote scratch slots past `length`; pos goes back too
         torch.cuda.synchronize(model.device)
-        self.capture_s = time.perf_counter() - t0
+        self.capture_s = time.perf_counter() - t0  # first_call_s (compiling, when the step is new) included
 
     def replay(self, token: int) -> torch.Tensor:
         self.token.fill_(token)

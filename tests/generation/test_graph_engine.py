@@ -11,7 +11,7 @@ import torch
 from qwenlab.errors import QwenlabError
 from qwenlab.generation.chat import ChatSession
 from qwenlab.generation.decode import generate
-from qwenlab.generation.engine import Engine
+from qwenlab.generation.engine import Engine, compiled_graphs
 from qwenlab.generation.sampling import SamplingParams
 from qwenlab.model.hf_names import hf_state_dict
 from qwenlab.model.kv_cache import KVCache, StaticKVCache
@@ -68,6 +68,19 @@ def test_notebook_04_decodes_every_length_into_caches_of_one_length(tiny):
         Engine(model, "eager", min_cache_len=0)
 
 
+def test_compiled_graphs_counts_what_torch_compile_makes():
+    """The count each capture records (graphs_compiled): one for a new function or new shapes, none for a call
+    its guards already cover."""
+    double = torch.compile(lambda x: x * 2, dynamic=False, backend="eager")  # Dynamo counts; no compiler needed
+    before = compiled_graphs()
+    double(torch.ones(3))
+    assert compiled_graphs() == before + 1
+    double(torch.zeros(3))
+    assert compiled_graphs() == before + 1
+    double(torch.ones(4))
+    assert compiled_graphs() == before + 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 def test_one_cache_length_compiles_the_graph_step_once(tiny_dir):
     """Notebook 04's use: a greedy decode (the pooled cache) and a chat session's cache, both of min_cache_len,
@@ -78,6 +91,9 @@ def test_one_cache_length_compiles_the_graph_step_once(tiny_dir):
     session = ChatSession(ckpt.model, ckpt.tokenizer, engine=engine, max_len=1024)
     session.send("Hi", SamplingParams(max_new_tokens=4))
     assert [c["max_len"] for c in engine.captures] == [1024, 1024]
+    first, second = engine.captures  # Dynamo's own count: the second capture compiles nothing
+    assert first["graphs_compiled"] >= 1 and second["graphs_compiled"] == 0, engine.captures
+    assert second["kernels_s"] == 0.0 and second["first_call_s"] <= second["seconds"]
 
 
 def _static_steps(model, ids, new_tokens):
