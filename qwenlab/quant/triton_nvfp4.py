@@ -386,6 +386,9 @@ def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str,
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     row = x.reshape(k).contiguous()
     if (config or {}).get("MMA", config is None and gemv_engine(x, bias) == "mma"):
+        if x.dtype != torch.bfloat16 or bias is not None or x.device.type != "cuda":
+            raise QwenlabError(f"{where}: the tensor-core GEMV takes a bf16 row on CUDA and no bias, got {x.dtype} on "
+                               f"{x.device}{' with a bias' if bias is not None else ''}")
         _mma_gemv(row, weights, ns, y, {key: v for key, v in (config or {}).items() if key != "MMA"})
         return y.reshape(*x.shape[:-1], n)
     words = row.dtype == torch.bfloat16 and row.data_ptr() % 4 == 0

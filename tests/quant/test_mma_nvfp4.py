@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from qwenlab.errors import QwenlabError
 from qwenlab.quant import codec
 
 pytest.importorskip("triton")
@@ -153,3 +154,10 @@ def test_bf16_rows_take_the_tensor_core_gemv_only_when_asked(monkeypatch):
 def test_a_cpu_row_is_never_sent_to_the_tensor_cores(monkeypatch):
     monkeypatch.setenv("QWENLAB_NVFP4_GEMV", "mma")
     assert triton_nvfp4.gemv_engine(torch.zeros(1, 64, dtype=torch.bfloat16)) == "fma"
+
+
+def test_the_tensor_core_gemv_refuses_what_it_cannot_multiply():
+    q = codec.quantize(torch.randn(16, 64))
+    with pytest.raises(QwenlabError, match="gemv_with_config: the tensor-core GEMV takes a bf16 row on CUDA"):
+        triton_nvfp4.gemv_with_config(torch.randn(1, 64), [(q.packed, q.block_scale, q.tensor_scale)],
+                                      {"MMA": True})
