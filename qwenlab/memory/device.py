@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 NAN = float("nan")
 ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
@@ -69,14 +70,15 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for obj in gc.get_objects():
-            if not isinstance(obj, torch.Tensor) or obj.device.type != device_type or obj.is_meta:
+            if not isinstance(obj, torch.Tensor) or obj.device.type != device_type or obj.is_meta or is_fake(obj):
                 continue
-            try:
+            try:  # fake and functional tensors (kept by torch.compile's caches) have no storage or no data pointer
                 storage = obj.untyped_storage()
+                pointer = storage.data_ptr()
             except (RuntimeError, NotImplementedError):
                 continue
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
+            if pointer and pointer not in seen:
+                seen.add(pointer)
                 total += storage.nbytes()
     return total
 

@@ -79,6 +79,7 @@ def test_compiled_graphs_counts_what_torch_compile_makes():
     assert compiled_graphs() == before + 1
     double(torch.ones(4))
     assert compiled_graphs() == before + 2
+    torch._dynamo.reset()  # leaves no compiled code (and its fake tensors) to the tests after this one
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
