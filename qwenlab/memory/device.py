@@ -70,16 +70,18 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for obj in gc.get_objects():
-            if not isinstance(obj, torch.Tensor) or obj.device.type != device_type or obj.is_meta or is_fake(obj):
-                continue
-            try:  # fake and functional tensors (kept by torch.compile's caches) have no storage or no data pointer
+            try:  # a dead weak proxy raises on any attribute; fake and functional tensors (kept by torch.compile's
+                # caches) have no storage or no data pointer
+                if (not isinstance(obj, torch.Tensor) or obj.device.type != device_type or obj.is_meta
+                        or is_fake(obj)):
+                    continue
                 storage = obj.untyped_storage()
-                pointer = storage.data_ptr()
-            except (RuntimeError, NotImplementedError):
+                pointer, nbytes = storage.data_ptr(), storage.nbytes()
+            except (ReferenceError, RuntimeError, NotImplementedError):
                 continue
             if pointer and pointer not in seen:
                 seen.add(pointer)
-                total += storage.nbytes()
+                total += nbytes
     return total
 
 

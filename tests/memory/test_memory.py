@@ -1,5 +1,6 @@
 """Memory tracker (CPU, and CUDA paths against a faked allocator) and the memory model's formulas."""
 import math
+import weakref
 
 import pytest
 import torch
@@ -124,9 +125,12 @@ def test_live_tensor_bytes_counts_real_storage_and_skips_fake_tensors():
     before = memory_device.live_tensor_bytes("cpu")
     with FakeTensorMode():
         fake = torch.empty(1 << 20)
+    gone = torch.ones(4)
+    dead = [weakref.proxy(gone)]  # a weak proxy whose tensor is gone: any attribute access raises ReferenceError
+    del gone
     real = torch.ones(1 << 18)  # 1 MiB
     assert memory_device.live_tensor_bytes("cpu") - before == real.nbytes
-    del fake, real
+    del fake, real, dead
 
 
 class FakeCuda:
