@@ -1,21 +1,23 @@
-"""Where a decode step's time goes: the captured one-token step (compiled and not) timed by replays, and the
-kernels of the compiled one by the torch profiler. A development tool beside `qwenlab bench`.
+"""Where a decode step's time goes: the graph engine's captured one-token step, compiled each way the engine can
+(one decoder layer compiled for all, the whole step, nothing), timed by replays side by side in one process, with
+its kernel launches per step and the compiled step's kernels by the torch profiler. A development tool beside
+`qwenlab bench`; it prints numbers and asserts none.
 
-    python bench/decode_profile.py --model /tmp/q4b --device cuda --dtype bfloat16 [--context 384]
+    python bench/decode_profile.py --model /tmp/q4b --device cuda --dtype bfloat16 [--quant nvfp4] [--context 512]
 """
 import argparse
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from qwenlab.bench.measure import copy_bandwidth, device_facts, weight_bytes
-from qwenlab.generation.graph import CapturedStep
-from qwenlab.model.kv_cache import StaticKVCache
+from qwenlab.generation.engine import COMPILES, Engine
 from qwenlab.model.loader import load
 from qwenlab.model.tiny import resolve_model_dir
 
 
-def replay_ms(step: CapturedStep, n: int = 100) -> float:
+def replay_ms(step, n: int = 100) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(5):
         step.graph.replay()
@@ -25,6 +27,15 @@ def replay_ms(step: CapturedStep, n: int = 100) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / n
+
+
+def profiled(step, replays: int = 10):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            step.graph.replay()
+        torch.cuda.synchronize()
+    launches = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA) / replays
+    return prof, launches
 
 
 def gemv_table(model):
@@ -39,37 +50,43 @@ def gemv_table(model):
     for name, (n, k) in shapes.items():
         cublas, triton_us = linear_timings(torch.randn(n, k, dtype=dtype, device=model.device))
         gb = n * k * torch.finfo(dtype).bits / 8 / 1e3
-        print(f"{name:<8} {f'{n}x{k}':>14} {cublas:>10.1f} {gb / cublas:>6.0f} {triton_us:>10.1f} {gb / triton_us:>6.0f}")
+        print(f"{name:<8} {f'{n}x{k}':>14} {cublas:>10.1f} {gb / cublas:>6.0f} {triton_us:>10.1f} "
+              f"{gb / triton_us:>6.0f}")
 
 
+@torch.inference_mode()
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quant", default=None, help="nvfp4: quantize at load (as qwenlab bench --quant)")
     ap.add_argument("--context", type=int, default=512, help="static cache length (attention covers all of it)")
+    ap.add_argument("--compile", default=",".join(COMPILES), help="the engine's compile modes to capture, in order")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
-    ckpt = load(resolve_model_dir(args.model), args.dtype, args.device)
-    model = ckpt.model
+    model = load(resolve_model_dir(args.model), args.dtype, args.device, args.quant).model
     bandwidth, wbytes = copy_bandwidth(model.device), weight_bytes(model)
     print(device_facts(model.device))
-    print(f"weights {wbytes / 1e9:.3f} GB, copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {wbytes / bandwidth * 1e3:.3f} ms")
-    gemv_table(model)
+    print(f"weights {wbytes / 1e9:.3f} GB, copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor "
+          f"{wbytes / bandwidth * 1e3:.3f} ms")
+    if args.quant is None:
+        gemv_table(model)
     steps = {}
-    for compiled, kernel in ((True, False), (True, True)):
-        cache = StaticKVCache.for_config(model.config, max_len=args.context, dtype=model.dtype, device=model.device)
+    for mode in args.compile.split(","):
+        engine = Engine(model, "graph", compile=mode)
+        cache = engine.new_cache(args.context)
         model(torch.arange(128, device=model.device), cache=cache)
-        step = CapturedStep(model, cache, compile=compiled, kernels=kernel)
+        step, _ = engine.captured(cache)
+        capture = engine.captures[-1]
         ms = replay_ms(step)
-        label = f"{'compiled' if compiled else 'not compiled'}, kernels {step.kernels}"
-        print(f"graph replay, {label}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, {wbytes / ms / 1e6:.0f} GB/s, "
-              f"{100 * wbytes / bandwidth * 1e3 / ms:.1f}% of floor; capture {step.capture_s:.1f} s)")
-        steps[compiled, kernel] = step
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            steps[True, True].graph.replay()
-        torch.cuda.synchronize()
+        _, launches = profiled(step)
+        print(f"graph replay, compile {mode}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, {wbytes / ms / 1e6:.0f} GB/s, "
+              f"{100 * wbytes / bandwidth * 1e3 / ms:.1f}% of floor), {launches:.0f} kernels per step; capture "
+              f"{capture['seconds']:.1f} s (first call {capture['first_call_s']:.1f} s, "
+              f"{capture['graphs_compiled']} graphs compiled)", flush=True)
+        steps[mode] = step
+    prof, _ = profiled(steps[args.compile.split(",")[0]])
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
 

@@ -3,22 +3,29 @@
 `graph` (CUDA): prefill with the ordinary forward, then each token is one replay of a CUDA graph of the one-token
 step over a static cache (qwenlab.generation.graph), with the engine's kernels (qwenlab.generation.kernels).
 `eager`: the forward once per token. `auto`: graph where it can run, else eager, saying why.
-The engine keeps the compiled step, the kernel choices and their timings, the captured graph of each static cache
-it made (and, in `captures`, each capture's cache length, seconds and graphs compiled: a new length compiles the step
+Before the first capture torch.compile compiles one decoder layer, whose code every layer then runs (COMPILES:
+or the whole step, or nothing). On one H200, Qwen3-4B shape, the layer compiled in 5.3 s against 36.2 s for the
+whole step and replays 1.4% (bf16) / 0.9% (NVFP4) slower (bench/decode_profile.py, doc/performance.md).
+The engine keeps the compiled code, the kernel choices and their timings, the captured graph of each static cache
+it made (and, in `captures`, each capture's cache length, seconds and graphs compiled: a new length compiles
 again), and a pooled cache for one-off generations (so the playground's second Generate reuses the graph).
 """
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from qwenlab.errors import QwenlabError
 from qwenlab.generation.graph import CapturedStep, one_token
-from qwenlab.generation.kernels import DecodeKernels, choose_kernels
+from qwenlab.generation.kernels import DecodeKernels, call_layer, choose_kernels
 from qwenlab.model.kv_cache import KVCache, StaticKVCache
 
 ENGINES = ("auto", "graph", "eager")
+# what torch.compile compiles before a capture: one decoder layer, whose compiled code every layer runs (the default:
+# seconds, where the whole step was a minute on the Qwen3-4B shape), the whole one-token step (lets Inductor fuse
+# across layer boundaries), or nothing (eager kernels captured as they are).
+COMPILES = ("layer", "step", "none")
 MIN_POOLED_LEN = 512
 
 
@@ -53,14 +60,18 @@ class Prepared:
 
 
 class Engine:
-    """min_cache_len: the shortest pooled cache (a power of two from 512 otherwise). The compiled step is
-    static-shaped, so every new cache length compiles it again (131 s and 86 s on the Qwen3-32B shape, against 0.2 s
-    for another cache of a length already compiled): a caller that decodes sequences of several lengths in one
-    process gives the longest here and makes its other caches that long too (notebook 04, one compile)."""
+    """compile: one of COMPILES (True: "layer", False: "none"). min_cache_len: the shortest pooled cache (a power of
+    two from 512 otherwise). Compiled code is static-shaped, so every new cache length compiles again (with the whole
+    step compiled: 131 s and 86 s on the Qwen3-32B shape, against 0.2 s for another cache of a length already
+    compiled): a caller that decodes sequences of several lengths in one process gives the longest here and makes
+    its other caches that long too (notebook 04, one compile)."""
 
-    def __init__(self, model, kind: str = "auto", *, compile: bool = True, min_cache_len: int = MIN_POOLED_LEN):
+    def __init__(self, model, kind: str = "auto", *, compile: bool | str = True, min_cache_len: int = MIN_POOLED_LEN):
         if kind not in ENGINES:
             raise QwenlabError(f"engine={kind!r}: choose one of {', '.join(ENGINES)}")
+        compile = {True: "layer", False: "none"}[compile] if isinstance(compile, bool) else compile
+        if compile not in COMPILES:
+            raise QwenlabError(f"compile={compile!r}: choose one of {', '.join(COMPILES)}")
         if not isinstance(min_cache_len, int) or min_cache_len < 1:
             raise QwenlabError(f"min_cache_len={min_cache_len!r}: give a positive number of positions")
         why = graph_unavailable(model) if kind != "eager" else None
@@ -124,8 +135,10 @@ class Engine:
         kernels = self.kernels.describe()
         gemv = ", ".join(kernels["gemv"]) or "no shape"
         nvfp4 = f"; NVFP4: {kernels['nvfp4']}" if kernels["nvfp4"] else ""
-        return Prepared(cache, step, "graph", f"attention {kernels['attention']}; Triton GEMV for {gemv}{nvfp4}",
-                        seconds)
+        compiled = {"layer": "torch.compile: one decoder layer, run by every layer", "step": "torch.compile: the "
+                    "whole step", "none": "not compiled"}[self.compile]
+        return Prepared(cache, step, "graph", f"attention {kernels['attention']}; Triton GEMV for {gemv}{nvfp4}; "
+                        f"{compiled}", seconds)
 
     def captured(self, cache: StaticKVCache) -> tuple[CapturedStep, float]:
         """The cache's captured step, made on first use. -> (step, seconds spent compiling and capturing now)."""
@@ -133,10 +146,11 @@ class Engine:
             return self._graphs[cache], 0.0
         t0 = time.perf_counter()
         if self.kernels is None:
-            self.kernels = choose_kernels(self.model, self.timings)
+            self.kernels = layer_compiled(choose_kernels(self.model, self.timings)) if self.compile == "layer" \
+                else choose_kernels(self.model, self.timings)
         kernels_s = time.perf_counter() - t0
         if self._step_fn is None:
-            self._step_fn = torch.compile(one_token, dynamic=False) if self.compile else one_token
+            self._step_fn = torch.compile(one_token, dynamic=False) if self.compile == "step" else one_token
         graphs = compiled_graphs()
         step = self._graphs[cache] = CapturedStep(self.model, cache, self._step_fn, self.kernels)
         seconds = time.perf_counter() - t0
@@ -144,6 +158,13 @@ class Engine:
                               "kernels_s": round(kernels_s, 3), "first_call_s": round(step.first_call_s, 3),
                               "graphs_compiled": compiled_graphs() - graphs})
         return step, seconds
+
+
+def layer_compiled(kernels: DecodeKernels, backend: str = "inductor") -> DecodeKernels:
+    """The same kernels with every decoder layer run through one torch.compile of call_layer: the layer's parameters,
+    cache view (KVCache.layer) and inputs are the compiled code's inputs, so Dynamo's guards hold for every layer
+    and one graph serves them all."""
+    return replace(kernels, run_layer=torch.compile(call_layer, dynamic=False, backend=backend))
 
 
 def compiled_graphs() -> int:

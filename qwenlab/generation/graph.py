@@ -1,6 +1,7 @@
 """One decode step captured as a CUDA graph: the model's own forward for one token, with static shapes over a
-StaticKVCache and the engine's kernels, compiled by torch.compile (fused elementwise kernels) and captured once per
-cache. A step is then one graph replay: no Python, no per-kernel launches. The engine owns every CapturedStep.
+StaticKVCache and the engine's kernels (its decoder layers compiled by torch.compile: fused elementwise kernels),
+captured once per cache. A step is then one graph replay: no Python, no per-kernel launches. The engine owns every
+CapturedStep.
 
 The graph ends by writing its greedy choice (the argmax of its logits) into its own input token, so greedy decoding
 can replay step after step without the host choosing or writing a token in between (replay_chained; the host reads
@@ -24,7 +25,8 @@ class CapturedStep:
 
     def __init__(self, model, cache: StaticKVCache, step, kernels):
         self.cache = cache
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+        with torch.inference_mode(False):  # an ordinary tensor, as the cache's (KVCache): one compile for both
+            self.token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
         t0 = time.perf_counter()
         length = cache.length
         cache.static_shapes = True

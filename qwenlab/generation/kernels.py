@@ -11,6 +11,11 @@ from torch import nn
 from qwenlab.quant.linear import NVFP4Linear
 
 
+def call_layer(layer: nn.Module, *args):
+    """A decoder layer's forward: what the engine compiles once, for every layer (DecodeKernels.run_layer)."""
+    return layer(*args)
+
+
 @dataclass(frozen=True)
 class DecodeKernels:
     attend: Callable  # (q, k, v, pos) -> context, for one query token over every cache slot
@@ -18,6 +23,7 @@ class DecodeKernels:
     gemv_shapes: frozenset = field(default_factory=frozenset)  # (N, K) of the weights the GEMV runs
     nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> outputs concatenated
     nvfp4_gemv: str = ""  # which NVFP4 GEMV runs for the model's activations: "mma" (tensor cores) or "fma"
+    run_layer: Callable = call_layer  # (layer, x, cos, sin, mask, kv, attention, kernels) -> x: call_layer, compiled
 
     def linear(self, module: nn.Module, x):
         if type(module) is nn.Linear and x.numel() == module.in_features:

@@ -1,7 +1,8 @@
 """Per-layer key/value cache: preallocated to a max length (static, gpt-fast style) or grown per step.
 
 The forward asks the cache three things: the positions of the new tokens, an attention mask (None = the queries
-are the last T of the S keys, causal), and the keys/values of the whole sequence after writing the new ones.
+are the last T of the S keys, causal), and, through each layer's view (`cache.layer(i)`), the keys/values of the whole
+sequence after writing the new ones.
 """
 import psutil
 import torch
@@ -19,6 +20,9 @@ def check_room(nbytes: int, positions: int, device: torch.device):
 
 
 class KVCache:
+    """Its tensors are ordinary ones even when it is made under torch.inference_mode (generate makes the pooled
+    cache there, a chat session outside): torch.compile's guards tell inference tensors apart, so caches of both
+    kinds would compile the engine's step twice; ordinary tensors are written in inference mode as well."""
     static_shapes = False
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, max_len: int,
@@ -31,8 +35,9 @@ class KVCache:
         if preallocate:
             check_room(2 * num_layers * batch * num_kv_heads * max_len * head_dim * dtype.itemsize, max_len,
                        torch.device(devices[0]))
-        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        with torch.inference_mode(False):  # ordinary tensors wherever the cache is made (the class note says why)
+            self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+            self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
 
     @classmethod
     def for_config(cls, config, *, max_len: int | None = None, dtype, device, **kwargs):
@@ -45,6 +50,10 @@ class KVCache:
 
     def attention_mask(self, n: int):
         return None
+
+    def layer(self, i: int) -> "LayerKV":
+        """Layer i's view: what that layer's attention writes its new keys/values to."""
+        return LayerKV(self, i)
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         """Appends [B, KVH, T, D] at self.length; returns the keys/values of the whole sequence so far."""
@@ -73,6 +82,32 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+class LayerKV:
+    """One layer's view of a cache: update(k_new, v_new) writes them and returns the keys/values so far."""
+    static_shapes = False
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.index = cache, layer
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor):
+        return self.cache.update(self.index, k_new, v_new)
+
+
+class StaticLayerKV:
+    """One layer of a StaticKVCache with static shapes on: its own buffers, the write positions and `pos`, and no
+    layer number, so one compiled layer step serves every layer of the model (the engine compiles one layer, not
+    the whole step; qwenlab.generation.engine)."""
+    static_shapes = True
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, write_at: torch.Tensor, pos: torch.Tensor):
+        self.k, self.v, self.write_at, self.pos = k, v, write_at, pos
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor):
+        self.k.index_copy_(2, self.write_at, k_new)
+        self.v.index_copy_(2, self.write_at, v_new)
+        return self.k, self.v
+
+
 class StaticKVCache(KVCache):
     """A preallocated cache whose length also lives on the device (`pos`), so a one-token step can run with static
     shapes: with `static_shapes` on, positions come from `pos`, new keys are written with index_copy_, attention
@@ -83,8 +118,9 @@ class StaticKVCache(KVCache):
     def __init__(self, *args, **kwargs):
         kwargs.pop("preallocate", None)
         super().__init__(*args, preallocate=True, **kwargs)
-        self.pos = torch.zeros(1, dtype=torch.long, device=self.k[0].device)
-        self.slots = torch.arange(self.max_len, device=self.k[0].device)
+        with torch.inference_mode(False):
+            self.pos = torch.zeros(1, dtype=torch.long, device=self.k[0].device)
+            self.slots = torch.arange(self.max_len, device=self.k[0].device)
         self.static_shapes = False
         self._write_at = None
 
@@ -97,12 +133,15 @@ class StaticKVCache(KVCache):
     def attention_mask(self, n: int):
         return self.slots[None, :] <= self._write_at[:, None] if self.static_shapes else None
 
+    def layer(self, i: int):
+        if not self.static_shapes:
+            return super().layer(i)
+        return StaticLayerKV(self.k[i], self.v[i], self._write_at, self.pos)
+
     def update(self, layer, k_new, v_new):
         if not self.static_shapes:
             return super().update(layer, k_new, v_new)
-        self.k[layer].index_copy_(2, self._write_at, k_new)
-        self.v[layer].index_copy_(2, self._write_at, v_new)
-        return self.k[layer], self.v[layer]
+        return self.layer(layer).update(k_new, v_new)
 
     def advance(self, n: int):
         if self.static_shapes:

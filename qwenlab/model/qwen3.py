@@ -12,7 +12,7 @@ from torch import nn
 
 from qwenlab.model.config import Qwen3Config, is_moe_layer
 from qwenlab.model.hooks import HIDDEN, HookPoint
-from qwenlab.model.kv_cache import KVCache
+from qwenlab.model.kv_cache import KVCache, LayerKV
 from qwenlab.model.moe import SparseMoE
 from qwenlab.model.projection import make_linear, project, project_parts
 from qwenlab.quant.linear import QuantInfo
@@ -84,7 +84,8 @@ class Attention(nn.Module):
             return project(self.qkv_proj, x, kernels).split(self.sizes, dim=-1)
         return project_parts((self.q_proj, self.k_proj, self.v_proj), x, kernels)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, attention: str, kernels):
+    def forward(self, x, cos, sin, mask, kv: LayerKV | None, attention: str, kernels):
+        """kv: this layer's view of the cache (KVCache.layer), or None."""
         B, T, _ = x.shape
         q, k, v = self.projections(x, kernels)
         q, k, v = self.hook_q_proj(q), self.hook_k_proj(k), self.hook_v_proj(v)
@@ -93,10 +94,10 @@ class Attention(nn.Module):
         q = self.hook_q_rope((q * cos + rotate_half(q) * sin).transpose(1, 2)).transpose(1, 2)
         k = self.hook_k_rope((k * cos + rotate_half(k) * sin).transpose(1, 2)).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        if T == 1 and cache is not None and cache.static_shapes and kernels is not None:
-            ctx = kernels.attention(q, k, v, cache.pos)
+        if kv is not None:
+            k, v = kv.update(k, v)
+        if T == 1 and kv is not None and kv.static_shapes and kernels is not None:
+            ctx = kernels.attention(q, k, v, kv.pos)
         else:
             ctx = attend(q, k, v, mask, attention)
         ctx = self.hook_context(ctx.transpose(1, 2).reshape(B, T, -1))
@@ -182,10 +183,10 @@ class DecoderLayer(nn.Module):
             MLP(cfg, prefix + "mlp.", fused, quant)
         self.hook_output = HookPoint(HIDDEN, ("", "output"))
 
-    def forward(self, x, cos, sin, mask, cache, layer: int, attention: str, kernels):
+    def forward(self, x, cos, sin, mask, kv, attention: str, kernels):
         x = self.hook_input(x)
         h = self.hook_input_layernorm(self.input_layernorm(x))
-        x = self.hook_post_attention_residual(x + self.self_attn(h, cos, sin, mask, cache, layer, attention, kernels))
+        x = self.hook_post_attention_residual(x + self.self_attn(h, cos, sin, mask, kv, attention, kernels))
         h = self.hook_post_attention_layernorm(self.post_attention_layernorm(x))
         return self.hook_output(x + self.mlp(h, kernels))
 
@@ -250,7 +251,11 @@ class Qwen3(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if self.layer_devices is not None and x.device != torch.device(self.layer_devices[i]):
                 x, cos, sin, mask = _moved(torch.device(self.layer_devices[i]), x, cos, sin, mask)
-            x = layer(x, cos, sin, mask, cache, i, attention, kernels)
+            kv = cache.layer(i) if cache is not None else None
+            if kernels is None:
+                x = layer(x, cos, sin, mask, kv, attention, kernels)
+            else:  # the engine's step: one layer compiled once serves all of them (DecodeKernels.run_layer)
+                x = kernels.run_layer(layer, x, cos, sin, mask, kv, attention, kernels)
         if cache is not None:
             cache.advance(T)
         x = self.model.norm(x.to(self.model.norm.weight.device))

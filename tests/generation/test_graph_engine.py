@@ -82,6 +82,40 @@ def test_compiled_graphs_counts_what_torch_compile_makes():
     torch._dynamo.reset()  # leaves no compiled code (and its fake tensors) to the tests after this one
 
 
+@torch.inference_mode()
+def test_one_compiled_layer_serves_every_layer():
+    """The engine compiles one decoder layer, not the whole step (a minute on the Qwen3-4B shape): run through the
+    engine's compiled layer, a 12-layer static-shape step makes one graph (Dynamo's guards hold for every layer's
+    parameters and cache view) and the logits of the eager step. A cache made outside inference mode (a chat
+    session's; generate makes the pooled one inside) compiles nothing more: notebook 04's second capture did."""
+    from qwenlab.generation.engine import layer_compiled
+    from qwenlab.generation.graph import one_token
+    from qwenlab.generation.kernels import DecodeKernels
+    from qwenlab.model.config import config_from_dict
+    from qwenlab.model.qwen3 import Qwen3, decode_attention
+    from qwenlab.model.tiny import config_json
+
+    cfg = config_from_dict(config_json("tiny-deep", num_hidden_layers=12, vocab_size=512))
+    model = Qwen3(cfg).eval()
+    slots = torch.arange(32)
+    kernels = DecodeKernels(lambda q, k, v, pos: decode_attention(q, k, v, slots[None, :] <= pos))
+    compiled = layer_compiled(kernels, backend="eager")  # Dynamo's guards are what this checks; no compiler needed
+    logits = {}
+    for name, run, graphs in (("eager", kernels, 0), ("compiled", compiled, 1), ("outside", compiled, 0)):
+        with torch.inference_mode(name != "outside"):
+            cache = StaticKVCache.for_config(cfg, max_len=32, dtype=torch.float32, device="cpu")
+        model(torch.tensor([3, 1, 4]), cache=cache)
+        cache.static_shapes = True
+        before = compiled_graphs()
+        logits[name] = [one_token(model, torch.tensor([[t]]), cache, run) for t in (1, 5, 9)]
+        assert compiled_graphs() - before == graphs, name
+        assert int(cache.pos) == 6
+    for name in ("compiled", "outside"):
+        for eager, compiled in zip(logits["eager"], logits[name]):
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 def test_one_cache_length_compiles_the_graph_step_once(tiny_dir):
     """Notebook 04's use: a greedy decode (the pooled cache) and a chat session's cache, both of min_cache_len,
