@@ -86,10 +86,10 @@ NOTEBOOK = "06_nvfp4_quantization"
 thresholds = nbutil.load_thresholds(thresholds_dir, NOTEBOOK)
 model_path = resolve_model_dir(model_dir)
 cuda = torch.device(device).type == "cuda"
-allocated_before = torch.cuda.memory_allocated() if cuda else float("nan")
+requested_before = nq.requested_now(device)  # bytes asked of the CUDA allocator (its rounding is not the load's)
 workspace = nq.workspace_overhead(device)  # cuBLAS's workspace: a fixed cost of the device, allowed for below
 ckpt = nq.load_quantized(model_path, dtype, device, quant, device_map)
-allocated_load = (torch.cuda.memory_allocated() - allocated_before) if cuda else float("nan")
+requested_load = nq.requested_now(device) - requested_before
 model, tok, info = ckpt.model, ckpt.tokenizer, ckpt.model.quantization
 not_applicable = nq.not_applicable(ckpt)
 source = nq.source_dir(ckpt, unquantized_model)
@@ -232,10 +232,10 @@ if plant_bugs and (diffs_q or diffs_u):
 #
 # Predicted: the checkpoint's shapes with each quantized linear at 4.5 bits per weight (packed codes, one E4M3 scale
 # per 16) plus its FP32 scales, everything else in the run dtype. Measured: the parameter and buffer storage of the
-# loaded model (and on CUDA the allocated bytes the load left).
+# loaded model (and on CUDA the bytes the load's tensors asked the allocator for).
 
 # %%
-memory = nq.memory_check(model, thresholds["weights_rel_error_max"], allocated_load, workspace)
+memory = nq.memory_check(model, thresholds["weights_rel_error_max"], requested_load, workspace)
 display(memory)
 
 # %% [markdown]

@@ -14,8 +14,9 @@
 # measured with "--hf auto --new-tokens 256 --prefill-tokens 2048" (transformers' compiled static cache in the same
 # run). SKIP_TESTS=1 skips step 1; TESTS="pytest targets" runs those instead (TESTS_K: their -k); KERNEL_BENCH=1 also runs
 # bench/nvfp4_kernels.py (each NVFP4 kernel against cuBLAS per Qwen3-4B projection shape) before the checkpoint;
-# GEMV_SWEEP=1 runs bench/nvfp4_gemv_sweep.py (every GEMV tile on those shapes); BENCH=0 stops there (no checkpoint,
-# bench or training); TRAIN=0 skips step 4.
+# GEMV_SWEEP=1 runs bench/nvfp4_gemv_sweep.py (every GEMV tile on those shapes); PROFILE="modes" runs
+# bench/decode_profile.py on the checkpoint with those compile modes (e.g. layer,step,none) for bf16, and for NVFP4
+# too with PROFILE_NVFP4=1; LOAD_MEMORY=1 runs bench/load_memory.py (what an NVFP4 load leaves allocated); BENCH=0 stops before the bench (and after the profile); TRAIN=0 skips step 4.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-$REPO/reports/gpu-engine}
@@ -52,10 +53,25 @@ if [ "${GEMV_SWEEP:-0}" = 1 ]; then
   $PY bench/nvfp4_gemv_sweep.py --out "$OUT/nvfp4_gemv_sweep.json" 2>&1 | tee "$OUT/nvfp4_gemv_sweep.log" | grep -v "^ "
 fi
 
-if [ "${BENCH:-1}" = 0 ]; then step "done (BENCH=0: no checkpoint, bench or training)"; exit 0; fi
+if [ "${BENCH:-1}" = 0 ] && [ -z "${PROFILE:-}" ] && [ "${LOAD_MEMORY:-0}" != 1 ]; then step "done (BENCH=0: no checkpoint, bench or training)"; exit 0; fi
 
 step "Qwen3-4B-shaped checkpoint"
 make_checkpoint /tmp/q4b qwen3-4b cuda || exit 1
+
+if [ "${LOAD_MEMORY:-0}" = 1 ]; then
+  step "what an NVFP4 load leaves allocated (bench/load_memory.py)"
+  $PY bench/load_memory.py --model /tmp/q4b --quant nvfp4 2>&1 | tee "$OUT/load_memory.log"
+fi
+if [ -n "${PROFILE:-}" ]; then
+  step "decode step profile, bf16, compile modes $PROFILE (bench/decode_profile.py)"
+  $PY bench/decode_profile.py --model /tmp/q4b --compile "$PROFILE" 2>&1 | tee "$OUT/decode_profile_bf16.log"
+  if [ "${PROFILE_NVFP4:-0}" = 1 ]; then
+    step "decode step profile, NVFP4, compile modes $PROFILE"
+    $PY bench/decode_profile.py --model /tmp/q4b --quant nvfp4 --compile "$PROFILE" 2>&1 \
+      | tee "$OUT/decode_profile_nvfp4.log"
+  fi
+fi
+if [ "${BENCH:-1}" = 0 ]; then step "done (BENCH=0: no bench or training)"; exit 0; fi
 
 step "qwenlab bench: bf16 and NVFP4 in one run (this code)"
 # shellcheck disable=SC2086

@@ -32,6 +32,7 @@ from qwenlab.checks.layer_diffs import (
 from qwenlab.checks.nbutil import check_max, check_min
 from qwenlab.checks.nvfp4_kl import Corpus
 from qwenlab.errors import QwenlabError
+from qwenlab.memory.device import cuda_requested
 from qwenlab.memory.plan import visible_devices
 from qwenlab.memory.predict import compare, measured_weight_bytes, quantized_weight_bytes
 from qwenlab.model.dtypes import dtype_name
@@ -69,19 +70,25 @@ def not_applicable(ckpt) -> str | None:
 
 
 def workspace_overhead(device) -> float:
-    """Bytes the CUDA allocator holds for cuBLAS's workspace once a matmul has run (a fixed cost of the device, not
-    of the weights): measured before the model loads, so a memory gate can allow for it. NaN off CUDA."""
+    """Bytes cuBLAS's workspace holds once a matmul has run (a fixed cost of the device, not of the weights), as
+    requested from the CUDA allocator: measured before the model loads, so a memory gate can allow for it. NaN off
+    CUDA."""
     device = torch.device(device)
     if device.type != "cuda":
         return float("nan")
     torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
+    before = cuda_requested(device)
     for dtype in (torch.bfloat16, torch.float32):
         a = torch.randn(64, 64, device=device, dtype=dtype)
         (a @ a).sum().item()
         del a
     torch.cuda.synchronize(device)
-    return float(torch.cuda.memory_allocated(device) - before)
+    return float(cuda_requested(device) - before)
+
+
+def requested_now(device) -> float:
+    """cuda_requested on a CUDA device (what notebook 06 counts a load's bytes from), NaN elsewhere."""
+    return float(cuda_requested(device)) if torch.device(device).type == "cuda" else float("nan")
 
 
 def source_dir(ckpt, unquantized_model: str = "") -> Path | None:
@@ -307,16 +314,17 @@ def _rel_l2(result, name: str) -> float:
     return float(row["rel_l2"]) if row else float("nan")
 
 
-def memory_check(model, rel_threshold: float, cuda_allocated: float = float("nan"),
+def memory_check(model, rel_threshold: float, cuda_requested: float = float("nan"),
                  overhead: float = float("nan")) -> pd.DataFrame:
     """The memory model's NVFP4 estimate against the parameter + buffer storage of the loaded model and, on CUDA,
-    the allocated bytes its load left (cuda_allocated, counted from before the workspace was made) against the
+    the bytes its load left requested from the allocator (cuda_requested, counted from before the workspace was made;
+    the allocator's rounding is not the load's and is left out: qwenlab.memory.device.cuda_requested) against the
     estimate plus the workspace `overhead` measured on the same device before the load."""
     predicted = quantized_weight_bytes(model)
     rows = [compare("weights: parameter + buffer storage", measured_weight_bytes(model), predicted, rel_threshold)]
-    if cuda_allocated == cuda_allocated:
+    if cuda_requested == cuda_requested:
         extra = overhead if overhead == overhead else 0.0
-        rows.append(compare("weights + measured workspace: CUDA allocated after load", cuda_allocated,
+        rows.append(compare("weights + measured workspace: CUDA bytes requested after load", cuda_requested,
                             predicted + extra, rel_threshold) | {"workspace_bytes": extra})
     return pd.DataFrame(rows)
 

@@ -39,6 +39,14 @@ def is_cuda(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
+def cuda_requested(device) -> int:
+    """Bytes the live tensors on a CUDA device asked the caching allocator for: memory_allocated without the
+    allocator's rounding (a large block keeps the rest of its segment when that is under 1 MiB: an NVFP4 load of the
+    Qwen3-4B shape leaves 68 MiB of it). What a load's own tensors hold, for a gate that looks for leaked ones."""
+    s = torch.cuda.memory_stats(device)
+    return int(s.get("requested_bytes.all.current", s.get("allocated_bytes.all.current", 0)))
+
+
 def cuda_sample(device) -> dict:
     """The allocator's counters for one device (no synchronisation: they are host-side bookkeeping)."""
     s = torch.cuda.memory_stats(device)
