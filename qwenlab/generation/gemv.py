@@ -1,18 +1,21 @@
 """y = x @ W.T for one token (x [K], W [N, K] row-major): a bandwidth-tuned Triton GEMV for the graph engine's
 decode step, where cuBLAS leaves some projections well under the card's bandwidth (and its split-K adds a
 reduction kernel per call). Each program streams BLOCK_N rows of W once, in BLOCK_K slices, accumulating in
-float32; Triton's autotuner picks the tile per (N, K). Whether it beats cuBLAS is measured per shape on the
-device (linear_timings); the decode engine uses it only for those shapes (qwenlab.generation.kernels)."""
+float32; Triton's autotuner picks the tile per (N, K), briefly and once per machine (qwenlab.quant.autotuning).
+Whether it beats cuBLAS is measured per shape on the device (linear_timings); the decode engine uses it only for
+those shapes (qwenlab.generation.kernels)."""
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qwenlab.quant.autotuning import AUTOTUNE
+
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
            for n in (2, 4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (2, 4)]
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K"])
+@triton.autotune(configs=CONFIGS, key=["N", "K"], **AUTOTUNE)
 @triton.jit
 def _gemv_kernel(X, W, B, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

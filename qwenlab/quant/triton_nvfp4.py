@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from qwenlab.errors import QwenlabError
+from qwenlab.quant.autotuning import AUTOTUNE
 
 # The H200's fastest tiles (bench/nvfp4_gemv_sweep.py; doc/evidence/nvfp4-decode-h200/): 4x32 with X_VEC first on
 # every decode shape (q/k/v, o, gate/up, down), then 4x32, 8x32 and 8x16 without it. FLAT measured no faster.
@@ -180,7 +181,7 @@ def _gemv_tile(X, P, S, TS, B, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s
         tl.store(Y + y_offset + rows, y.to(Y.dtype.element_ty), mask=rows < N)
 
 
-@triton.autotune(configs=GEMV_CONFIGS, key=["N0", "N1", "N2", "K", "SPLIT"])
+@triton.autotune(configs=GEMV_CONFIGS, key=["N0", "N1", "N2", "K", "SPLIT"], **AUTOTUNE)
 @triton.heuristics({"EVEN_K": lambda args: args["SPLIT"] == 1 and (args["K"] // 16) % args["GROUPS"] == 0})
 @triton.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2", "unit"])
 def _gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, B, Y, PARTIAL, N0, N1, N2, K,
@@ -227,7 +228,7 @@ def _gemv_finish_kernel(PARTIAL, TS, B, Y, N, ts_stride, HAS_BIAS: tl.constexpr,
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K"], **AUTOTUNE)
 @triton.jit(do_not_specialize=["ts_stride"])
 def _gemm_kernel(X, P, S, TS, B, Y, M, N, K, M_BUCKET, stride_xm, stride_p, stride_s, stride_ym,
                  ts_stride, HAS_BIAS: tl.constexpr,

@@ -260,3 +260,21 @@ def test_gemm_matches_a_float64_matmul_interpreted(m, n, k, per_row, bias):
 def test_dequantize_into_is_bit_identical_to_codec_interpreted(n, k, dtype, per_row):
     # not bfloat16: the interpreter (Triton 3.9) truncates float32 -> bfloat16 where the GPU rounds to nearest even
     check_dequantize_into(n, k, dtype, per_row, "cpu", seed=n + k)
+
+
+def test_every_autotuned_kernel_tunes_briefly_and_once_per_machine():
+    """The first graph capture of a report's notebook spent 41 s autotuning the bf16 GEMV's 48 tiles on the Qwen3-4B
+    shapes, again in every notebook process: each autotuner times tiles with the brief benchmark and keeps the
+    choice in Triton's disk cache (off only under TRITON_INTERPRET, where Triton never caches)."""
+    import triton.runtime.autotuner as autotuner
+
+    from qwenlab.generation import gemv
+    from qwenlab.quant import triton_nvfp4
+    from qwenlab.quant.autotuning import brief_bench
+
+    tuners = [k for module in (gemv, triton_nvfp4) for k in vars(module).values()
+              if isinstance(k, autotuner.Autotuner)]
+    assert len(tuners) == 3, tuners  # the bf16 GEMV, the NVFP4 GEMV and GEMM
+    for tuner in tuners:
+        assert tuner._do_bench is brief_bench, tuner.base_fn.__name__
+        assert tuner.cache_results or os.environ.get("TRITON_INTERPRET") == "1", tuner.base_fn.__name__
