@@ -7,11 +7,20 @@ The graph ends by writing its greedy choice (the argmax of its logits) into its 
 can replay step after step without the host choosing or writing a token in between (replay_chained; the host reads
 the tokens back one step behind, qwenlab.generation.decode). replay(token) overwrites that input first: sampling
 and callers that read the logits are unaffected."""
+import functools
 import time
 
 import torch
 
 from qwenlab.model.kv_cache import StaticKVCache
+
+
+@functools.cache
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream every capture on `device` warms up and records on, for the life of the process. cuBLAS
+    keeps a workspace (32 MiB on an H200) for each stream it ran on and never frees it: a new stream per capture
+    grew CUDA memory by 32 MiB per chat session (notebook 05's stress on the Qwen3-4B shape)."""
+    return torch.cuda.Stream(device)
 
 
 def one_token(model, token: torch.Tensor, cache: StaticKVCache, kernels) -> torch.Tensor:
@@ -32,7 +41,7 @@ class CapturedStep:
         cache.static_shapes = True
         try:
             with torch.inference_mode():
-                side = torch.cuda.Stream(model.device)
+                side = self.stream = capture_stream(model.device)
                 side.wait_stream(torch.cuda.current_stream(model.device))
                 with torch.cuda.stream(side):
                     for i in range(3):  # the first call compiles; the next ones settle cuBLAS/Triton workspaces
@@ -42,7 +51,7 @@ class CapturedStep:
                             self.first_call_s = time.perf_counter() - t0
                 torch.cuda.current_stream(model.device).wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
+                with torch.cuda.graph(self.graph, stream=side):
                     self.logits = step(model, self.token, cache, kernels)
                     self.token.copy_(self.logits[:, -1].argmax(dim=-1, keepdim=True))
         finally:
