@@ -350,6 +350,14 @@ def mma_split(tiles: int, warps: int, k: int, block_k: int) -> int:
     return split
 
 
+def _part_args(weights: list, ns: list, where: str) -> list[tuple]:
+    """The three weight slots of a GEMV launch, each (packed words, block_scale, tensor_scale, rows, packed row
+    stride in words, scale row stride, tensor-scale stride); unused slots repeat the first weight with 0 rows."""
+    parts = [(_words(p, where), s, ts, n_i, p.stride(0) // 4, s.stride(0), _ts_stride(ts))
+             for (p, s, ts), n_i in zip(weights, ns)]
+    return parts + [parts[0][:3] + (0,) + parts[0][4:]] * (3 - len(parts))
+
+
 def _mma_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, config: dict | None) -> None:
     """nvfp4 GEMV of 1-3 weights on tensor cores (qwenlab.quant.mma_nvfp4) into y; split-K sums through the
     finish pass (the partial rows already carry the tensor scale)."""
@@ -361,10 +369,8 @@ def _mma_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, confi
     tiles = sum(triton.cdiv(n_i, block_n) for n_i in ns)
     split = config.get("SPLIT") or mma_split(tiles, warps, k, block_k)
     partial = torch.empty(split, n, dtype=torch.float32, device=row.device) if split > 1 else y
-    parts = [(_words(p, "nvfp4 GEMV"), s, ts, n_i, p.stride(0) // 4, s.stride(0), _ts_stride(ts))
-             for (p, s, ts), n_i in zip(weights, ns)]
-    parts += [parts[0][:3] + (0,) + parts[0][4:]] * (3 - len(parts))
-    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = parts
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
+        _part_args(weights, ns, "nvfp4 GEMV")
     mma_nvfp4.mma_gemv_kernel[(tiles, split)](
         row, p0, s0, t0, p1, s1, t1, p2, s2, t2, y, partial, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1, st1, sp2, ss2,
         st2, PARTS=len(weights), SPLIT=split, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -396,10 +402,8 @@ def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str,
     split = gemv_split(n, k) if len(weights) == 1 else 1
     partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
     b = bias if bias is not None else y
-    parts = [(_words(p, where), s, ts, n_i, p.stride(0) // 4, s.stride(0), _ts_stride(ts))
-             for (p, s, ts), n_i in zip(weights, ns)]
-    parts += [parts[0][:3] + (0,) + parts[0][4:]] * (3 - len(parts))  # unused slots: the first weight, 0 rows
-    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = parts
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
+        _part_args(weights, ns, where)
     kernel = _gemv_kernel if config is None else _gemv_kernel.fn  # .fn: the kernel under the autotuner
     kernel[lambda meta: (sum(triton.cdiv(n_i, meta["BLOCK_N"]) for n_i in ns), split)](
         row.view(torch.int32) if words else row, p0, s0, t0, p1, s1, t1, p2, s2, t2, b, y, partial, n0, n1, n2, k,
