@@ -34,6 +34,9 @@ def test_auto_runs_eager_on_cpu_and_says_why_graph_refuses(tiny):
 def test_engine_choice(tiny):
     with pytest.raises(QwenlabError, match="engine='fast'"):
         Engine(tiny.model, "fast")
+    with pytest.raises(QwenlabError, match="compile='fast': choose one of layer, step, none"):
+        Engine(tiny.model, "auto", compile="fast")
+    assert Engine(tiny.model, "auto", compile=False).compile == "none" and Engine(tiny.model).compile == "layer"
     assert type(Engine(tiny.model, "auto").new_cache(16)) is KVCache
     with pytest.raises(QwenlabError, match="engine='fast'"):
         generate(tiny.model, [1, 2], GREEDY, engine="fast")
