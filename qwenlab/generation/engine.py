@@ -22,10 +22,11 @@ from qwenlab.generation.kernels import DecodeKernels, call_layer, choose_kernels
 from qwenlab.model.kv_cache import KVCache, StaticKVCache
 
 ENGINES = ("auto", "graph", "eager")
-# what torch.compile compiles before a capture: one decoder layer, whose compiled code every layer runs (the default:
-# seconds, where the whole step was a minute on the Qwen3-4B shape), the whole one-token step (lets Inductor fuse
-# across layer boundaries), or nothing (eager kernels captured as they are).
-COMPILES = ("layer", "step", "none")
+# what torch.compile compiles before a capture (and how the engine's note says it): one decoder layer, whose compiled
+# code every layer runs (the default: seconds, where the whole step was a minute on the Qwen3-4B shape), the whole
+# one-token step (lets Inductor fuse across layer boundaries), or nothing (eager kernels captured as they are).
+COMPILES = {"layer": "torch.compile: one decoder layer, run by every layer", "step": "torch.compile: the whole step",
+            "none": "not compiled"}
 MIN_POOLED_LEN = 512
 
 
@@ -70,7 +71,7 @@ class Engine:
         if kind not in ENGINES:
             raise QwenlabError(f"engine={kind!r}: choose one of {', '.join(ENGINES)}")
         compile = {True: "layer", False: "none"}[compile] if isinstance(compile, bool) else compile
-        if compile not in COMPILES:
+        if not isinstance(compile, str) or compile not in COMPILES:
             raise QwenlabError(f"compile={compile!r}: choose one of {', '.join(COMPILES)}")
         if not isinstance(min_cache_len, int) or min_cache_len < 1:
             raise QwenlabError(f"min_cache_len={min_cache_len!r}: give a positive number of positions")
@@ -135,10 +136,8 @@ class Engine:
         kernels = self.kernels.describe()
         gemv = ", ".join(kernels["gemv"]) or "no shape"
         nvfp4 = f"; NVFP4: {kernels['nvfp4']}" if kernels["nvfp4"] else ""
-        compiled = {"layer": "torch.compile: one decoder layer, run by every layer", "step": "torch.compile: the "
-                    "whole step", "none": "not compiled"}[self.compile]
         return Prepared(cache, step, "graph", f"attention {kernels['attention']}; Triton GEMV for {gemv}{nvfp4}; "
-                        f"{compiled}", seconds)
+                        f"{COMPILES[self.compile]}", seconds)
 
     def captured(self, cache: StaticKVCache) -> tuple[CapturedStep, float]:
         """The cache's captured step, made on first use. -> (step, seconds spent compiling and capturing now)."""
@@ -146,8 +145,8 @@ class Engine:
             return self._graphs[cache], 0.0
         t0 = time.perf_counter()
         if self.kernels is None:
-            self.kernels = layer_compiled(choose_kernels(self.model, self.timings)) if self.compile == "layer" \
-                else choose_kernels(self.model, self.timings)
+            kernels = choose_kernels(self.model, self.timings)
+            self.kernels = layer_compiled(kernels) if self.compile == "layer" else kernels
         kernels_s = time.perf_counter() - t0
         if self._step_fn is None:
             self._step_fn = torch.compile(one_token, dynamic=False) if self.compile == "step" else one_token
