@@ -16,7 +16,10 @@
 # bench/nvfp4_kernels.py (each NVFP4 kernel against cuBLAS per Qwen3-4B projection shape) before the checkpoint;
 # GEMV_SWEEP=1 runs bench/nvfp4_gemv_sweep.py (every GEMV tile on those shapes); PROFILE="modes" runs
 # bench/decode_profile.py on the checkpoint with those compile modes (e.g. layer,step,none) for bf16, and for NVFP4
-# too with PROFILE_NVFP4=1; LOAD_MEMORY=1 runs bench/load_memory.py (what an NVFP4 load leaves allocated); BENCH=0 stops before the bench (and after the profile); TRAIN=0 skips step 4.
+# too with PROFILE_NVFP4=1; LOAD_MEMORY=1 runs bench/load_memory.py (what an NVFP4 load leaves allocated); GEMV_TILES=1
+# runs bench/gemv_tiles.py (the bf16 GEMV's tiles one by one, and its cold autotune); LOAD_SPEED=1 runs
+# bench/load_speed.py on the checkpoint (each part of a load, and transformers', first and repeated); BENCH=0 stops before the bench (and
+# after those); TRAIN=0 skips step 4.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-$REPO/reports/gpu-engine}
@@ -53,7 +56,12 @@ if [ "${GEMV_SWEEP:-0}" = 1 ]; then
   $PY bench/nvfp4_gemv_sweep.py --out "$OUT/nvfp4_gemv_sweep.json" 2>&1 | tee "$OUT/nvfp4_gemv_sweep.log" | grep -v "^ "
 fi
 
-if [ "${BENCH:-1}" = 0 ] && [ -z "${PROFILE:-}" ] && [ "${LOAD_MEMORY:-0}" != 1 ]; then step "done (BENCH=0: no checkpoint, bench or training)"; exit 0; fi
+if [ "${GEMV_TILES:-0}" = 1 ]; then
+  step "bf16 GEMV tiles, one by one (bench/gemv_tiles.py)"
+  $PY bench/gemv_tiles.py --out "$OUT/gemv_tiles.json" 2>&1 | tee "$OUT/gemv_tiles.log"
+fi
+
+if [ "${BENCH:-1}" = 0 ] && [ -z "${PROFILE:-}" ] && [ "${LOAD_MEMORY:-0}" != 1 ] && [ "${LOAD_SPEED:-0}" != 1 ]; then step "done (BENCH=0: no checkpoint, bench or training)"; exit 0; fi
 
 step "Qwen3-4B-shaped checkpoint"
 make_checkpoint /tmp/q4b qwen3-4b cuda || exit 1
@@ -61,6 +69,11 @@ make_checkpoint /tmp/q4b qwen3-4b cuda || exit 1
 if [ "${LOAD_MEMORY:-0}" = 1 ]; then
   step "what an NVFP4 load leaves allocated (bench/load_memory.py)"
   $PY bench/load_memory.py --model /tmp/q4b --quant nvfp4 2>&1 | tee "$OUT/load_memory.log"
+fi
+if [ "${LOAD_SPEED:-0}" = 1 ]; then
+  step "load speed, piece by piece (bench/load_speed.py)"
+  $PY bench/load_speed.py --model /tmp/q4b --hf --json "$OUT/load_speed.json" 2>&1 | grep -v "Loading weights" \
+    | tee "$OUT/load_speed.log"
 fi
 if [ -n "${PROFILE:-}" ]; then
   step "decode step profile, bf16, compile modes $PROFILE (bench/decode_profile.py)"

@@ -11,8 +11,12 @@ import triton.language as tl
 
 from qwenlab.quant.autotuning import AUTOTUNE
 
+# The H200's fastest tiles of the 48 (BLOCK_N 2-16 x BLOCK_K 256-1024 x 4/8 warps x 2/4 stages) on every Qwen3-4B
+# decode shape (bench/gemv_tiles.py; doc/evidence/report-time-h200/run4_load_and_tiles/): 2x1024 first or within
+# 1.1% of the first on all five, 4x512 first on gate/up and lm_head, then the next best on q/k/v, o and down.
+# Compiling all 48 on a machine's first call took 15.6 s of notebook 04's first capture.
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-           for n in (2, 4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (2, 4)]
+           for n, k, w, s in [(2, 1024, 4, 2), (4, 512, 4, 4), (4, 256, 4, 2), (4, 1024, 8, 4)]]
 
 
 @triton.autotune(configs=CONFIGS, key=["N", "K"], **AUTOTUNE)

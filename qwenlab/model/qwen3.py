@@ -194,7 +194,10 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: Qwen3Config, fused: bool, quant: QuantInfo | None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # built on the meta device (the loader, meta_model): no random init, whose normal_ there runs through
+        # torch._refs and imports torch._dynamo, 2-3 s of every process that loads a model
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size) if torch.get_default_device().type == "meta" else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
         self.hook_embed = HookPoint(HIDDEN, ("embed_tokens", "output"))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, fused, quant) for i in range(cfg.num_hidden_layers))
