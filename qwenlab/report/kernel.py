@@ -1,6 +1,10 @@
 """Running one notebook for `qwenlab report`: papermill on this environment's `qwenlab` Jupyter kernel, in the repo
 root, figures inline, the kernel's own stderr in the run's logs/.
 
+Each notebook's kernel can be started while the notebook before it runs (NextKernel): the kernel process comes up
+and imports what every notebook imports (WARM_UP: torch, numpy, pandas, matplotlib, qwenlab; into sys.modules, no
+name bound in the notebook, CUDA untouched) beside the running notebook, so the next one starts at its first cell.
+
 The kernelspec is looked up in sys.prefix only (share/jupyter/kernels/qwenlab, installed there when missing), never
 in the per-user or system folders, where another environment's spec of the same name could sit; its python must be
 the one running the report."""
@@ -17,7 +21,14 @@ from qwenlab.errors import QwenlabError
 from qwenlab.paths import REPO_ROOT
 
 KERNEL = "qwenlab"
-_launched: list = []  # the kernel managers papermill created for the notebook now running
+_launched: list = []  # the kernel managers started for the notebook now running and the next one
+# What a notebook's kernel imports before its first cell when it is started ahead (NextKernel): the modules every
+# notebook imports and that read nothing from the notebook's parameters or environment (transformers is imported
+# later, by qwenlab, after HF_HUB_OFFLINE is set). Silent: no output, no execution count.
+WARM_UP = ("import importlib as _qwenlab_importlib\n"
+           "for _qwenlab_module in ('torch', 'numpy', 'pandas', 'matplotlib.pyplot', 'qwenlab'):\n"
+           "    _qwenlab_importlib.import_module(_qwenlab_module)\n"
+           "del _qwenlab_importlib, _qwenlab_module\n")
 
 
 def kernels_dir() -> Path:
@@ -149,19 +160,84 @@ def kernel_stderr_to(log: Path):
             os.close(saved)
 
 
-def execute(notebook: Path, output: Path, params: dict, timeout: float | None, log: Path) -> dict | None:
+class NextKernel:
+    """A notebook's kernel started ahead, while the notebook before it runs: start(log) launches the process (its
+    stderr into that notebook's log, as papermill's kernels) and sends WARM_UP, which the kernel runs while the
+    report waits on the current notebook; take() hands the manager to execute(), whose papermill connects its own
+    client (its first request queues behind the warm-up). Every started kernel is in _launched until shut down."""
+
+    def __init__(self):
+        self.km = None
+        self._client = None
+        self._stderr = None
+
+    def start(self, log: Path):
+        """Launch it, its stderr into `log`; a kernel that cannot start here is noted there and left to papermill,
+        which starts one when the notebook runs and reports what fails then."""
+        from jupyter_core.utils import run_sync
+
+        self._stderr = open(log, "ab")
+        try:
+            km = tracked_kernel_manager()(kernel_name=KERNEL)
+            self.km = km
+            run_sync(km.start_kernel)(cwd=str(REPO_ROOT), stderr=self._stderr)
+            self._client = km.client()
+            self._client.start_channels()
+            self._client.execute(WARM_UP, silent=True, store_history=False)
+        except Exception as e:
+            self._stderr.write(f"qwenlab report: the kernel started ahead failed ({type(e).__name__}: {e}); "
+                               "papermill starts one when the notebook runs\n".encode())
+            km, self.km = self.km, None
+            self.close()
+            if km is not None:
+                shutdown(km)
+
+    def take(self):
+        """The started kernel's manager (None when none was started); its warm-up client closed."""
+        km, self.km = self.km, None
+        self.close()
+        return km
+
+    def close(self):
+        if self._client is not None:
+            self._client.stop_channels()
+            self._client = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+
+def shutdown(km):
+    """Stop a kernel papermill ran on without owning it (one started ahead), and forget it."""
+    from jupyter_core.utils import run_sync
+
+    try:
+        if run_sync(km.is_alive)():
+            run_sync(km.shutdown_kernel)(now=False)
+    except RuntimeError:  # "No kernel is running!": it died on its own
+        pass
+    finally:
+        run_sync(km.cleanup_resources)()
+        if km in _launched:
+            _launched.remove(km)
+
+
+def execute(notebook: Path, output: Path, params: dict, timeout: float | None, log: Path, km=None) -> dict | None:
     """Run one notebook; None when it ran through, else {ename, evalue, cell_index, exec_count} of what stopped it.
-    Its log is created first: report/interrupt.py reads an existing log as 'this notebook had started'."""
+    Its log is created first: report/interrupt.py reads an existing log as 'this notebook had started'. km: a
+    kernel started ahead for it (NextKernel.take()), shut down here when the notebook ends; None: papermill starts
+    one and stops it."""
     log.touch()
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    _launched.clear()
+    started = set(map(id, _launched))
     try:
         with kernel_stderr_to(log):
             papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=KERNEL,
                                        cwd=str(REPO_ROOT), progress_bar=False, request_save_on_cell_execute=True,
-                                       execution_timeout=timeout, kernel_manager_class=tracked_kernel_manager())
+                                       execution_timeout=timeout, kernel_manager_class=tracked_kernel_manager(),
+                                       km=km)
     except KeyboardInterrupt:  # SIGINT/SIGTERM (report/interrupt.py): nbclient's shutdown ran; make sure it took
         stop_kernels()
         quiet_abandoned_tasks(log)
@@ -172,6 +248,10 @@ def execute(notebook: Path, output: Path, params: dict, timeout: float | None, l
         text = str(e).strip()
         return {"ename": type(e).__name__, "evalue": text.splitlines()[0] if text else "", "cell_index": None,
                 "exec_count": None}
+    finally:
+        if km is not None:
+            shutdown(km)
+        _launched[:] = [m for m in _launched if id(m) in started and m is not km]  # papermill's own: stopped
     return None
 
 

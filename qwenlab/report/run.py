@@ -30,7 +30,7 @@ from qwenlab.paths import NOTEBOOKS_DIR, REPO_ROOT, REPORTS_DIR
 from qwenlab.report.candidate import check_candidate
 from qwenlab.report.checkpoint import check_checkpoint
 from qwenlab.report.interrupt import counts, stoppable, watch
-from qwenlab.report.kernel import ensure_kernel, environment_mismatch, execute, kernel_environment
+from qwenlab.report.kernel import NextKernel, ensure_kernel, environment_mismatch, execute, kernel_environment, shutdown
 from qwenlab.report.liveness import RunFile, process_identity, utc_text
 from qwenlab.report.pages import html_exporter, notebook_html, render_index
 from qwenlab.report.params import (
@@ -199,7 +199,7 @@ def run_report(args) -> int:
               "heartbeat_utc": None, "notebooks": stems, "subset": subset,
               "git_commit": commit, "git_dirty": dirty, "versions": versions(), "environment": own, "kernel": kernel,
               "device": device, "dtype": dtype, "quant": quant or None,
-              "device_map": args.device_map,
+              "device_map": args.device_map, "kernels_ahead": not args.no_kernel_ahead,
               "model_path": str(model_dir),
               "model_name": model_dir.name, "config_hash": config_hash, "thresholds_dir": thresholds_dir or None,
               "candidate": candidate, "parameters": {"global": global_params, "scoped": scoped},
@@ -211,7 +211,7 @@ def run_report(args) -> int:
     watch(run_file, stems, started)  # Ctrl-C / SIGTERM from here marks this run
     run_file.start_heartbeat()
     try:
-        run_notebooks(run_file, notebooks, plan, args.timeout, own)
+        run_notebooks(run_file, notebooks, plan, args.timeout, own, kernels_ahead=not args.no_kernel_ahead)
         verdict = finish_run(run_file, started)
     except Exception as e:  # the report itself crashed: the run says so instead of "running" forever
         mark_crashed(run_file, e)
@@ -229,35 +229,52 @@ def run_report(args) -> int:
     return 0 if verdict == "pass" else 1
 
 
-def run_notebooks(run_file: RunFile, notebooks: list[Path], plan: dict, timeout: float, own: dict):
-    run_dir, record = run_file.run_dir, run_file.record
+def run_notebooks(run_file: RunFile, notebooks: list[Path], plan: dict, timeout: float, own: dict,
+                  kernels_ahead: bool = True):
     exporter = html_exporter()
-    total = len(notebooks)
+    ahead = NextKernel()
     with kernel_environment():
-        for i, nb in enumerate(notebooks, 1):
-            run_file.save()  # a heartbeat at each notebook boundary
-            progress(f"[{i}/{total}] {nb.stem} ... ", end="")
-            t0 = time.perf_counter()
-            output = run_dir / nb.name
-            error = execute(nb, output, plan[nb.stem], timeout, run_dir / "logs" / f"{nb.stem}.log")
-            seconds = time.perf_counter() - t0
-            entry = notebook_entry(run_dir, nb.stem, plan[nb.stem], error, seconds, own)
-            if output.is_file():
-                try:
-                    write_text_atomic(run_dir / f"{nb.stem}.html", notebook_html(exporter, output))
-                    entry["html"] = f"{nb.stem}.html"
-                except Exception as e:  # a notebook nbconvert cannot render is still reported, as an error
-                    entry["verdict"] = "error"
-                    entry["error"] = entry["error"] or {"ename": "HTMLExportError", "evalue": str(e),
-                                                        "cell_index": None, "exec_count": None}
-            with run_file.lock:
-                record["notebooks"][nb.stem] = entry
-                run_file.save()
-            progress(f"{entry['verdict']} ({seconds:.1f} s)")
-            if entry["error"]:
-                progress(f"      {entry['error']['ename']}: {entry['error']['evalue']}")
-            for reason in entry["reasons"] if entry["verdict"] == "regressed" else ():
-                progress(f"      - {reason}")
+        try:
+            for i, nb in enumerate(notebooks, 1):
+                run_notebook(run_file, exporter, i, notebooks, plan, timeout, own, ahead, kernels_ahead)
+        finally:
+            left = ahead.take()  # started for a notebook that will not run (an interrupt, a crash)
+            if left is not None:
+                shutdown(left)
+
+
+def run_notebook(run_file: RunFile, exporter, i: int, notebooks: list[Path], plan: dict, timeout: float, own: dict,
+                 ahead: NextKernel, kernels_ahead: bool):
+    """Notebook i (1-based) of the run, its kernel started ahead when there is one; the next notebook's kernel is
+    started before this one runs (kernels_ahead)."""
+    run_dir, record = run_file.run_dir, run_file.record
+    nb, total = notebooks[i - 1], len(notebooks)
+    run_file.save()  # a heartbeat at each notebook boundary
+    progress(f"[{i}/{total}] {nb.stem} ... ", end="")
+    t0 = time.perf_counter()
+    output = run_dir / nb.name
+    km = ahead.take()
+    if kernels_ahead and i < total:
+        ahead.start(run_dir / "logs" / f"{notebooks[i].stem}.kernel.log")
+    error = execute(nb, output, plan[nb.stem], timeout, run_dir / "logs" / f"{nb.stem}.log", km=km)
+    seconds = time.perf_counter() - t0
+    entry = notebook_entry(run_dir, nb.stem, plan[nb.stem], error, seconds, own)
+    if output.is_file():
+        try:
+            write_text_atomic(run_dir / f"{nb.stem}.html", notebook_html(exporter, output))
+            entry["html"] = f"{nb.stem}.html"
+        except Exception as e:  # a notebook nbconvert cannot render is still reported, as an error
+            entry["verdict"] = "error"
+            entry["error"] = entry["error"] or {"ename": "HTMLExportError", "evalue": str(e),
+                                                "cell_index": None, "exec_count": None}
+    with run_file.lock:
+        record["notebooks"][nb.stem] = entry
+        run_file.save()
+    progress(f"{entry['verdict']} ({seconds:.1f} s)")
+    if entry["error"]:
+        progress(f"      {entry['error']['ename']}: {entry['error']['evalue']}")
+    for reason in entry["reasons"] if entry["verdict"] == "regressed" else ():
+        progress(f"      - {reason}")
 
 
 def finish_run(run_file: RunFile, started: float) -> str:
@@ -298,6 +315,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--notebooks-dir", default=None, help="where the numbered notebooks are (default: notebooks/)")
     p.add_argument("--timeout", type=SECONDS, default=600.0, help="seconds one cell may run (default 600)")
     p.add_argument("--force", action="store_true", help="write the run even when --out is inside the model folder")
+    p.add_argument("--no-kernel-ahead", action="store_true",
+                   help="start each notebook's kernel when it runs (default: while the notebook before it runs, "
+                        "its imports made there)")
     p.add_argument("--status", action="store_true",
                    help="list the runs in the reports folder (--out): complete, interrupted, running or dead, with "
                         "their verdicts; runs nothing")

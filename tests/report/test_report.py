@@ -228,3 +228,52 @@ def test_run_folders_never_collide(tmp_path):
     b = report_io.make_run_dir(tmp_path, "my model", now)
     assert a.name == "20260102T030405Z_my-model" and b.name == "20260102T030405Z_my-model-2"
     assert (a / "metrics").is_dir() and (a / "figures").is_dir()
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_next_notebooks_kernel_starts_and_imports_while_the_one_before_runs(tmp_path, tiny, monkeypatch, ahead):
+    """The second notebook's first cell finds torch, pandas and qwenlab already imported (its kernel started while
+    the first notebook ran, WARM_UP sent there) and no name of the warm-up in its namespace; its execution counts
+    start at 1. With --no-kernel-ahead it imports them itself. Either way every kernel is stopped at the end."""
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    nb = nbformat.read(FIXTURES / "01_ok.ipynb", as_version=4)
+    for cell in nb.cells:
+        cell.source = cell.source.replace('"01_ok"', '"01_first"')
+    nbformat.write(nb, folder / "01_first.ipynb")
+    nb = nbformat.read(FIXTURES / "01_ok.ipynb", as_version=4)
+    for cell in nb.cells:
+        cell.source = cell.source.replace('"01_ok"', '"02_second"')
+    nb.cells[2].source = ("import sys\n"
+                          "ahead = {m: m in sys.modules for m in ('torch', 'pandas', 'qwenlab')}\n"
+                          "leaked = sorted(n for n in dir() if n.startswith('_qwenlab'))\n" + nb.cells[2].source)
+    nb.cells[3].source = nb.cells[3].source.replace('metrics = {"answer": 42,',
+                                                    'metrics = {"ahead": ahead, "leaked": leaked, "answer": 42,')
+    nbformat.write(nb, folder / "02_second.ipynb")
+    out = tmp_path / "reports"
+    argv = ["report", "--notebooks-dir", str(folder), "--out", str(out), "--device", "cpu", "--model", str(tiny)]
+    assert cli.main(argv + ([] if ahead else ["--no-kernel-ahead"])) == 0
+    (run_dir,) = [p for p in out.iterdir() if p.name != "latest"]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    metrics = record["notebooks"]["02_second"]["metrics"]
+    assert record["header"]["kernels_ahead"] is ahead
+    assert metrics["ahead"] == {"torch": ahead, "pandas": ahead, "qwenlab": ahead}
+    assert metrics["leaked"] == []
+    executed = nbformat.read(run_dir / "02_second.ipynb", as_version=4)
+    assert [c.execution_count for c in executed.cells if c.cell_type == "code"][:2] == [1, 2]
+    assert (run_dir / "logs" / "02_second.kernel.log").exists() is ahead
+    assert _child_kernels() == []  # the report ran in this process: none of its kernels is left running
+
+
+def _child_kernels() -> list[int]:
+    """ipykernel processes whose parent is this process."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"ipykernel_launcher" in (proc / "cmdline").read_bytes() \
+                    and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
