@@ -14,21 +14,15 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qwenlab.bench.measure import device_facts  # noqa: E402
+from qwenlab.bench.measure import device_facts, timed  # noqa: E402
 from qwenlab.model.files import check_finite, weight_files  # noqa: E402
 from qwenlab.model.loader import load_model  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reads(files, device):
@@ -79,11 +73,8 @@ def main(argv=None):
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            _sync(device)
-            start = time.perf_counter()
-            kept = fn()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+            kept, seconds = timed(fn, device)
+            times.append(seconds)
             del kept
         best = min(times)
         results.append({"row": label, "seconds": [round(t, 3) for t in times], "best_s": round(best, 3),

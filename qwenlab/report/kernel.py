@@ -162,7 +162,7 @@ def kernel_stderr_to(log: Path):
 
 class NextKernel:
     """A notebook's kernel started ahead, while the notebook before it runs: start(log) launches the process (its
-    stderr into that notebook's log, as papermill's kernels) and sends WARM_UP, which the kernel runs while the
+    stderr into `log`, logs/NN_name.kernel.log) and sends WARM_UP, which the kernel runs while the
     report waits on the current notebook; take() hands the manager to execute(), whose papermill connects its own
     client (its first request queues behind the warm-up). Every started kernel is in _launched until shut down."""
 
@@ -187,16 +187,19 @@ class NextKernel:
         except Exception as e:
             self._stderr.write(f"qwenlab report: the kernel started ahead failed ({type(e).__name__}: {e}); "
                                "papermill starts one when the notebook runs\n".encode())
-            km, self.km = self.km, None
-            self.close()
-            if km is not None:
-                shutdown(km)
+            self.discard()
 
     def take(self):
         """The started kernel's manager (None when none was started); its warm-up client closed."""
         km, self.km = self.km, None
         self.close()
         return km
+
+    def discard(self):
+        """Stop the started kernel, if any: its notebook will not run on it."""
+        km = self.take()
+        if km is not None:
+            shutdown(km)
 
     def close(self):
         if self._client is not None:
@@ -231,7 +234,7 @@ def execute(notebook: Path, output: Path, params: dict, timeout: float | None, l
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    started = set(map(id, _launched))
+    before = list(_launched)  # the kernels started ahead: this one's (km) and the next notebook's
     try:
         with kernel_stderr_to(log):
             papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=KERNEL,
@@ -251,7 +254,7 @@ def execute(notebook: Path, output: Path, params: dict, timeout: float | None, l
     finally:
         if km is not None:
             shutdown(km)
-        _launched[:] = [m for m in _launched if id(m) in started and m is not km]  # papermill's own: stopped
+        _launched[:] = [m for m in _launched if m in before]  # papermill's own manager: nbclient stopped it
     return None
 
 

@@ -30,7 +30,7 @@ from qwenlab.paths import NOTEBOOKS_DIR, REPO_ROOT, REPORTS_DIR
 from qwenlab.report.candidate import check_candidate
 from qwenlab.report.checkpoint import check_checkpoint
 from qwenlab.report.interrupt import counts, stoppable, watch
-from qwenlab.report.kernel import NextKernel, ensure_kernel, environment_mismatch, execute, kernel_environment, shutdown
+from qwenlab.report.kernel import NextKernel, ensure_kernel, environment_mismatch, execute, kernel_environment
 from qwenlab.report.liveness import RunFile, process_identity, utc_text
 from qwenlab.report.pages import html_exporter, notebook_html, render_index
 from qwenlab.report.params import (
@@ -238,9 +238,7 @@ def run_notebooks(run_file: RunFile, notebooks: list[Path], plan: dict, timeout:
             for i, nb in enumerate(notebooks, 1):
                 run_notebook(run_file, exporter, i, notebooks, plan, timeout, own, ahead, kernels_ahead)
         finally:
-            left = ahead.take()  # started for a notebook that will not run (an interrupt, a crash)
-            if left is not None:
-                shutdown(left)
+            ahead.discard()  # started for a notebook that will not run (an interrupt, a crash)
 
 
 def run_notebook(run_file: RunFile, exporter, i: int, notebooks: list[Path], plan: dict, timeout: float, own: dict,
