@@ -11,6 +11,8 @@
 #     display_name: qwenlab
 #     language: python
 #     name: qwenlab
+#   qwenlab:
+#     runs_alone: 'it times decode steps for its latency figures, which other work on the device would move'
 # ---
 
 # %% [markdown]

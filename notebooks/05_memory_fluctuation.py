@@ -11,6 +11,8 @@
 #     display_name: qwenlab
 #     language: python
 #     name: qwenlab
+#   qwenlab:
+#     runs_alone: 'it records the device''s memory in use, to which other notebooks would add theirs'
 # ---
 
 # %% [markdown]

@@ -20,7 +20,8 @@
 # BUDGET_S (540) caps the whole script: the report runs under `timeout` (SIGTERM: it marks the run interrupted and
 # keeps what ran), so the results are copied before a 600 s device call ends. Knobs: MODEL (/tmp/q4b, made with
 # PRESET qwen3-4b on DEVICE when missing), DEVICE (cuda), DTYPE (bfloat16), ONLY (the report's --only, e.g. 04,05),
-# FORCE_SCRIPT=1, KERNEL_VENV=1 (the kernelspec in an overlay venv even when sys.prefix is writable).
+# REPORT_ARGS (more report arguments, e.g. "--jobs 1"), FORCE_SCRIPT=1, KERNEL_VENV=1 (the kernelspec in an overlay
+# venv even when sys.prefix is writable).
 # Writes to $OUT: gpu_report_time.log, times.json (per notebook and per cell), metrics.json, index.html and
 # notebooks.tar.gz (executed notebooks, logs/, metrics/; dropped to logs and metrics when over 16 MiB).
 set -uo pipefail
@@ -31,6 +32,7 @@ PRESET=${PRESET:-qwen3-4b}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 ONLY=${ONLY:-}
+REPORT_ARGS=${REPORT_ARGS:-}
 BUDGET_S=${BUDGET_S:-540}
 RUNS=$WORK/reports
 mkdir -p "$OUT" "$RUNS"
@@ -104,7 +106,8 @@ trap bundle EXIT
 trap 'exit 143' TERM INT
 
 print_env
-echo "command: $0 (MODEL=$MODEL DEVICE=$DEVICE DTYPE=$DTYPE ONLY=$ONLY BUDGET_S=$BUDGET_S FORCE_SCRIPT=${FORCE_SCRIPT:-0})"
+echo "command: $0 (MODEL=$MODEL DEVICE=$DEVICE DTYPE=$DTYPE ONLY=$ONLY REPORT_ARGS=$REPORT_ARGS BUDGET_S=$BUDGET_S" \
+  "FORCE_SCRIPT=${FORCE_SCRIPT:-0})"
 tokenizer_shim || exit 2
 install_wheels
 # nbconvert's templates (wheel data files) land in the --target folder's share/jupyter; the rest of Jupyter's state
@@ -170,9 +173,10 @@ import run_notebook as r; sys.exit(r.as_script(Path(sys.argv[1]), Path(sys.argv[
 if [ "$MODE" = report ]; then
   $PY -c "import papermill, nbconvert, ipykernel, jupyter_client; print('papermill', papermill.__version__, '| nbconvert',
 nbconvert.__version__, '| ipykernel', ipykernel.__version__, '| jupyter_client', jupyter_client.__version__)"
-  step "qwenlab report --model $MODEL --device $DEVICE --dtype $DTYPE ${ONLY:+--only $ONLY} ($(left) s left)"
+  step "qwenlab report --model $MODEL --device $DEVICE --dtype $DTYPE ${ONLY:+--only $ONLY} $REPORT_ARGS ($(left) s left)"
+  # shellcheck disable=SC2086  # REPORT_ARGS: words
   time timeout -k 20 "$(limit)" $PY -m qwenlab report --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
-    --out "$RUNS" ${ONLY:+--only "$ONLY"}
+    --out "$RUNS" ${ONLY:+--only "$ONLY"} $REPORT_ARGS
   rc=$?
   echo "report exit code: $rc (0 pass, 1 a notebook errored or regressed, 124/130/143: the budget ran out)"
   # 2: refused before any notebook ran (e.g. the kernelspec could not be installed): time the scripts instead

@@ -40,10 +40,10 @@ def watch(run_file: RunFile, stems: list[str], started: float):
     _current.run_file, _current.stems, _current.started = run_file, stems, started
 
 
-def running_notebook(record: dict, run_dir: Path, stems: list[str]) -> str | None:
-    """The notebook that was running: the first one without an entry whose execution began (its log exists)."""
-    stem = next((stem for stem in stems if stem not in record["notebooks"]), None)
-    return stem if stem is not None and (run_dir / "logs" / f"{stem}.log").exists() else None
+def running_notebooks(record: dict, run_dir: Path, stems: list[str]) -> list[str]:
+    """The notebooks that were running: those without an entry whose execution began (their log exists); one,
+    unless the report ran several at once (--jobs)."""
+    return [stem for stem in stems if stem not in record["notebooks"] and (run_dir / "logs" / f"{stem}.log").exists()]
 
 
 def unfinished_entry(run_dir: Path, stem: str, verdict: str, reason: str) -> dict:
@@ -59,22 +59,33 @@ def mark_interrupted(run_file: RunFile, stems: list[str], started: float, signal
     run_file.stop_heartbeat()
     record, run_dir = run_file.record, run_file.run_dir
     with run_file.lock:
-        running = running_notebook(record, run_dir, stems)
+        running = running_notebooks(record, run_dir, stems)
         done = list(record["notebooks"])
-        if running is not None:
-            record["notebooks"][running] = unfinished_entry(run_dir, running, "interrupted",
-                                                            f"stopped by {signal_name} while it ran")
+        for stem in running:
+            put_entry(record, stem,
+                      unfinished_entry(run_dir, stem, "interrupted", f"stopped by {signal_name} while it ran"))
+        if running:
             print(f"interrupted ({signal_name})", file=sys.stderr, flush=True)  # ends the pending progress line
         record["header"].update(
-            status="interrupted", interrupted_notebook=running, signal=signal_name,
+            status="interrupted", interrupted_notebook=running[0] if running else None,
+            interrupted_notebooks=running, signal=signal_name,
             not_run=[stem for stem in stems if stem not in record["notebooks"]],
             finished_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             duration_s=round(time.time() - started, 2))
         record.update(verdict="interrupted", counts=counts(record["notebooks"]))
         write_text_atomic(run_dir / "index.html", render_index(record, run_dir))
         run_file.save()
-    where = f"during {running}" if running else f"after {done[-1]}" if done else "before the first notebook"
+    where = (f"during {', '.join(running)}" if running else f"after {done[-1]}" if done
+             else "before the first notebook")
     return f"qwenlab report: interrupted {where}; partial run in {run_dir}"
+
+
+def put_entry(record: dict, stem: str, entry: dict):
+    """record["notebooks"][stem] = entry, the entries kept in notebook order (with --jobs they end in any order)."""
+    entries = record["notebooks"]
+    entries[stem] = entry
+    stems = record["header"].get("notebooks") or []
+    record["notebooks"] = {s: entries[s] for s in [*stems, *entries] if s in entries}
 
 
 def counts(entries: dict) -> dict:

@@ -14,14 +14,31 @@ import shutil
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from qwenlab.errors import QwenlabError
 from qwenlab.paths import REPO_ROOT
 
 KERNEL = "qwenlab"
-_launched: list = []  # the kernel managers started for the notebook now running and the next one
+_launched: list = []  # the kernel managers started for the notebooks now running and the next ones
+_launched_lock = threading.Lock()
+_own_start = threading.Lock()  # held while papermill starts a kernel itself (its stderr: fd 2, pointed at a log)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")  # torch's CPU ops, tokenizers'
+
+
+def thread_limits(jobs: int) -> dict:
+    """The environment of each of `jobs` kernels running at once: the CPU cores shared out between them. Every
+    torch process would otherwise run one OpenMP thread per core, and OpenMP threads that outnumber the cores spin
+    on each other: with 3 notebooks on 16 cores, CPU-side diffs took 10-16x longer (doc/performance.md). A variable
+    the caller set is kept."""
+    if jobs <= 1:
+        return {}
+    share = str(max(1, (os.cpu_count() or 1) // jobs))
+    return {name: share for name in THREAD_VARIABLES if name not in os.environ}
+
+
 # What a notebook's kernel imports before its first cell when it is started ahead (NextKernel): the modules every
 # notebook imports and that read nothing from the notebook's parameters or environment (transformers is imported
 # later, by qwenlab, after HF_HUB_OFFLINE is set). Silent: no output, no execution count.
@@ -46,7 +63,10 @@ def tracked_kernel_manager():
         def __init__(self, *args, **kwargs):
             specs = KernelSpecManager(kernel_dirs=[str(kernels_dir())], ensure_native_kernel=False)
             super().__init__(*args, kernel_spec_manager=specs, **kwargs)
-            _launched.append(self)
+            self.qwenlab_thread = threading.get_ident()  # which notebook's papermill made it (when not ahead)
+            self.qwenlab_ahead = False  # started by NextKernel, shut down by the report (shutdown())
+            with _launched_lock:
+                _launched.append(self)
 
     return TrackedKernelManager
 
@@ -64,8 +84,12 @@ def quiet_abandoned_tasks(log: Path):
 
 
 def stop_kernels(timeout: float = 10.0):
-    """Kill what is left of the kernel processes started for the running notebook (their own session: the group)."""
-    for km in _launched:
+    """Kill what is left of the kernel processes started for the running notebooks and the next ones (each in its
+    own session: the group)."""
+    with _launched_lock:
+        managers = list(_launched)
+        _launched.clear()
+    for km in managers:
         process = getattr(km.provisioner, "process", None) if km.provisioner is not None else None
         if process is None or process.poll() is not None:
             continue
@@ -77,7 +101,6 @@ def stop_kernels(timeout: float = 10.0):
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
-    _launched.clear()
 
 
 def same_interpreter(a: str, b: str) -> bool:
@@ -129,17 +152,22 @@ def _not_checked_twice(record) -> bool:
 
 
 @contextmanager
-def kernel_environment():
-    """The kernel inherits this process's environment: no MPLBACKEND, so figures land inline."""
+def kernel_environment(quiet: threading.Event | None = None):
+    """The kernel inherits this process's environment: no MPLBACKEND, so figures land inline. Once `quiet` is set
+    (the report is stopping and has killed the kernels), papermill's and nbclient's complaints about the dead
+    kernels are dropped."""
     import logging
+
+    def relevant(record) -> bool:
+        return (quiet is None or not quiet.is_set()) and _not_checked_twice(record)
 
     saved = os.environ.pop("MPLBACKEND", None)
     logger = logging.getLogger("papermill")
-    logger.addFilter(_not_checked_twice)
+    logger.addFilter(relevant)
     try:
         yield
     finally:
-        logger.removeFilter(_not_checked_twice)
+        logger.removeFilter(relevant)
         if saved is not None:
             os.environ["MPLBACKEND"] = saved
 
@@ -171,19 +199,22 @@ class NextKernel:
         self._client = None
         self._stderr = None
 
-    def start(self, log: Path):
-        """Launch it, its stderr into `log`; a kernel that cannot start here is noted there and left to papermill,
-        which starts one when the notebook runs and reports what fails then."""
+    def start(self, log: Path, warm_up: bool = True, env: dict | None = None):
+        """Launch it, its stderr into `log`, with this process's environment updated by `env`, and send WARM_UP
+        (warm_up); a kernel that cannot start here is noted there and left to papermill, which starts one when the
+        notebook runs and reports what fails then."""
         from jupyter_core.utils import run_sync
 
         self._stderr = open(log, "ab")
         try:
             km = tracked_kernel_manager()(kernel_name=KERNEL)
+            km.qwenlab_ahead = True
             self.km = km
-            run_sync(km.start_kernel)(cwd=str(REPO_ROOT), stderr=self._stderr)
+            run_sync(km.start_kernel)(cwd=str(REPO_ROOT), stderr=self._stderr, env={**os.environ, **(env or {})})
             self._client = km.client()
-            self._client.start_channels()
-            self._client.execute(WARM_UP, silent=True, store_history=False)
+            self._client.start_channels(hb=False)  # a heartbeat thread stopped as it starts spins (jupyter_client)
+            if warm_up:
+                self._client.execute(WARM_UP, silent=True, store_history=False)
         except Exception as e:
             self._stderr.write(f"qwenlab report: the kernel started ahead failed ({type(e).__name__}: {e}); "
                                "papermill starts one when the notebook runs\n".encode())
@@ -221,8 +252,9 @@ def shutdown(km):
         pass
     finally:
         run_sync(km.cleanup_resources)()
-        if km in _launched:
-            _launched.remove(km)
+        with _launched_lock:
+            if km in _launched:
+                _launched.remove(km)
 
 
 def execute(notebook: Path, output: Path, params: dict, timeout: float | None, log: Path, km=None) -> dict | None:
@@ -234,17 +266,14 @@ def execute(notebook: Path, output: Path, params: dict, timeout: float | None, l
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    before = list(_launched)  # the kernels started ahead: this one's (km) and the next notebook's
     try:
-        with kernel_stderr_to(log):
+        # A kernel papermill starts itself inherits fd 2, pointed at the log meanwhile: one such start at a time.
+        with (nullcontext() if km is not None else _own_start), (nullcontext() if km is not None
+                                                                   else kernel_stderr_to(log)):
             papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=KERNEL,
                                        cwd=str(REPO_ROOT), progress_bar=False, request_save_on_cell_execute=True,
                                        execution_timeout=timeout, kernel_manager_class=tracked_kernel_manager(),
                                        km=km)
-    except KeyboardInterrupt:  # SIGINT/SIGTERM (report/interrupt.py): nbclient's shutdown ran; make sure it took
-        stop_kernels()
-        quiet_abandoned_tasks(log)
-        raise
     except PapermillExecutionError as e:
         return {"ename": e.ename, "evalue": e.evalue, "cell_index": e.cell_index, "exec_count": e.exec_count}
     except Exception as e:  # kernel died, cell timeout, kernel failed to start: the notebook errored
@@ -254,7 +283,9 @@ def execute(notebook: Path, output: Path, params: dict, timeout: float | None, l
     finally:
         if km is not None:
             shutdown(km)
-        _launched[:] = [m for m in _launched if m in before]  # papermill's own manager: nbclient stopped it
+        me = threading.get_ident()
+        with _launched_lock:  # the manager papermill made here (nbclient stopped it); other notebooks' stay
+            _launched[:] = [m for m in _launched if m.qwenlab_ahead or m.qwenlab_thread != me]
     return None
 
 

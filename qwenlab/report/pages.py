@@ -181,6 +181,8 @@ def header_rows(h: dict) -> list[tuple[str, str]]:
         ("kernel", f"{(h.get('kernel') or {}).get('spec')}: {((h.get('kernel') or {}).get('argv') or ['?'])[0]}"),
         ("process", f"pid {h.get('pid')} on {h.get('host')}, last heartbeat {h.get('heartbeat_utc')}"),
         ("device / dtype", f"{h.get('device')} / {h.get('dtype')}"),
+        ("notebooks at once", f"{h.get('jobs', 1)} ({h.get('jobs_reason', '')})" + "".join(
+            f"; {stem} alone: {why}" for stem, why in (h.get("runs_alone") or {}).items())),
         ("model path", h.get("model_path", "")),
         ("config hash", h.get("config_hash", "")),
         ("seeds", seed_text or "(no notebook declares a seed parameter)"),
@@ -248,8 +250,9 @@ def interruption_html(h: dict) -> str:
     """The notice of a run that was interrupted or died: which notebook was running, which never ran."""
     if h.get("status") not in ("interrupted", "dead"):
         return ""
-    running = h.get("interrupted_notebook" if h["status"] == "interrupted" else "dead_notebook")
-    where = f"during <b>{escape(running)}</b>" if running else "between notebooks"
+    key = "interrupted_notebook" if h["status"] == "interrupted" else "dead_notebook"
+    running = h.get(f"{key}s") or ([h[key]] if h.get(key) else [])  # several when notebooks ran at once (--jobs)
+    where = f"during {', '.join(f'<b>{escape(stem)}</b>' for stem in running)}" if running else "between notebooks"
     not_run = ", ".join(escape(stem) for stem in h.get("not_run") or []) or "none"
     if h["status"] == "dead":
         return (f'<p id="dead">This run died {where} ({escape(str(h.get("died")))}; found by run '

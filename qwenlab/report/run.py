@@ -9,8 +9,10 @@ error found before anything ran (bad model dir, unknown parameter, unknown noteb
 """
 import argparse
 import json
+import queue
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,8 +31,17 @@ from qwenlab.model.tiny import resolve_model_dir
 from qwenlab.paths import NOTEBOOKS_DIR, REPO_ROOT, REPORTS_DIR
 from qwenlab.report.candidate import check_candidate
 from qwenlab.report.checkpoint import check_checkpoint
-from qwenlab.report.interrupt import counts, stoppable, watch
-from qwenlab.report.kernel import NextKernel, ensure_kernel, environment_mismatch, execute, kernel_environment
+from qwenlab.report.interrupt import counts, put_entry, stoppable, watch
+from qwenlab.report.kernel import (
+    NextKernel,
+    ensure_kernel,
+    environment_mismatch,
+    execute,
+    kernel_environment,
+    quiet_abandoned_tasks,
+    stop_kernels,
+    thread_limits,
+)
 from qwenlab.report.liveness import RunFile, process_identity, utc_text
 from qwenlab.report.pages import html_exporter, notebook_html, render_index
 from qwenlab.report.params import (
@@ -43,6 +54,7 @@ from qwenlab.report.params import (
     select,
 )
 from qwenlab.report.rundir import check_out, make_run_dir, update_latest
+from qwenlab.report.schedule import order, previous_durations, resolve_jobs, runs_alone
 from qwenlab.report.status import mark_dead_runs, print_status
 from qwenlab.versions import environment, package_versions
 
@@ -137,11 +149,13 @@ def command_line(args) -> str:
                         ("--only", args.only),
                         ("--thresholds-dir", args.thresholds_dir),
                         ("--candidate", args.candidate), ("--notebooks-dir", args.notebooks_dir),
-                        ("--timeout", args.timeout)):
+                        ("--timeout", args.timeout), ("--jobs", None if args.jobs == "auto" else args.jobs)):
         if value is not None:
             parts += [flag, str(value)]
     if args.force:
         parts.append("--force")
+    if args.no_kernel_ahead:
+        parts.append("--no-kernel-ahead")
     for pair in args.param:
         parts += ["-p", pair]
     return shlex.join(parts)
@@ -184,6 +198,9 @@ def run_report(args) -> int:
     plan = plan_parameters(notebooks, declared, standard, candidate, global_params, scoped, all_notebooks)
     check_candidate(candidate)
     kernel = ensure_kernel()
+    jobs, jobs_reason = resolve_jobs(args.jobs, device, model_dir, args.device_map)
+    alone = {nb.stem: reason for nb in notebooks if (reason := runs_alone(nb))}
+    starts = order(notebooks, alone, jobs, previous_durations(out, model_dir))
 
     run_dir = make_run_dir(out, model_dir.name, now)
     for name, reason in mark_dead_runs(out, run_dir.name):
@@ -200,6 +217,8 @@ def run_report(args) -> int:
               "git_commit": commit, "git_dirty": dirty, "versions": versions(), "environment": own, "kernel": kernel,
               "device": device, "dtype": dtype, "quant": quant or None,
               "device_map": args.device_map, "kernels_ahead": not args.no_kernel_ahead,
+              "jobs": jobs, "jobs_reason": jobs_reason, "runs_alone": alone, "start_order": [nb.stem for nb in starts],
+              "kernel_threads": thread_limits(jobs),
               "model_path": str(model_dir),
               "model_name": model_dir.name, "config_hash": config_hash, "thresholds_dir": thresholds_dir or None,
               "candidate": candidate, "parameters": {"global": global_params, "scoped": scoped},
@@ -210,8 +229,12 @@ def run_report(args) -> int:
     run_file.save()
     watch(run_file, stems, started)  # Ctrl-C / SIGTERM from here marks this run
     run_file.start_heartbeat()
+    if jobs > 1:
+        progress(f"{jobs} notebooks at a time ({jobs_reason})" + "".join(
+            f"; {stem} alone: {reason}" for stem, reason in alone.items()))
     try:
-        run_notebooks(run_file, notebooks, plan, args.timeout, own, kernels_ahead=not args.no_kernel_ahead)
+        run_notebooks(run_file, notebooks, plan, args.timeout, own, jobs=jobs, alone=alone,
+                      kernels_ahead=not args.no_kernel_ahead, order=starts)
         verdict = finish_run(run_file, started)
     except Exception as e:  # the report itself crashed: the run says so instead of "running" forever
         mark_crashed(run_file, e)
@@ -229,50 +252,135 @@ def run_report(args) -> int:
     return 0 if verdict == "pass" else 1
 
 
-def run_notebooks(run_file: RunFile, notebooks: list[Path], plan: dict, timeout: float, own: dict,
-                  kernels_ahead: bool = True):
-    exporter = html_exporter()
-    ahead = NextKernel()
-    with kernel_environment():
+class NotebookRun(threading.Thread):
+    """One notebook of the run in a thread of its own (papermill's asyncio loop is per thread): its kernel starts
+    when the thread does (WARM_UP sent when it starts ahead of its turn), the notebook runs once the scheduler
+    sets `go`. A report that is stopping sets `go` too: the kernel is then stopped unused."""
+
+    def __init__(self, run: "Run", number: int, notebook: Path, ahead: bool):
+        super().__init__(name=f"report-{notebook.stem}", daemon=True)
+        self.owner, self.number, self.notebook, self.ahead = run, number, notebook, ahead
+        self.go = threading.Event()
+
+    def run(self):
+        run = self.owner
         try:
-            for i, nb in enumerate(notebooks, 1):
-                run_notebook(run_file, exporter, i, notebooks, plan, timeout, own, ahead, kernels_ahead)
+            kernel = NextKernel()
+            kernel.start(run.run_file.run_dir / "logs" / f"{self.notebook.stem}.kernel.log", warm_up=self.ahead,
+                         env=run.kernel_env)
+            self.go.wait()
+            if run.stopping.is_set():
+                kernel.discard()
+            else:
+                run.notebook(self.number, self.notebook, kernel.take())
+        except BaseException as e:  # not the notebook's failure (execute reports those): the report's own
+            run.crashed = run.crashed or e
         finally:
-            ahead.discard()  # started for a notebook that will not run (an interrupt, a crash)
+            run.finished.put(self)
 
 
-def run_notebook(run_file: RunFile, exporter, i: int, notebooks: list[Path], plan: dict, timeout: float, own: dict,
-                 ahead: NextKernel, kernels_ahead: bool):
-    """Notebook i (1-based) of the run, its kernel started ahead when there is one; the next notebook's kernel is
-    started before this one runs (kernels_ahead)."""
-    run_dir, record = run_file.run_dir, run_file.record
-    nb, total = notebooks[i - 1], len(notebooks)
-    run_file.save()  # a heartbeat at each notebook boundary
-    progress(f"[{i}/{total}] {nb.stem} ... ", end="")
-    t0 = time.perf_counter()
-    output = run_dir / nb.name
-    km = ahead.take()
-    if kernels_ahead and i < total:
-        ahead.start(run_dir / "logs" / f"{notebooks[i].stem}.kernel.log")
-    error = execute(nb, output, plan[nb.stem], timeout, run_dir / "logs" / f"{nb.stem}.log", km=km)
-    seconds = time.perf_counter() - t0
-    entry = notebook_entry(run_dir, nb.stem, plan[nb.stem], error, seconds, own)
-    if output.is_file():
-        try:
-            write_text_atomic(run_dir / f"{nb.stem}.html", notebook_html(exporter, output))
-            entry["html"] = f"{nb.stem}.html"
-        except Exception as e:  # a notebook nbconvert cannot render is still reported, as an error
-            entry["verdict"] = "error"
-            entry["error"] = entry["error"] or {"ename": "HTMLExportError", "evalue": str(e),
-                                                "cell_index": None, "exec_count": None}
-    with run_file.lock:
-        record["notebooks"][nb.stem] = entry
-        run_file.save()
-    progress(f"{entry['verdict']} ({seconds:.1f} s)")
-    if entry["error"]:
-        progress(f"      {entry['error']['ename']}: {entry['error']['evalue']}")
-    for reason in entry["reasons"] if entry["verdict"] == "regressed" else ():
-        progress(f"      - {reason}")
+class Run:
+    """The notebooks of one report, `jobs` at a time: those whose metadata says they run alone with nothing beside
+    them (report/schedule.py), the next ones' kernels started ahead (kernels_ahead: the next `jobs` in order)."""
+
+    def __init__(self, run_file: RunFile, notebooks: list[Path], plan: dict, timeout: float, own: dict,
+                 jobs: int = 1, alone: dict | None = None, kernels_ahead: bool = True, order: list[Path] | None = None):
+        self.run_file, self.plan, self.timeout, self.own = run_file, plan, timeout, own
+        self.jobs, self.alone, self.kernels_ahead = jobs, alone or {}, kernels_ahead
+        self.kernel_env = thread_limits(jobs)
+        self.numbers = {nb.stem: i for i, nb in enumerate(notebooks, 1)}  # progress lines count in notebook order
+        self.total = len(notebooks)
+        self.pending = list(order or notebooks)
+        self.exporter, self.export_lock = html_exporter(), threading.Lock()
+        self.stopping = threading.Event()
+        self.finished: queue.Queue = queue.Queue()
+        self.crashed: BaseException | None = None
+
+    def may_start(self, nb: Path, running: set) -> bool:
+        if nb.stem in self.alone:
+            return not running
+        return len(running) < self.jobs and not any(t.notebook.stem in self.alone for t in running)
+
+    def run(self):
+        started: dict[str, NotebookRun] = {}  # threads made, by notebook (those started ahead wait for `go`)
+        running: set = set()
+        with kernel_environment(quiet=self.stopping):
+            try:
+                while self.pending or running:
+                    while self.pending and self.may_start(self.pending[0], running):
+                        nb = self.pending.pop(0)
+                        thread = started.get(nb.stem) or self.start(nb, ahead=False, into=started)
+                        running.add(thread)
+                        thread.go.set()
+                    for nb in self.pending[:self.jobs] if self.kernels_ahead else ():
+                        if nb.stem not in started:
+                            self.start(nb, ahead=True, into=started)
+                    thread = self.finished.get()  # a signal raises ReportInterrupted here
+                    thread.join()
+                    running.discard(thread)
+                    if self.crashed is not None:
+                        raise self.crashed
+            except BaseException:
+                self.stop(started.values())
+                raise
+
+    def start(self, nb: Path, ahead: bool, into: dict) -> NotebookRun:
+        thread = into[nb.stem] = NotebookRun(self, self.numbers[nb.stem], nb, ahead)
+        thread.start()
+        return thread
+
+    def stop(self, threads, wait: float = 30.0):
+        """An interrupt or a crash: no entry is written from here on, every kernel is killed (a running notebook's
+        papermill then ends on its dead kernel), the threads are given `wait` seconds to end."""
+        self.stopping.set()
+        stop_kernels()
+        deadline = time.monotonic() + wait
+        for thread in threads:
+            thread.go.set()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stop_kernels()  # one a thread was starting while the first pass ran
+
+    def notebook(self, i: int, nb: Path, km):
+        """Notebook i (1-based, in notebook order) on the kernel km, its entry written into metrics.json."""
+        run_file, plan = self.run_file, self.plan
+        run_dir, record = run_file.run_dir, run_file.record
+        run_file.save()  # a heartbeat at each notebook boundary
+        if self.jobs == 1:
+            progress(f"[{i}/{self.total}] {nb.stem} ... ", end="")
+        t0 = time.perf_counter()
+        output = run_dir / nb.name
+        log = run_dir / "logs" / f"{nb.stem}.log"
+        error = execute(nb, output, plan[nb.stem], self.timeout, log, km=km)
+        seconds = time.perf_counter() - t0
+        if self.stopping.is_set():
+            quiet_abandoned_tasks(log)
+            return
+        entry = notebook_entry(run_dir, nb.stem, plan[nb.stem], error, seconds, self.own)
+        if output.is_file():
+            try:
+                with self.export_lock:
+                    html = notebook_html(self.exporter, output)
+                write_text_atomic(run_dir / f"{nb.stem}.html", html)
+                entry["html"] = f"{nb.stem}.html"
+            except Exception as e:  # a notebook nbconvert cannot render is still reported, as an error
+                entry["verdict"] = "error"
+                entry["error"] = entry["error"] or {"ename": "HTMLExportError", "evalue": str(e),
+                                                    "cell_index": None, "exec_count": None}
+        with run_file.lock:
+            if self.stopping.is_set():
+                return
+            put_entry(record, nb.stem, entry)
+            run_file.save()
+            lines = [f"{entry['verdict']} ({seconds:.1f} s)" if self.jobs == 1
+                     else f"[{i}/{self.total}] {nb.stem} ... {entry['verdict']} ({seconds:.1f} s)"]
+            if entry["error"]:
+                lines.append(f"      {entry['error']['ename']}: {entry['error']['evalue']}")
+            lines += [f"      - {reason}" for reason in (entry["reasons"] if entry["verdict"] == "regressed" else ())]
+            progress("\n".join(lines))
+
+
+def run_notebooks(run_file: RunFile, notebooks: list[Path], plan: dict, timeout: float, own: dict, **options):
+    Run(run_file, notebooks, plan, timeout, own, **options).run()
 
 
 def finish_run(run_file: RunFile, started: float) -> str:
@@ -313,6 +421,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--notebooks-dir", default=None, help="where the numbered notebooks are (default: notebooks/)")
     p.add_argument("--timeout", type=SECONDS, default=600.0, help="seconds one cell may run (default 600)")
     p.add_argument("--force", action="store_true", help="write the run even when --out is inside the model folder")
+    p.add_argument("--jobs", default="auto", metavar="N",
+                   help="notebooks run at once, each in its own kernel (default auto: 1 on a CPU, up to 3 on one "
+                        "CUDA device by its memory and the CPU cores); a notebook whose metadata says so runs alone")
     p.add_argument("--no-kernel-ahead", action="store_true",
                    help="start each notebook's kernel when it runs (default: while the notebook before it runs, "
                         "its imports made there)")

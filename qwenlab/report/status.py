@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from qwenlab.atomic import write_json_atomic, write_text_atomic
-from qwenlab.report.interrupt import counts, running_notebook, unfinished_entry
+from qwenlab.report.interrupt import counts, put_entry, running_notebooks, unfinished_entry
 from qwenlab.report.liveness import death, utc_text
 from qwenlab.report.pages import render_index
 from qwenlab.report.rundir import started_at
@@ -36,11 +36,11 @@ def state(record: dict) -> str:
 def mark_dead(run_dir: Path, record: dict, reason: str, by: str):
     header = record["header"]
     stems = header.get("notebooks") or list(record["notebooks"])
-    running = running_notebook(record, run_dir, stems)
-    if running is not None:
-        record["notebooks"][running] = unfinished_entry(run_dir, running, "dead", f"the report died while it ran "
-                                                                                  f"({reason})")
-    header.update(status="dead", died=reason, dead_notebook=running, marked_dead_by=by, marked_dead_utc=utc_text(),
+    running = running_notebooks(record, run_dir, stems)
+    for stem in running:
+        put_entry(record, stem, unfinished_entry(run_dir, stem, "dead", f"the report died while it ran ({reason})"))
+    header.update(status="dead", died=reason, dead_notebook=running[0] if running else None,
+                  dead_notebooks=running, marked_dead_by=by, marked_dead_utc=utc_text(),
                   not_run=[stem for stem in stems if stem not in record["notebooks"]])
     record.update(verdict="dead", counts=counts(record["notebooks"]))
     write_text_atomic(run_dir / "index.html", render_index(record, run_dir))

@@ -53,7 +53,7 @@ def test_signal_marks_the_run_interrupted(tmp_path, tiny_dir, signum, to_group):
 
     (run_dir,) = [p for p in out.iterdir() if p.name not in ("latest", "previous")]
     assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and stdout == ""
+    assert "Traceback" not in stderr and stdout == "", stderr
     lines = stderr.strip().splitlines()
     assert lines[-1] == f"qwenlab report: interrupted during 03_layer_diffs; partial run in {run_dir}"
     assert lines[:-1] == [f"[1/2] 03_layer_diffs ... interrupted ({signal.Signals(signum).name})"]
