@@ -20,7 +20,8 @@ from triton.compiler import ASTSource
 
 from qwenlab.quant import triton_nvfp4
 
-CONSTEXPRS = ("PARTS", "X_WORDS", "HAS_BIAS", "SPLIT", "EVEN_K", "X_VEC", "FLAT", "BLOCK_N", "GROUPS")
+CONSTEXPRS = ("PARTS", "X_WORDS", "HAS_BIAS", "SPLIT", "EVEN_K", "X_VEC", "FLAT", "BLOCK_N", "GROUPS", "PDL",
+              "PDL_WAIT_FIRST")
 POINTERS = {"X": "*i32", "P0": "*i32", "S0": "*fp8e4nv", "TS0": "*fp32", "P1": "*i32", "S1": "*fp8e4nv",
             "TS1": "*fp32", "P2": "*i32", "S2": "*fp8e4nv", "TS2": "*fp32", "B": "*bf16", "Y": "*bf16",
             "PARTIAL": "*fp32"}
@@ -36,7 +37,8 @@ def compile_tile(block_n, groups, warps, x_vec, flat, arch):
     jit = triton_nvfp4._gemv_kernel.fn.fn  # autotuner -> heuristics -> the JIT function
     names = jit.arg_names
     signature = {n: POINTERS.get(n, "constexpr" if n in CONSTEXPRS else "i32") for n in names}
-    values = dict(PARTS=1, X_WORDS=True, HAS_BIAS=False, SPLIT=1, EVEN_K=True, X_VEC=x_vec, FLAT=flat,
+    values = dict(PARTS=1, X_WORDS=True, HAS_BIAS=False, SPLIT=1, EVEN_K=True, X_VEC=x_vec, FLAT=flat, PDL=False,
+                  PDL_WAIT_FIRST=False,
                   BLOCK_N=block_n, GROUPS=groups)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n in DIVISIBLE}
     source = ASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},

@@ -11,6 +11,11 @@ import triton.language as tl
 
 from qwenlab.quant.autotuning import AUTOTUNE
 
+try:  # Programmatic Dependent Launch, Triton 3.4+: only the kernels compiled with PDL=True call these
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
 # The H200's fastest tiles of the 48 (BLOCK_N 2-16 x BLOCK_K 256-1024 x 4/8 warps x 2/4 stages) on every Qwen3-4B
 # decode shape (bench/gemv_tiles.py; doc/evidence/report-time-h200/run4_load_and_tiles/): 2x1024 first or within
 # 1.1% of the first on all five, 4x512 first on gate/up and lm_head, then the next best on q/k/v, o and down.
@@ -21,11 +26,33 @@ CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s
 
 @triton.autotune(configs=CONFIGS, key=["N", "K"], **AUTOTUNE)
 @triton.jit
-def _gemv_kernel(X, W, B, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, B, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr = False, PDL_WAIT_FIRST: tl.constexpr = False):
+    """PDL (launch with launch_pdl=True; bench/gemv_pdl.py): the next kernel may launch once every program has
+    started, and this one loads its first weight tile before waiting for the previous kernel (gdc_wait), x after;
+    PDL_WAIT_FIRST: waits before any load. PDL False: the kernel as without these two parameters."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PDL:
+        gdc_launch_dependents()
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        if PDL_WAIT_FIRST:
+            gdc_wait()
+            w = tl.load(W + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0, eviction_policy="evict_first")
+        else:  # W never changes: its first tile is read while the previous kernel finishes, X (its output) after
+            w = tl.load(W + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            gdc_wait()
+        x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc += w.to(tl.float32) * x[None, :]  # as the loop's first step (bit-identical sums)
+        k_first = BLOCK_K
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        k_first = 0
+    for k0 in range(k_first, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)

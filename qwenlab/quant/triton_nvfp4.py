@@ -31,6 +31,11 @@ import triton.language as tl
 from qwenlab.errors import QwenlabError
 from qwenlab.quant.autotuning import AUTOTUNE
 
+try:  # Programmatic Dependent Launch, Triton 3.4+: only the kernels compiled with PDL=True call these
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
 # The H200's fastest tiles (bench/nvfp4_gemv_sweep.py; doc/evidence/nvfp4-decode-h200/): 4x32 with X_VEC first on
 # every decode shape (q/k/v, o, gate/up, down), then 4x32, 8x32 and 8x16 without it. FLAT measured no faster.
 GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "X_VEC": v, "FLAT": False}, num_warps=w, num_stages=1)
@@ -93,6 +98,13 @@ def _gemv_step(X, P, S, src, stride_p, stride_s, gk, ok, X_WORDS: tl.constexpr, 
     """The rows `src` times x over the 16-element blocks gk: [BLOCK_N, GROUPS] float32 sums, block scale applied.
     Each block is two int32 words of 8 nibbles + 1 E4M3 scale. With bf16 x (X_WORDS), X_VEC reads each word's 8 x
     values as one 16-byte load and splits them in registers, else 4 loads of one pair each."""
+    words, s = _gemv_step_weights(P, S, src, stride_p, stride_s, gk, ok, EVEN_K)
+    return _gemv_step_x(X, words, s, gk, ok, X_WORDS, X_VEC, BLOCK_N, GROUPS)
+
+
+@triton.jit
+def _gemv_step_weights(P, S, src, stride_p, stride_s, gk, ok, EVEN_K: tl.constexpr):
+    """_gemv_step's weight loads: the packed words [BLOCK_N, GROUPS, 2] and the block scales [BLOCK_N, GROUPS]."""
     half = tl.arange(0, 2)  # the block's two words
     pointers = P + src[:, None, None] * stride_p + gk[None, :, None] * 2 + half[None, None, :]
     if EVEN_K:
@@ -101,6 +113,14 @@ def _gemv_step(X, P, S, src, stride_p, stride_s, gk, ok, X_WORDS: tl.constexpr, 
         words = tl.load(pointers, mask=ok[None, :, None], other=0, eviction_policy="evict_first")
     s = tl.load(S + src[:, None] * stride_s + gk[None, :], mask=ok[None, :], other=0.0,
                 eviction_policy="evict_first").to(tl.float32)
+    return words, s
+
+
+@triton.jit
+def _gemv_step_x(X, words, s, gk, ok, X_WORDS: tl.constexpr, X_VEC: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUPS: tl.constexpr):
+    """_gemv_step's x loads and arithmetic, given the step's words and block scales."""
+    half = tl.arange(0, 2)  # the block's two words
     word_index = gk[:, None] * 2 + half[None, :]  # [GROUPS, 2]
     if X_WORDS and X_VEC:
         quads = tl.load(X + word_index[:, :, None] * 4 + tl.arange(0, 4)[None, None, :], mask=ok[:, None, None],
@@ -149,16 +169,21 @@ def _gemv_step_flat(X, P, S, src, stride_p, stride_s, w, ok, unit, X_WORDS: tl.c
 @triton.jit
 def _gemv_tile(X, P, S, TS, B, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s, ts_stride, y_offset, unit,
                X_WORDS: tl.constexpr, X_VEC: tl.constexpr, FLAT: tl.constexpr, HAS_BIAS: tl.constexpr,
-               SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+               SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+               PDL: tl.constexpr = False, PDL_WAIT_FIRST: tl.constexpr = False):
     """Rows tile*BLOCK_N.. of one weight over this program's 1/SPLIT of K, written at y_offset + row of Y (or of
     each PARTIAL row, [SPLIT, N_ALL]). FLAT: the step's words as one axis, loaded one per thread
-    (_gemv_step_flat); else [blocks, 2 words] with the two words of a block in one thread (_gemv_step)."""
+    (_gemv_step_flat); else [blocks, 2 words] with the two words of a block in one thread (_gemv_step).
+    PDL: waits for the previous kernel (gdc_wait) after the first step's words and scales are read, before x is
+    (PDL_WAIT_FIRST, or FLAT: before any load)."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     src = tl.minimum(rows, N - 1)  # the tail program re-reads the last row instead of masking every load
     chunk = tl.cdiv(tl.cdiv(K // 16, SPLIT), GROUPS) * GROUPS
     first = tl.program_id(1) * chunk
     blocks = tl.minimum(K // 16, first + chunk)
     if FLAT:
+        if PDL:
+            gdc_wait()
         w = tl.arange(0, 2 * GROUPS)
         acc = tl.zeros([BLOCK_N, 2 * GROUPS], tl.float32)
         for g0 in range(first, blocks, GROUPS):
@@ -167,8 +192,21 @@ def _gemv_tile(X, P, S, TS, B, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s
                                    BLOCK_N, 2 * GROUPS)
     else:
         g = tl.arange(0, GROUPS)
-        acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-        for g0 in range(first, blocks, GROUPS):
+        if PDL:  # the first step by hand: its weights read before the wait, x after
+            gk = first + g
+            if PDL_WAIT_FIRST:
+                gdc_wait()
+                words, s = _gemv_step_weights(P, S, src, stride_p, stride_s, gk, gk < blocks, EVEN_K)
+            else:
+                words, s = _gemv_step_weights(P, S, src, stride_p, stride_s, gk, gk < blocks, EVEN_K)
+                gdc_wait()
+            acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+            acc += _gemv_step_x(X, words, s, gk, gk < blocks, X_WORDS, X_VEC, BLOCK_N, GROUPS)
+            g_first = first + GROUPS
+        else:
+            acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+            g_first = first
+        for g0 in range(g_first, blocks, GROUPS):
             gk = g0 + g
             acc += _gemv_step(X, P, S, src, stride_p, stride_s, gk, gk < blocks, X_WORDS, X_VEC, EVEN_K, BLOCK_N,
                               GROUPS)
@@ -189,33 +227,42 @@ def _gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, B, Y, PARTIAL, N0, N1
                  unit,
                  PARTS: tl.constexpr, X_WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                  EVEN_K: tl.constexpr, X_VEC: tl.constexpr, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 GROUPS: tl.constexpr):
+                 GROUPS: tl.constexpr, PDL: tl.constexpr = False, PDL_WAIT_FIRST: tl.constexpr = False):
     """y = x @ [W0; W1; W2].T for PARTS (1-3) weights of the same K, one launch: the row tiles of W0, then W1's,
-    then W2's (a fused q/k/v or gate/up without a fused copy of the weights). Split-K only with one part."""
+    then W2's (a fused q/k/v or gate/up without a fused copy of the weights). Split-K only with one part.
+    PDL (launch with launch_pdl=True; bench/gemv_pdl.py): the next kernel may launch once every program has started;
+    each program reads its first weights before waiting for the previous kernel (_gemv_tile). PDL False: the
+    kernel as without these two parameters."""
     pid = tl.program_id(0)
+    if PDL:
+        gdc_launch_dependents()
     n_all = N0 + N1 + N2
     if PARTS == 1:
         _gemv_tile(X, P0, S0, TS0, B, Y, PARTIAL, pid, N0, K, n_all, stride_p0, stride_s0, ts_stride0, 0,
-                   unit, X_WORDS, X_VEC, FLAT, HAS_BIAS, SPLIT, EVEN_K, BLOCK_N, GROUPS)
+                   unit, X_WORDS, X_VEC, FLAT, HAS_BIAS, SPLIT, EVEN_K, BLOCK_N, GROUPS, PDL, PDL_WAIT_FIRST)
     else:
         tiles0 = tl.cdiv(N0, BLOCK_N)
         tiles1 = tl.cdiv(N1, BLOCK_N)
         if pid < tiles0:
             _gemv_tile(X, P0, S0, TS0, B, Y, PARTIAL, pid, N0, K, n_all, stride_p0, stride_s0, ts_stride0, 0,
-                       unit, X_WORDS, X_VEC, FLAT, False, 1, EVEN_K, BLOCK_N, GROUPS)
+                       unit, X_WORDS, X_VEC, FLAT, False, 1, EVEN_K, BLOCK_N, GROUPS, PDL, PDL_WAIT_FIRST)
         elif PARTS == 2 or pid < tiles0 + tiles1:
             _gemv_tile(X, P1, S1, TS1, B, Y, PARTIAL, pid - tiles0, N1, K, n_all, stride_p1, stride_s1, ts_stride1,
-                       N0, unit, X_WORDS, X_VEC, FLAT, False, 1, EVEN_K, BLOCK_N, GROUPS)
+                       N0, unit, X_WORDS, X_VEC, FLAT, False, 1, EVEN_K, BLOCK_N, GROUPS, PDL, PDL_WAIT_FIRST)
         else:
             _gemv_tile(X, P2, S2, TS2, B, Y, PARTIAL, pid - tiles0 - tiles1, N2, K, n_all, stride_p2, stride_s2,
-                       ts_stride2, N0 + N1, unit, X_WORDS, X_VEC, FLAT, False, 1, EVEN_K, BLOCK_N, GROUPS)
+                       ts_stride2, N0 + N1, unit, X_WORDS, X_VEC, FLAT, False, 1, EVEN_K, BLOCK_N, GROUPS, PDL,
+                       PDL_WAIT_FIRST)
 
 
 @triton.jit(do_not_specialize=["ts_stride"])
 def _gemv_finish_kernel(PARTIAL, TS, B, Y, N, ts_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                        BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr = True):
+                        BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr = True, PDL: tl.constexpr = False):
     """y = (sum of the SPLIT partial rows) x tensor_scale (+ bias), cast to Y's dtype: split-K's second pass
-    (HAS_SCALE False: the partial rows carry the tensor scale already)."""
+    (HAS_SCALE False: the partial rows carry the tensor scale already). PDL: as _gemv_kernel's, waiting first."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
     total = tl.sum(tl.load(PARTIAL + tl.arange(0, SPLIT)[:, None] * N + rows[None, :], mask=ok[None, :], other=0.0),
@@ -405,6 +452,7 @@ def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str,
     (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
         _part_args(weights, ns, where)
     kernel = _gemv_kernel if config is None else _gemv_kernel.fn  # .fn: the kernel under the autotuner
+    pdl = {key: value for key, value in (config or {}).items() if key in ("PDL", "launch_pdl")}  # for the finish
     kernel[lambda meta: (sum(triton.cdiv(n_i, meta["BLOCK_N"]) for n_i in ns), split)](
         row.view(torch.int32) if words else row, p0, s0, t0, p1, s1, t1, p2, s2, t2, b, y, partial, n0, n1, n2, k,
         sp0, ss0, st0, sp1, ss1, st1, sp2, ss2, st2, 1, PARTS=len(weights), X_WORDS=words, HAS_BIAS=bias is not None,
@@ -412,7 +460,7 @@ def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str,
     if split > 1:
         tensor_scale = weights[0][2]
         _gemv_finish_kernel[(triton.cdiv(n, 1024),)](partial, tensor_scale, b, y, n, _ts_stride(tensor_scale),
-                                                     HAS_BIAS=bias is not None, SPLIT=split, BLOCK=1024)
+                                                     HAS_BIAS=bias is not None, SPLIT=split, BLOCK=1024, **pdl)
     return y.reshape(*x.shape[:-1], n)
 
 
