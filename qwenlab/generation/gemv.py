@@ -39,11 +39,10 @@ def _gemv_kernel(X, W, B, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: t
         col_ok = cols < K
         if PDL_WAIT_FIRST:
             gdc_wait()
-            w = tl.load(W + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0.0, eviction_policy="evict_first")
-        else:  # W never changes: its first tile is read while the previous kernel finishes, X (its output) after
-            w = tl.load(W + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0.0, eviction_policy="evict_first")
+        # W never changes: its first tile is read while the previous kernel finishes, X (its output) after
+        w = tl.load(W + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0, eviction_policy="evict_first")
+        if not PDL_WAIT_FIRST:
             gdc_wait()
         x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)

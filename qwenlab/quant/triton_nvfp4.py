@@ -196,9 +196,8 @@ def _gemv_tile(X, P, S, TS, B, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s
             gk = first + g
             if PDL_WAIT_FIRST:
                 gdc_wait()
-                words, s = _gemv_step_weights(P, S, src, stride_p, stride_s, gk, gk < blocks, EVEN_K)
-            else:
-                words, s = _gemv_step_weights(P, S, src, stride_p, stride_s, gk, gk < blocks, EVEN_K)
+            words, s = _gemv_step_weights(P, S, src, stride_p, stride_s, gk, gk < blocks, EVEN_K)
+            if not PDL_WAIT_FIRST:
                 gdc_wait()
             acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
             acc += _gemv_step_x(X, words, s, gk, gk < blocks, X_WORDS, X_VEC, BLOCK_N, GROUPS)
