@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from qwenlab.errors import QwenlabError
+from qwenlab.model.files import weight_files
 
 MAX_AUTO_JOBS = 3
 MEMORY_PER_JOB = 5  # x the checkpoint's bytes: what one notebook may hold on the device at its peak
@@ -33,7 +34,9 @@ def runs_alone(notebook: Path) -> str | None:
 
 
 def checkpoint_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    """The bytes of the weight files a load reads (qwenlab.model.files.weight_files: the shards of the index, or
+    model.safetensors)."""
+    return sum(p.stat().st_size for p in set(weight_files(model_dir).values()))
 
 
 def device_memory(device: str) -> int | None:

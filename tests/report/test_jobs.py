@@ -10,6 +10,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from qwenlab import cli
 from qwenlab.errors import QwenlabError
@@ -145,7 +147,9 @@ def test_the_notebooks_that_measure_the_device_run_alone():
 
 
 def test_jobs_resolution(tmp_path, monkeypatch):
-    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    save_file({"w": torch.zeros(250)}, tmp_path / "model.safetensors")
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert schedule.checkpoint_bytes(tmp_path) == size
     assert schedule.resolve_jobs("4", "cuda", tmp_path, None) == (4, "--jobs")
     for bad in ("0", "-1", "many"):
         with pytest.raises(QwenlabError, match=f"--jobs {bad}: expected a positive number or auto"):
@@ -158,7 +162,7 @@ def test_jobs_resolution(tmp_path, monkeypatch):
     monkeypatch.setattr(schedule, "device_memory", lambda device: 10 ** 6)
     n, why = schedule.resolve_jobs("auto", "cuda", tmp_path, None)
     assert n == 3 and why.startswith("auto: 16 CPU cores")  # 16 cores / 4, at most 3
-    monkeypatch.setattr(schedule, "device_memory", lambda device: 2 * schedule.MEMORY_PER_JOB * 1000)
+    monkeypatch.setattr(schedule, "device_memory", lambda device: 2 * schedule.MEMORY_PER_JOB * size)
     assert schedule.resolve_jobs("auto", "cuda:0", tmp_path, None)[0] == 2  # the memory of two notebooks
     monkeypatch.setattr(schedule.os, "cpu_count", lambda: 2)
     assert schedule.resolve_jobs("auto", "cuda", tmp_path, None)[0] == 1  # two cores
