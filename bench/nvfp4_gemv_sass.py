@@ -2,7 +2,8 @@
 (its wheel bundles ptxas and cuobjdump), and this prints, per tile and layout, the shared memory, the layout
 conversions in the Triton GPU IR, and the instructions of the loop along K per packed int32 word a thread handles,
 with the loads, shared-memory traffic, barriers, shuffles and tensor-core MMAs among them: the FMA GEMV
-(qwenlab.quant.triton_nvfp4) and the tensor-core one (qwenlab.quant.mma_nvfp4, "mma" rows). A development tool
+(qwenlab.quant.triton_nvfp4), the tensor-core one (qwenlab.quant.mma_nvfp4, "mma" rows) and the wide-load one
+(qwenlab.quant.wide_nvfp4, "wide" rows). A development tool
 beside bench/nvfp4_gemv_sweep.py, which measures the time on a GPU; counts are no timings.
 
     python bench/nvfp4_gemv_sass.py [--arch 90]
@@ -70,6 +71,30 @@ def compile_mma(block_n, block_k, warps, parts=1, split=1, arch=90):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
+WIDE_TILES = [(2, 4, 2, 4), (4, 4, 2, 2)]  # (RN, VW, TN, warps): triton_nvfp4.WIDE_CONFIGS
+
+
+def compile_wide(rn, vw, tn, warps, parts=1, split=1, even_k=True, arch=90):
+    """The wide-load GEMV (a Gluon kernel) for bf16 x, specialised as at run time; None where this Triton has
+    no Gluon."""
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        from qwenlab.quant import wide_nvfp4
+    except ImportError:
+        return None
+    jit = wide_nvfp4.wide_gemv_kernel
+    names = jit.arg_names
+    values = dict(PARTS=parts, SPLIT=split, EVEN_K=even_k, BLOCK_N=rn * tn * warps, BW=vw * (32 // tn),
+                  L3=wide_nvfp4.layout(rn, vw, tn, warps), READ_ONLY=False, PREFETCH=False)
+    pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16"}
+    signature = {n: pointers.get(n, "constexpr" if n in values else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
+    source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
+                            attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
 def loop_instructions(cubin: bytes, path: str) -> list[str]:
     """The opcodes between the first backward branch and its target (the loop along K)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -98,6 +123,8 @@ def main(argv=None) -> int:
     rows = [(f"{n}x{g} w{w}{' x_vec' if v else ''}{' flat' if f else ''}", compile_tile(n, g, w, v, f, args.arch),
              n * g * 2 / (32 * w)) for n, g, w, v, f in TILES]
     rows += [(f"mma {n}x{k} w{w}", compile_mma(n, k, w, arch=args.arch), n * k / 8 / (32 * w)) for n, k, w in MMA_TILES]
+    rows += [(f"wide {rn}x{vw} tn{tn} w{w}", compile_wide(rn, vw, tn, w, arch=args.arch), rn * vw)
+             for rn, vw, tn, w in WIDE_TILES]
     for label, kernel, words in rows:
         if kernel is None:
             print(f"{label:<22} (no Gluon in this Triton)")

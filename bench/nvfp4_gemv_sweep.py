@@ -35,6 +35,14 @@ TILES += [(4, 32, 1, True, False)]
 MMA_TILES = [(bn, bk, w, sp)
              for bn, bk, w in [(32, 128, 2), (32, 256, 2), (64, 256, 4), (16, 128, 1), (16, 256, 1), (64, 128, 4)]
              for sp in (None, 1, 2, 4, 8)]
+# the wide GEMV (qwenlab.quant.wide_nvfp4): (RN rows x VW words per thread, TN lanes along rows, warps, PREFETCH,
+# SPLIT or None for the default), and READ_ONLY rows: its loads without the decode (a wrong result, timing only)
+WIDE_TILES = [(rn, vw, tn, w, pf, None) for rn, vw, tn, w in [(2, 4, 2, 4), (4, 4, 2, 2), (4, 4, 2, 4), (2, 4, 2, 2),
+                                                              (1, 4, 2, 4), (2, 4, 4, 4), (2, 4, 1, 4), (4, 4, 1, 2)]
+              for pf in (False, True)]
+WIDE_TILES += [(2, 4, 2, 4, False, sp) for sp in (1, 2, 8)] + [(4, 4, 2, 2, False, sp) for sp in (1, 2, 8)]
+WIDE_READ = [(2, 4, 2, 4), (4, 4, 2, 2)]
+FAMILIES = ("fma", "mma", "wide")
 
 
 def weights_for(ns, k, device):
@@ -44,7 +52,13 @@ def weights_for(ns, k, device):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write every number to this JSON file")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help=f"which GEMVs' tiles to time, comma-separated (default all: {','.join(FAMILIES)})")
     args = parser.parse_args(argv)
+    families = set(args.families.split(","))
+    if not families <= set(FAMILIES):
+        print(f"nvfp4_gemv_sweep: --families takes {', '.join(FAMILIES)}, got {args.families}", file=sys.stderr)
+        return 2
     opened = open_cuda("nvfp4_gemv_sweep")
     if opened is None:
         return 2
@@ -72,10 +86,16 @@ def main(argv=None) -> int:
         triples = [[(q.packed, q.block_scale, q.tensor_scale) for q in s] for s in sets]
         configs = [({"MMA": True, "BLOCK_N": bn, "BLOCK_K": bk, "WARPS": w, "SPLIT": sp},
                     f"mma {bn}x{bk} w{w} {'split ' + str(sp) if sp else 'default split'}")
-                   for bn, bk, w, sp in MMA_TILES]
+                   for bn, bk, w, sp in MMA_TILES if "mma" in families]
         configs += [({"BLOCK_N": bn, "GROUPS": g, "X_VEC": x_vec, "FLAT": flat, "num_warps": w, "num_stages": 1},
                      f"{bn}x{g} w{w}{' x_vec' if x_vec else ''}{' flat' if flat else ''}")
-                    for bn, g, w, x_vec, flat in TILES]
+                    for bn, g, w, x_vec, flat in TILES if "fma" in families]
+        wide = [({"WIDE": True, "RN": rn, "VW": vw, "TN": tn, "WARPS": w, "PREFETCH": pf, "SPLIT": sp},
+                 f"wide {rn}x{vw} tn{tn} w{w}{' prefetch' if pf else ''}{' split ' + str(sp) if sp else ''}")
+                for rn, vw, tn, w, pf, sp in WIDE_TILES if sp is None or len(ns) == 1]
+        wide += [({"WIDE": True, "RN": rn, "VW": vw, "TN": tn, "WARPS": w, "READ_ONLY": True},
+                  f"read only {rn}x{vw} tn{tn} w{w}") for rn, vw, tn, w in WIDE_READ]
+        configs += wide if "wide" in families else []
         for config, label in configs:
             try:
                 y = kernels.gemv_with_config(x, triples[0], config)
@@ -86,18 +106,22 @@ def main(argv=None) -> int:
                 print(f"{name:>8} {label:>16}: {row['tiles'][label]['error']}", flush=True)
                 continue
             row["tiles"][label] = {"us": us, "pct_copy_bw": 100 * nbytes / us / 1e-6 / copy_bw, "rel_l2": err}
-        best = min((t for t in row["tiles"].items() if "us" in t[1]), key=lambda t: t[1]["us"])
+        timed = [t for t in row["tiles"].items() if "us" in t[1] and not t[0].startswith("read only")]
+        best = min(timed, key=lambda t: t[1]["us"])
         row["best"], row["best_us"] = best[0], best[1]["us"]
         results[name] = row
         auto_us = graph_us([lambda t=t: kernels._gemv(x, t, None, "default") for t in triples])
         row["default_us"], row["default_engine"] = auto_us, kernels.gemv_engine(x)
-        ranked = sorted((t for t in row["tiles"].items() if "us" in t[1]), key=lambda t: t[1]["us"])
+        ranked = sorted(timed, key=lambda t: t[1]["us"])
         print(f"\n{name} {'+'.join(map(str, ns))}x{k}: bf16 cuBLAS {row['bf16_us']:.1f} us, floor "
               f"{row['floor_us']:.1f} us, default ({row['default_engine']}) {auto_us:.1f} us"
               + (f", separate calls {row['separate_calls_us']:.1f} us" if "separate_calls_us" in row else ""))
-        for label, t in ranked[:10]:
+        for label, t in ranked[:16]:
             print(f"   {label:>16}: {t['us']:6.1f} us  {t['pct_copy_bw']:4.0f}% of copy bw  "
                   f"{row['bf16_us'] / t['us']:.2f}x bf16  rel L2 {t['rel_l2']:.1e}")
+        for label, t in row["tiles"].items():
+            if label.startswith("read only") and "us" in t:
+                print(f"   {label:>16}: {t['us']:6.1f} us  {t['pct_copy_bw']:4.0f}% of copy bw (no decode)")
         print(f"   worst {ranked[-1][0]}: {ranked[-1][1]['us']:.1f} us", flush=True)
         del sets, triples
         torch.cuda.empty_cache()

@@ -22,7 +22,7 @@ class DecodeKernels:
     gemv: Callable | None = None  # (x, weight, bias) -> y for one row
     gemv_shapes: frozenset = field(default_factory=frozenset)  # (N, K) of the weights the GEMV runs
     nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> outputs concatenated
-    nvfp4_gemv: str = ""  # which NVFP4 GEMV runs for the model's activations: "mma" (tensor cores) or "fma"
+    nvfp4_gemv: str = ""  # which NVFP4 GEMV runs for the model's activations: "wide", "mma" or "fma" (gemv_engine)
     run_layer: Callable = call_layer  # (layer, x, cos, sin, mask, kv, attention, kernels) -> x: call_layer, compiled
 
     def linear(self, module: nn.Module, x):
@@ -52,7 +52,7 @@ class DecodeKernels:
                           if self.nvfp4_parts else None)}
 
 
-NVFP4_GEMVS = {"mma": "tensor-core (bf16 mma.sync, Gluon)", "fma": "Triton FMA"}
+NVFP4_GEMVS = {"wide": "wide-load (Gluon)", "mma": "tensor-core (bf16 mma.sync, Gluon)", "fma": "Triton FMA"}
 
 
 def one_launch_nvfp4(module: nn.Module) -> bool:

@@ -14,7 +14,8 @@ lands on a subnormal either way, which is exact; the power of two is folded into
 Speed on an H200 (doc/nvfp4.md): the GEMV reads the packed weights at 20-39% of the copy bandwidth, 1.3-1.7x
 faster than bf16 cuBLAS on the same shapes, fastest with X_VEC (x as 16-byte loads). Its loop spends 54-57
 instructions per int32 word (bench/nvfp4_gemv_sass.py), yet qwenlab.quant.mma_nvfp4, a tensor-core GEMV at 33, is
-no faster there: the instruction count is not the limit. That one runs with QWENLAB_NVFP4_GEMV=mma (gemv_engine).
+no faster there: the instruction count is not the limit. qwenlab.quant.wide_nvfp4 (16-byte weight loads) is 1.13x
+faster over a layer's four projections and runs by default on CUDA; gemv_engine says which GEMV runs.
 
     nvfp4_gemv       one row (batch-1 decode), fp32 accumulation, the tensor scale applied once at the end;
                      split-K with a second, atomic-free pass under 4096 rows (gemv_split)
@@ -376,15 +377,24 @@ def _words(packed: torch.Tensor, where: str) -> torch.Tensor:
     return packed.view(torch.int32)
 
 
+GEMV_ENGINES = ("wide", "fma", "mma")
+
+
 def gemv_engine(x: torch.Tensor, bias: torch.Tensor | None = None) -> str:
-    """Which GEMV runs for this one-row x: "fma" (the Triton kernel below, the default: the faster of the two on an
-    H200, doc/nvfp4.md) or, with QWENLAB_NVFP4_GEMV=mma, "mma" (qwenlab.quant.mma_nvfp4 on bf16 tensor cores) where
-    it can run: bf16 x, no bias, CUDA compute capability 8.0 or newer."""
-    if (os.environ.get("QWENLAB_NVFP4_GEMV", "fma") != "mma" or bias is not None or x.dtype != torch.bfloat16
-            or x.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    """Which GEMV runs for this one-row x, as QWENLAB_NVFP4_GEMV asks (default "wide") where it can run:
+    "wide" (qwenlab.quant.wide_nvfp4: 16-byte loads, the fastest on an H200, doc/nvfp4.md) and "mma"
+    (qwenlab.quant.mma_nvfp4 on bf16 tensor cores, bf16 x only) are Gluon kernels for CUDA compute capability 8.0
+    or newer without a bias; else "fma", the Triton kernel below (any device Triton runs on, its CPU interpreter
+    included)."""
+    asked = os.environ.get("QWENLAB_NVFP4_GEMV", "wide")
+    if asked not in GEMV_ENGINES:
+        raise QwenlabError(f"QWENLAB_NVFP4_GEMV={asked!r}: choose one of {', '.join(GEMV_ENGINES)}")
+    if (asked == "fma" or bias is not None or x.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
             or torch.cuda.get_device_capability(x.device) < (8, 0)):
         return "fma"
-    return "mma"
+    if asked == "mma" and x.dtype != torch.bfloat16:
+        return "fma"
+    return asked
 
 
 def mma_split(tiles: int, warps: int, k: int, block_k: int) -> int:
@@ -426,10 +436,51 @@ def _mma_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, confi
                                                      SPLIT=split, BLOCK=1024)
 
 
+# The wide GEMV's tiles (bench/nvfp4_gemv_sweep.py, doc/evidence/nvfp4-wide-h200/): per thread RN rows x VW words,
+# TN lanes along the rows; 4 rows a thread over 2 warps for gate/up-sized launches, 2 over 4 warps for the rest
+WIDE_CONFIGS = {"small": {"RN": 2, "VW": 4, "TN": 2, "WARPS": 4}, "large": {"RN": 4, "VW": 4, "TN": 2, "WARPS": 2}}
+WIDE_LARGE_N = 16384
+
+
+def wide_config(n: int, config: dict | None = None) -> dict:
+    """The wide GEMV's tile for n output rows in all, with `config`'s keys (benches) over it."""
+    return {**WIDE_CONFIGS["large" if n >= WIDE_LARGE_N else "small"], "PREFETCH": False, **(config or {})}
+
+
+def wide_tile(config: dict) -> tuple[int, int]:
+    """(BLOCK_N, BW) of a wide GEMV tile: rows and packed words per step."""
+    return config["RN"] * config["TN"] * config["WARPS"], config["VW"] * (32 // config["TN"])
+
+
+def _wide_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, config: dict | None) -> None:
+    """nvfp4 GEMV of 1-3 weights with 16-byte loads (qwenlab.quant.wide_nvfp4) into y; one weight split along K
+    as nvfp4_gemv (gemv_split), the tensor-scaled partial rows summed by the finish pass."""
+    from qwenlab.quant import wide_nvfp4  # Gluon: compiled only on a GPU
+
+    k, n = row.shape[0], y.shape[0]
+    config = wide_config(n, config)
+    block_n, bw = wide_tile(config)
+    tiles = sum(triton.cdiv(n_i, block_n) for n_i in ns)
+    split = config.get("SPLIT") or (gemv_split(n, k) if len(weights) == 1 else 1)
+    even = (k // 8) % (bw * split) == 0
+    partial = torch.empty(split, n, dtype=torch.float32, device=row.device) if split > 1 else y
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
+        _part_args(weights, ns, "nvfp4 GEMV")
+    wide_nvfp4.wide_gemv_kernel[(tiles, split)](
+        row, p0, s0, t0, p1, s1, t1, p2, s2, t2, y, partial, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1, st1, sp2, ss2,
+        st2, PARTS=len(weights), SPLIT=split, EVEN_K=even, BLOCK_N=block_n, BW=bw,
+        L3=wide_nvfp4.layout(config["RN"], config["VW"], config["TN"], config["WARPS"]),
+        READ_ONLY=config.get("READ_ONLY", False), PREFETCH=config["PREFETCH"] and even, num_warps=config["WARPS"])
+    if split > 1:
+        _gemv_finish_kernel[(triton.cdiv(n, 1024),)](partial, partial, y, y, n, 0, HAS_BIAS=False, HAS_SCALE=False,
+                                                     SPLIT=split, BLOCK=1024)
+
+
 def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str, config: dict | None = None
           ) -> torch.Tensor:
     """weights: 1-3 (packed, block_scale, tensor_scale) of the same K -> x times each, concatenated, [..., sum N].
-    config (the benches): {"MMA": True, BLOCK_N, BLOCK_K, WARPS[, SPLIT]} for the tensor-core GEMV, else BLOCK_N,
+    config (the benches): {"MMA": True, BLOCK_N, BLOCK_K, WARPS[, SPLIT]} for the tensor-core GEMV, {"WIDE": True,
+    RN, VW, TN, WARPS[, SPLIT, PREFETCH, READ_ONLY]} for the wide one (wide_config), else BLOCK_N,
     GROUPS, X_VEC, FLAT, num_warps, num_stages of the FMA one, instead of the defaults / the autotuner."""
     k = x.shape[-1]
     ns = [_check(k, *w, bias, where)[0] for w in weights]
@@ -438,11 +489,16 @@ def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str,
     n = sum(ns)
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     row = x.reshape(k).contiguous()
-    if (config or {}).get("MMA", config is None and gemv_engine(x, bias) == "mma"):
-        if x.dtype != torch.bfloat16 or bias is not None or x.device.type != "cuda":
-            raise QwenlabError(f"{where}: the tensor-core GEMV takes a bf16 row on CUDA and no bias, got {x.dtype} on "
-                               f"{x.device}{' with a bias' if bias is not None else ''}")
-        _mma_gemv(row, weights, ns, y, {key: v for key, v in (config or {}).items() if key != "MMA"})
+    engine = gemv_engine(x, bias) if config is None else "mma" if config.get("MMA") else \
+        "wide" if config.get("WIDE") else "fma"
+    if engine in ("mma", "wide") and (bias is not None or x.device.type != "cuda"
+                                      or (engine == "mma" and x.dtype != torch.bfloat16)):
+        raise QwenlabError(f"{where}: the {'tensor-core' if engine == 'mma' else 'wide'} GEMV takes a "
+                           f"{'bf16 ' if engine == 'mma' else ''}row on CUDA and no bias, got {x.dtype} on "
+                           f"{x.device}{' with a bias' if bias is not None else ''}")
+    if engine != "fma":
+        run = _mma_gemv if engine == "mma" else _wide_gemv
+        run(row, weights, ns, y, {key: v for key, v in (config or {}).items() if key not in ("MMA", "WIDE")})
         return y.reshape(*x.shape[:-1], n)
     words = row.dtype == torch.bfloat16 and row.data_ptr() % 4 == 0
     split = gemv_split(n, k) if len(weights) == 1 else 1

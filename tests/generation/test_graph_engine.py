@@ -206,16 +206,19 @@ def test_graph_and_eager_give_identical_greedy_tokens_on_cuda(fixture, request):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
-@pytest.mark.parametrize("dtype,asked,gemv", [("float32", "fma", "Triton FMA"), ("bfloat16", "fma", "Triton FMA"),
+@pytest.mark.parametrize("dtype,asked,gemv", [("float32", "wide", "wide-load (Gluon)"),
+                                              ("bfloat16", "wide", "wide-load (Gluon)"),
+                                              ("float32", "fma", "Triton FMA"), ("bfloat16", "fma", "Triton FMA"),
                                               ("bfloat16", "mma", "tensor-core (bf16 mma.sync, Gluon)")])
 def test_nvfp4_graph_decode_multiplies_q_k_v_and_gate_up_in_one_launch_each_on_cuda(tiny_dir, dtype, asked, gemv,
                                                                                       monkeypatch):
     """NVFP4 linears stay separate modules (nothing fused at load); the graph's step runs q/k/v and gate/up as one
-    GEMV launch each over their own weights (QWENLAB_NVFP4_GEMV=mma with bf16 activations: on tensor cores), says
+    GEMV launch each over their own weights (QWENLAB_NVFP4_GEMV: wide, the default, fma, or mma with bf16
+    activations: on tensor cores), says
     which, and gives the eager engine's (one GEMV per linear) greedy tokens: all of them in float32; in bfloat16 up
     to a parting whose top-2 margin is within bf16 rounding of the logits (the two paths sum in different orders)."""
-    if asked == "mma" and torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("bf16 tensor cores need compute capability 8.0")
+    if asked != "fma" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the Gluon GEMVs need compute capability 8.0")
     monkeypatch.setenv("QWENLAB_NVFP4_GEMV", asked)
     ckpt = load(tiny_dir, dtype, "cuda", quant="nvfp4")
     assert hasattr(ckpt.model.model.layers[0].self_attn, "q_proj")
