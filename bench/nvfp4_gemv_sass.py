@@ -74,7 +74,7 @@ def compile_mma(block_n, block_k, warps, parts=1, split=1, arch=90):
 WIDE_TILES = [(2, 4, 2, 4), (4, 4, 2, 2)]  # (RN, VW, TN, warps): triton_nvfp4.WIDE_CONFIGS
 
 
-def compile_wide(rn, vw, tn, warps, parts=1, split=1, even_k=True, arch=90):
+def compile_wide(rn, vw, tn, warps, parts=1, split=1, even_k=True, s_pairs=False, arch=90):
     """The wide-load GEMV (a Gluon kernel) for bf16 x, specialised as at run time; None where this Triton has
     no Gluon."""
     try:
@@ -86,8 +86,11 @@ def compile_wide(rn, vw, tn, warps, parts=1, split=1, even_k=True, arch=90):
     jit = wide_nvfp4.wide_gemv_kernel
     names = jit.arg_names
     values = dict(PARTS=parts, SPLIT=split, EVEN_K=even_k, BLOCK_N=rn * tn * warps, BW=vw * (32 // tn),
-                  L3=wide_nvfp4.layout(rn, vw, tn, warps), READ_ONLY=False, PREFETCH=False)
-    pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16"}
+                  L3=wide_nvfp4.layout(rn, vw, tn, warps), READ_ONLY=0, PREFETCH=False, FINISH=split > 1,
+                  S_PAIRS=s_pairs)
+    pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16", "COUNTERS": "*i32"}
+    if s_pairs:
+        pointers.update(S0="*i16", S1="*i16", S2="*i16")
     signature = {n: pointers.get(n, "constexpr" if n in values else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
     source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},

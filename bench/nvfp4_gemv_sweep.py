@@ -18,6 +18,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from nvfp4_kernels import ROTATE_BYTES, copies, graph_us, nvfp4_bytes, open_cuda
 
 from qwenlab.quant import codec
@@ -35,13 +37,46 @@ TILES += [(4, 32, 1, True, False)]
 MMA_TILES = [(bn, bk, w, sp)
              for bn, bk, w in [(32, 128, 2), (32, 256, 2), (64, 256, 4), (16, 128, 1), (16, 256, 1), (64, 128, 4)]
              for sp in (None, 1, 2, 4, 8)]
-# the wide GEMV (qwenlab.quant.wide_nvfp4): (RN rows x VW words per thread, TN lanes along rows, warps, PREFETCH,
-# SPLIT or None for the default), and READ_ONLY rows: its loads without the decode (a wrong result, timing only)
-WIDE_TILES = [(rn, vw, tn, w, pf, None) for rn, vw, tn, w in [(2, 4, 2, 4), (4, 4, 2, 2), (4, 4, 2, 4), (2, 4, 2, 2),
-                                                              (1, 4, 2, 4), (2, 4, 4, 4), (2, 4, 1, 4), (4, 4, 1, 2)]
-              for pf in (False, True)]
-WIDE_TILES += [(2, 4, 2, 4, False, sp) for sp in (1, 2, 8)] + [(4, 4, 2, 2, False, sp) for sp in (1, 2, 8)]
-WIDE_READ = [(2, 4, 2, 4), (4, 4, 2, 2)]
+# the wide GEMV (qwenlab.quant.wide_nvfp4): RN rows x VW words per thread, TN lanes along rows, WARPS; with and
+# without S_PAIRS (the block scales read two at a time); two tiles with PREFETCH, and over splits of K (SPLIT;
+# FINISH: the last program of a row tile sums the partial rows, no second kernel); READ_ONLY rows: its loads
+# without the decode (1: words, scales and x; 2: words only), timing only
+WIDE_TILES = [(2, 4, 2, 4), (4, 4, 2, 2), (4, 4, 2, 1), (8, 4, 2, 1), (8, 4, 2, 2), (4, 4, 1, 2), (2, 4, 2, 2)]
+WIDE_CONFIGS = [{"RN": rn, "VW": vw, "TN": tn, "WARPS": w, "S_PAIRS": pairs}
+                for rn, vw, tn, w in WIDE_TILES for pairs in (False, True)]
+WIDE_CONFIGS += [{"RN": rn, "VW": 4, "TN": 2, "WARPS": w, "S_PAIRS": True, "PREFETCH": True}
+                 for rn, w in [(2, 4), (4, 2)]]
+WIDE_CONFIGS += [{"RN": rn, "VW": 4, "TN": 2, "WARPS": w, "S_PAIRS": True, "SPLIT": sp, "FINISH": True}
+                 for rn, w in [(2, 4), (4, 2)] for sp in (2, 4, 8)]
+WIDE_CONFIGS += [{"RN": rn, "VW": 4, "TN": 2, "WARPS": w, "READ_ONLY": ro, "S_PAIRS": True}
+                 for rn, w in [(2, 4), (4, 2)] for ro in (1, 2)]
+
+
+def wide_label(c: dict) -> str:
+    return (f"{'read only ' + str(c['READ_ONLY']) if c.get('READ_ONLY') else 'wide'} {c['RN']}x{c['VW']} "
+            f"tn{c['TN']} w{c['WARPS']}{' prefetch' if c.get('PREFETCH') else ''}"
+            f"{' split ' + str(c['SPLIT']) if c.get('SPLIT') else ''}{' finish' if c.get('FINISH') else ''}"
+            f"{' pairs' if c.get('S_PAIRS') else ''}")
+
+
+@triton.jit
+def _stream_kernel(P, OUT, BLOCK: tl.constexpr):
+    """Reads BLOCK int32 words per program in one load (16-byte loads, all in flight at once) and sums them."""
+    words = tl.load(P + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), eviction_policy="evict_first")
+    tl.store(OUT + tl.program_id(0), tl.sum(words, axis=0))
+
+
+def stream_us(nbytes: int, device) -> float:
+    """The plain read of nbytes (as int32 words, whole 16 KB blocks) in one kernel, over rotated copies: what
+    reading a projection's bytes can cost at best in one launch, whatever the layout."""
+    block = 4096
+    programs = triton.cdiv(nbytes // 4, block)
+    bufs = [torch.zeros(programs * block, dtype=torch.int32, device=device)
+            for _ in range(math.ceil(ROTATE_BYTES / nbytes))]
+    out = torch.empty(programs, dtype=torch.int32, device=device)
+    return graph_us([lambda b=b: _stream_kernel[(programs,)](b, out, BLOCK=block, num_warps=4) for b in bufs])
+
+
 FAMILIES = ("fma", "mma", "wide")
 
 
@@ -90,11 +125,7 @@ def main(argv=None) -> int:
         configs += [({"BLOCK_N": bn, "GROUPS": g, "X_VEC": x_vec, "FLAT": flat, "num_warps": w, "num_stages": 1},
                      f"{bn}x{g} w{w}{' x_vec' if x_vec else ''}{' flat' if flat else ''}")
                     for bn, g, w, x_vec, flat in TILES if "fma" in families]
-        wide = [({"WIDE": True, "RN": rn, "VW": vw, "TN": tn, "WARPS": w, "PREFETCH": pf, "SPLIT": sp},
-                 f"wide {rn}x{vw} tn{tn} w{w}{' prefetch' if pf else ''}{' split ' + str(sp) if sp else ''}")
-                for rn, vw, tn, w, pf, sp in WIDE_TILES if sp is None or len(ns) == 1]
-        wide += [({"WIDE": True, "RN": rn, "VW": vw, "TN": tn, "WARPS": w, "READ_ONLY": True},
-                  f"read only {rn}x{vw} tn{tn} w{w}") for rn, vw, tn, w in WIDE_READ]
+        wide = [({"WIDE": True, **c}, wide_label(c)) for c in WIDE_CONFIGS]
         configs += wide if "wide" in families else []
         for config, label in configs:
             try:
@@ -122,6 +153,10 @@ def main(argv=None) -> int:
         for label, t in row["tiles"].items():
             if label.startswith("read only") and "us" in t:
                 print(f"   {label:>16}: {t['us']:6.1f} us  {t['pct_copy_bw']:4.0f}% of copy bw (no decode)")
+        if "wide" in families:
+            row["stream_us"] = stream_us(nbytes, device)
+            print(f"   plain read of the same bytes, one kernel: {row['stream_us']:.1f} us "
+                  f"({100 * nbytes / row['stream_us'] / 1e-6 / copy_bw:.0f}% of copy bw)")
         print(f"   worst {ranked[-1][0]}: {ranked[-1][1]['us']:.1f} us", flush=True)
         del sets, triples
         torch.cuda.empty_cache()

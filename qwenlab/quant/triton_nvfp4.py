@@ -437,19 +437,36 @@ def _mma_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, confi
 
 
 # The wide GEMV's tiles (bench/nvfp4_gemv_sweep.py, doc/evidence/nvfp4-wide-h200/): per thread RN rows x VW words,
-# TN lanes along the rows; 4 rows a thread over 2 warps for gate/up-sized launches, 2 over 4 warps for the rest
-WIDE_CONFIGS = {"small": {"RN": 2, "VW": 4, "TN": 2, "WARPS": 4}, "large": {"RN": 4, "VW": 4, "TN": 2, "WARPS": 2}}
+# TN lanes along the rows; 4 rows a thread over 2 warps for gate/up-sized launches, 2 over 4 warps for the rest,
+# whose block scales are read two at a time (S_PAIRS) and whose split along K sums itself (FINISH: no second kernel)
+WIDE_CONFIGS = {"small": {"RN": 2, "VW": 4, "TN": 2, "WARPS": 4, "S_PAIRS": True},
+                "large": {"RN": 4, "VW": 4, "TN": 2, "WARPS": 2, "S_PAIRS": False}}
 WIDE_LARGE_N = 16384
 
 
 def wide_config(n: int, config: dict | None = None) -> dict:
     """The wide GEMV's tile for n output rows in all, with `config`'s keys (benches) over it."""
-    return {**WIDE_CONFIGS["large" if n >= WIDE_LARGE_N else "small"], "PREFETCH": False, **(config or {})}
+    return {"PREFETCH": False, "FINISH": True, **WIDE_CONFIGS["large" if n >= WIDE_LARGE_N else "small"],
+            **(config or {})}
 
 
 def wide_tile(config: dict) -> tuple[int, int]:
     """(BLOCK_N, BW) of a wide GEMV tile: rows and packed words per step."""
     return config["RN"] * config["TN"] * config["WARPS"], config["VW"] * (32 // config["TN"])
+
+
+SPLIT_COUNTERS = 1 << 16  # row tiles a split-K launch that sums its own partial rows can have
+_COUNTERS: dict = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """Per-device int32 counters, zero between launches: a split-K program counts itself done on its row tile's
+    counter, and the tile's last one sums the partial rows and sets the counter back to zero (wide_nvfp4 FINISH).
+    Made once per device, outside any CUDA graph capture where possible (the engine's warm-up call)."""
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def _wide_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, config: dict | None) -> None:
@@ -464,14 +481,21 @@ def _wide_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, conf
     split = config.get("SPLIT") or (gemv_split(n, k) if len(weights) == 1 else 1)
     even = (k // 8) % (bw * split) == 0
     partial = torch.empty(split, n, dtype=torch.float32, device=row.device) if split > 1 else y
+    finish = split > 1 and config["FINISH"] and tiles <= SPLIT_COUNTERS
     (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
         _part_args(weights, ns, "nvfp4 GEMV")
+    # the block scales read two at a time (int16) where each thread's four words cover whole, aligned pairs
+    pairs = config["S_PAIRS"] and config["VW"] % 4 == 0 and (k // 16) % 2 == 0 and all(
+        b.data_ptr() % 2 == 0 and b.stride(0) % 2 == 0 for b in (s0, s1, s2))
+    if pairs:
+        s0, s1, s2 = (b.view(torch.int16) for b in (s0, s1, s2))
     wide_nvfp4.wide_gemv_kernel[(tiles, split)](
-        row, p0, s0, t0, p1, s1, t1, p2, s2, t2, y, partial, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1, st1, sp2, ss2,
-        st2, PARTS=len(weights), SPLIT=split, EVEN_K=even, BLOCK_N=block_n, BW=bw,
-        L3=wide_nvfp4.layout(config["RN"], config["VW"], config["TN"], config["WARPS"]),
-        READ_ONLY=config.get("READ_ONLY", False), PREFETCH=config["PREFETCH"] and even, num_warps=config["WARPS"])
-    if split > 1:
+        row, p0, s0, t0, p1, s1, t1, p2, s2, t2, y, partial, _split_counters(row.device) if finish else y, n0, n1,
+        n2, k, sp0, ss0, st0, sp1, ss1, st1, sp2, ss2, st2, PARTS=len(weights), SPLIT=split, EVEN_K=even,
+        BLOCK_N=block_n, BW=bw, L3=wide_nvfp4.layout(config["RN"], config["VW"], config["TN"], config["WARPS"]),
+        READ_ONLY=config.get("READ_ONLY", 0), PREFETCH=config["PREFETCH"] and even, FINISH=finish, S_PAIRS=pairs,
+        num_warps=config["WARPS"])
+    if split > 1 and not finish:
         _gemv_finish_kernel[(triton.cdiv(n, 1024),)](partial, partial, y, y, n, 0, HAS_BIAS=False, HAS_SCALE=False,
                                                      SPLIT=split, BLOCK=1024)
 

@@ -9,10 +9,21 @@ the elements, x [BW, 8] its slice along the rows (each thread holds its words' x
 decoded as in the FMA GEMV: shifted to the top of the word, shifted back arithmetically by 6 and masked, it reads
 as the float32 e2m1 x 2^-126; x is scaled by 2^63 so that the products stay normal floats, and the result by 2^63.
 
-    wide_gemv_kernel  y = x @ [W0; W1; W2].T for 1-3 weights of the same K (q/k/v, gate/up) in one launch, or one
-                      weight split along K (SPLIT partial rows, summed by triton_nvfp4's finish pass)
+    wide_gemv_kernel  y = x @ [W0; W1; W2].T for 1-3 weights of the same K (q/k/v, gate/up) in one launch,
+                      optionally split along K into SPLIT partial rows
 
-Gluon kernels do not run in Triton's CPU interpreter: tests check them against float64 on CUDA.
+Options (constexprs; triton_nvfp4.wide_config holds the defaults, bench/nvfp4_gemv_sweep.py times them):
+    FINISH     split-K sums itself: each program stores its partial rows, then counts itself done on its row tile's
+               counter (an acq_rel atomic after a CTA barrier); the tile's last program sums the SPLIT partial rows
+               in split order (deterministic) and sets the counter back to zero. No second kernel per split GEMV;
+               the counters are per device, so two split launches must not run at once on one device.
+    S_PAIRS    the block scales read as int16, the two of each thread's four words in one load
+    PREFETCH   the next step's loads issued before this step's arithmetic (measured no faster on an H200)
+    READ_ONLY  1: the loads without the decode; 2: the packed words only. A wrong result, for timing the reads.
+
+On an H200 (doc/nvfp4.md) the four projections of a Qwen3-4B layer take about 40 us: their loads alone (words,
+scales and x, READ_ONLY 1) 32 us, the packed words alone 23 us, a plain one-kernel read of the same bytes 20 us.
+So the decode and products (40-50 instructions per word) cost about 9 us, the x and scale loads about 9 more.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -31,31 +42,61 @@ def layout(rows_per_thread: int, words_per_thread: int, lanes_n: int, warps_n: i
 
 
 @gluon.jit
-def _load_step(word_ptrs, scale_ptrs, x_ptrs, w0, last, w, xw, EVEN_K: gl.constexpr):
-    """The packed words [BLOCK_N, BW], their E4M3 scales (one per two words) and x [BW, 8] from word w0 on."""
-    if EVEN_K:
-        return (gl.load(word_ptrs + w0, eviction_policy="evict_first"),
-                gl.load(scale_ptrs + w0 // 2, eviction_policy="evict_first"), gl.load(x_ptrs + w0 * 8))
-    ok = w0 + w < last
-    return (gl.load(word_ptrs + w0, mask=ok[None, :], other=0, eviction_policy="evict_first"),
-            gl.load(scale_ptrs + w0 // 2, mask=ok[None, :], other=0.0, eviction_policy="evict_first"),
-            gl.load(x_ptrs + w0 * 8, mask=(w0 + xw < last)[:, None], other=0.0))
+def _load_step(word_ptrs, scale_ptrs, x_ptrs, w0, last, w, xw, EVEN_K: gl.constexpr, READ_ONLY: gl.constexpr,
+               S_PAIRS: gl.constexpr, step_ok=True):
+    """The packed words [BLOCK_N, BW], their E4M3 scales (one per two words) and x [BW, 8] from word w0 on
+    (READ_ONLY 2: the words only, returned three times). EVEN_K: a whole step, read where step_ok (one flag for
+    the step: the 16-byte loads stay whole), else zeros. S_PAIRS: scale_ptrs are int16, one per four words."""
+    s_div: gl.constexpr = 4 if S_PAIRS else 2
+    s_zero: gl.constexpr = 0 if S_PAIRS else 0.0
+    if READ_ONLY == 2:
+        words = gl.load(word_ptrs + w0, mask=step_ok, other=0, eviction_policy="evict_first")
+        s = words
+        x = words
+    elif EVEN_K:
+        words = gl.load(word_ptrs + w0, mask=step_ok, other=0, eviction_policy="evict_first")
+        s = gl.load(scale_ptrs + w0 // s_div, mask=step_ok, other=s_zero, eviction_policy="evict_first")
+        x = gl.load(x_ptrs + w0 * 8, mask=step_ok, other=0.0)
+    else:
+        if S_PAIRS:  # whole threads' four words masked together (last is a multiple of 4): 16-byte loads stay
+            ok = w0 + (w // 4) * 4 < last
+        else:
+            ok = w0 + w < last
+        words = gl.load(word_ptrs + w0, mask=ok[None, :], other=0, eviction_policy="evict_first")
+        s = gl.load(scale_ptrs + w0 // s_div, mask=ok[None, :], other=s_zero, eviction_policy="evict_first")
+        x = gl.load(x_ptrs + w0 * 8, mask=(w0 + xw < last)[:, None], other=0.0)
+    return words, s, x
 
 
 @gluon.jit
-def _step(words, s, x, up, READ_ONLY: gl.constexpr):
+def _scale(s, pair_shift, S_PAIRS: gl.constexpr):
+    """Each word's block scale as float32: s holds it as E4M3, or with S_PAIRS as the int16 of its two blocks'
+    scales, shifted by pair_shift (0 or 8) and masked."""
+    if S_PAIRS:
+        return ((s.to(gl.int32) >> pair_shift) & 0xFF).to(gl.uint8).to(gl.float8e4nv, bitcast=True).to(gl.float32)
+    return s.to(gl.float32)
+
+
+@gluon.jit
+def _step(words, s, x, up, pair_shift, READ_ONLY: gl.constexpr, S_PAIRS: gl.constexpr):
     """[BLOCK_N, BW] float32: each word's 8 products with x, summed, times its block scale (x 2^-63)."""
-    xs = gl.expand_dims(x.to(gl.float32) * X_SCALE, 0)  # [1, BW, 8]
-    if READ_ONLY:
-        return words.to(gl.float32, bitcast=True) * s.to(gl.float32) + gl.sum(xs, axis=2)
-    values = (((gl.expand_dims(words, 2) << up) >> 6) & E2M1_BITS).to(gl.float32, bitcast=True)
-    return gl.sum(values * xs, axis=2) * s.to(gl.float32)
+    if READ_ONLY == 2:
+        part = words.to(gl.float32, bitcast=True)
+    elif READ_ONLY:
+        xs = gl.expand_dims(x.to(gl.float32) * X_SCALE, 0)  # [1, BW, 8]
+        part = words.to(gl.float32, bitcast=True) * _scale(s, pair_shift, S_PAIRS) + gl.sum(xs, axis=2)
+    else:
+        xs = gl.expand_dims(x.to(gl.float32) * X_SCALE, 0)
+        values = (((gl.expand_dims(words, 2) << up) >> 6) & E2M1_BITS).to(gl.float32, bitcast=True)
+        part = gl.sum(values * xs, axis=2) * _scale(s, pair_shift, S_PAIRS)
+    return part
 
 
 @gluon.jit
-def _wide_tile(X, P, S, TS, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s, ts_stride, y_offset,
+def _wide_tile(X, P, S, TS, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, stride_s, ts_stride, y_offset,
                SPLIT: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BW: gl.constexpr,
-               L3: gl.constexpr, READ_ONLY: gl.constexpr, PREFETCH: gl.constexpr):
+               L3: gl.constexpr, READ_ONLY: gl.constexpr, PREFETCH: gl.constexpr, FINISH: gl.constexpr,
+               S_PAIRS: gl.constexpr):
     """Rows tile*BLOCK_N.. of one weight over this program's 1/SPLIT of K, into Y at y_offset (or PARTIAL).
     READ_ONLY (bench/nvfp4_gemv_sweep.py, a wrong result): the same loads without the decode, timing the reads. PREFETCH
     (EVEN_K only): each step's loads issued before the previous step's arithmetic."""
@@ -73,35 +114,51 @@ def _wide_tile(X, P, S, TS, Y, PARTIAL, tile, N, K, N_ALL, stride_p, stride_s, t
     first = gl.program_id(1) * chunk
     last = gl.minimum(words_k, first + chunk)
     word_ptrs = P + src[:, None] * stride_p + w[None, :]
-    scale_ptrs = S + src[:, None] * stride_s + (w // 2)[None, :]
+    if S_PAIRS:  # S as int16: the two block scales of each thread's four words in one load
+        scale_ptrs = S + src[:, None] * (stride_s // 2) + (w // 4)[None, :]
+        pair_shift = gl.expand_dims(8 * ((w // 2) % 2), 0)
+    else:
+        scale_ptrs = S + src[:, None] * stride_s + (w // 2)[None, :]
+        pair_shift = 0
     x_ptrs = X + xw[:, None] * 8 + xe[None, :]
     acc = gl.zeros([BLOCK_N, BW], gl.float32, words_layout)
     if PREFETCH:  # software pipelining in registers: the next step's loads in flight while this one decodes
-        words, s, x = _load_step(word_ptrs, scale_ptrs, x_ptrs, gl.minimum(first, words_k - BW), last, w, xw, True)
+        words, s, x = _load_step(word_ptrs, scale_ptrs, x_ptrs, first, last, w, xw, True, READ_ONLY, S_PAIRS,
+                                 first < last)
         for w0 in range(first, last, BW):
-            next_words, next_s, next_x = _load_step(word_ptrs, scale_ptrs, x_ptrs,
-                                                     gl.minimum(w0 + BW, words_k - BW), last, w, xw, True)
-            acc += _step(words, s, x, up, READ_ONLY)
+            next_words, next_s, next_x = _load_step(word_ptrs, scale_ptrs, x_ptrs, w0 + BW, last, w, xw, True,
+                                                     READ_ONLY, S_PAIRS, w0 + BW < last)
+            acc += _step(words, s, x, up, pair_shift, READ_ONLY, S_PAIRS)
             words, s, x = next_words, next_s, next_x
     else:
         for w0 in range(first, last, BW):
-            words, s, x = _load_step(word_ptrs, scale_ptrs, x_ptrs, w0, last, w, xw, EVEN_K)
-            acc += _step(words, s, x, up, READ_ONLY)
+            words, s, x = _load_step(word_ptrs, scale_ptrs, x_ptrs, w0, last, w, xw, EVEN_K, READ_ONLY, S_PAIRS)
+            acc += _step(words, s, x, up, pair_shift, READ_ONLY, S_PAIRS)
     y = gl.sum(acc, axis=1)
     if SPLIT > 1:
         gl.store(PARTIAL + gl.program_id(1) * N_ALL + y_offset + rows, y * (gl.load(TS + src * ts_stride) * X_SCALE),
                  mask=rows < N)
+        if FINISH:  # the tile's last program to finish sums the SPLIT partial rows, in order, and resets its counter
+            gl.thread_barrier()  # every thread's partial stored before the count says so
+            done = gl.atomic_add(COUNTERS + gl.program_id(0), 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT - 1:
+                total = gl.load(PARTIAL + y_offset + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
+                for part in gl.static_range(1, SPLIT):
+                    total += gl.load(PARTIAL + part * N_ALL + y_offset + rows, mask=rows < N, other=0.0,
+                                     cache_modifier=".cg")
+                gl.store(Y + y_offset + rows, total.to(Y.dtype.element_ty), mask=rows < N)
+                gl.atomic_xchg(COUNTERS + gl.program_id(0), 0, sem="relaxed", scope="gpu")
     else:
         y = y * (gl.load(TS + src * ts_stride) * X_SCALE)  # 2^-126 x 2^63 x 2^63 = 1
         gl.store(Y + y_offset + rows, y.to(Y.dtype.element_ty), mask=rows < N)
 
 
 @gluon.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])
-def wide_gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL, N0, N1, N2, K,
+def wide_gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL, COUNTERS, N0, N1, N2, K,
                      stride_p0, stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, stride_p2, stride_s2,
                      ts_stride2, PARTS: gl.constexpr, SPLIT: gl.constexpr, EVEN_K: gl.constexpr,
                      BLOCK_N: gl.constexpr, BW: gl.constexpr, L3: gl.constexpr, READ_ONLY: gl.constexpr = False,
-                     PREFETCH: gl.constexpr = False):
+                     PREFETCH: gl.constexpr = False, FINISH: gl.constexpr = False, S_PAIRS: gl.constexpr = False):
     """y = x @ [W0; W1; W2].T: program (i, j) takes row tile i of W0's tiles, then W1's, then W2's, over the j-th
     of SPLIT slices of K (SPLIT > 1 with one weight only: tensor-scaled fp32 partial rows)."""
     pid = gl.program_id(0)
@@ -109,11 +166,11 @@ def wide_gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL, N0, N
     tiles0 = gl.cdiv(N0, BLOCK_N)
     tiles1 = gl.cdiv(N1, BLOCK_N)
     if PARTS == 1 or pid < tiles0:
-        _wide_tile(X, P0, S0, TS0, Y, PARTIAL, pid, N0, K, n_all, stride_p0, stride_s0, ts_stride0, 0,
-                   SPLIT, EVEN_K, BLOCK_N, BW, L3, READ_ONLY, PREFETCH)
+        _wide_tile(X, P0, S0, TS0, Y, PARTIAL, COUNTERS, pid, N0, K, n_all, stride_p0, stride_s0, ts_stride0, 0,
+                   SPLIT, EVEN_K, BLOCK_N, BW, L3, READ_ONLY, PREFETCH, FINISH, S_PAIRS)
     elif PARTS == 2 or pid < tiles0 + tiles1:
-        _wide_tile(X, P1, S1, TS1, Y, PARTIAL, pid - tiles0, N1, K, n_all, stride_p1, stride_s1, ts_stride1, N0,
-                   SPLIT, EVEN_K, BLOCK_N, BW, L3, READ_ONLY, PREFETCH)
+        _wide_tile(X, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid - tiles0, N1, K, n_all, stride_p1, stride_s1, ts_stride1,
+                   N0, SPLIT, EVEN_K, BLOCK_N, BW, L3, READ_ONLY, PREFETCH, FINISH, S_PAIRS)
     else:
-        _wide_tile(X, P2, S2, TS2, Y, PARTIAL, pid - tiles0 - tiles1, N2, K, n_all, stride_p2, stride_s2,
-                   ts_stride2, N0 + N1, SPLIT, EVEN_K, BLOCK_N, BW, L3, READ_ONLY, PREFETCH)
+        _wide_tile(X, P2, S2, TS2, Y, PARTIAL, COUNTERS, pid - tiles0 - tiles1, N2, K, n_all, stride_p2, stride_s2,
+                   ts_stride2, N0 + N1, SPLIT, EVEN_K, BLOCK_N, BW, L3, READ_ONLY, PREFETCH, FINISH, S_PAIRS)

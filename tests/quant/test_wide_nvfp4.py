@@ -29,7 +29,8 @@ def test_the_kernel_compiles_for_hopper_to_16_byte_loads_without_shared_memory()
     from nvfp4_gemv_sass import compile_wide, loop_instructions
 
     for name, config in triton_nvfp4.WIDE_CONFIGS.items():
-        kernel = compile_wide(config["RN"], config["VW"], config["TN"], config["WARPS"], parts=2, arch=90)
+        kernel = compile_wide(config["RN"], config["VW"], config["TN"], config["WARPS"], parts=2,
+                              s_pairs=triton_nvfp4.wide_config(1, config)["S_PAIRS"], arch=90)
         if kernel is None:
             pytest.skip("this Triton cannot compile Gluon for sm_90 here")
         assert kernel.metadata.shared == 0, name
@@ -48,6 +49,12 @@ def test_the_kernel_compiles_for_hopper_to_16_byte_loads_without_shared_memory()
     ((1000, 37), 2576, torch.float16, {"SPLIT": 2}),  # K not a multiple of the step, split over two parts
     ((40,), 48, torch.bfloat16, {}),  # under one step
     ((300, 200), 1024, torch.bfloat16, {"PREFETCH": True, "RN": 4, "TN": 1, "WARPS": 2}),
+    ((2560,), 4096, torch.bfloat16, {"SPLIT": 4, "FINISH": True}),  # the last program of a tile sums the split
+    ((1000, 37), 2576, torch.float16, {"SPLIT": 2, "FINISH": True}),
+    ((9728, 9728), 2560, torch.bfloat16, {"SPLIT": 8, "FINISH": True, "PREFETCH": True}),
+    ((2560,), 9728, torch.bfloat16, {"S_PAIRS": True, "SPLIT": 4, "FINISH": True}),  # scales two at a time, masked
+    ((4096, 1024, 1024), 2560, torch.float32, {"S_PAIRS": True, "RN": 4, "WARPS": 2}),
+    ((1000, 37), 2576, torch.bfloat16, {"S_PAIRS": True}),  # K / 16 odd: one scale at a time after all
 ])
 def test_wide_gemv_matches_a_float64_matmul_on_cuda(ns, k, dtype, config):
     gen = torch.Generator("cuda").manual_seed(sum(ns) + k)
@@ -100,3 +107,30 @@ def test_the_wide_gemv_refuses_what_it_cannot_multiply():
     with pytest.raises(QwenlabError, match="gemv_with_config: the wide GEMV takes a row on CUDA and no bias"):
         triton_nvfp4.gemv_with_config(torch.randn(1, 64), [(q.packed, q.block_scale, q.tensor_scale)],
                                       {"WIDE": True})
+
+
+@needs_gluon_gpu
+def test_a_split_that_sums_itself_gives_the_same_rows_call_after_call_and_in_a_cuda_graph():
+    """FINISH: each row tile's programs count themselves on a per-device counter and the last sums the partial
+    rows in split order, then sets the counter back to zero; so every call, eager or replayed from a graph, gives
+    the same rows bit for bit, the two-kernel split's within bf16 rounding (it sums the same partials as a tree)."""
+    gen = torch.Generator("cuda").manual_seed(7)
+    q = codec.quantize(torch.randn(2560, 9728, device="cuda", generator=gen) * 0.02)
+    weights = [(q.packed, q.block_scale, q.tensor_scale)]
+    x = torch.randn(1, 9728, device="cuda", generator=gen).bfloat16()
+    finish = {"WIDE": True, "SPLIT": 4, "FINISH": True}
+    first = triton_nvfp4.gemv_with_config(x, weights, finish)
+    two_kernels = {"WIDE": True, "SPLIT": 4, "FINISH": False}
+    torch.testing.assert_close(first, triton_nvfp4.gemv_with_config(x, weights, two_kernels))
+    for _ in range(3):
+        assert torch.equal(triton_nvfp4.gemv_with_config(x, weights, finish), first)
+    out = torch.empty_like(first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(triton_nvfp4.gemv_with_config(x, weights, finish))
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    assert int(triton_nvfp4._split_counters(x.device).abs().sum()) == 0
