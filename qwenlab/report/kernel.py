@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from qwenlab.errors import QwenlabError
@@ -24,7 +24,6 @@ from qwenlab.paths import REPO_ROOT
 KERNEL = "qwenlab"
 _launched: list = []  # the kernel managers started for the notebooks now running and the next ones
 _launched_lock = threading.Lock()
-_own_start = threading.Lock()  # held while papermill starts a kernel itself (its stderr: fd 2, pointed at a log)
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")  # torch's CPU ops, tokenizers'
 
 
@@ -54,8 +53,8 @@ def kernels_dir() -> Path:
 
 
 def tracked_kernel_manager():
-    """papermill's kernel manager class: kernelspecs from kernels_dir() only, and each instance remembered so an
-    interrupted report can stop its kernel."""
+    """The kernel manager class of every notebook's kernel (NextKernel; papermill is handed the instance):
+    kernelspecs from kernels_dir() only, and each instance remembered so an interrupted report can stop its kernel."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
 
@@ -63,8 +62,6 @@ def tracked_kernel_manager():
         def __init__(self, *args, **kwargs):
             specs = KernelSpecManager(kernel_dirs=[str(kernels_dir())], ensure_native_kernel=False)
             super().__init__(*args, kernel_spec_manager=specs, **kwargs)
-            self.qwenlab_thread = threading.get_ident()  # which notebook's papermill made it (when not ahead)
-            self.qwenlab_ahead = False  # started by NextKernel, shut down by the report (shutdown())
             with _launched_lock:
                 _launched.append(self)
 
@@ -172,53 +169,51 @@ def kernel_environment(quiet: threading.Event | None = None):
             os.environ["MPLBACKEND"] = saved
 
 
-@contextmanager
-def kernel_stderr_to(log: Path):
-    """The kernel process writes its own chatter (ZMQ warnings, shutdown notices) to the inherited fd 2: keep it
-    in the run's logs/ so the progress lines stay readable."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(log, "ab") as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 class NextKernel:
     """A notebook's kernel started ahead, while the notebook before it runs: start(log) launches the process (its
     stderr into `log`, logs/NN_name.kernel.log) and sends WARM_UP, which the kernel runs while the
     report waits on the current notebook; take() hands the manager to execute(), whose papermill connects its own
-    client (its first request queues behind the warm-up). Every started kernel is in _launched until shut down."""
+    client (its first request queues behind the warm-up). Every started kernel is in _launched until shut down.
+    Every notebook runs on a kernel started here, so the report alone decides where each kernel's stderr goes."""
+
+    ATTEMPTS = 2
 
     def __init__(self):
         self.km = None
+        self.error = None  # why no kernel started: the notebook's error entry ({ename, evalue, ...})
         self._client = None
         self._stderr = None
 
     def start(self, log: Path, warm_up: bool = True, env: dict | None = None):
         """Launch it, its stderr into `log`, with this process's environment updated by `env`, and send WARM_UP
-        (warm_up); a kernel that cannot start here is noted there and left to papermill, which starts one when the
-        notebook runs and reports what fails then."""
+        (warm_up). A launch that fails is tried once more; if that fails too, `error` says why (also written to
+        `log`) and the notebook is reported as errored without running."""
         from jupyter_core.utils import run_sync
 
         self._stderr = open(log, "ab")
-        try:
-            km = tracked_kernel_manager()(kernel_name=KERNEL)
-            km.qwenlab_ahead = True
-            self.km = km
-            run_sync(km.start_kernel)(cwd=str(REPO_ROOT), stderr=self._stderr, env={**os.environ, **(env or {})})
-            self._client = km.client()
-            self._client.start_channels(hb=False)  # a heartbeat thread stopped as it starts spins (jupyter_client)
-            if warm_up:
-                self._client.execute(WARM_UP, silent=True, store_history=False)
-        except Exception as e:
-            self._stderr.write(f"qwenlab report: the kernel started ahead failed ({type(e).__name__}: {e}); "
-                               "papermill starts one when the notebook runs\n".encode())
-            self.discard()
+        for attempt in range(1, self.ATTEMPTS + 1):
+            try:
+                km = tracked_kernel_manager()(kernel_name=KERNEL)
+                self.km = km
+                run_sync(km.start_kernel)(cwd=str(REPO_ROOT), stderr=self._stderr,
+                                          env={**os.environ, **(env or {})})
+                self._client = km.client()
+                self._client.start_channels(hb=False)  # a heartbeat thread stopped as it starts spins
+                if warm_up:
+                    self._client.execute(WARM_UP, silent=True, store_history=False)
+                self.error = None
+                return
+            except Exception as e:
+                text = (str(e).strip().splitlines() or [""])[0]
+                self.error = {"ename": "KernelStartError", "evalue": f"the {KERNEL!r} Jupyter kernel did not start "
+                              f"({type(e).__name__}: {text})", "cell_index": None, "exec_count": None}
+                self._stderr.write(f"qwenlab report: kernel start {attempt} of {self.ATTEMPTS} failed: "
+                                   f"{type(e).__name__}: {e}\n".encode())
+                self._stderr.flush()
+                km, self.km = self.km, None
+                self._close_client()
+                if km is not None:
+                    shutdown(km)
 
     def take(self):
         """The started kernel's manager (None when none was started); its warm-up client closed."""
@@ -233,12 +228,15 @@ class NextKernel:
             shutdown(km)
 
     def close(self):
-        if self._client is not None:
-            self._client.stop_channels()
-            self._client = None
+        self._close_client()
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+
+    def _close_client(self):
+        if self._client is not None:
+            self._client.stop_channels()
+            self._client = None
 
 
 def shutdown(km):
@@ -257,35 +255,26 @@ def shutdown(km):
                 _launched.remove(km)
 
 
-def execute(notebook: Path, output: Path, params: dict, timeout: float | None, log: Path, km=None) -> dict | None:
-    """Run one notebook; None when it ran through, else {ename, evalue, cell_index, exec_count} of what stopped it.
-    Its log is created first: report/interrupt.py reads an existing log as 'this notebook had started'. km: a
-    kernel started ahead for it (NextKernel.take()), shut down here when the notebook ends; None: papermill starts
-    one and stops it."""
+def execute(notebook: Path, output: Path, params: dict, timeout: float | None, log: Path, km) -> dict | None:
+    """Run one notebook on km, the kernel started for it (NextKernel.take()), shut down here when the notebook ends;
+    None when it ran through, else {ename, evalue, cell_index, exec_count} of what stopped it. Its log is created
+    first: report/interrupt.py reads an existing log as 'this notebook had started'."""
     log.touch()
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     try:
-        # A kernel papermill starts itself inherits fd 2, pointed at the log meanwhile: one such start at a time.
-        with (nullcontext() if km is not None else _own_start), (nullcontext() if km is not None
-                                                                   else kernel_stderr_to(log)):
-            papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=KERNEL,
-                                       cwd=str(REPO_ROOT), progress_bar=False, request_save_on_cell_execute=True,
-                                       execution_timeout=timeout, kernel_manager_class=tracked_kernel_manager(),
-                                       km=km)
+        papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=KERNEL,
+                                   cwd=str(REPO_ROOT), progress_bar=False, request_save_on_cell_execute=True,
+                                   execution_timeout=timeout, kernel_manager_class=tracked_kernel_manager(), km=km)
     except PapermillExecutionError as e:
         return {"ename": e.ename, "evalue": e.evalue, "cell_index": e.cell_index, "exec_count": e.exec_count}
-    except Exception as e:  # kernel died, cell timeout, kernel failed to start: the notebook errored
+    except Exception as e:  # kernel died, cell timeout: the notebook errored
         text = str(e).strip()
         return {"ename": type(e).__name__, "evalue": text.splitlines()[0] if text else "", "cell_index": None,
                 "exec_count": None}
     finally:
-        if km is not None:
-            shutdown(km)
-        me = threading.get_ident()
-        with _launched_lock:  # the manager papermill made here (nbclient stopped it); other notebooks' stay
-            _launched[:] = [m for m in _launched if m.qwenlab_ahead or m.qwenlab_thread != me]
+        shutdown(km)
     return None
 
 

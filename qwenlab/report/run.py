@@ -272,7 +272,8 @@ class NotebookRun(threading.Thread):
             if run.stopping.is_set():
                 kernel.discard()
             else:
-                run.notebook(self.number, self.notebook, kernel.take())
+                error = kernel.error
+                run.notebook(self.number, self.notebook, kernel.take(), error)
         except BaseException as e:  # not the notebook's failure (execute reports those): the report's own
             run.crashed = run.crashed or e
         finally:
@@ -340,8 +341,9 @@ class Run:
             thread.join(max(0.0, deadline - time.monotonic()))
         stop_kernels()  # one a thread was starting while the first pass ran
 
-    def notebook(self, i: int, nb: Path, km):
-        """Notebook i (1-based, in notebook order) on the kernel km, its entry written into metrics.json."""
+    def notebook(self, i: int, nb: Path, km, start_error: dict | None = None):
+        """Notebook i (1-based, in notebook order) on the kernel km, its entry written into metrics.json; km None:
+        its kernel did not start (start_error says why) and the notebook is an error without running."""
         run_file, plan = self.run_file, self.plan
         run_dir, record = run_file.run_dir, run_file.record
         run_file.save()  # a heartbeat at each notebook boundary
@@ -350,7 +352,12 @@ class Run:
         t0 = time.perf_counter()
         output = run_dir / nb.name
         log = run_dir / "logs" / f"{nb.stem}.log"
-        error = execute(nb, output, plan[nb.stem], self.timeout, log, km=km)
+        if km is None:
+            log.touch()
+            error = start_error or {"ename": "KernelStartError", "evalue": "no kernel was started for it",
+                                    "cell_index": None, "exec_count": None}
+        else:
+            error = execute(nb, output, plan[nb.stem], self.timeout, log, km)
         seconds = time.perf_counter() - t0
         if self.stopping.is_set():
             quiet_abandoned_tasks(log)

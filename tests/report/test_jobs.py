@@ -103,6 +103,52 @@ def test_two_at_a_time_and_the_alone_one_with_none_beside_it(tmp_path, tiny, mon
     assert schedule.order(nbs, {"03_alone": "x"}, 1, durations) == nbs  # one lane: notebook order
 
 
+def test_a_kernel_that_does_not_start_makes_its_notebook_an_error_and_the_others_run(tmp_path, tiny, monkeypatch,
+                                                                                     capsys):
+    """Every notebook runs on a kernel the report starts (tried twice); one that never starts makes that notebook an
+    error naming the failure, without running it, while the others run beside it and no kernel is left."""
+    import os as os_module
+
+    from qwenlab.report import kernel as report_kernel
+
+    real = report_kernel.tracked_kernel_manager
+
+    def failing_for_02():
+        base = real()
+
+        class Manager(base):
+            async def start_kernel(self, **kwargs):
+                if "02_b" in getattr(kwargs.get("stderr"), "name", ""):
+                    raise RuntimeError("no kernel for 02_b")
+                return await super().start_kernel(**kwargs)
+
+        return Manager
+
+    monkeypatch.setattr(report_kernel, "tracked_kernel_manager", failing_for_02)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    for stem in ("01_a", "02_b", "03_c"):
+        timed_notebook(folder, stem)
+    out = tmp_path / "reports"
+    argv = ["report", "--notebooks-dir", str(folder), "--out", str(out), "--device", "cpu", "--model", str(tiny),
+            "--jobs", "2", "--param", "seconds=0.1"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    (run_dir,) = [p for p in out.iterdir() if p.name != "latest"]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    entries = record["notebooks"]
+    assert {stem: e["verdict"] for stem, e in entries.items()} == {"01_a": "pass", "02_b": "error", "03_c": "pass"}
+    assert entries["02_b"]["error"]["ename"] == "KernelStartError"
+    assert entries["02_b"]["error"]["evalue"] == ("the 'qwenlab' Jupyter kernel did not start "
+                                                  "(RuntimeError: no kernel for 02_b)")
+    assert entries["02_b"]["ipynb"] is None  # it never ran
+    assert "KernelStartError: the 'qwenlab' Jupyter kernel did not start" in err
+    kernel_log = (run_dir / "logs" / "02_b.kernel.log").read_text()
+    assert "kernel start 1 of 2 failed" in kernel_log and "kernel start 2 of 2 failed" in kernel_log
+    assert ipykernel_children(os_module.getpid()) == []
+
+
 def test_an_interrupt_stops_every_running_notebook(tmp_path, tiny):
     folder = tmp_path / "nbs"
     folder.mkdir()
