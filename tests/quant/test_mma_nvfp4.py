@@ -9,6 +9,7 @@ import torch
 
 from qwenlab.errors import QwenlabError
 from qwenlab.quant import codec
+from tests.quant.nvfp4_weights import weights_with_subnormal_scales
 
 pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
@@ -121,12 +122,7 @@ def test_the_kernel_compiles_for_hopper_without_shared_memory():
 ])
 def test_mma_gemv_matches_a_float64_matmul_on_cuda(ns, k, config):
     gen = torch.Generator("cuda").manual_seed(sum(ns) + k)
-    parts = []
-    for i, n in enumerate(ns):
-        q = codec.quantize(torch.randn(n, k, device="cuda", generator=gen) * (0.02 * (i + 1)))
-        tiny = q.block_scale[: max(n // 8, 1)].view(torch.uint8)  # the first rows' block scales: E4M3 subnormals
-        tiny.copy_(torch.randint(1, 8, tiny.shape, device="cuda", generator=gen, dtype=torch.uint8))
-        parts.append(q)
+    parts = weights_with_subnormal_scales(ns, k, gen)
     x = torch.randn(1, k, device="cuda", generator=gen).bfloat16()
     ref = torch.cat([x.double().reshape(k) @ codec.dequantize(q, torch.float32).double().T for q in parts])
     torch.full((sum(ns),), float("nan"), dtype=torch.bfloat16, device="cuda")  # poison the reused block

@@ -8,6 +8,7 @@ import torch
 
 from qwenlab.errors import QwenlabError
 from qwenlab.quant import codec
+from tests.quant.nvfp4_weights import weights_with_subnormal_scales
 
 pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
@@ -58,12 +59,7 @@ def test_the_kernel_compiles_for_hopper_to_16_byte_loads_without_shared_memory()
 ])
 def test_wide_gemv_matches_a_float64_matmul_on_cuda(ns, k, dtype, config):
     gen = torch.Generator("cuda").manual_seed(sum(ns) + k)
-    parts = []
-    for i, n in enumerate(ns):
-        q = codec.quantize(torch.randn(n, k, device="cuda", generator=gen) * (0.02 * (i + 1)))
-        tiny = q.block_scale[: max(n // 8, 1)].view(torch.uint8)  # the first rows' block scales: E4M3 subnormals
-        tiny.copy_(torch.randint(1, 8, tiny.shape, device="cuda", generator=gen, dtype=torch.uint8))
-        parts.append(q)
+    parts = weights_with_subnormal_scales(ns, k, gen)
     weights = [codec.dequantize(q, torch.float32).double() for q in parts]
     if len(ns) == 1:  # one weight with a per-row tensor scale (a fused weight whose parts had their own)
         q = parts[0]
