@@ -14,8 +14,8 @@ lands on a subnormal either way, which is exact; the power of two is folded into
 Speed on an H200 (doc/nvfp4.md): the GEMV reads the packed weights at 20-39% of the copy bandwidth, 1.3-1.7x
 faster than bf16 cuBLAS on the same shapes, fastest with X_VEC (x as 16-byte loads). Its loop spends 54-57
 instructions per int32 word (bench/nvfp4_gemv_sass.py), yet qwenlab.quant.mma_nvfp4, a tensor-core GEMV at 33, is
-no faster there: the instruction count is not the limit. qwenlab.quant.wide_nvfp4 (16-byte weight loads) is 1.13x
-faster over a layer's four projections and runs by default on CUDA; gemv_engine says which GEMV runs.
+no faster there. qwenlab.quant.wide_nvfp4 (16-byte weight loads) is 1.16x faster than this one over a layer's four
+projections and runs by default on CUDA; gemv_engine says which GEMV runs.
 
     nvfp4_gemv       one row (batch-1 decode), fp32 accumulation, the tensor scale applied once at the end;
                      split-K with a second, atomic-free pass under 4096 rows (gemv_split)
@@ -471,7 +471,8 @@ def _split_counters(device: torch.device) -> torch.Tensor:
 
 def _wide_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, config: dict | None) -> None:
     """nvfp4 GEMV of 1-3 weights with 16-byte loads (qwenlab.quant.wide_nvfp4) into y; one weight split along K
-    as nvfp4_gemv (gemv_split), the tensor-scaled partial rows summed by the finish pass."""
+    as nvfp4_gemv (gemv_split), the tensor-scaled partial rows summed in the kernel (FINISH) or by the finish
+    pass."""
     from qwenlab.quant import wide_nvfp4  # Gluon: compiled only on a GPU
 
     k, n = row.shape[0], y.shape[0]
@@ -504,7 +505,7 @@ def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str,
           ) -> torch.Tensor:
     """weights: 1-3 (packed, block_scale, tensor_scale) of the same K -> x times each, concatenated, [..., sum N].
     config (the benches): {"MMA": True, BLOCK_N, BLOCK_K, WARPS[, SPLIT]} for the tensor-core GEMV, {"WIDE": True,
-    RN, VW, TN, WARPS[, SPLIT, PREFETCH, READ_ONLY]} for the wide one (wide_config), else BLOCK_N,
+    RN, VW, TN, WARPS[, SPLIT, FINISH, S_PAIRS, PREFETCH, READ_ONLY]} for the wide one (wide_config), else BLOCK_N,
     GROUPS, X_VEC, FLAT, num_warps, num_stages of the FMA one, instead of the defaults / the autotuner."""
     k = x.shape[-1]
     ns = [_check(k, *w, bias, where)[0] for w in weights]
