@@ -240,8 +240,11 @@ def main(argv=None) -> int:
         print(f"gemv_pdl: Triton {triton.__version__} has no triton.language.extra.cuda.gdc_wait (PDL needs Triton "
               "3.4 or newer)", file=sys.stderr)
         return 2
-    if os.environ.pop("QWENLAB_NVFP4_GEMV", "fma") == "mma":
-        print("note: QWENLAB_NVFP4_GEMV=mma ignored: this bench times the Triton FMA NVFP4 GEMV (the default)")
+    asked = os.environ.get("QWENLAB_NVFP4_GEMV", "wide")
+    if asked != "fma":
+        print(f"note: QWENLAB_NVFP4_GEMV={asked} set aside: this bench times the Triton FMA NVFP4 GEMV, the one with "
+              "a PDL switch")
+    os.environ["QWENLAB_NVFP4_GEMV"] = "fma"  # make_weights tunes the FMA GEMV through the default path
     from nvfp4_kernels import open_cuda
 
     started = time.perf_counter()

@@ -4,7 +4,8 @@ only; prints its numbers, never asserts them.
     python bench/nvfp4_kernels.py [--quick] [--out FILE.json]
 
 Decode (one row): bf16 F.linear, dequantize-then-matmul (codec.dequantize + F.linear, NVFP4Linear's path today) and
-nvfp4_gemv. Each is timed as a CUDA graph of many calls over rotated weight copies larger than the L2 cache; GB/s
+nvfp4_gemv (the GEMV QWENLAB_NVFP4_GEMV picks, the wide-load one by default on CUDA; each row's `engine` says
+which). Each is timed as a CUDA graph of many calls over rotated weight copies larger than the L2 cache; GB/s
 counts the bytes the method must read and write (the NVFP4 weight = packed + block scales, or the bf16 weight; x; y)
 against the measured copy bandwidth. Prefill (M rows, 2048 by default): bf16 F.linear, nvfp4_gemm, and
 dequantize_into one reused bf16 buffer + F.linear. Every output is compared with a float64 matmul of the same
@@ -87,8 +88,11 @@ def decode_row(name, n, k, kernels, copy_bw, device) -> dict:
     us = {"bf16": graph_us([lambda b=b: F.linear(x, b) for b in bf16s]),
           "dequant": graph_us([lambda q=q: F.linear(x, codec.dequantize(q, x.dtype)) for q in qs[:8]], replays=2),
           "gemv": graph_us([lambda q=q: kernels.nvfp4_gemv(x, q.packed, q.block_scale, q.tensor_scale) for q in qs])}
-    row = {"shape": name, "n": n, "k": k, "first_call_s": first_call_s, "config": best_config(kernels._gemv_kernel),
-           "tuning_ms": tuning(kernels._gemv_kernel)}
+    engine = kernels.gemv_engine(x)  # the GEMV nvfp4_gemv runs here (QWENLAB_NVFP4_GEMV; the wide one by default)
+    config = {"fma": lambda: best_config(kernels._gemv_kernel), "mma": lambda: f"mma {kernels.MMA_CONFIG}",
+              "wide": lambda: f"wide {kernels.wide_config(n)}"}[engine]()
+    row = {"shape": name, "n": n, "k": k, "first_call_s": first_call_s, "engine": engine, "config": config,
+           "tuning_ms": tuning(kernels._gemv_kernel) if engine == "fma" else {}}
     for method in us:
         row[method] = {"us": us[method], "bytes": moved[method], "gb_s": moved[method] / us[method] / 1e3,
                        "pct_copy_bw": 100 * moved[method] / us[method] / 1e-6 / copy_bw, **errors(out[method], ref)}
