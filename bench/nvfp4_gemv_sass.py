@@ -71,7 +71,7 @@ def compile_mma(block_n, block_k, warps, parts=1, split=1, arch=90):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
-WIDE_TILES = [(2, 4, 2, 4), (4, 4, 2, 2)]  # (RN, VW, TN, warps): triton_nvfp4.WIDE_CONFIGS
+WIDE_TILES = [(c["RN"], c["VW"], c["TN"], c["WARPS"]) for c in triton_nvfp4.WIDE_CONFIGS.values()]  # the defaults
 
 
 def compile_wide(rn, vw, tn, warps, parts=1, split=1, even_k=True, s_pairs=False, arch=90):
@@ -85,7 +85,8 @@ def compile_wide(rn, vw, tn, warps, parts=1, split=1, even_k=True, s_pairs=False
         return None
     jit = wide_nvfp4.wide_gemv_kernel
     names = jit.arg_names
-    values = dict(PARTS=parts, SPLIT=split, EVEN_K=even_k, BLOCK_N=rn * tn * warps, BW=vw * (32 // tn),
+    block_n, bw = triton_nvfp4.wide_tile({"RN": rn, "VW": vw, "TN": tn, "WARPS": warps})
+    values = dict(PARTS=parts, SPLIT=split, EVEN_K=even_k, BLOCK_N=block_n, BW=bw,
                   L3=wide_nvfp4.layout(rn, vw, tn, warps), READ_ONLY=0, PREFETCH=False, FINISH=split > 1,
                   S_PAIRS=s_pairs)
     pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16", "COUNTERS": "*i32"}

@@ -32,12 +32,11 @@ X_SCALE = gl.constexpr(9.223372036854775808e18)  # 2^63
 E2M1_BITS = gl.constexpr(-0x7E400000)  # 0x81C00000 as int32: bit 31 (sign) and bits 24..22 (e1 e0 m)
 
 
-def layout(rows_per_thread: int, words_per_thread: int, lanes_n: int, warps_n: int, warps_w: int = 1
-           ) -> gl.BlockedLayout:
-    """L3 for a tile of rows_per_thread x lanes_n x warps_n rows and words_per_thread x (32 / lanes_n) x warps_w
-    words: each thread's words of a row contiguous (words_per_thread 4: one 16-byte load)."""
+def layout(rows_per_thread: int, words_per_thread: int, lanes_n: int, warps_n: int) -> gl.BlockedLayout:
+    """L3 for a tile of rows_per_thread x lanes_n x warps_n rows and words_per_thread x (32 / lanes_n) words
+    (triton_nvfp4.wide_tile): each thread's words of a row contiguous (words_per_thread 4: one 16-byte load)."""
     return gl.BlockedLayout(size_per_thread=[rows_per_thread, words_per_thread, 8],
-                            threads_per_warp=[lanes_n, 32 // lanes_n, 1], warps_per_cta=[warps_n, warps_w, 1],
+                            threads_per_warp=[lanes_n, 32 // lanes_n, 1], warps_per_cta=[warps_n, 1, 1],
                             order=[2, 1, 0])
 
 
@@ -106,9 +105,8 @@ def _wide_tile(X, P, S, TS, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, s
     src = gl.minimum(rows, N - 1)  # the tail tile re-reads the last row instead of masking every load
     w = gl.arange(0, BW, layout=gl.SliceLayout(0, words_layout))
     xw = gl.arange(0, BW, layout=gl.SliceLayout(1, x_layout))
-    xe = gl.arange(0, 8, layout=gl.SliceLayout(0, x_layout))
-    j = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, x_layout)), 0), 0)  # [1, 1, 8]
-    up = 28 - 4 * j  # element j of a word: its nibble to the top bits
+    xe = gl.arange(0, 8, layout=gl.SliceLayout(0, x_layout))  # element of a word
+    up = 28 - 4 * gl.expand_dims(gl.expand_dims(xe, 0), 0)  # [1, 1, 8]: element j's nibble to the top bits
     words_k = K // 8
     chunk = gl.cdiv(gl.cdiv(words_k, SPLIT), BW) * BW
     first = gl.program_id(1) * chunk
@@ -160,7 +158,8 @@ def wide_gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL, COUNT
                      BLOCK_N: gl.constexpr, BW: gl.constexpr, L3: gl.constexpr, READ_ONLY: gl.constexpr = False,
                      PREFETCH: gl.constexpr = False, FINISH: gl.constexpr = False, S_PAIRS: gl.constexpr = False):
     """y = x @ [W0; W1; W2].T: program (i, j) takes row tile i of W0's tiles, then W1's, then W2's, over the j-th
-    of SPLIT slices of K (SPLIT > 1 with one weight only: tensor-scaled fp32 partial rows)."""
+    of SPLIT slices of K (SPLIT > 1: tensor-scaled fp32 partial rows, [SPLIT, N0 + N1 + N2], summed by FINISH or
+    by triton_nvfp4's finish pass)."""
     pid = gl.program_id(0)
     n_all = N0 + N1 + N2
     tiles0 = gl.cdiv(N0, BLOCK_N)

@@ -266,7 +266,7 @@ def execute(notebook: Path, output: Path, params: dict, timeout: float | None, l
     try:
         papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=KERNEL,
                                    cwd=str(REPO_ROOT), progress_bar=False, request_save_on_cell_execute=True,
-                                   execution_timeout=timeout, kernel_manager_class=tracked_kernel_manager(), km=km)
+                                   execution_timeout=timeout, km=km)
     except PapermillExecutionError as e:
         return {"ename": e.ename, "evalue": e.evalue, "cell_index": e.cell_index, "exec_count": e.exec_count}
     except Exception as e:  # kernel died, cell timeout: the notebook errored

@@ -31,7 +31,7 @@ def test_the_kernel_compiles_for_hopper_to_16_byte_loads_without_shared_memory()
 
     for name, config in triton_nvfp4.WIDE_CONFIGS.items():
         kernel = compile_wide(config["RN"], config["VW"], config["TN"], config["WARPS"], parts=2,
-                              s_pairs=triton_nvfp4.wide_config(1, config)["S_PAIRS"], arch=90)
+                              s_pairs=config["S_PAIRS"], arch=90)
         if kernel is None:
             pytest.skip("this Triton cannot compile Gluon for sm_90 here")
         assert kernel.metadata.shared == 0, name
