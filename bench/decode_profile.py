@@ -1,9 +1,11 @@
-"""Where a decode step's time goes: the graph engine's captured one-token step, compiled each way the engine can
-(one decoder layer compiled for all, the whole step, nothing), timed by replays side by side in one process, with
-its kernel launches per step and the compiled step's kernels by the torch profiler. A development tool beside
-`qwenlab bench`; it prints numbers and asserts none.
+"""Where a decode step's time goes: the graph engine's captured one-token step, built each way the engine can
+(fused: dense layers as qwenlab's fused kernels, the default; layer: one decoder layer compiled by torch.compile for
+all; step: the whole step compiled; none), timed by replays side by side in one process, with its kernel launches
+per step and the first mode's kernels by the torch profiler. A development tool beside `qwenlab bench`; it prints
+numbers and asserts none.
 
     python bench/decode_profile.py --model /tmp/q4b --device cuda --dtype bfloat16 [--quant nvfp4] [--context 512]
+        [--modes fused,layer]
 """
 import argparse
 
@@ -62,7 +64,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant", default=None, help="nvfp4: quantize at load (as qwenlab bench --quant)")
     ap.add_argument("--context", type=int, default=512, help="static cache length (attention covers all of it)")
-    ap.add_argument("--compile", default=",".join(COMPILES), help="the engine's compile modes to capture, in order")
+    ap.add_argument("--modes", default="fused,layer", help="the engine's modes to capture, in order: fused, or one of "
+                    f"its compile modes without the fused layers ({', '.join(COMPILES)})")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     model = load(resolve_model_dir(args.model), args.dtype, args.device, args.quant).model
@@ -73,15 +76,15 @@ def main():
     if args.quant is None:
         gemv_table(model)
     table = None  # the first mode's kernels, from the same profile that counted its launches
-    for mode in args.compile.split(","):
-        engine = Engine(model, "graph", compile=mode)
+    for mode in args.modes.split(","):
+        engine = Engine(model, "graph", compile="layer" if mode == "fused" else mode, fused=mode == "fused")
         cache = engine.new_cache(args.context)
         model(torch.arange(128, device=model.device), cache=cache)
         step, _ = engine.captured(cache)
         capture = engine.captures[-1]
         ms = replay_ms(step)
         prof, launches = profiled(step)
-        print(f"graph replay, compile {mode}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, {wbytes / ms / 1e6:.0f} GB/s, "
+        print(f"graph replay, {mode}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, {wbytes / ms / 1e6:.0f} GB/s, "
               f"{100 * wbytes / bandwidth * 1e3 / ms:.1f}% of floor), {launches:.0f} kernels per step; capture "
               f"{capture['seconds']:.1f} s (first call {capture['first_call_s']:.1f} s, "
               f"{capture['graphs_compiled']} graphs compiled)", flush=True)

@@ -15,7 +15,7 @@
 # run). SKIP_TESTS=1 skips step 1; TESTS="pytest targets" runs those instead (TESTS_K: their -k); KERNEL_BENCH=1 also runs
 # bench/nvfp4_kernels.py (each NVFP4 kernel against cuBLAS per Qwen3-4B projection shape) before the checkpoint;
 # GEMV_SWEEP=1 runs bench/nvfp4_gemv_sweep.py (every GEMV tile on those shapes); PROFILE="modes" runs
-# bench/decode_profile.py on the checkpoint with those compile modes (e.g. layer,step,none) for bf16, and for NVFP4
+# bench/decode_profile.py on the checkpoint with those modes (e.g. fused,layer,step) for bf16, and for NVFP4
 # too with PROFILE_NVFP4=1; LOAD_MEMORY=1 runs bench/load_memory.py (what an NVFP4 load leaves allocated); GEMV_TILES=1
 # runs bench/gemv_tiles.py (the bf16 GEMV's tiles one by one, and its cold autotune); LOAD_SPEED=1 runs
 # bench/load_speed.py on the checkpoint (each part of a load, and transformers', first and repeated); BENCH=0 stops before the bench (and
@@ -76,11 +76,11 @@ if [ "${LOAD_SPEED:-0}" = 1 ]; then
     | tee "$OUT/load_speed.log"
 fi
 if [ -n "${PROFILE:-}" ]; then
-  step "decode step profile, bf16, compile modes $PROFILE (bench/decode_profile.py)"
-  $PY bench/decode_profile.py --model /tmp/q4b --compile "$PROFILE" 2>&1 | tee "$OUT/decode_profile_bf16.log"
+  step "decode step profile, bf16, modes $PROFILE (bench/decode_profile.py)"
+  $PY bench/decode_profile.py --model /tmp/q4b --modes "$PROFILE" 2>&1 | tee "$OUT/decode_profile_bf16.log"
   if [ "${PROFILE_NVFP4:-0}" = 1 ]; then
-    step "decode step profile, NVFP4, compile modes $PROFILE"
-    $PY bench/decode_profile.py --model /tmp/q4b --quant nvfp4 --compile "$PROFILE" 2>&1 \
+    step "decode step profile, NVFP4, modes $PROFILE"
+    $PY bench/decode_profile.py --model /tmp/q4b --quant nvfp4 --modes "$PROFILE" 2>&1 \
       | tee "$OUT/decode_profile_nvfp4.log"
   fi
 fi

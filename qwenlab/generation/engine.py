@@ -3,9 +3,12 @@
 `graph` (CUDA): prefill with the ordinary forward, then each token is one replay of a CUDA graph of the one-token
 step over a static cache (qwenlab.generation.graph), with the engine's kernels (qwenlab.generation.kernels).
 `eager`: the forward once per token. `auto`: graph where it can run, else eager, saying why.
-Before the first capture torch.compile compiles one decoder layer, whose code every layer then runs (COMPILES:
-or the whole step, or nothing). On one H200, Qwen3-4B shape, the layer compiled in 5.3 s against 36.2 s for the
-whole step and replays 1.4% (bf16) / 0.9% (NVFP4) slower (bench/decode_profile.py, doc/performance.md).
+A dense layer (bf16, fp16 or fp32, fused projections, no hook installed) runs as qwenlab's five fused kernels
+(qwenlab.generation.fused_layer; `fused=False`: never). Any other layer runs its forward, for which torch.compile
+compiles one decoder layer before the first capture, whose code every such layer then runs (COMPILES: or the whole
+step, which leaves out the fused kernels, or nothing). On one H200, Qwen3-4B shape, the layer compiled in 5.3 s
+against 36.2 s for the whole step and replays 1.4% (bf16) / 0.9% (NVFP4) slower (bench/decode_profile.py,
+doc/performance.md).
 The engine keeps the compiled code, the kernel choices and their timings, the captured graph of each static cache
 it made (and, in `captures`, each capture's cache length, seconds and graphs compiled: a new length compiles
 again), and a pooled cache for one-off generations (so the playground's second Generate reuses the graph).
@@ -61,13 +64,15 @@ class Prepared:
 
 
 class Engine:
-    """compile: one of COMPILES (True: "layer", False: "none"). min_cache_len: the shortest pooled cache (a power of
-    two from 512 otherwise). Compiled code is static-shaped, so every new cache length compiles again (with the whole
-    step compiled: 131 s and 86 s on the Qwen3-32B shape, against 0.2 s for another cache of a length already
-    compiled): a caller that decodes sequences of several lengths in one process gives the longest here and makes
-    its other caches that long too (notebook 04, one compile)."""
+    """compile: one of COMPILES (True: "layer", False: "none"). fused: dense layers as the fused kernels (not with
+    compile "step", which compiles every layer's forward into the step). min_cache_len: the shortest pooled cache
+    (a power of two from 512 otherwise). Compiled code is static-shaped, so every new cache length compiles again
+    (with the whole step compiled: 131 s and 86 s on the Qwen3-32B shape, against 0.2 s for another cache of a
+    length already compiled): a caller that decodes sequences of several lengths in one process gives the longest
+    here and makes its other caches that long too (notebook 04, one compile)."""
 
-    def __init__(self, model, kind: str = "auto", *, compile: bool | str = True, min_cache_len: int = MIN_POOLED_LEN):
+    def __init__(self, model, kind: str = "auto", *, compile: bool | str = True, fused: bool = True,
+                 min_cache_len: int = MIN_POOLED_LEN):
         if kind not in ENGINES:
             raise QwenlabError(f"engine={kind!r}: choose one of {', '.join(ENGINES)}")
         compile = {True: "layer", False: "none"}[compile] if isinstance(compile, bool) else compile
@@ -79,6 +84,7 @@ class Engine:
         if kind == "graph" and why:
             raise QwenlabError(f"engine graph: {why} (use engine auto or eager)")
         self.model, self.asked, self.compile, self.min_cache_len = model, kind, compile, min_cache_len
+        self.fused = bool(fused) and compile != "step"
         self.kind = "eager" if kind == "eager" or why else "graph"
         self.note = why or ""
         self.kernels: DecodeKernels | None = None
@@ -136,8 +142,11 @@ class Engine:
         kernels = self.kernels.describe()
         gemv = ", ".join(kernels["gemv"]) or "no shape"
         nvfp4 = f"; NVFP4: {kernels['nvfp4']}" if kernels["nvfp4"] else ""
+        compiled = COMPILES[self.compile]
+        if kernels["layers"]:
+            compiled = f"decoder layers: {kernels['layers']} where they fit, else {compiled}"
         return Prepared(cache, step, "graph", f"attention {kernels['attention']}; Triton GEMV for {gemv}{nvfp4}; "
-                        f"{COMPILES[self.compile]}", seconds)
+                        f"{compiled}", seconds)
 
     def captured(self, cache: StaticKVCache) -> tuple[CapturedStep, float]:
         """The cache's captured step, made on first use. -> (step, seconds spent compiling and capturing now)."""
@@ -145,7 +154,7 @@ class Engine:
             return self._graphs[cache], 0.0
         t0 = time.perf_counter()
         if self.kernels is None:
-            kernels = choose_kernels(self.model, self.timings)
+            kernels = choose_kernels(self.model, self.timings, self.fused)
             self.kernels = layer_compiled(kernels) if self.compile == "layer" else kernels
         kernels_s = time.perf_counter() - t0
         if self._step_fn is None:

@@ -1,13 +1,16 @@
 """The decode engine's kernel choices for a one-token step over a static cache, handed to the model's forward as
-`kernels` (the model itself never changes): the split-K Triton attention over the whole cache, and for each
-projection shape the Triton GEMV where it measured faster than cuBLAS on this device. Triton exists only with
-CUDA, so it is imported when kernels are chosen, never on the CPU."""
+`kernels` (the model itself never changes): each dense decoder layer as qwenlab's five fused kernels where it fits
+(qwenlab.generation.fused_layer), any other layer through `run_layer` with the split-K Triton attention over the
+whole cache and, for each projection shape, the Triton GEMV where it measured faster than cuBLAS on this device.
+Triton exists only with CUDA, so it is imported when kernels are chosen, never on the CPU."""
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenlab.model.hooks import HookPoint
 from qwenlab.quant.linear import NVFP4Linear
 
 
@@ -24,6 +27,13 @@ class DecodeKernels:
     nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> outputs concatenated
     nvfp4_gemv: str = ""  # which NVFP4 GEMV runs for the model's activations: "wide", "mma" or "fma" (gemv_engine)
     run_layer: Callable = call_layer  # (layer, x, cos, sin, mask, kv, attention, kernels) -> x: call_layer, compiled
+    fused: object | None = None  # fused_layer.FusedLayers: the layers it fits run as its five kernels
+
+    def layer(self, layer: nn.Module, x, cos, sin, mask, kv, attention: str):
+        """One decoder layer of the step: the fused kernels where they fit it, else run_layer (its forward)."""
+        if self.fused is not None and self.fused.fits(layer, x, kv) is None:
+            return self.fused.layer(layer, x, cos, sin, kv)
+        return self.run_layer(layer, x, cos, sin, mask, kv, attention, self)
 
     def linear(self, module: nn.Module, x):
         if type(module) is nn.Linear and x.numel() == module.in_features:
@@ -46,7 +56,9 @@ class DecodeKernels:
         return self.attend(q, k, v, pos)
 
     def describe(self) -> dict:
-        return {"attention": "split-K Triton",
+        return {"layers": (f"fused Triton kernels (5 a layer{', PDL' if self.fused.pdl else ''})" if self.fused
+                           else None),
+                "attention": "split-K Triton",
                 "gemv": sorted(f"{n}x{k}" for n, k in self.gemv_shapes),
                 "nvfp4": (f"one {NVFP4_GEMVS.get(self.nvfp4_gemv, 'Triton')} GEMV launch per q/k/v and per gate/up"
                           if self.nvfp4_parts else None)}
@@ -61,16 +73,52 @@ def one_launch_nvfp4(module: nn.Module) -> bool:
             and module.bias is None and not module._forward_hooks and not module._forward_pre_hooks)
 
 
+def layer_weights(layer: nn.Module) -> list:
+    """The four weights the fused layer multiplies by (q/k/v, o, gate/up, down), or [] for a layer of another
+    structure: q/k/v and gate/up not fused into one plain linear each, NVFP4, MoE, a bias."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None),
+               getattr(mlp, "down_proj", None)]
+    if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+        return []
+    return [m.weight for m in linears]
+
+
+def fits(layer: nn.Module, x: torch.Tensor, kv) -> str | None:
+    """Why the fused layer cannot run this layer for this step, or None when it can: a one-token step over a static
+    cache, a dense layer with q/k/v and gate/up fused into one plain linear each and no bias, every weight in x's
+    dtype and on its device, and nothing installed that the layer's forward would run (a hook point's function, a
+    module hook)."""
+    if x.shape[-2] != 1 or not getattr(kv, "static_shapes", False):
+        return "not a one-token step over a static cache"
+    attn, weights = layer.self_attn, layer_weights(layer)
+    if not weights:
+        return "its projections are not plain fused linears without bias (NVFP4, unfused or MoE)"
+    if attn.head_dim % 2:
+        return f"head_dim {attn.head_dim} is odd"
+    params = weights + [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.q_norm.weight,
+                        attn.k_norm.weight]
+    if any(p.dtype != x.dtype or p.device != x.device for p in params) or kv.k.dtype != x.dtype:
+        return "its weights or cache are not all in the activations' dtype and device"
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return "a global module hook is installed"
+    for m in layer.modules():
+        if m._forward_hooks or m._forward_pre_hooks or (isinstance(m, HookPoint) and m.fns):
+            return "a hook is installed in the layer"
+    return None
+
+
 def decode_linears(model) -> list[nn.Linear]:
     """Every plain nn.Linear a decode step multiplies by (fused projections, HF-named ones, lm_head)."""
     return [m for m in model.modules() if type(m) is nn.Linear]
 
 
-def choose_kernels(model, timings: dict) -> DecodeKernels:
+def choose_kernels(model, timings: dict, fused: bool = True) -> DecodeKernels:
     """Measures cuBLAS against the Triton GEMV once per (N, K, dtype, device) into `timings` (the engine's) and
-    keeps the GEMV where it is at least 3% faster."""
+    keeps the GEMV where it is at least 3% faster. fused: dense layers run as the fused kernels (with the GEMV's
+    tile for each of their shapes), whatever cuBLAS measured."""
     from qwenlab.generation.decode_attention import decode_attention_static  # Triton: only where CUDA is
-    from qwenlab.generation.gemv import gemv, linear_timings  # the same
+    from qwenlab.generation.gemv import gemv, gemv_tile, linear_timings  # the same
 
     chosen = set()
     for linear in decode_linears(model):
@@ -83,10 +131,16 @@ def choose_kernels(model, timings: dict) -> DecodeKernels:
             chosen.add(tuple(weight.shape))
     parts, engine = None, ""
     if any(one_launch_nvfp4(m) for m in model.modules()):
-        import torch
-
         from qwenlab.quant.triton_nvfp4 import gemv_engine, nvfp4_gemv_parts  # the same
 
         parts = nvfp4_gemv_parts
         engine = gemv_engine(torch.empty(1, 1, dtype=model.dtype, device=model.device))
-    return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts, engine)
+    layers = None
+    if fused:
+        from qwenlab.generation.fused_layer import FusedLayers, pdl_available  # the same
+
+        shapes = {tuple(w.shape): w for layer in model.model.layers for w in layer_weights(layer)}
+        if shapes:
+            layers = FusedLayers({shape: gemv_tile(w) for shape, w in shapes.items()}, pdl_available(model.device))
+            layers.prepare(model.device, model.config.num_key_value_heads)
+    return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts, engine, fused=layers)

@@ -257,8 +257,8 @@ class Qwen3(nn.Module):
             kv = cache.layer(i) if cache is not None else None
             if kernels is None:
                 x = layer(x, cos, sin, mask, kv, attention, kernels)
-            else:  # the engine's step: one layer compiled once serves all of them (DecodeKernels.run_layer)
-                x = kernels.run_layer(layer, x, cos, sin, mask, kv, attention, kernels)
+            else:  # the engine's step: its fused kernels, or one layer compiled once for all (DecodeKernels.layer)
+                x = kernels.layer(layer, x, cos, sin, mask, kv, attention)
         if cache is not None:
             cache.advance(T)
         x = self.model.norm(x.to(self.model.norm.weight.device))

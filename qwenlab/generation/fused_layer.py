@@ -1,0 +1,265 @@
+"""A dense Qwen3 decoder layer for one token in five Triton kernels of qwenlab's own: the graph engine's layer where
+the layer allows it (fits). torch.compile's layer ran twelve kernels a layer: four GEMVs, the attention and seven
+small fused elementwise kernels of 1-2 us each, most of them waiting on memory latency, not bandwidth. Here:
+
+1. RMSNorm + the q/k/v GEMV: the norm is the GEMV's prologue (each program computes the row's rstd itself);
+2. q/k RMSNorm + RoPE + the cache write + split-K decode attention over the valid slots, whose chunks are merged
+   by the last program of each KV head to finish (a counter per head, set back to zero by that program);
+3. o_proj GEMV + the residual add (epilogue);
+4. RMSNorm + the gate/up GEMV;
+5. SiLU(gate) x up (prologue) + the down GEMV + the residual add.
+
+Every kernel rounds to the model's dtype where the module forward does (the norm's output, its product with the
+weight, each projection's output, q/k after their norm and after each RoPE product, SiLU and its product with up,
+each residual sum), so it computes what the layer's forward computes; only float32 sums run in another order.
+On sm_90+ each is launched with programmatic dependent launch: it starts while the kernel before it ends, reads
+its first weight tile (weights never change) and only then waits for the previous kernel's output (gdc_wait).
+The GEMV tiles are the bf16 GEMV autotuner's for each shape (qwenlab.generation.gemv).
+"""
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from qwenlab.generation.kernels import fits
+
+try:  # Programmatic Dependent Launch, Triton 3.4+
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+PLAIN, RMS, SILU_UP = 0, 1, 2  # the GEMV's prologue: x as it is, RMSNorm(x) * weight, SiLU(gate) * up
+BLOCK = 64  # cache slots per step of an attention program's loop
+
+
+@triton.jit
+def _row_in(X, G, cols, ok, rstd, K, PRO: tl.constexpr):
+    """The GEMV's input at `cols`, as the module forward rounds it, in float32."""
+    dtype = X.dtype.element_ty
+    if PRO == 1:  # RMSNorm: weight * (x * rstd).to(dtype)
+        h = (tl.load(X + cols, mask=ok, other=0.0).to(tl.float32) * rstd).to(dtype).to(tl.float32)
+        return (tl.load(G + cols, mask=ok, other=0.0).to(tl.float32) * h).to(dtype).to(tl.float32)
+    elif PRO == 2:  # F.silu(gate) * up, gate and up the two halves of X
+        gate = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        return (act * tl.load(X + K + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    else:
+        return tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, RES: tl.constexpr,
+                       PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y = [R +] W @ prologue(X), one token. PRO: PLAIN, RMS (G the norm's weight, eps) or SILU_UP (X holds gate
+    then up, K each). RES: add R (the residual) to the rounded product."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    if PDL:
+        gdc_launch_dependents()
+    w = tl.load(W + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
+                other=0.0, eviction_policy="evict_first")
+    if PDL:
+        gdc_wait()  # X and R are the previous kernels' outputs
+    rstd = 0.0
+    if PRO == 1:
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            squares += v * v
+        rstd = tl.rsqrt(tl.sum(squares, 0) / K + eps)
+    acc = w.to(tl.float32) * _row_in(X, G, cols, cols < K, rstd, K, PRO)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        c = k0 + cols
+        ok = c < K
+        w = tl.load(W + rows[:, None] * stride_wn + c[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc += w.to(tl.float32) * _row_in(X, G, c, ok, rstd, K, PRO)[None, :]
+    y = tl.sum(acc, 1).to(Y.dtype.element_ty)
+    if RES:
+        y = (tl.load(R + rows, mask=row_ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(Y.dtype.element_ty)
+    tl.store(Y + rows, y, mask=row_ok)
+
+
+@triton.jit
+def _norm_rope(QKV, NW, COS, SIN, heads, d, mask, eps, D: tl.constexpr):
+    """Rows `heads` of QKV (head_dim D each) through RMSNorm (weight NW) and RoPE, rounded as the forward rounds:
+    [len(heads), DP] float32 holding values of QKV's dtype."""
+    dtype = QKV.dtype.element_ty
+    half = (d + D // 2) % D  # rotate_half's partner of each element
+    x = tl.load(QKV + heads[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xh = tl.load(QKV + heads[:, None] * D + half[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+    dm = d < D
+    x = (tl.load(NW + d, mask=dm, other=0.0).to(tl.float32)[None, :] * (x * rstd).to(dtype).to(tl.float32))
+    xh = (tl.load(NW + half, mask=dm, other=0.0).to(tl.float32)[None, :] * (xh * rstd).to(dtype).to(tl.float32))
+    x, xh = x.to(dtype).to(tl.float32), xh.to(dtype).to(tl.float32)
+    rot = tl.where(d[None, :] < D // 2, -xh, xh)
+    cos = tl.load(COS + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(SIN + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    return ((x * cos).to(dtype).to(tl.float32) + (rot * sin).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _fused_attend_kernel(QKV, QW, KW, COS, SIN, KC, VC, POS, OUT, O_PART, M_PART, L_PART, COUNTERS, stride_kh,
+                         stride_ks, stride_vh, stride_vs, n_chunks, eps, SM_SCALE: tl.constexpr, G: tl.constexpr,
+                         GP: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    """One token's attention from the q/k/v projection's output: program (KV head, chunk of CHUNK slots). Each
+    normalises and rotates its G query heads and the new key, the one holding slot `pos` writes the new key and
+    value there, and each scores its valid slots with an online softmax (the new key and value from registers)."""
+    kvh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    pos = tl.load(POS)
+    length = pos + 1
+    start = chunk * CHUNK
+    if start < length:
+        dtype = KC.dtype.element_ty
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        dm = d < D
+        q = _norm_rope(QKV, QW, COS, SIN, kvh * G + g, d, (g[:, None] < G) & dm[None, :], eps, D).to(dtype)
+        one = tl.arange(0, 1)
+        k_new = _norm_rope(QKV + KVH * G * D, KW, COS, SIN, kvh + one, d, dm[None, :], eps, D).to(dtype)
+        v_new = tl.load(QKV + (KVH * G + KVH + kvh) * D + d, mask=dm, other=0.0)
+        end = tl.minimum(start + CHUNK, length)
+        if pos < end:  # this chunk holds the new slot
+            tl.store(KC + kvh * stride_kh + pos * stride_ks + d[None, :] + one[:, None] * 0, k_new,
+                     mask=dm[None, :])
+            tl.store(VC + kvh * stride_vh + pos * stride_vs + d, v_new, mask=dm)
+        m = tl.full([GP], -1e30, tl.float32)
+        total = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        for off in range(start, end, BLOCK):
+            s = off + tl.arange(0, BLOCK)
+            valid = s < end
+            kv_mask = valid[:, None] & dm[None, :]
+            is_new = (s == pos)[:, None]
+            k = tl.load(KC + kvh * stride_kh + s[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+            k = tl.where(is_new, k_new, k)
+            if IEEE:  # float32 operands (a float32 model, or Triton's interpreter, whose bf16 dot is wrong)
+                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(valid[None, :], scores.to(tl.float32) * SM_SCALE, -1e30)
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.where(valid[None, :], tl.exp(scores - m_new[:, None]), 0.0)
+            v = tl.load(VC + kvh * stride_vh + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.where(is_new, v_new[None, :], v)
+            if IEEE:
+                pv = tl.dot(p.to(dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(dtype), v)
+            total = total * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        out_mask = (g[:, None] < G) & dm[None, :]
+        used = tl.cdiv(length, CHUNK)
+        if used == 1:
+            tl.store(OUT + (kvh * G + g)[:, None] * D + d[None, :], (acc / total[:, None]).to(dtype), mask=out_mask)
+        else:
+            part = (kvh * n_chunks + chunk) * GP
+            tl.store(M_PART + part + g, m)
+            tl.store(L_PART + part + g, total)
+            tl.store(O_PART + (part + g)[:, None] * DP + d[None, :], acc)
+            tl.debug_barrier()  # every thread's partial stored before the count says so
+            done = tl.atomic_add(COUNTERS + kvh, 1, sem="acq_rel", scope="gpu")
+            if done == used - 1:  # the last chunk of this KV head to finish merges them all, in chunk order
+                m_run = tl.full([GP], -1e30, tl.float32)
+                l_run = tl.zeros([GP], tl.float32)
+                acc = tl.zeros([GP, DP], tl.float32)
+                for c in range(0, used):
+                    other = (kvh * n_chunks + c) * GP
+                    m = tl.load(M_PART + other + g, cache_modifier=".cg")
+                    m_new = tl.maximum(m_run, m)
+                    keep, take = tl.exp(m_run - m_new), tl.exp(m - m_new)
+                    l_run = l_run * keep + tl.load(L_PART + other + g, cache_modifier=".cg") * take
+                    o = tl.load(O_PART + (other + g)[:, None] * DP + d[None, :], cache_modifier=".cg")
+                    acc = acc * keep[:, None] + o * take[:, None]
+                    m_run = m_new
+                tl.store(OUT + (kvh * G + g)[:, None] * D + d[None, :], (acc / l_run[:, None]).to(dtype),
+                         mask=out_mask)
+                tl.atomic_xchg(COUNTERS + kvh, 0, sem="relaxed", scope="gpu")
+
+
+def attention_chunk(slots: int) -> int:
+    """Cache slots per attention program: BLOCK up to 16 chunks a cache, then a sixteenth of it (a power of two),
+    so a short context still spreads over several programs per KV head and the merge reads at most 16 partials."""
+    return max(BLOCK, triton.next_power_of_2(triton.cdiv(slots, 16)))
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+@dataclass
+class FusedLayers:
+    """What the fused layer needs beyond the layer itself: the GEMV tile per weight shape ((N, K) -> (BLOCK_N,
+    BLOCK_K, num_warps, num_stages)), whether to launch with PDL, and the per-device merge counters (zero between
+    launches; made before any graph capture by prepare())."""
+    tiles: dict
+    pdl: bool = False
+    counters: dict = field(default_factory=dict)
+
+    def prepare(self, device: torch.device, kv_heads: int):
+        key = str(device)
+        if key not in self.counters or self.counters[key].numel() < kv_heads:
+            self.counters[key] = torch.zeros(kv_heads, dtype=torch.int32, device=device)
+
+    def gemv(self, x, weight, prologue: int = PLAIN, norm: nn.Module | None = None, residual=None):
+        n, k = weight.shape
+        block_n, block_k, warps, stages = self.tiles[(n, k)]
+        y = torch.empty(n, dtype=x.dtype, device=x.device)
+        launch = {"launch_pdl": True} if self.pdl else {}
+        _fused_gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, norm.weight if norm is not None else weight, residual if residual is not None else y, weight, y, n, k,
+            weight.stride(0), norm.eps if norm is not None else 0.0, PRO=prologue, RES=residual is not None,
+            PDL=self.pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **launch)
+        return y
+
+    def attend(self, qkv, attn: nn.Module, cos, sin, kv):
+        heads, kv_heads, dim = attn.n_heads, attn.n_kv, attn.head_dim
+        group, slots = heads // kv_heads, kv.k.shape[2]
+        chunk = attention_chunk(slots)
+        n_chunks = triton.cdiv(slots, chunk)
+        gp, dp = _pow2(group), _pow2(dim)
+        self.prepare(qkv.device, kv_heads)
+        out = torch.empty(heads * dim, dtype=qkv.dtype, device=qkv.device)
+        o_part = torch.empty((kv_heads, n_chunks, gp, dp), dtype=torch.float32, device=qkv.device)
+        m_part = torch.empty((kv_heads, n_chunks, gp), dtype=torch.float32, device=qkv.device)
+        l_part = torch.empty_like(m_part)
+        launch = {"launch_pdl": True} if self.pdl else {}
+        _fused_attend_kernel[(kv_heads, n_chunks)](
+            qkv, attn.q_norm.weight, attn.k_norm.weight, cos, sin, kv.k, kv.v, kv.pos, out, o_part, m_part, l_part,
+            self.counters[str(qkv.device)], kv.k.stride(1), kv.k.stride(2), kv.v.stride(1), kv.v.stride(2),
+            n_chunks, attn.q_norm.eps, SM_SCALE=dim ** -0.5, G=group, GP=gp, KVH=kv_heads, D=dim, DP=dp,
+            CHUNK=chunk, BLOCK=BLOCK, IEEE=qkv.dtype == torch.float32 or INTERPRETED, PDL=self.pdl, **launch)
+        return out
+
+    def fits(self, layer: nn.Module, x, kv) -> str | None:
+        return fits(layer, x, kv)
+
+    def layer(self, layer: nn.Module, x, cos, sin, kv):
+        """The decoder layer's forward for one token over a static cache (kv: its StaticLayerKV)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        row = x.reshape(-1)
+        qkv = self.gemv(row, attn.qkv_proj.weight, RMS, norm=layer.input_layernorm)
+        ctx = self.attend(qkv, attn, cos.reshape(-1), sin.reshape(-1), kv)
+        row = self.gemv(ctx, attn.o_proj.weight, residual=row)
+        gate_up = self.gemv(row, mlp.gate_up_proj.weight, RMS, norm=layer.post_attention_layernorm)
+        row = self.gemv(gate_up, mlp.down_proj.weight, SILU_UP, residual=row)
+        return row.reshape(x.shape)
+
+
+def pdl_available(device: torch.device) -> bool:
+    """PDL needs sm_90+, Triton's gdc intrinsics and a real GPU (not Triton's interpreter)."""
+    return (gdc_wait is not None and device.type == "cuda" and not INTERPRETED
+            and torch.cuda.get_device_capability(device)[0] >= 9)

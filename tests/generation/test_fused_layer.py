@@ -1,0 +1,133 @@
+"""The graph engine's fused decoder layer (qwenlab.generation.fused_layer): its five kernels against the same layer's
+forward run in float64 on the same inputs (the layer's own forward is checked against transformers elsewhere), and
+which layers it takes (qwenlab.generation.kernels.fits, on the CPU). The kernels run on CUDA, or on the CPU under
+Triton's interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/generation/test_fused_layer.py
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+from qwenlab.generation.kernels import fits
+from qwenlab.model.kv_cache import StaticKVCache, StaticLayerKV
+from qwenlab.model.loader import load
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+runs_kernels = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED),
+                                  reason="Triton kernels: CUDA, or TRITON_INTERPRET=1 on the CPU")
+
+
+def _static(model, prefill: int, max_len: int = 512):
+    """A static cache holding `prefill` positions, switched to one-token static steps, and the next step's inputs."""
+    cache = StaticKVCache.for_config(model.config, max_len=max_len, dtype=model.dtype, device=model.device)
+    model(torch.arange(3, 3 + prefill, device=model.device), cache=cache)
+    cache.static_shapes = True
+    positions = cache.positions(1, model.device)
+    x = model.model.embed_tokens(torch.tensor([[7]], device=model.device))
+    cos, sin = model.model.rotary(positions, model.dtype)
+    return cache, x, cos, sin, cache.attention_mask(1)
+
+
+def _layer_kv(cache, i: int, dtype=None) -> StaticLayerKV:
+    k, v = cache.k[i].clone(), cache.v[i].clone()
+    if dtype is not None:
+        k, v = k.to(dtype), v.to(dtype)
+    return StaticLayerKV(k, v, cache._write_at, cache.pos)
+
+
+def _tiles(model) -> dict:
+    """A fixed GEMV tile per shape (the engine takes the autotuner's; the interpreter cannot time tiles). BLOCK_K 64
+    is under K for every fixture, so the GEMV's loop runs more than one step and its masked tail."""
+    from qwenlab.generation.kernels import layer_weights
+
+    return {tuple(w.shape): (4, 64, 4, 1) for layer in model.model.layers for w in layer_weights(layer)}
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fixture", ["tiny_dir", "untied_dir"])
+@pytest.mark.parametrize("prefill", [10, 200])
+@torch.inference_mode()
+def test_fused_layer_is_as_close_to_float64_as_the_layers_own_forward(fixture, dtype, prefill, request):
+    """Every layer of the fixture, one token after `prefill` (10: one chunk of cache slots; 200: four, merged by the
+    last program): the fused layer's output and the key/value it writes at `pos` against the layer's forward in
+    float64 on the same inputs (the float64 layer reads the same cache and x, upcast), with an error at most twice
+    the layer's own forward in `dtype` plus a few units in the last place; every other cache slot untouched.
+    tiny-untied has head_dim 24 (padded to 32 in the kernel) and 3 query heads per KV head."""
+    from qwenlab.generation.fused_layer import FusedLayers
+
+    base = load(request.getfixturevalue(fixture), "float32", DEVICE, fused=True).model
+    model, exact = copy.deepcopy(base).to(dtype), copy.deepcopy(base).double()
+    cache, x, cos, sin, mask = _static(model, prefill)
+    pos = int(cache.pos)
+    fused = FusedLayers(_tiles(model))
+    ulp = torch.finfo(dtype).eps
+    for i, layer in enumerate(model.model.layers):
+        assert fits(layer, x, _layer_kv(cache, i)) is None
+        kv_ref, kv_own, kv_fused = _layer_kv(cache, i, torch.float64), _layer_kv(cache, i), _layer_kv(cache, i)
+        ref = exact.model.layers[i](x.double(), cos.double(), sin.double(), mask, kv_ref, "eager", None)
+        own = layer(x, cos, sin, mask, kv_own, "eager", None)
+        out = fused.layer(layer, x, cos, sin, kv_fused)
+        scale = ref.abs().max().item()
+        own_err, err = (own.double() - ref).abs().max().item(), (out.double() - ref).abs().max().item()
+        assert out.dtype == dtype and out.shape == x.shape
+        assert err <= 2 * own_err + 4 * ulp * scale, (i, err, own_err)
+        for written, own_kv, ref_kv in ((kv_fused.k, kv_own.k, kv_ref.k), (kv_fused.v, kv_own.v, kv_ref.v)):
+            slot_ref, slot_scale = ref_kv[:, :, pos], ref_kv[:, :, pos].abs().max().item()
+            own_slot_err = (own_kv[:, :, pos].double() - slot_ref).abs().max().item()
+            slot_err = (written[:, :, pos].double() - slot_ref).abs().max().item()
+            assert slot_err <= 2 * own_slot_err + 4 * ulp * slot_scale, (i, slot_err, own_slot_err)
+            others = torch.ones(written.shape[2], dtype=torch.bool)
+            others[pos] = False
+            assert torch.equal(written[:, :, others], cache.k[i][:, :, others] if written is kv_fused.k
+                               else cache.v[i][:, :, others])
+        x = own
+
+
+@runs_kernels
+@torch.inference_mode()
+def test_the_merge_of_cache_chunks_is_deterministic_and_leaves_its_counters_at_zero(tiny_dir):
+    """300 valid slots of a 512-slot cache: five chunks per KV head, merged by whichever finishes last, in chunk
+    order: two calls give the same bits, and each head's counter is back at zero for the next call."""
+    from qwenlab.generation.fused_layer import FusedLayers
+
+    model = load(tiny_dir, "float32", DEVICE, fused=True).model
+    cache, x, cos, sin, _ = _static(model, 299)
+    fused = FusedLayers(_tiles(model))
+    layer = model.model.layers[0]
+    first = fused.layer(layer, x, cos, sin, _layer_kv(cache, 0))
+    second = fused.layer(layer, x, cos, sin, _layer_kv(cache, 0))
+    assert torch.equal(first, second)
+    assert not fused.counters[str(x.device)].any()
+
+
+@torch.inference_mode()
+def test_which_layers_the_fused_kernels_take(tiny_dir, moe_dir):
+    """A dense fused-projection layer on a one-token static step fits; a prefill, an unfused or NVFP4 or MoE layer,
+    a weight in another dtype, an installed hook point function or module hook each say why not (the layer then
+    runs its own forward, hooks included)."""
+    model = load(tiny_dir, "float32", "cpu", fused=True).model
+    cache, x, *_ = _static(model, 4)
+    kv = cache.layer(0)
+    layer = model.model.layers[0]
+    assert fits(layer, x, kv) is None
+    assert "one-token step" in fits(layer, torch.zeros(1, 3, x.shape[-1]), kv)
+    assert "one-token step" in fits(layer, x, cache.layer(0) if not cache.static_shapes else None)
+    unfused = load(tiny_dir, "float32", "cpu").model
+    assert "fused linears" in fits(unfused.model.layers[0], x, kv)
+    nvfp4 = load(tiny_dir, "float32", "cpu", quant="nvfp4").model
+    assert "fused linears" in fits(nvfp4.model.layers[0], x, kv)
+    moe = load(moe_dir, "float32", "cpu", fused=True).model
+    assert "fused linears" in fits(moe.model.layers[1], x, kv)
+    assert "dtype" in fits(layer, x.to(torch.bfloat16), kv)
+    layer.self_attn.hook_q_rope.fns.append(lambda t: t)
+    assert "hook" in fits(layer, x, kv)
+    layer.self_attn.hook_q_rope.fns.clear()
+    handle = layer.mlp.down_proj.register_forward_hook(lambda m, args, out: out)
+    assert "hook" in fits(layer, x, kv)
+    handle.remove()
+    assert fits(layer, x, kv) is None
