@@ -1,6 +1,7 @@
 """Where a decode step's time goes: the graph engine's captured one-token step, built each way the engine can
-(fused: dense layers as qwenlab's fused kernels, the default; layer: one decoder layer compiled by torch.compile for
-all; step: the whole step compiled; none), timed by replays side by side in one process, with its kernel launches
+(fused: dense layers as qwenlab's fused kernels, the default; fused-nopdl: the same launched without programmatic
+dependent launch; layer: one decoder layer compiled by torch.compile for all; step: the whole step compiled; none),
+timed by replays side by side in one process, with its kernel launches
 per step and the first mode's kernels by the torch profiler. A development tool beside `qwenlab bench`; it prints
 numbers and asserts none.
 
@@ -8,13 +9,15 @@ numbers and asserts none.
         [--modes fused,layer]
 """
 import argparse
+from dataclasses import replace
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from qwenlab.bench.measure import copy_bandwidth, device_facts, weight_bytes
-from qwenlab.generation.engine import COMPILES, Engine
+from qwenlab.generation.engine import COMPILES, Engine, layer_compiled
+from qwenlab.generation.kernels import choose_kernels
 from qwenlab.model.loader import load
 from qwenlab.model.tiny import resolve_model_dir
 
@@ -64,8 +67,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant", default=None, help="nvfp4: quantize at load (as qwenlab bench --quant)")
     ap.add_argument("--context", type=int, default=512, help="static cache length (attention covers all of it)")
-    ap.add_argument("--modes", default="fused,layer", help="the engine's modes to capture, in order: fused, or one of "
-                    f"its compile modes without the fused layers ({', '.join(COMPILES)})")
+    ap.add_argument("--modes", default="fused,layer", help="the engine's modes to capture, in order: fused, "
+                    f"fused-nopdl, or one of its compile modes without the fused layers ({', '.join(COMPILES)})")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     model = load(resolve_model_dir(args.model), args.dtype, args.device, args.quant).model
@@ -77,7 +80,12 @@ def main():
         gemv_table(model)
     table = None  # the first mode's kernels, from the same profile that counted its launches
     for mode in args.modes.split(","):
-        engine = Engine(model, "graph", compile="layer" if mode == "fused" else mode, fused=mode == "fused")
+        fused = mode.startswith("fused")
+        engine = Engine(model, "graph", compile="layer" if fused else mode, fused=fused)
+        if mode == "fused-nopdl":
+            engine.kernels = choose_kernels(model, engine.timings)
+            engine.kernels = replace(engine.kernels, run_layer=layer_compiled(engine.kernels).run_layer)
+            engine.kernels.fused.pdl = False
         cache = engine.new_cache(args.context)
         model(torch.arange(128, device=model.device), cache=cache)
         step, _ = engine.captured(cache)

@@ -2,19 +2,21 @@
 the layer allows it (fits). torch.compile's layer ran twelve kernels a layer: four GEMVs, the attention and seven
 small fused elementwise kernels of 1-2 us each, most of them waiting on memory latency, not bandwidth. Here:
 
-1. RMSNorm + the q/k/v GEMV: the norm is the GEMV's prologue (each program computes the row's rstd itself);
+1. RMSNorm + the q/k/v GEMV: each program multiplies by the norm's weight as it reads x and sums x's squares in
+   the same pass (no program splits K), then scales its sums by rstd;
 2. q/k RMSNorm + RoPE + the cache write + split-K decode attention over the valid slots, whose chunks are merged
    by the last program of each KV head to finish (a counter per head, set back to zero by that program);
 3. o_proj GEMV + the residual add (epilogue);
 4. RMSNorm + the gate/up GEMV;
 5. SiLU(gate) x up (prologue) + the down GEMV + the residual add.
 
-Every kernel rounds to the model's dtype where the module forward does (the norm's output, its product with the
-weight, each projection's output, q/k after their norm and after each RoPE product, SiLU and its product with up,
-each residual sum), so it computes what the layer's forward computes; only float32 sums run in another order.
+Every kernel rounds to the model's dtype where the module forward does (each projection's output, q/k after their
+norm and after each RoPE product, SiLU and its product with up, each residual sum), but for the input norms of the
+two GEMVs that take them: their normalised x is not rounded before the product (rstd scales the sums), one
+rounding fewer than the forward, so closer to float64; float32 sums run in another order.
 On sm_90+ each is launched with programmatic dependent launch: it starts while the kernel before it ends, reads
 its first weight tile (weights never change) and only then waits for the previous kernel's output (gdc_wait).
-The GEMV tiles are the bf16 GEMV autotuner's for each shape (qwenlab.generation.gemv).
+The GEMV's tile is autotuned per shape and prologue/epilogue (TILES).
 """
 import os
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import triton.language as tl
 from torch import nn
 
 from qwenlab.generation.kernels import fits
+from qwenlab.quant.autotuning import AUTOTUNE
 
 try:  # Programmatic Dependent Launch, Triton 3.4+
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -37,25 +40,36 @@ BLOCK = 64  # cache slots per step of an attention program's loop
 
 
 @triton.jit
-def _row_in(X, G, cols, ok, rstd, K, PRO: tl.constexpr):
-    """The GEMV's input at `cols`, as the module forward rounds it, in float32."""
-    dtype = X.dtype.element_ty
-    if PRO == 1:  # RMSNorm: weight * (x * rstd).to(dtype)
-        h = (tl.load(X + cols, mask=ok, other=0.0).to(tl.float32) * rstd).to(dtype).to(tl.float32)
-        return (tl.load(G + cols, mask=ok, other=0.0).to(tl.float32) * h).to(dtype).to(tl.float32)
-    elif PRO == 2:  # F.silu(gate) * up, gate and up the two halves of X
-        gate = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        return (act * tl.load(X + K + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+def _row_in(X, G, cols, ok, K, PRO: tl.constexpr):
+    """The GEMV's input at `cols` in float32, and x there (for the norm's sum of squares; PRO RMS only). RMS: x times
+    the norm's weight, its rstd applied to the products' sum; SILU_UP: F.silu(gate) * up, gate and up the two halves
+    of X, rounded as the forward rounds."""
+    x = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+    if PRO == 1:
+        return x * tl.load(G + cols, mask=ok, other=0.0).to(tl.float32), x
+    elif PRO == 2:
+        dtype = X.dtype.element_ty
+        act = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
+        return (act * tl.load(X + K + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32), x
     else:
-        return tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+        return x, x
+
+
+# Tiles the fused GEMV's autotuner tries (BLOCK_N, BLOCK_K, num_warps, num_stages): the plain GEMV's (few rows a
+# program, long K slices) and taller ones, which spread each program's prologue work (the norm's weight, SiLU of
+# the gate and the loads of up) over more weight bytes.
+TILES = [(2, 1024, 4, 2), (4, 512, 4, 4), (4, 1024, 8, 4), (8, 256, 4, 3), (8, 512, 8, 3), (16, 256, 8, 3),
+         (16, 128, 4, 4), (32, 128, 8, 3)]
+if INTERPRETED:  # the interpreter cannot time tiles
+    TILES = TILES[:1]
 
 
 @triton.jit
 def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, RES: tl.constexpr,
                        PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y = [R +] W @ prologue(X), one token. PRO: PLAIN, RMS (G the norm's weight, eps) or SILU_UP (X holds gate
-    then up, K each). RES: add R (the residual) to the rounded product."""
+    """Y = [R +] W @ prologue(X), one token. PRO: PLAIN, RMS (G the norm's weight, eps: rstd * (W @ (G * X)), rstd
+    from the same pass over X) or SILU_UP (X holds gate then up, K each). RES: add R (the residual) to the rounded
+    product."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
@@ -65,24 +79,30 @@ def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, R
                 other=0.0, eviction_policy="evict_first")
     if PDL:
         gdc_wait()  # X and R are the previous kernels' outputs
-    rstd = 0.0
-    if PRO == 1:
-        squares = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            v = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            squares += v * v
-        rstd = tl.rsqrt(tl.sum(squares, 0) / K + eps)
-    acc = w.to(tl.float32) * _row_in(X, G, cols, cols < K, rstd, K, PRO)[None, :]
+    xin, x = _row_in(X, G, cols, cols < K, K, PRO)
+    acc = w.to(tl.float32) * xin[None, :]
+    squares = x * x
     for k0 in range(BLOCK_K, K, BLOCK_K):
         c = k0 + cols
         ok = c < K
         w = tl.load(W + rows[:, None] * stride_wn + c[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0,
                     eviction_policy="evict_first")
-        acc += w.to(tl.float32) * _row_in(X, G, c, ok, rstd, K, PRO)[None, :]
-    y = tl.sum(acc, 1).to(Y.dtype.element_ty)
+        xin, x = _row_in(X, G, c, ok, K, PRO)
+        acc += w.to(tl.float32) * xin[None, :]
+        if PRO == 1:
+            squares += x * x
+    y = tl.sum(acc, 1)
+    if PRO == 1:  # RMSNorm's rstd from the x this pass read (every program reads all of it)
+        y = y * tl.rsqrt(tl.sum(squares, 0) / K + eps)
+    y = y.to(Y.dtype.element_ty)
     if RES:
         y = (tl.load(R + rows, mask=row_ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(Y.dtype.element_ty)
     tl.store(Y + rows, y, mask=row_ok)
+
+
+_tuned_gemv_kernel = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in TILES],
+    key=["N", "K", "PRO", "RES"], **AUTOTUNE)(_fused_gemv_kernel)
 
 
 @triton.jit
@@ -202,11 +222,11 @@ def _pow2(n: int, least: int = 16) -> int:
 
 @dataclass
 class FusedLayers:
-    """What the fused layer needs beyond the layer itself: the GEMV tile per weight shape ((N, K) -> (BLOCK_N,
-    BLOCK_K, num_warps, num_stages)), whether to launch with PDL, and the per-device merge counters (zero between
-    launches; made before any graph capture by prepare())."""
-    tiles: dict
+    """What the fused layer needs beyond the layer itself: whether to launch with PDL, the per-device merge counters
+    (zero between launches; made before any graph capture by prepare()) and, for tests, a fixed GEMV tile per weight
+    shape ((N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages)) instead of the autotuner's."""
     pdl: bool = False
+    tiles: dict = field(default_factory=dict)
     counters: dict = field(default_factory=dict)
 
     def prepare(self, device: torch.device, kv_heads: int):
@@ -216,13 +236,18 @@ class FusedLayers:
 
     def gemv(self, x, weight, prologue: int = PLAIN, norm: nn.Module | None = None, residual=None):
         n, k = weight.shape
-        block_n, block_k, warps, stages = self.tiles[(n, k)]
         y = torch.empty(n, dtype=x.dtype, device=x.device)
         launch = {"launch_pdl": True} if self.pdl else {}
-        _fused_gemv_kernel[(triton.cdiv(n, block_n),)](
-            x, norm.weight if norm is not None else weight, residual if residual is not None else y, weight, y, n, k,
-            weight.stride(0), norm.eps if norm is not None else 0.0, PRO=prologue, RES=residual is not None,
-            PDL=self.pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **launch)
+        args = (x, norm.weight if norm is not None else weight, residual if residual is not None else y, weight, y, n,
+                k, weight.stride(0), norm.eps if norm is not None else 0.0)
+        if (n, k) in self.tiles:
+            block_n, block_k, warps, stages = self.tiles[(n, k)]
+            _fused_gemv_kernel[(triton.cdiv(n, block_n),)](
+                *args, PRO=prologue, RES=residual is not None, PDL=self.pdl, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=warps, num_stages=stages, **launch)
+        else:
+            _tuned_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+                *args, PRO=prologue, RES=residual is not None, PDL=self.pdl, **launch)
         return y
 
     def attend(self, qkv, attn: nn.Module, cos, sin, kv):

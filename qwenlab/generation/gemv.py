@@ -80,14 +80,6 @@ def _(x, weight, bias=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def gemv_tile(weight: torch.Tensor) -> tuple[int, int, int, int]:
-    """The autotuner's tile for this weight's shape (tuned on first use, then from Triton's disk cache): (BLOCK_N,
-    BLOCK_K, num_warps, num_stages), for the fused decode layer's GEMVs (qwenlab.generation.fused_layer)."""
-    gemv(torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device), weight)
-    config = _gemv_kernel.best_config
-    return config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
-
-
 def _graph_us(fn, calls: int = 8) -> float:
     fn()
     torch.cuda.synchronize()

@@ -115,10 +115,10 @@ def decode_linears(model) -> list[nn.Linear]:
 
 def choose_kernels(model, timings: dict, fused: bool = True) -> DecodeKernels:
     """Measures cuBLAS against the Triton GEMV once per (N, K, dtype, device) into `timings` (the engine's) and
-    keeps the GEMV where it is at least 3% faster. fused: dense layers run as the fused kernels (with the GEMV's
-    tile for each of their shapes), whatever cuBLAS measured."""
+    keeps the GEMV where it is at least 3% faster. fused: dense layers run as the fused kernels, whatever cuBLAS
+    measured on their shapes."""
     from qwenlab.generation.decode_attention import decode_attention_static  # Triton: only where CUDA is
-    from qwenlab.generation.gemv import gemv, gemv_tile, linear_timings  # the same
+    from qwenlab.generation.gemv import gemv, linear_timings  # the same
 
     chosen = set()
     for linear in decode_linears(model):
@@ -139,8 +139,7 @@ def choose_kernels(model, timings: dict, fused: bool = True) -> DecodeKernels:
     if fused:
         from qwenlab.generation.fused_layer import FusedLayers, pdl_available  # the same
 
-        shapes = {tuple(w.shape): w for layer in model.model.layers for w in layer_weights(layer)}
-        if shapes:
-            layers = FusedLayers({shape: gemv_tile(w) for shape, w in shapes.items()}, pdl_available(model.device))
+        if any(layer_weights(layer) for layer in model.model.layers):
+            layers = FusedLayers(pdl_available(model.device))
             layers.prepare(model.device, model.config.num_key_value_heads)
     return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts, engine, fused=layers)

@@ -4,6 +4,7 @@ parameters. On CUDA (skipped elsewhere): graph and eager give identical greedy t
 greedy run chained on the device and read back one step behind, or step by step), the playground
 runs the graph engine, and a deep copy and .to() of a fused model compute the same thing."""
 import copy
+import math
 
 import pytest
 import torch
@@ -200,14 +201,15 @@ def test_fused_projections_are_registered_parameters_under_hf_names(tiny_dir, ti
 def test_graph_and_eager_give_identical_greedy_tokens_on_cuda(fixture, dtype, fused, request):
     """The graph engine with its fused decoder layers (the default) or with each layer's forward compiled, against
     the eager engine's greedy tokens: all of them in float32; in bfloat16 up to a parting whose top-2 margin is
-    within bf16 rounding of the logits (the paths sum in different orders)."""
+    within two units in the last place of the top logit (the paths sum in different orders; the fixture's logits
+    are near 90, where bf16 steps by 0.5, and its float32 margins go down to 0.1)."""
     ckpt = load(request.getfixturevalue(fixture), dtype, "cuda")
     engine = Engine(ckpt.model, "graph", fused=fused)
     for prompt in ["Have you ever seen a UFO?", "Write a poem about the sea.", "你好, UFO?"]:
         ids = ckpt.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-        margins = []
+        tops = []
         eager = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="eager",
-                         on_logits=lambda logits: margins.append(logits.float().topk(2).values.diff().abs().item()))
+                         on_logits=lambda logits: tops.append(logits.float().topk(2).values))
         graph = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine=engine)
         assert graph.engine == "graph", graph.engine_note
         assert ("decoder layers: fused Triton kernels" in graph.engine_note) == fused, graph.engine_note
@@ -215,7 +217,9 @@ def test_graph_and_eager_give_identical_greedy_tokens_on_cuda(fixture, dtype, fu
         if dtype == "float32" or parting is None:
             assert graph.ids == eager.ids
         else:
-            assert margins[parting] < 0.1, (parting, margins[parting])
+            top, second = tops[parting].flatten().tolist()
+            ulp = 2.0 ** (math.floor(math.log2(abs(top))) - 7)  # bf16: 8 significant bits
+            assert top - second <= 2 * ulp, (parting, top, second)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
