@@ -1,6 +1,7 @@
-"""A dense Qwen3 decoder layer for one token in five Triton kernels of qwenlab's own: the graph engine's layer where
-the layer allows it (fits). torch.compile's layer ran twelve kernels a layer: four GEMVs, the attention and seven
-small fused elementwise kernels of 1-2 us each, most of them waiting on memory latency, not bandwidth. Here:
+"""A Qwen3 decoder layer for one token in a few Triton kernels of qwenlab's own: the graph engine's layer where the
+layer allows it (qwenlab.generation.kernels.fits). torch.compile's layer ran twelve kernels a layer: four GEMVs,
+the attention and seven small fused elementwise kernels of 1-2 us each, most of them waiting on memory latency, not
+bandwidth. A dense layer (bf16, fp16, fp32) takes five:
 
 1. RMSNorm + the q/k/v GEMV: each program multiplies by the norm's weight as it reads x and sums x's squares in
    the same pass (no program splits K), then scales its sums by rstd;
@@ -17,16 +18,22 @@ rounding fewer than the forward, so closer to float64; float32 sums run in anoth
 On sm_90+ each is launched with programmatic dependent launch: it starts while the kernel before it ends, reads
 its first weight tile (weights never change) and only then waits for the previous kernel's output (gdc_wait).
 The GEMV's tile is autotuned per shape and prologue/epilogue (TILES).
+
+A W4A16 NVFP4 layer takes nine: its GEMVs (qwenlab.quant.triton_nvfp4, q/k/v and gate/up one launch each) have no
+prologue or epilogue, so an add + RMSNorm kernel comes before q/k/v (no add), after o (the residual add and the
+post-attention norm) and after down (the add), and SiLU x up before down; the attention is kernel 2 above. torch's
+compiled layer ran twelve.
 """
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import nn
 
-from qwenlab.generation.kernels import fits
+from qwenlab.generation.kernels import fits, layer_kind
 from qwenlab.quant.autotuning import AUTOTUNE
 
 try:  # Programmatic Dependent Launch, Triton 3.4+
@@ -210,6 +217,34 @@ def _fused_attend_kernel(QKV, QW, KW, COS, SIN, KC, VC, POS, OUT, O_PART, M_PART
                 tl.atomic_xchg(COUNTERS + kvh, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit
+def _add_norm_kernel(X, D, G, XO, H, K, eps, ADD: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: x = X [+ D] (the residual add, rounded) into XO, and RMSNorm(x) * G into H, rounded as the
+    forward rounds (the NVFP4 layer's norms and residual adds, around GEMVs that take no prologue)."""
+    dtype = X.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+    ok = cols < K
+    x = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+    if ADD:
+        x = (x + tl.load(D + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        tl.store(XO + cols, x.to(dtype), mask=ok)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(x * x, 0) / K + eps)
+        h = tl.load(G + cols, mask=ok, other=0.0).to(tl.float32) * (x * rstd).to(dtype).to(tl.float32)
+        tl.store(H + cols, h.to(dtype), mask=ok)
+
+
+@triton.jit
+def _silu_up_kernel(GU, A, K, BLOCK: tl.constexpr):
+    """A = F.silu(gate) * up, GU holding gate then up (K each), rounded as the forward rounds."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < K
+    dtype = GU.dtype.element_ty
+    gate = tl.load(GU + cols, mask=ok, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(A + cols, (act * tl.load(GU + K + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype), mask=ok)
+
+
 def attention_chunk(slots: int) -> int:
     """Cache slots per attention program: BLOCK up to 16 chunks a cache, then a sixteenth of it (a power of two),
     so a short context still spreads over several programs per KV head and the merge reads at most 16 partials."""
@@ -227,6 +262,7 @@ class FusedLayers:
     shape ((N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages)) instead of the autotuner's."""
     pdl: bool = False
     tiles: dict = field(default_factory=dict)
+    nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> concatenated (NVFP4 layers)
     counters: dict = field(default_factory=dict)
 
     def prepare(self, device: torch.device, kv_heads: int):
@@ -272,8 +308,32 @@ class FusedLayers:
     def fits(self, layer: nn.Module, x, kv) -> str | None:
         return fits(layer, x, kv)
 
+    def add_norm(self, x, delta=None, norm: nn.Module | None = None):
+        """(x + delta, RMSNorm(x + delta)) in one kernel; without delta x itself, without norm None."""
+        k = x.numel()
+        out = torch.empty_like(x) if delta is not None else x
+        h = torch.empty_like(x) if norm is not None else None
+        _add_norm_kernel[(1,)](x, delta if delta is not None else x, norm.weight if norm is not None else x, out,
+                               h if h is not None else x, k, norm.eps if norm is not None else 0.0,
+                               ADD=delta is not None, NORM=norm is not None, BLOCK=triton.next_power_of_2(k),
+                               num_warps=8)
+        return out, h
+
+    def silu_up(self, gate_up):
+        k = gate_up.numel() // 2
+        act = torch.empty(k, dtype=gate_up.dtype, device=gate_up.device)
+        _silu_up_kernel[(triton.cdiv(k, 1024),)](gate_up, act, k, BLOCK=1024, num_warps=4)
+        return act
+
+    def nvfp4(self, x, modules: tuple):
+        """x times 1-3 NVFP4 linears in one GEMV launch, concatenated."""
+        return self.nvfp4_parts(x, [m.packed for m in modules], [m.block_scale for m in modules],
+                                [m.tensor_scale for m in modules])
+
     def layer(self, layer: nn.Module, x, cos, sin, kv):
         """The decoder layer's forward for one token over a static cache (kv: its StaticLayerKV)."""
+        if layer_kind(layer) == "nvfp4":
+            return self.nvfp4_layer(layer, x, cos, sin, kv)
         attn, mlp = layer.self_attn, layer.mlp
         row = x.reshape(-1)
         qkv = self.gemv(row, attn.qkv_proj.weight, RMS, norm=layer.input_layernorm)
@@ -281,6 +341,19 @@ class FusedLayers:
         row = self.gemv(ctx, attn.o_proj.weight, residual=row)
         gate_up = self.gemv(row, mlp.gate_up_proj.weight, RMS, norm=layer.post_attention_layernorm)
         row = self.gemv(gate_up, mlp.down_proj.weight, SILU_UP, residual=row)
+        return row.reshape(x.shape)
+
+    def nvfp4_layer(self, layer: nn.Module, x, cos, sin, kv):
+        """A W4A16 NVFP4 layer: its GEMVs (q/k/v and gate/up one launch each) take no prologue, so the norms and
+        residual adds are small kernels between them (add_norm, silu_up); the attention is the fused one."""
+        attn, mlp = layer.self_attn, layer.mlp
+        row = x.reshape(-1)
+        _, h = self.add_norm(row, norm=layer.input_layernorm)
+        qkv = self.nvfp4(h, (attn.q_proj, attn.k_proj, attn.v_proj))
+        ctx = self.attend(qkv, attn, cos.reshape(-1), sin.reshape(-1), kv)
+        row, h = self.add_norm(row, self.nvfp4(ctx, (attn.o_proj,)), layer.post_attention_layernorm)
+        act = self.silu_up(self.nvfp4(h, (mlp.gate_proj, mlp.up_proj)))
+        row, _ = self.add_norm(row, self.nvfp4(act, (mlp.down_proj,)))
         return row.reshape(x.shape)
 
 

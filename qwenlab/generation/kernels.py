@@ -1,8 +1,9 @@
 """The decode engine's kernel choices for a one-token step over a static cache, handed to the model's forward as
-`kernels` (the model itself never changes): each dense decoder layer as qwenlab's five fused kernels where it fits
-(qwenlab.generation.fused_layer), any other layer through `run_layer` with the split-K Triton attention over the
-whole cache and, for each projection shape, the Triton GEMV where it measured faster than cuBLAS on this device.
-Triton exists only with CUDA, so it is imported when kernels are chosen, never on the CPU."""
+`kernels` (the model itself never changes): each decoder layer as qwenlab's fused kernels where they fit it
+(qwenlab.generation.fused_layer: dense bf16/fp16/fp32 or W4A16 NVFP4), any other layer through `run_layer` with
+the split-K Triton attention over the whole cache and, for each projection shape, the Triton GEMV where it measured
+faster than cuBLAS on this device. Triton exists only with CUDA, so it is imported when kernels are chosen, never
+on the CPU."""
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,8 +57,7 @@ class DecodeKernels:
         return self.attend(q, k, v, pos)
 
     def describe(self) -> dict:
-        return {"layers": (f"fused Triton kernels (5 a layer{', PDL' if self.fused.pdl else ''})" if self.fused
-                           else None),
+        return {"layers": (f"fused Triton kernels{' (PDL)' if self.fused.pdl else ''}" if self.fused else None),
                 "attention": "split-K Triton",
                 "gemv": sorted(f"{n}x{k}" for n, k in self.gemv_shapes),
                 "nvfp4": (f"one {NVFP4_GEMVS.get(self.nvfp4_gemv, 'Triton')} GEMV launch per q/k/v and per gate/up"
@@ -74,7 +74,7 @@ def one_launch_nvfp4(module: nn.Module) -> bool:
 
 
 def layer_weights(layer: nn.Module) -> list:
-    """The four weights the fused layer multiplies by (q/k/v, o, gate/up, down), or [] for a layer of another
+    """The four weights a dense fused layer multiplies by (q/k/v, o, gate/up, down), or [] for a layer of another
     structure: q/k/v and gate/up not fused into one plain linear each, NVFP4, MoE, a bias."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = [getattr(attn, "qkv_proj", None), attn.o_proj, getattr(mlp, "gate_up_proj", None),
@@ -84,20 +84,35 @@ def layer_weights(layer: nn.Module) -> list:
     return [m.weight for m in linears]
 
 
+def nvfp4_linears(layer: nn.Module) -> list:
+    """The seven linears of a layer whose every projection is the W4A16 NVFP4 Triton GEMV (q, k, v, o, gate, up,
+    down), or []."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return linears if all(one_launch_nvfp4(m) for m in linears) else []
+
+
+def layer_kind(layer: nn.Module) -> str | None:
+    """"dense" (layer_weights), "nvfp4" (nvfp4_linears) or None: which fused layer can run it."""
+    return "dense" if layer_weights(layer) else "nvfp4" if nvfp4_linears(layer) else None
+
+
 def fits(layer: nn.Module, x: torch.Tensor, kv) -> str | None:
     """Why the fused layer cannot run this layer for this step, or None when it can: a one-token step over a static
-    cache, a dense layer with q/k/v and gate/up fused into one plain linear each and no bias, every weight in x's
-    dtype and on its device, and nothing installed that the layer's forward would run (a hook point's function, a
-    module hook)."""
+    cache; a dense layer with q/k/v and gate/up fused into one plain linear each, or one whose seven projections are
+    all the W4A16 NVFP4 Triton GEMV, with no bias; norms, dense weights and cache in x's dtype and on its device;
+    nothing installed that the layer's forward would run (a hook point's function, a module hook)."""
     if x.shape[-2] != 1 or not getattr(kv, "static_shapes", False):
         return "not a one-token step over a static cache"
-    attn, weights = layer.self_attn, layer_weights(layer)
-    if not weights:
-        return "its projections are not plain fused linears without bias (NVFP4, unfused or MoE)"
+    attn, kind = layer.self_attn, layer_kind(layer)
+    if kind is None:
+        return ("its projections are neither plain fused linears nor all W4A16 NVFP4 Triton GEMVs, without bias "
+                "(unfused dense, MoE, another NVFP4 kernel)")
     if attn.head_dim % 2:
         return f"head_dim {attn.head_dim} is odd"
-    params = weights + [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.q_norm.weight,
-                        attn.k_norm.weight]
+    params = layer_weights(layer) + [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                     attn.q_norm.weight, attn.k_norm.weight]
     if any(p.dtype != x.dtype or p.device != x.device for p in params) or kv.k.dtype != x.dtype:
         return "its weights or cache are not all in the activations' dtype and device"
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
@@ -136,10 +151,9 @@ def choose_kernels(model, timings: dict, fused: bool = True) -> DecodeKernels:
         parts = nvfp4_gemv_parts
         engine = gemv_engine(torch.empty(1, 1, dtype=model.dtype, device=model.device))
     layers = None
-    if fused:
+    if fused and any(layer_kind(layer) for layer in model.model.layers):
         from qwenlab.generation.fused_layer import FusedLayers, pdl_available  # the same
 
-        if any(layer_weights(layer) for layer in model.model.layers):
-            layers = FusedLayers(pdl_available(model.device))
-            layers.prepare(model.device, model.config.num_key_value_heads)
+        layers = FusedLayers(pdl_available(model.device), nvfp4_parts=parts)
+        layers.prepare(model.device, model.config.num_key_value_heads)
     return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts, engine, fused=layers)

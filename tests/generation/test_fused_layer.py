@@ -94,6 +94,42 @@ def test_fused_layer_is_as_close_to_float64_as_the_layers_own_forward(fixture, d
 
 
 @runs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("prefill", [10, 200])
+@torch.inference_mode()
+def test_the_nvfp4_fused_layer_computes_what_the_layers_forward_computes(tiny_dir, dtype, prefill):
+    """A W4A16 NVFP4 layer (q/k/v and gate/up one GEMV launch each, norms and residual adds as small kernels, the
+    fused attention) against the same layer's forward on the same inputs, whose linears run the same NVFP4 GEMV one
+    by one: within four units in the last place of the output's scale, and the same key/value written at `pos`
+    (under the interpreter, whose bf16 casts truncate, within those units too). On the CPU the NVFP4 linears are
+    made to take the Triton GEMV (the loader picks it only on CUDA), which the interpreter runs."""
+    from qwenlab.generation.fused_layer import FusedLayers
+    from qwenlab.generation.kernels import layer_kind
+    from qwenlab.quant.linear import NVFP4Linear
+    from qwenlab.quant.triton_nvfp4 import nvfp4_gemv_parts
+
+    model = load(tiny_dir, dtype, DEVICE, quant="nvfp4").model
+    if DEVICE == "cpu":
+        for m in model.modules():
+            if isinstance(m, NVFP4Linear):
+                m.kernel = "triton"
+    cache, x, cos, sin, mask = _static(model, prefill)
+    pos, ulp = int(cache.pos), torch.finfo(model.dtype).eps
+    fused = FusedLayers(nvfp4_parts=nvfp4_gemv_parts)
+    for i, layer in enumerate(model.model.layers):
+        kv_own, kv_fused = _layer_kv(cache, i), _layer_kv(cache, i)
+        assert layer_kind(layer) == "nvfp4" and fits(layer, x, kv_fused) is None
+        own = layer(x, cos, sin, mask, kv_own, "eager", None)
+        out = fused.layer(layer, x, cos, sin, kv_fused)
+        scale = own.abs().max().item()
+        assert (out - own).abs().max().item() <= 4 * ulp * scale, i
+        for written, expected in ((kv_fused.k, kv_own.k), (kv_fused.v, kv_own.v)):
+            slot_scale = expected[:, :, pos].abs().max().item()
+            assert (written[:, :, pos] - expected[:, :, pos]).abs().max().item() <= 4 * ulp * slot_scale, i
+        x = own
+
+
+@runs_kernels
 @torch.inference_mode()
 def test_the_merge_of_cache_chunks_is_deterministic_and_leaves_its_counters_at_zero(tiny_dir):
     """300 valid slots of a 512-slot cache: five chunks per KV head, merged by whichever finishes last, in chunk

@@ -247,6 +247,7 @@ def test_nvfp4_graph_decode_multiplies_q_k_v_and_gate_up_in_one_launch_each_on_c
         graph = generate(ckpt.model, ids, SamplingParams(max_new_tokens=32), stop_ids=(-1,), engine="graph")
         assert graph.engine == "graph", graph.engine_note
         assert f"NVFP4: one {gemv} GEMV launch per q/k/v and per gate/up" in graph.engine_note
+        assert "decoder layers: fused Triton kernels" in graph.engine_note, graph.engine_note
         parting = next((i for i, (a, b) in enumerate(zip(graph.ids, eager.ids)) if a != b), None)
         if dtype == "float32" or parting is None:
             assert graph.ids == eager.ids
