@@ -7,7 +7,7 @@ from HBM, not L2). A development tool: it prints numbers and asserts none.
 
 Rows per projection: `plain` the engine's bf16 GEMV (qwenlab.generation.gemv), `fused, no prologue` the fused GEMV
 with neither prologue nor epilogue (its tile and loop alone), `fused` as the layer runs it (RMSNorm prologue for
-q/k/v and gate/up, residual epilogue for o, SiLU x up prologue and residual epilogue for down).
+q/k/v and gate/up, SiLU(gate) x up epilogue for gate/up, residual epilogue for o and down).
 """
 import argparse
 import json
@@ -16,7 +16,7 @@ import torch
 
 from qwenlab.bench.measure import copy_bandwidth, device_facts
 from qwenlab.generation.decode_attention import decode_attention_static
-from qwenlab.generation.fused_layer import PLAIN, RMS, SILU_UP, FusedLayers, pdl_available
+from qwenlab.generation.fused_layer import PLAIN, RMS, FusedLayers, pdl_available
 from qwenlab.generation.gemv import _graph_us, gemv
 from qwenlab.model.config import config_from_dict
 from qwenlab.model.kv_cache import StaticKVCache
@@ -50,14 +50,14 @@ def main():
     rows = []
     shapes = {"q/k/v": (cfg.q_size + 2 * cfg.kv_size, H, dict(prologue=RMS, norm=norm)),
               "o_proj": (H, cfg.q_size, dict(residual=res)),
-              "gate/up": (2 * inter, H, dict(prologue=RMS, norm=norm)),
-              "down": (H, inter, dict(prologue=SILU_UP, residual=res))}
+              "gate/up": (2 * inter, H, dict(prologue=RMS, norm=norm, glu=True)),
+              "down": (H, inter, dict(residual=res))}
     print(f"{'GEMV':<8} {'N x K':>12} {'plain us':>9} {'fused, no prologue us':>22} {'fused us':>9} {'GB/s':>6}")
     for name, (n, k, how) in shapes.items():
         w = torch.randn(n, k, dtype=dtype, device=device)
-        xin = torch.randn(2 * k if how.get("prologue") == SILU_UP else k, dtype=dtype, device=device)
-        plain = rotated_us(lambda w: gemv(xin[:k], w), w)
-        bare = rotated_us(lambda w: fused.gemv(xin[:k], w, PLAIN), w)
+        xin = torch.randn(k, dtype=dtype, device=device)
+        plain = rotated_us(lambda w: gemv(xin, w), w)
+        bare = rotated_us(lambda w: fused.gemv(xin, w, PLAIN), w)
         full = rotated_us(lambda w: fused.gemv(xin, w, **how), w)
         row = {"gemv": name, "n": n, "k": k, "plain_us": plain, "fused_bare_us": bare, "fused_us": full}
         rows.append(row)

@@ -8,8 +8,8 @@ bandwidth. A dense layer (bf16, fp16, fp32) takes five:
 2. q/k RMSNorm + RoPE + the cache write + split-K decode attention over the valid slots, whose chunks are merged
    by the last program of each KV head to finish (a counter per head, set back to zero by that program);
 3. o_proj GEMV + the residual add (epilogue);
-4. RMSNorm + the gate/up GEMV;
-5. SiLU(gate) x up (prologue) + the down GEMV + the residual add.
+4. RMSNorm + the gate/up GEMV + SiLU(gate) x up (each program holds the same rows of gate and up);
+5. the down GEMV + the residual add.
 
 Every kernel rounds to the model's dtype where the module forward does (each projection's output, q/k after their
 norm and after each RoPE product, SiLU and its product with up, each residual sum), but for the input norms of the
@@ -42,29 +42,24 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
-PLAIN, RMS, SILU_UP = 0, 1, 2  # the GEMV's prologue: x as it is, RMSNorm(x) * weight, SiLU(gate) * up
+PLAIN, RMS = 0, 1  # the GEMV's prologue: x as it is, RMSNorm(x) * weight
 BLOCK = 64  # cache slots per step of an attention program's loop
 
 
 @triton.jit
-def _row_in(X, G, cols, ok, K, PRO: tl.constexpr):
-    """The GEMV's input at `cols` in float32, and x there (for the norm's sum of squares; PRO RMS only). RMS: x times
-    the norm's weight, its rstd applied to the products' sum; SILU_UP: F.silu(gate) * up, gate and up the two halves
-    of X, rounded as the forward rounds."""
+def _row_in(X, G, cols, ok, PRO: tl.constexpr):
+    """The GEMV's input at `cols` in float32, and x there (for the norm's sum of squares). RMS: x times the norm's
+    weight (its rstd scales the products' sums)."""
     x = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
     if PRO == 1:
         return x * tl.load(G + cols, mask=ok, other=0.0).to(tl.float32), x
-    elif PRO == 2:
-        dtype = X.dtype.element_ty
-        act = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
-        return (act * tl.load(X + K + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32), x
     else:
         return x, x
 
 
 # Tiles the fused GEMV's autotuner tries (BLOCK_N, BLOCK_K, num_warps, num_stages): the plain GEMV's (few rows a
-# program, long K slices) and taller ones, which spread each program's prologue work (the norm's weight, SiLU of
-# the gate and the loads of up) over more weight bytes.
+# program, long K slices) and taller ones, which spread each program's prologue work (the norm's weight) over
+# more weight bytes.
 TILES = [(2, 1024, 4, 2), (4, 512, 4, 4), (4, 1024, 8, 4), (8, 256, 4, 3), (8, 512, 8, 3), (16, 256, 8, 3),
          (16, 128, 4, 4), (32, 128, 8, 3)]
 if INTERPRETED:  # the interpreter cannot time tiles
@@ -72,44 +67,63 @@ if INTERPRETED:  # the interpreter cannot time tiles
 
 
 @triton.jit
-def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, RES: tl.constexpr,
+def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
                        PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y = [R +] W @ prologue(X), one token. PRO: PLAIN, RMS (G the norm's weight, eps: rstd * (W @ (G * X)), rstd
-    from the same pass over X) or SILU_UP (X holds gate then up, K each). RES: add R (the residual) to the rounded
-    product."""
+    """Y = [R +] epilogue(W @ prologue(X)), one token. PRO: PLAIN or RMS (G the norm's weight, eps: rstd * (W @ (G *
+    X)), rstd from the same pass over X). GLU: W holds 2N rows, gate then up; each program multiplies its rows of
+    both and writes F.silu(gate) * up, rounded as the forward rounds the projection, SiLU and the product. RES: add
+    R (the residual) to the rounded result."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
+    dtype = Y.dtype.element_ty
     if PDL:
         gdc_launch_dependents()
-    w = tl.load(W + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
-                other=0.0, eviction_policy="evict_first")
+    tile = rows[:, None] * stride_wn + cols[None, :]
+    ok = row_ok[:, None] & (cols < K)[None, :]
+    w = tl.load(W + tile, mask=ok, other=0.0, eviction_policy="evict_first")
+    if GLU:
+        w_up = tl.load(W + N * stride_wn + tile, mask=ok, other=0.0, eviction_policy="evict_first")
     if PDL:
         gdc_wait()  # X and R are the previous kernels' outputs
-    xin, x = _row_in(X, G, cols, cols < K, K, PRO)
+    xin, x = _row_in(X, G, cols, cols < K, PRO)
     acc = w.to(tl.float32) * xin[None, :]
+    if GLU:
+        acc_up = w_up.to(tl.float32) * xin[None, :]
     squares = x * x
     for k0 in range(BLOCK_K, K, BLOCK_K):
         c = k0 + cols
-        ok = c < K
-        w = tl.load(W + rows[:, None] * stride_wn + c[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        xin, x = _row_in(X, G, c, ok, K, PRO)
+        tile = rows[:, None] * stride_wn + c[None, :]
+        ok = row_ok[:, None] & (c < K)[None, :]
+        w = tl.load(W + tile, mask=ok, other=0.0, eviction_policy="evict_first")
+        if GLU:
+            w_up = tl.load(W + N * stride_wn + tile, mask=ok, other=0.0, eviction_policy="evict_first")
+        xin, x = _row_in(X, G, c, c < K, PRO)
         acc += w.to(tl.float32) * xin[None, :]
+        if GLU:
+            acc_up += w_up.to(tl.float32) * xin[None, :]
         if PRO == 1:
             squares += x * x
     y = tl.sum(acc, 1)
     if PRO == 1:  # RMSNorm's rstd from the x this pass read (every program reads all of it)
-        y = y * tl.rsqrt(tl.sum(squares, 0) / K + eps)
-    y = y.to(Y.dtype.element_ty)
+        rstd = tl.rsqrt(tl.sum(squares, 0) / K + eps)
+        y = y * rstd
+    if GLU:
+        up = tl.sum(acc_up, 1)
+        if PRO == 1:
+            up = up * rstd
+        gate = y.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        y = act * up.to(dtype).to(tl.float32)
+    y = y.to(dtype)
     if RES:
-        y = (tl.load(R + rows, mask=row_ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(Y.dtype.element_ty)
+        y = (tl.load(R + rows, mask=row_ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
     tl.store(Y + rows, y, mask=row_ok)
 
 
 _tuned_gemv_kernel = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in TILES],
-    key=["N", "K", "PRO", "RES"], **AUTOTUNE)(_fused_gemv_kernel)
+    key=["N", "K", "PRO", "GLU", "RES"], **AUTOTUNE)(_fused_gemv_kernel)
 
 
 @triton.jit
@@ -270,8 +284,12 @@ class FusedLayers:
         if key not in self.counters or self.counters[key].numel() < kv_heads:
             self.counters[key] = torch.zeros(kv_heads, dtype=torch.int32, device=device)
 
-    def gemv(self, x, weight, prologue: int = PLAIN, norm: nn.Module | None = None, residual=None):
+    def gemv(self, x, weight, prologue: int = PLAIN, norm: nn.Module | None = None, residual=None,
+             glu: bool = False):
+        """weight @ x for one row, with RMSNorm(x) (prologue RMS, norm), SiLU(gate) * up of the two halves of the
+        weight's rows (glu) and + residual."""
         n, k = weight.shape
+        n = n // 2 if glu else n
         y = torch.empty(n, dtype=x.dtype, device=x.device)
         launch = {"launch_pdl": True} if self.pdl else {}
         args = (x, norm.weight if norm is not None else weight, residual if residual is not None else y, weight, y, n,
@@ -279,11 +297,11 @@ class FusedLayers:
         if (n, k) in self.tiles:
             block_n, block_k, warps, stages = self.tiles[(n, k)]
             _fused_gemv_kernel[(triton.cdiv(n, block_n),)](
-                *args, PRO=prologue, RES=residual is not None, PDL=self.pdl, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=warps, num_stages=stages, **launch)
+                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=self.pdl, BLOCK_N=block_n,
+                BLOCK_K=block_k, num_warps=warps, num_stages=stages, **launch)
         else:
             _tuned_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-                *args, PRO=prologue, RES=residual is not None, PDL=self.pdl, **launch)
+                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=self.pdl, **launch)
         return y
 
     def attend(self, qkv, attn: nn.Module, cos, sin, kv):
@@ -339,8 +357,8 @@ class FusedLayers:
         qkv = self.gemv(row, attn.qkv_proj.weight, RMS, norm=layer.input_layernorm)
         ctx = self.attend(qkv, attn, cos.reshape(-1), sin.reshape(-1), kv)
         row = self.gemv(ctx, attn.o_proj.weight, residual=row)
-        gate_up = self.gemv(row, mlp.gate_up_proj.weight, RMS, norm=layer.post_attention_layernorm)
-        row = self.gemv(gate_up, mlp.down_proj.weight, SILU_UP, residual=row)
+        act = self.gemv(row, mlp.gate_up_proj.weight, RMS, norm=layer.post_attention_layernorm, glu=True)
+        row = self.gemv(act, mlp.down_proj.weight, residual=row)
         return row.reshape(x.shape)
 
     def nvfp4_layer(self, layer: nn.Module, x, cos, sin, kv):
