@@ -1,9 +1,8 @@
 """Where a decode step's time goes: the graph engine's captured one-token step, built each way the engine can
-(fused: dense layers as qwenlab's fused kernels, the default; fused-nopdl: the same launched without programmatic
-dependent launch; layer: one decoder layer compiled by torch.compile for all; step: the whole step compiled; none),
-timed by replays side by side in one process, with its kernel launches
-per step and the first mode's kernels by the torch profiler. A development tool beside `qwenlab bench`; it prints
-numbers and asserts none.
+(fused: decoder layers as qwenlab's fused kernels, the default; fused-pdl: the same launched with programmatic
+dependent launch, as QWENLAB_PDL=1; layer: one decoder layer compiled by torch.compile for all; step: the whole
+step compiled; none), timed by replays side by side in one process, with its kernel launches per step and the first
+mode's kernels by the torch profiler. A development tool beside `qwenlab bench`; it prints numbers and asserts none.
 
     python bench/decode_profile.py --model /tmp/q4b --device cuda --dtype bfloat16 [--quant nvfp4] [--context 512]
         [--modes fused,layer]
@@ -17,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from qwenlab.bench.measure import copy_bandwidth, device_facts, weight_bytes
 from qwenlab.generation.engine import COMPILES, Engine, layer_compiled
+from qwenlab.generation.fused_layer import pdl_available
 from qwenlab.generation.kernels import choose_kernels
 from qwenlab.model.loader import load
 from qwenlab.model.tiny import resolve_model_dir
@@ -68,7 +68,7 @@ def main():
     ap.add_argument("--quant", default=None, help="nvfp4: quantize at load (as qwenlab bench --quant)")
     ap.add_argument("--context", type=int, default=512, help="static cache length (attention covers all of it)")
     ap.add_argument("--modes", default="fused,layer", help="the engine's modes to capture, in order: fused, "
-                    f"fused-nopdl, or one of its compile modes without the fused layers ({', '.join(COMPILES)})")
+                    f"fused-pdl, or one of its compile modes without the fused layers ({', '.join(COMPILES)})")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     model = load(resolve_model_dir(args.model), args.dtype, args.device, args.quant).model
@@ -82,10 +82,10 @@ def main():
     for mode in args.modes.split(","):
         fused = mode.startswith("fused")
         engine = Engine(model, "graph", compile="layer" if fused else mode, fused=fused)
-        if mode == "fused-nopdl":
+        if mode == "fused-pdl":
             engine.kernels = choose_kernels(model, engine.timings)
             engine.kernels = replace(engine.kernels, run_layer=layer_compiled(engine.kernels).run_layer)
-            engine.kernels.fused.pdl = False
+            engine.kernels.fused.pdl = pdl_available(model.device)
         cache = engine.new_cache(args.context)
         model(torch.arange(128, device=model.device), cache=cache)
         step, _ = engine.captured(cache)

@@ -15,8 +15,9 @@ Every kernel rounds to the model's dtype where the module forward does (each pro
 norm and after each RoPE product, SiLU and its product with up, each residual sum), but for the input norms of the
 two GEMVs that take them: their normalised x is not rounded before the product (rstd scales the sums), one
 rounding fewer than the forward, so closer to float64; float32 sums run in another order.
-On sm_90+ each is launched with programmatic dependent launch: it starts while the kernel before it ends, reads
-its first weight tile (weights never change) and only then waits for the previous kernel's output (gdc_wait).
+With QWENLAB_PDL=1 on sm_90+, each is launched with programmatic dependent launch: it starts while the kernel
+before it ends, reads its first weight tile (weights never change) and only then waits for the previous kernel's
+output (gdc_wait); off by default (pdl_wanted says why).
 The GEMV's tile is autotuned per shape and prologue/epilogue (TILES).
 
 A W4A16 NVFP4 layer takes nine: its GEMVs (qwenlab.quant.triton_nvfp4, q/k/v and gate/up one launch each) have no
@@ -379,3 +380,11 @@ def pdl_available(device: torch.device) -> bool:
     """PDL needs sm_90+, Triton's gdc intrinsics and a real GPU (not Triton's interpreter)."""
     return (gdc_wait is not None and device.type == "cuda" and not INTERPRETED
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def pdl_wanted(device: torch.device) -> bool:
+    """Whether the engine launches the fused layers with PDL: only with QWENLAB_PDL=1, where available. Off by
+    default: on an H200, 36 fused layers chained in one graph took 62.6 us a layer without PDL and 70.9 with it
+    (bench/fused_layer.py, doc/performance.md), though 68.4 against 67.0 with the SiLU in the down GEMV's
+    prologue."""
+    return os.environ.get("QWENLAB_PDL") == "1" and pdl_available(device)

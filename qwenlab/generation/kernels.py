@@ -152,8 +152,8 @@ def choose_kernels(model, timings: dict, fused: bool = True) -> DecodeKernels:
         engine = gemv_engine(torch.empty(1, 1, dtype=model.dtype, device=model.device))
     layers = None
     if fused and any(layer_kind(layer) for layer in model.model.layers):
-        from qwenlab.generation.fused_layer import FusedLayers, pdl_available  # the same
+        from qwenlab.generation.fused_layer import FusedLayers, pdl_wanted  # the same
 
-        layers = FusedLayers(pdl_available(model.device), nvfp4_parts=parts)
+        layers = FusedLayers(pdl_wanted(model.device), nvfp4_parts=parts)
         layers.prepare(model.device, model.config.num_key_value_heads)
     return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts, engine, fused=layers)

@@ -59,7 +59,7 @@ def test_fused_layer_is_as_close_to_float64_as_the_layers_own_forward(fixture, d
     float64 on the same inputs (the float64 layer reads the same cache and x, upcast), with an error at most twice
     the layer's own forward in `dtype` plus a few units in the last place; every other cache slot untouched.
     tiny-untied has head_dim 24 (padded to 32 in the kernel) and 3 query heads per KV head. tiles: a fixed GEMV
-    tile, or (CUDA) the autotuner's with PDL launches where the GPU has them, as the engine runs it."""
+    tile, or (CUDA) the autotuner's, launched with PDL where the GPU has it (the engine does with QWENLAB_PDL=1)."""
     from qwenlab.generation.fused_layer import FusedLayers, pdl_available
 
     if tiles == "tuned" and not torch.cuda.is_available():
