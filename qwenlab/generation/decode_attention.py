@@ -16,6 +16,15 @@ BLOCK = 64  # slots per step of a program's loop
 
 
 @triton.jit
+def online_softmax_step(scores, valid, m, SM_SCALE: tl.constexpr):
+    """One block of slots of an online softmax: the scores scaled (invalid slots out), the new running max, the
+    factor the old sums are rescaled by, and the block's unnormalised probabilities."""
+    scores = tl.where(valid[None, :], scores.to(tl.float32) * SM_SCALE, -1e30)
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    return m_new, tl.exp(m - m_new), tl.where(valid[None, :], tl.exp(scores - m_new[:, None]), 0.0)
+
+
+@triton.jit
 def _attend_kernel(Q, K, V, POS, OUT, O_PART, M_PART, L_PART, stride_kh, stride_ks, stride_vh, stride_vs, n_chunks,
                    SM_SCALE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
@@ -41,10 +50,7 @@ def _attend_kernel(Q, K, V, POS, OUT, O_PART, M_PART, L_PART, stride_kh, stride_
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], scores.to(tl.float32) * SM_SCALE, -1e30)
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.where(valid[None, :], tl.exp(scores - m_new[:, None]), 0.0)
+        m_new, alpha, p = online_softmax_step(scores, valid, m, SM_SCALE)
         v = tl.load(V + kvh * stride_vh + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")

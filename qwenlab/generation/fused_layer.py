@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from qwenlab.generation.decode_attention import online_softmax_step
 from qwenlab.generation.kernels import fits, layer_kind
 from qwenlab.quant.autotuning import AUTOTUNE
 
@@ -190,10 +191,7 @@ def _fused_attend_kernel(QKV, QW, KW, COS, SIN, KC, VC, POS, OUT, O_PART, M_PART
                 scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(valid[None, :], scores.to(tl.float32) * SM_SCALE, -1e30)
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.where(valid[None, :], tl.exp(scores - m_new[:, None]), 0.0)
+            m_new, alpha, p = online_softmax_step(scores, valid, m, SM_SCALE)
             v = tl.load(VC + kvh * stride_vh + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
             v = tl.where(is_new, v_new[None, :], v)
             if IEEE:
