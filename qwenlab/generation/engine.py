@@ -3,12 +3,12 @@
 `graph` (CUDA): prefill with the ordinary forward, then each token is one replay of a CUDA graph of the one-token
 step over a static cache (qwenlab.generation.graph), with the engine's kernels (qwenlab.generation.kernels).
 `eager`: the forward once per token. `auto`: graph where it can run, else eager, saying why.
-A dense layer (bf16, fp16 or fp32, fused projections, no hook installed) runs as qwenlab's five fused kernels
-(qwenlab.generation.fused_layer; `fused=False`: never). Any other layer runs its forward, for which torch.compile
-compiles one decoder layer before the first capture, whose code every such layer then runs (COMPILES: or the whole
-step, which leaves out the fused kernels, or nothing). On one H200, Qwen3-4B shape, the layer compiled in 5.3 s
-against 36.2 s for the whole step and replays 1.4% (bf16) / 0.9% (NVFP4) slower (bench/decode_profile.py,
-doc/performance.md).
+A decoder layer runs as qwenlab's fused kernels where they fit it (qwenlab.generation.fused_layer: dense bf16, fp16
+or fp32 with fused projections, or W4A16 NVFP4; no hook installed; `fused=False`: never). Any other layer runs its
+forward, for which torch.compile compiles one decoder layer before the first capture, whose code every such layer
+then runs (COMPILES: or the whole step, which leaves out the fused kernels, or nothing). On one H200, Qwen3-4B
+shape, the layer compiled in 5.3 s against 36.2 s for the whole step and replays 1.4% (bf16) / 0.9% (NVFP4) slower
+(bench/decode_profile.py, doc/performance.md).
 The engine keeps the compiled code, the kernel choices and their timings, the captured graph of each static cache
 it made (and, in `captures`, each capture's cache length, seconds and graphs compiled: a new length compiles
 again), and a pooled cache for one-off generations (so the playground's second Generate reuses the graph).
@@ -64,12 +64,12 @@ class Prepared:
 
 
 class Engine:
-    """compile: one of COMPILES (True: "layer", False: "none"). fused: dense layers as the fused kernels (not with
-    compile "step", which compiles every layer's forward into the step). min_cache_len: the shortest pooled cache
-    (a power of two from 512 otherwise). Compiled code is static-shaped, so every new cache length compiles again
-    (with the whole step compiled: 131 s and 86 s on the Qwen3-32B shape, against 0.2 s for another cache of a
-    length already compiled): a caller that decodes sequences of several lengths in one process gives the longest
-    here and makes its other caches that long too (notebook 04, one compile)."""
+    """compile: one of COMPILES (True: "layer", False: "none"). fused: decoder layers as the fused kernels where they
+    fit (not with compile "step", which compiles every layer's forward into the step). min_cache_len: the
+    shortest pooled cache (a power of two from 512 otherwise). Compiled code is static-shaped, so every new
+    cache length compiles again (with the whole step compiled: 131 s and 86 s on the Qwen3-32B shape, against
+    0.2 s for another cache of a length already compiled): a caller that decodes sequences of several lengths in
+    one process gives the longest here and makes its other caches that long too (notebook 04, one compile)."""
 
     def __init__(self, model, kind: str = "auto", *, compile: bool | str = True, fused: bool = True,
                  min_cache_len: int = MIN_POOLED_LEN):

@@ -28,7 +28,7 @@ class DecodeKernels:
     nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> outputs concatenated
     nvfp4_gemv: str = ""  # which NVFP4 GEMV runs for the model's activations: "wide", "mma" or "fma" (gemv_engine)
     run_layer: Callable = call_layer  # (layer, x, cos, sin, mask, kv, attention, kernels) -> x: call_layer, compiled
-    fused: object | None = None  # fused_layer.FusedLayers: the layers it fits run as its five kernels
+    fused: object | None = None  # fused_layer.FusedLayers: the layers it fits run as its kernels
 
     def layer(self, layer: nn.Module, x, cos, sin, mask, kv, attention: str):
         """One decoder layer of the step: the fused kernels where they fit it, else run_layer (its forward)."""
