@@ -70,24 +70,35 @@ def _attend_kernel(Q, K, V, POS, OUT, O_PART, M_PART, L_PART, stride_kh, stride_
 
 
 @triton.jit
+def merge_chunks(O_PART, M_PART, L_PART, kvh, n_chunks, used, g, d, GP: tl.constexpr, DP: tl.constexpr,
+                 CACHE: tl.constexpr):
+    """KV head kvh's output from the partial results of its first `used` chunks, merged in chunk order: (sum of
+    values weighted [GP, DP], sum of weights [GP]), float32. CACHE: the loads' cache modifier (".cg" where programs
+    of the same launch wrote the partials)."""
+    m_run = tl.full([GP], -1e30, tl.float32)
+    l_run = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for c in range(0, used):
+        part = (kvh * n_chunks + c) * GP
+        m = tl.load(M_PART + part + g, cache_modifier=CACHE)
+        m_new = tl.maximum(m_run, m)
+        keep, take = tl.exp(m_run - m_new), tl.exp(m - m_new)
+        l_run = l_run * keep + tl.load(L_PART + part + g, cache_modifier=CACHE) * take
+        acc = acc * keep[:, None] + tl.load(O_PART + (part + g)[:, None] * DP + d[None, :],
+                                            cache_modifier=CACHE) * take[:, None]
+        m_run = m_new
+    return acc, l_run
+
+
+@triton.jit
 def _merge_kernel(O_PART, M_PART, L_PART, POS, OUT, n_chunks, G: tl.constexpr, GP: tl.constexpr,
                   D: tl.constexpr, DP: tl.constexpr, CHUNK: tl.constexpr):
     kvh = tl.program_id(0)
     used = tl.cdiv(tl.load(POS) + 1, CHUNK)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
-    m_run = tl.full([GP], -1e30, tl.float32)
-    l_run = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, DP], tl.float32)
-    for c in range(0, used):
-        part = (kvh * n_chunks + c) * GP
-        m = tl.load(M_PART + part + g)
-        m_new = tl.maximum(m_run, m)
-        keep, take = tl.exp(m_run - m_new), tl.exp(m - m_new)
-        l_run = l_run * keep + tl.load(L_PART + part + g) * take
-        acc = acc * keep[:, None] + tl.load(O_PART + (part + g)[:, None] * DP + d[None, :]) * take[:, None]
-        m_run = m_new
-    out = acc / l_run[:, None]
+    acc, total = merge_chunks(O_PART, M_PART, L_PART, kvh, n_chunks, used, g, d, GP, DP, "")
+    out = acc / total[:, None]
     tl.store(OUT + (kvh * G + g)[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty),
              mask=(g[:, None] < G) & (d[None, :] < D))
 

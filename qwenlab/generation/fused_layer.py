@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from qwenlab.generation.decode_attention import online_softmax_step
+from qwenlab.generation.decode_attention import merge_chunks, online_softmax_step
 from qwenlab.generation.kernels import fits, layer_kind
 from qwenlab.quant.autotuning import AUTOTUNE
 
@@ -46,6 +46,12 @@ except ImportError:
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 PLAIN, RMS = 0, 1  # the GEMV's prologue: x as it is, RMSNorm(x) * weight
 BLOCK = 64  # cache slots per step of an attention program's loop
+
+
+@triton.jit
+def _silu(gate, dtype: tl.constexpr):
+    """F.silu of float32 `gate` as the forward computes it in `dtype` (rounded to it), back in float32."""
+    return (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -92,7 +98,8 @@ def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, G
     acc = w.to(tl.float32) * xin[None, :]
     if GLU:
         acc_up = w_up.to(tl.float32) * xin[None, :]
-    squares = x * x
+    if PRO == 1:
+        squares = x * x
     for k0 in range(BLOCK_K, K, BLOCK_K):
         c = k0 + cols
         tile = rows[:, None] * stride_wn + c[None, :]
@@ -115,8 +122,7 @@ def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, G
         if PRO == 1:
             up = up * rstd
         gate = y.to(dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        y = act * up.to(dtype).to(tl.float32)
+        y = _silu(gate, dtype) * up.to(dtype).to(tl.float32)
     y = y.to(dtype)
     if RES:
         y = (tl.load(R + rows, mask=row_ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
@@ -213,19 +219,8 @@ def _fused_attend_kernel(QKV, QW, KW, COS, SIN, KC, VC, POS, OUT, O_PART, M_PART
             tl.debug_barrier()  # every thread's partial stored before the count says so
             done = tl.atomic_add(COUNTERS + kvh, 1, sem="acq_rel", scope="gpu")
             if done == used - 1:  # the last chunk of this KV head to finish merges them all, in chunk order
-                m_run = tl.full([GP], -1e30, tl.float32)
-                l_run = tl.zeros([GP], tl.float32)
-                acc = tl.zeros([GP, DP], tl.float32)
-                for c in range(0, used):
-                    other = (kvh * n_chunks + c) * GP
-                    m = tl.load(M_PART + other + g, cache_modifier=".cg")
-                    m_new = tl.maximum(m_run, m)
-                    keep, take = tl.exp(m_run - m_new), tl.exp(m - m_new)
-                    l_run = l_run * keep + tl.load(L_PART + other + g, cache_modifier=".cg") * take
-                    o = tl.load(O_PART + (other + g)[:, None] * DP + d[None, :], cache_modifier=".cg")
-                    acc = acc * keep[:, None] + o * take[:, None]
-                    m_run = m_new
-                tl.store(OUT + (kvh * G + g)[:, None] * D + d[None, :], (acc / l_run[:, None]).to(dtype),
+                acc, total = merge_chunks(O_PART, M_PART, L_PART, kvh, n_chunks, used, g, d, GP, DP, ".cg")
+                tl.store(OUT + (kvh * G + g)[:, None] * D + d[None, :], (acc / total[:, None]).to(dtype),
                          mask=out_mask)
                 tl.atomic_xchg(COUNTERS + kvh, 0, sem="relaxed", scope="gpu")
 
@@ -254,7 +249,7 @@ def _silu_up_kernel(GU, A, K, BLOCK: tl.constexpr):
     ok = cols < K
     dtype = GU.dtype.element_ty
     gate = tl.load(GU + cols, mask=ok, other=0.0).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    act = _silu(gate, dtype)
     tl.store(A + cols, (act * tl.load(GU + K + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype), mask=ok)
 
 
