@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import nn
 
 from qwenlab.generation.decode_attention import merge_chunks, online_softmax_step
-from qwenlab.generation.kernels import fits, layer_kind
+from qwenlab.generation.kernels import layer_kind
 from qwenlab.quant.autotuning import AUTOTUNE
 
 try:  # Programmatic Dependent Launch, Triton 3.4+
@@ -288,8 +288,8 @@ class FusedLayers:
         launch = {"launch_pdl": True} if self.pdl else {}
         args = (x, norm.weight if norm is not None else weight, residual if residual is not None else y, weight, y, n,
                 k, weight.stride(0), norm.eps if norm is not None else 0.0)
-        if (n, k) in self.tiles:
-            block_n, block_k, warps, stages = self.tiles[(n, k)]
+        if tuple(weight.shape) in self.tiles:
+            block_n, block_k, warps, stages = self.tiles[tuple(weight.shape)]
             _fused_gemv_kernel[(triton.cdiv(n, block_n),)](
                 *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=self.pdl, BLOCK_N=block_n,
                 BLOCK_K=block_k, num_warps=warps, num_stages=stages, **launch)
@@ -316,9 +316,6 @@ class FusedLayers:
             n_chunks, attn.q_norm.eps, SM_SCALE=dim ** -0.5, G=group, GP=gp, KVH=kv_heads, D=dim, DP=dp,
             CHUNK=chunk, BLOCK=BLOCK, IEEE=qkv.dtype == torch.float32 or INTERPRETED, PDL=self.pdl, **launch)
         return out
-
-    def fits(self, layer: nn.Module, x, kv) -> str | None:
-        return fits(layer, x, kv)
 
     def add_norm(self, x, delta=None, norm: nn.Module | None = None):
         """(x + delta, RMSNorm(x + delta)) in one kernel; without delta x itself, without norm None."""

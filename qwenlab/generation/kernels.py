@@ -32,7 +32,7 @@ class DecodeKernels:
 
     def layer(self, layer: nn.Module, x, cos, sin, mask, kv, attention: str):
         """One decoder layer of the step: the fused kernels where they fit it, else run_layer (its forward)."""
-        if self.fused is not None and self.fused.fits(layer, x, kv) is None:
+        if self.fused is not None and fits(layer, x, kv) is None:
             return self.fused.layer(layer, x, cos, sin, kv)
         return self.run_layer(layer, x, cos, sin, mask, kv, attention, self)
 
