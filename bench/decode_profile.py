@@ -8,16 +8,14 @@ mode's kernels by the torch profiler. A development tool beside `qwenlab bench`;
         [--modes fused,layer]
 """
 import argparse
-from dataclasses import replace
+import os
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from qwenlab.bench.measure import copy_bandwidth, device_facts, weight_bytes
-from qwenlab.generation.engine import COMPILES, Engine, layer_compiled
-from qwenlab.generation.fused_layer import pdl_available
-from qwenlab.generation.kernels import choose_kernels
+from qwenlab.generation.engine import COMPILES, Engine
 from qwenlab.model.loader import load
 from qwenlab.model.tiny import resolve_model_dir
 
@@ -82,20 +80,26 @@ def main():
     for mode in args.modes.split(","):
         fused = mode.startswith("fused")
         engine = Engine(model, "graph", compile="layer" if fused else mode, fused=fused)
-        if mode == "fused-pdl":
-            engine.kernels = choose_kernels(model, engine.timings)
-            engine.kernels = replace(engine.kernels, run_layer=layer_compiled(engine.kernels).run_layer)
-            engine.kernels.fused.pdl = pdl_available(model.device)
         cache = engine.new_cache(args.context)
         model(torch.arange(128, device=model.device), cache=cache)
-        step, _ = engine.captured(cache)
+        asked = os.environ.get("QWENLAB_PDL")
+        os.environ["QWENLAB_PDL"] = "1" if mode == "fused-pdl" else "0"  # read when the engine chooses its kernels
+        try:
+            step, _ = engine.captured(cache)
+        finally:
+            if asked is None:
+                del os.environ["QWENLAB_PDL"]
+            else:
+                os.environ["QWENLAB_PDL"] = asked
         capture = engine.captures[-1]
+        layers = engine.kernels.describe()["layers"] or COMPILES[engine.compile]
         ms = replay_ms(step)
         prof, launches = profiled(step)
         print(f"graph replay, {mode}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, {wbytes / ms / 1e6:.0f} GB/s, "
               f"{100 * wbytes / bandwidth * 1e3 / ms:.1f}% of floor), {launches:.0f} kernels per step; capture "
               f"{capture['seconds']:.1f} s (first call {capture['first_call_s']:.1f} s, "
-              f"{capture['graphs_compiled']} graphs compiled)", flush=True)
+              f"{capture['graphs_compiled']} graphs compiled); layers: {layers}",
+              flush=True)
         table = table or prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows,
                                                    max_name_column_width=70)
     print(table)

@@ -17,17 +17,11 @@ import torch
 from qwenlab.bench.measure import copy_bandwidth, device_facts
 from qwenlab.generation.decode_attention import decode_attention_static
 from qwenlab.generation.fused_layer import PLAIN, RMS, FusedLayers, pdl_available
-from qwenlab.generation.gemv import _graph_us, gemv
+from qwenlab.generation.gemv import _graph_us, gemv, per_weight_us, rotated_copies
 from qwenlab.model.config import config_from_dict
 from qwenlab.model.kv_cache import StaticKVCache
 from qwenlab.model.qwen3 import DecoderLayer, RMSNorm, Rotary
 from qwenlab.model.tiny import config_json
-
-
-def rotated_us(call, weight) -> float:
-    """us per call of call(w) over copies of `weight` totalling 256 MiB."""
-    ws = [weight] + [torch.randn_like(weight) for _ in range((256 << 20) // weight.nbytes)]
-    return _graph_us(lambda: [call(w) for w in ws], 1) / len(ws)
 
 
 @torch.inference_mode()
@@ -54,11 +48,11 @@ def main():
               "down": (H, inter, dict(residual=res))}
     print(f"{'GEMV':<8} {'N x K':>12} {'plain us':>9} {'fused, no prologue us':>22} {'fused us':>9} {'GB/s':>6}")
     for name, (n, k, how) in shapes.items():
-        w = torch.randn(n, k, dtype=dtype, device=device)
+        ws = rotated_copies(torch.randn(n, k, dtype=dtype, device=device))
         xin = torch.randn(k, dtype=dtype, device=device)
-        plain = rotated_us(lambda w: gemv(xin, w), w)
-        bare = rotated_us(lambda w: fused.gemv(xin, w, PLAIN), w)
-        full = rotated_us(lambda w: fused.gemv(xin, w, **how), w)
+        plain = per_weight_us(lambda w: gemv(xin, w), ws)
+        bare = per_weight_us(lambda w: fused.gemv(xin, w, PLAIN), ws)
+        full = per_weight_us(lambda w: fused.gemv(xin, w, **how), ws)
         row = {"gemv": name, "n": n, "k": k, "plain_us": plain, "fused_bare_us": bare, "fused_us": full}
         rows.append(row)
         print(f"{name:<8} {f'{n}x{k}':>12} {plain:>9.1f} {bare:>22.1f} {full:>9.1f} {n * k * 2 / full / 1e3:>6.0f}")

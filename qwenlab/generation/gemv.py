@@ -97,12 +97,19 @@ def _graph_us(fn, calls: int = 8) -> float:
     return start.elapsed_time(end) * 1e3 / (5 * calls)
 
 
+def rotated_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """`weight` and random copies of it, 256 MiB in all: timed in turn, a small weight is read from HBM, not L2."""
+    return [weight] + [torch.randn_like(weight) for _ in range((256 << 20) // weight.nbytes)]
+
+
+def per_weight_us(call, weights: list[torch.Tensor]) -> float:
+    """us per call(w), over `weights` in turn in one CUDA graph."""
+    return _graph_us(lambda: [call(w) for w in weights], 1) / len(weights)
+
+
 def linear_timings(weight: torch.Tensor) -> tuple[float, float]:
-    """(cuBLAS us, Triton GEMV us) for one row against `weight`; small weights are rotated with random copies so
-    the timing reads HBM, not the L2 cache. The engine measures each shape once and keeps the choice."""
-    n, k = weight.shape
-    copies = (256 << 20) // weight.nbytes
-    ws = [weight] + [torch.randn_like(weight) for _ in range(copies)]
-    x = torch.randn(1, k, dtype=weight.dtype, device=weight.device)
-    return (_graph_us(lambda: [F.linear(x, w) for w in ws], 1) / len(ws),
-            _graph_us(lambda: [gemv(x, w) for w in ws], 1) / len(ws))
+    """(cuBLAS us, Triton GEMV us) for one row against `weight`, rotated with random copies so the timing reads HBM,
+    not the L2 cache. The engine measures each shape once and keeps the choice."""
+    ws = rotated_copies(weight)
+    x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    return per_weight_us(lambda w: F.linear(x, w), ws), per_weight_us(lambda w: gemv(x, w), ws)
