@@ -1,14 +1,17 @@
-"""Where a decode step's time goes: the graph engine's captured one-token step, built each way the engine can
-(fused: decoder layers as qwenlab's fused kernels, the default; fused-pdl: the same launched with programmatic
-dependent launch, as QWENLAB_PDL=1; layer: one decoder layer compiled by torch.compile for all; step: the whole
-step compiled; none), timed by replays side by side in one process, with its kernel launches per step and the first
-mode's kernels by the torch profiler. A development tool beside `qwenlab bench`; it prints numbers and asserts none.
+"""Where a decode step's time goes: the graph engine's captured one-token step, built each way the engine can (fused:
+decoder layers as qwenlab's fused kernels, the default, with programmatic dependent launch where the GPU has it;
+fused-nopdl: the same without PDL, as QWENLAB_PDL=0; fused-pdl-MODE: PDL with another trigger placement, as
+QWENLAB_PDL=MODE; layer: one decoder layer compiled by torch.compile for all; step: the whole step compiled; none),
+timed by replays side by side in one process, also as greedy decoding replays them (each step's choice copied to the
+host behind it), with its kernel launches per step and the first mode's kernels by the torch profiler. A development
+tool beside `qwenlab bench`; it prints numbers and asserts none.
 
     python bench/decode_profile.py --model /tmp/q4b --device cuda --dtype bfloat16 [--quant nvfp4] [--context 512]
         [--modes fused,layer]
 """
 import argparse
 import os
+import time
 
 import torch
 from torch.autograd import DeviceType
@@ -30,6 +33,31 @@ def replay_ms(step, n: int = 100) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / n
+
+
+def chained_ms(step, n: int = 100, side: bool = False) -> float:
+    """Replays as greedy decoding runs them (qwenlab.generation.decode.ChainedGreedy): each step on the token the
+    one before chose, its choice copied into pinned host memory behind it and waited for one step late. side: the
+    copy on another stream, after an event (timing only: nothing then orders it before the next step's write)."""
+    host = torch.empty(n + 5, dtype=torch.long, pin_memory=True)
+    stream = torch.cuda.current_stream()
+    copier = torch.cuda.Stream() if side else stream
+    events = []
+    for i in range(n + 5):
+        if i == 5:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        step.graph.replay()
+        if side:
+            copier.wait_stream(stream)
+        with torch.cuda.stream(copier):
+            host[i:i + 1].copy_(step.token.view(1), non_blocking=True)
+            events.append(torch.cuda.Event())
+            events[-1].record(copier)
+        if i:
+            events[i - 1].synchronize()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / n
 
 
 def profiled(step, replays: int = 10):
@@ -65,8 +93,9 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant", default=None, help="nvfp4: quantize at load (as qwenlab bench --quant)")
     ap.add_argument("--context", type=int, default=512, help="static cache length (attention covers all of it)")
-    ap.add_argument("--modes", default="fused,layer", help="the engine's modes to capture, in order: fused, "
-                    f"fused-pdl, or one of its compile modes without the fused layers ({', '.join(COMPILES)})")
+    ap.add_argument("--modes", default="fused,layer", help="the engine's modes to capture, in order: fused (its "
+                    "default), fused-nopdl (QWENLAB_PDL=0), fused-pdl-MODE (QWENLAB_PDL=MODE: start, after-wait, "
+                    f"after-loop), or one of its compile modes without the fused layers ({', '.join(COMPILES)})")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     model = load(resolve_model_dir(args.model), args.dtype, args.device, args.quant).model
@@ -82,24 +111,34 @@ def main():
         engine = Engine(model, "graph", compile="layer" if fused else mode, fused=fused)
         cache = engine.new_cache(args.context)
         model(torch.arange(128, device=model.device), cache=cache)
-        asked = os.environ.get("QWENLAB_PDL")
-        os.environ["QWENLAB_PDL"] = "1" if mode == "fused-pdl" else "0"  # read when the engine chooses its kernels
+        asked = os.environ.pop("QWENLAB_PDL", None)
+        # read when the engine chooses its kernels: fused its default, fused-nopdl QWENLAB_PDL=0, fused-pdl-MODE
+        # QWENLAB_PDL=MODE
+        if mode == "fused-nopdl":
+            os.environ["QWENLAB_PDL"] = "0"
+        elif mode.startswith("fused-pdl-"):
+            os.environ["QWENLAB_PDL"] = mode.removeprefix("fused-pdl-")
         try:
             step, _ = engine.captured(cache)
         finally:
-            if asked is None:
-                del os.environ["QWENLAB_PDL"]
-            else:
+            os.environ.pop("QWENLAB_PDL", None)
+            if asked is not None:
                 os.environ["QWENLAB_PDL"] = asked
         capture = engine.captures[-1]
         layers = engine.kernels.describe()["layers"] or COMPILES[engine.compile]
-        ms = replay_ms(step)
+        timings = []
+        for measure in (replay_ms, chained_ms, lambda s: chained_ms(s, side=True)):
+            cache.crop(128)  # each from the same 128 cached tokens (a replay moves the device's pos)
+            timings.append(measure(step))
+        ms, chained, side = timings
+        cache.crop(128)
         prof, launches = profiled(step)
         print(f"graph replay, {mode}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, {wbytes / ms / 1e6:.0f} GB/s, "
               f"{100 * wbytes / bandwidth * 1e3 / ms:.1f}% of floor), {launches:.0f} kernels per step; capture "
               f"{capture['seconds']:.1f} s (first call {capture['first_call_s']:.1f} s, "
-              f"{capture['graphs_compiled']} graphs compiled); layers: {layers}",
-              flush=True)
+              f"{capture['graphs_compiled']} graphs compiled); layers: {layers}\n"
+              f"  as greedy decoding replays it (each choice copied to the host behind its step, read one step late): "
+              f"{chained:.3f} ms/token; with that copy on another stream: {side:.3f}", flush=True)
         table = table or prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows,
                                                    max_name_column_width=70)
     print(table)

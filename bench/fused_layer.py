@@ -1,7 +1,9 @@
 """The fused decoder layer's kernels (qwenlab.generation.fused_layer) one by one on the Qwen3-4B shapes, against the
-plain bf16 GEMV and the decode attention they replace, and 36 fused layers chained in one CUDA graph with PDL on
-and off. Random bf16 weights; each kernel timed in a CUDA graph over copies of its weight totalling 256 MiB (read
-from HBM, not L2). A development tool: it prints numbers and asserts none.
+plain bf16 GEMV and the decode attention they replace, and 36 fused layers chained in one CUDA graph without PDL
+and with each of its trigger placements (fused_layer.PDL_MODES). Random bf16 weights; each GEMV timed in a CUDA
+graph over copies of its weight totalling 256 MiB (read from HBM, not L2), the attention over one cache (in L2) and
+over the 36 layers' caches in turn (from HBM, as in a decode step). A development tool: it prints numbers and
+asserts none.
 
     python bench/fused_layer.py [--context 384] [--layers 36] [--out FILE.json]
 
@@ -16,7 +18,7 @@ import torch
 
 from qwenlab.bench.measure import copy_bandwidth, device_facts
 from qwenlab.generation.decode_attention import decode_attention_static
-from qwenlab.generation.fused_layer import PLAIN, RMS, FusedLayers, pdl_available
+from qwenlab.generation.fused_layer import PDL_MODES, PLAIN, RMS, FusedLayers, pdl_available
 from qwenlab.generation.gemv import _graph_us, gemv, per_weight_us, rotated_copies
 from qwenlab.model.config import config_from_dict
 from qwenlab.model.kv_cache import StaticKVCache
@@ -75,15 +77,16 @@ def main():
     kv = cache.layer(0)
     plain_attn = _graph_us(lambda: decode_attention_static(q, cache.k[0], cache.v[0], cache.pos), 20)
     fused_attn = _graph_us(lambda: fused.attend(qkv, attn, cos.reshape(-1), sin.reshape(-1), kv), 20)
+    kvs = [cache.layer(i) for i in range(cfg.num_hidden_layers)]  # each layer's cache in turn: read from HBM
+    cold_attn = per_weight_us(lambda one: fused.attend(qkv, attn, cos.reshape(-1), sin.reshape(-1), one), kvs)
     print(f"attention over {args.context} of 512 slots: decode attention {plain_attn:.1f} us; fused (q/k norm, RoPE, "
-          f"cache write, attention, merge) {fused_attn:.1f} us")
+          f"cache write, attention, merge) {fused_attn:.1f} us, {cold_attn:.1f} us over the "
+          f"{cfg.num_hidden_layers} layers' caches in turn ({sum(t.nbytes for t in cache.k + cache.v) / 1e6:.0f} MB)")
     h = torch.randn(1, 1, H, dtype=dtype, device=device)
     layer_bytes = sum(w.nbytes for w in (attn.qkv_proj.weight, attn.o_proj.weight, layers[0].mlp.gate_up_proj.weight,
                                          layers[0].mlp.down_proj.weight))
     chains = {}
-    for pdl in (False, True):
-        if pdl and not pdl_available(device):
-            continue
+    for mode, pdl in [("off", 0)] + (list(PDL_MODES.items()) if pdl_available(device) else []):
         runner = FusedLayers(pdl)
 
         def chain():
@@ -92,14 +95,14 @@ def main():
                 y = runner.layer(layer, y, cos, sin, cache.layer(i))
             return y
         us = _graph_us(chain, 1) / args.layers
-        chains["pdl" if pdl else "no_pdl"] = us
-        print(f"{args.layers} fused layers in one graph, PDL {'on' if pdl else 'off'}: {us:.1f} us a layer "
+        chains[f"pdl {mode}"] = us
+        print(f"{args.layers} fused layers in one graph, PDL {mode}: {us:.1f} us a layer "
               f"({layer_bytes / us / 1e3:.0f} GB/s of its {layer_bytes / 1e6:.1f} MB of weights; floor "
               f"{layer_bytes / bandwidth * 1e6:.1f} us)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": facts, "copy_bandwidth": bandwidth, "context": args.context, "gemv": rows,
-                       "attention_us": {"decode_attention": plain_attn, "fused": fused_attn},
+                       "attention_us": {"decode_attention": plain_attn, "fused": fused_attn, "fused_hbm": cold_attn},
                        "layer_us": chains, "layer_bytes": layer_bytes}, f, indent=1, default=str)
 
 

@@ -15,9 +15,10 @@ Every kernel rounds to the model's dtype where the module forward does (each pro
 norm and after each RoPE product, SiLU and its product with up, each residual sum), but for the input norms of the
 two GEMVs that take them: their normalised x is not rounded before the product (rstd scales the sums), one
 rounding fewer than the forward, so closer to float64; float32 sums run in another order.
-With QWENLAB_PDL=1 on sm_90+, each is launched with programmatic dependent launch: it starts while the kernel
+With QWENLAB_PDL on sm_90+, each is launched with programmatic dependent launch: it starts while the kernel
 before it ends, reads its first weight tile (weights never change) and only then waits for the previous kernel's
-output (gdc_wait); off by default (pdl_wanted says why).
+output (gdc_wait). Where a kernel lets the next one launch is PDL_MODES (first thing, after its own wait, after
+its main loop); after the main loop by default, QWENLAB_PDL=0 for none (pdl_wanted says why).
 The GEMV's tile is autotuned per shape and prologue/epilogue (TILES).
 
 A W4A16 NVFP4 layer takes nine: its GEMVs (qwenlab.quant.triton_nvfp4, q/k/v and gate/up one launch each) have no
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from qwenlab.errors import QwenlabError
 from qwenlab.generation.decode_attention import merge_chunks, online_softmax_step
 from qwenlab.generation.kernels import layer_kind
 from qwenlab.quant.autotuning import AUTOTUNE
@@ -45,6 +47,11 @@ except ImportError:
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 PLAIN, RMS = 0, 1  # the GEMV's prologue: x as it is, RMSNorm(x) * weight
+# With PDL, where each kernel lets the next one launch (gdc_launch_dependents; PDL = 0: no PDL):
+TRIGGER_AT_START = tl.constexpr(1)  # first thing: the next kernel's programs may start before this one waits
+TRIGGER_AFTER_WAIT = tl.constexpr(2)  # once the kernel before has finished: at most one kernel runs ahead
+TRIGGER_AFTER_LOOP = tl.constexpr(3)  # after the main loop: the next kernel starts during this one's epilogue
+PDL_MODES = {"start": 1, "after-wait": 2, "after-loop": 3}
 BLOCK = 64  # cache slots per step of an attention program's loop
 
 
@@ -85,7 +92,7 @@ def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, G
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
     dtype = Y.dtype.element_ty
-    if PDL:
+    if PDL == TRIGGER_AT_START:
         gdc_launch_dependents()
     tile = rows[:, None] * stride_wn + cols[None, :]
     ok = row_ok[:, None] & (cols < K)[None, :]
@@ -94,6 +101,8 @@ def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, G
         w_up = tl.load(W + N * stride_wn + tile, mask=ok, other=0.0, eviction_policy="evict_first")
     if PDL:
         gdc_wait()  # X and R are the previous kernels' outputs
+    if PDL == TRIGGER_AFTER_WAIT:
+        gdc_launch_dependents()
     xin, x = _row_in(X, G, cols, cols < K, PRO)
     acc = w.to(tl.float32) * xin[None, :]
     if GLU:
@@ -113,6 +122,8 @@ def _fused_gemv_kernel(X, G, R, W, Y, N, K, stride_wn, eps, PRO: tl.constexpr, G
             acc_up += w_up.to(tl.float32) * xin[None, :]
         if PRO == 1:
             squares += x * x
+    if PDL == TRIGGER_AFTER_LOOP:
+        gdc_launch_dependents()
     y = tl.sum(acc, 1)
     if PRO == 1:  # RMSNorm's rstd from the x this pass read (every program reads all of it)
         rstd = tl.rsqrt(tl.sum(squares, 0) / K + eps)
@@ -160,12 +171,17 @@ def _fused_attend_kernel(QKV, QW, KW, COS, SIN, KC, VC, POS, OUT, O_PART, M_PART
                          CHUNK: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     """One token's attention from the q/k/v projection's output: program (KV head, chunk of CHUNK slots). Each
     normalises and rotates its G query heads and the new key, the one holding slot `pos` writes the new key and
-    value there, and each scores its valid slots with an online softmax (the new key and value from registers)."""
+    value there, and each scores its valid slots with an online softmax (the new key and value from registers).
+    Each block's cached keys and values are read one block ahead, the first before the norms and RoPE, so that
+    their latency (HBM: the other layers' weights have passed through L2 since) overlaps that work."""
     kvh = tl.program_id(0)
     chunk = tl.program_id(1)
-    if PDL:
+    if PDL == TRIGGER_AT_START:
         gdc_launch_dependents()
+    if PDL:
         gdc_wait()
+    if PDL == TRIGGER_AFTER_WAIT:
+        gdc_launch_dependents()
     pos = tl.load(POS)
     length = pos + 1
     start = chunk * CHUNK
@@ -174,11 +190,15 @@ def _fused_attend_kernel(QKV, QW, KW, COS, SIN, KC, VC, POS, OUT, O_PART, M_PART
         g = tl.arange(0, GP)
         d = tl.arange(0, DP)
         dm = d < D
+        end = tl.minimum(start + CHUNK, length)
+        # the first block's cached keys and values, before the new slot is written: slot pos is replaced from
+        # registers below, so what it held before does not matter
+        k_next, v_next = _kv_block(KC, VC, kvh, start + tl.arange(0, BLOCK), end, d, stride_kh, stride_ks,
+                                   stride_vh, stride_vs, D)
         q = _norm_rope(QKV, QW, COS, SIN, kvh * G + g, d, (g[:, None] < G) & dm[None, :], eps, D).to(dtype)
         one = tl.arange(0, 1)
         k_new = _norm_rope(QKV + KVH * G * D, KW, COS, SIN, kvh + one, d, dm[None, :], eps, D).to(dtype)
         v_new = tl.load(QKV + (KVH * G + KVH + kvh) * D + d, mask=dm, other=0.0)
-        end = tl.minimum(start + CHUNK, length)
         if pos < end:  # this chunk holds the new slot
             tl.store(KC + kvh * stride_kh + pos * stride_ks + d[None, :] + one[:, None] * 0, k_new,
                      mask=dm[None, :])
@@ -189,17 +209,16 @@ def _fused_attend_kernel(QKV, QW, KW, COS, SIN, KC, VC, POS, OUT, O_PART, M_PART
         for off in range(start, end, BLOCK):
             s = off + tl.arange(0, BLOCK)
             valid = s < end
-            kv_mask = valid[:, None] & dm[None, :]
             is_new = (s == pos)[:, None]
-            k = tl.load(KC + kvh * stride_kh + s[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
-            k = tl.where(is_new, k_new, k)
+            k = tl.where(is_new, k_new, k_next)
+            v = tl.where(is_new, v_new[None, :], v_next)
+            k_next, v_next = _kv_block(KC, VC, kvh, s + BLOCK, end, d, stride_kh, stride_ks, stride_vh, stride_vs,
+                                       D)
             if IEEE:  # float32 operands (a float32 model, or Triton's interpreter, whose bf16 dot is wrong)
                 scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))
             m_new, alpha, p = online_softmax_step(scores, valid, m, SM_SCALE)
-            v = tl.load(VC + kvh * stride_vh + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.where(is_new, v_new[None, :], v)
             if IEEE:
                 pv = tl.dot(p.to(dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
             else:
@@ -207,6 +226,8 @@ def _fused_attend_kernel(QKV, QW, KW, COS, SIN, KC, VC, POS, OUT, O_PART, M_PART
             total = total * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + pv
             m = m_new
+        if PDL == TRIGGER_AFTER_LOOP:
+            gdc_launch_dependents()
         out_mask = (g[:, None] < G) & dm[None, :]
         used = tl.cdiv(length, CHUNK)
         if used == 1:
@@ -223,6 +244,15 @@ def _fused_attend_kernel(QKV, QW, KW, COS, SIN, KC, VC, POS, OUT, O_PART, M_PART
                 tl.store(OUT + (kvh * G + g)[:, None] * D + d[None, :], (acc / total[:, None]).to(dtype),
                          mask=out_mask)
                 tl.atomic_xchg(COUNTERS + kvh, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _kv_block(KC, VC, kvh, s, end, d, stride_kh, stride_ks, stride_vh, stride_vs, D: tl.constexpr):
+    """The cached keys and values of KV head kvh at slots s ([BLOCK, DP], zeros from `end` on)."""
+    kv_mask = (s < end)[:, None] & (d < D)[None, :]
+    k = tl.load(KC + kvh * stride_kh + s[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(VC + kvh * stride_vh + s[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -268,10 +298,16 @@ class FusedLayers:
     """What the fused layer needs beyond the layer itself: whether to launch with PDL, the per-device merge counters
     (zero between launches; made before any graph capture by prepare()) and, for tests, a fixed GEMV tile per weight
     shape ((N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages)) instead of the autotuner's."""
-    pdl: bool = False
+    pdl: int = 0  # 0: no PDL, else where each kernel lets the next launch (a PDL_MODES value)
     tiles: dict = field(default_factory=dict)
     nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> concatenated (NVFP4 layers)
     counters: dict = field(default_factory=dict)
+
+    def note(self) -> str:
+        """What the engine's note says of its layers: "fused Triton kernels", with PDL and where it lets the next
+        kernel launch."""
+        trigger = {v: k for k, v in PDL_MODES.items()}
+        return "fused Triton kernels" + (f" (PDL, the next kernel let in {trigger[self.pdl]})" if self.pdl else "")
 
     def prepare(self, device: torch.device, kv_heads: int):
         key = str(device)
@@ -291,11 +327,11 @@ class FusedLayers:
         if tuple(weight.shape) in self.tiles:
             block_n, block_k, warps, stages = self.tiles[tuple(weight.shape)]
             _fused_gemv_kernel[(triton.cdiv(n, block_n),)](
-                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=self.pdl, BLOCK_N=block_n,
+                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=int(self.pdl), BLOCK_N=block_n,
                 BLOCK_K=block_k, num_warps=warps, num_stages=stages, **launch)
         else:
             _tuned_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=self.pdl, **launch)
+                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=int(self.pdl), **launch)
         return y
 
     def attend(self, qkv, attn: nn.Module, cos, sin, kv):
@@ -314,7 +350,7 @@ class FusedLayers:
             qkv, attn.q_norm.weight, attn.k_norm.weight, cos, sin, kv.k, kv.v, kv.pos, out, o_part, m_part, l_part,
             self.counters[str(qkv.device)], kv.k.stride(1), kv.k.stride(2), kv.v.stride(1), kv.v.stride(2),
             n_chunks, attn.q_norm.eps, SM_SCALE=dim ** -0.5, G=group, GP=gp, KVH=kv_heads, D=dim, DP=dp,
-            CHUNK=chunk, BLOCK=BLOCK, IEEE=qkv.dtype == torch.float32 or INTERPRETED, PDL=self.pdl, **launch)
+            CHUNK=chunk, BLOCK=BLOCK, IEEE=qkv.dtype == torch.float32 or INTERPRETED, PDL=int(self.pdl), **launch)
         return out
 
     def add_norm(self, x, delta=None, norm: nn.Module | None = None):
@@ -372,9 +408,15 @@ def pdl_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def pdl_wanted(device: torch.device) -> bool:
-    """Whether the engine launches the fused layers with PDL: only with QWENLAB_PDL=1, where available. Off by
-    default: on an H200, 36 fused layers chained in one graph took 62.6 us a layer without PDL and 70.9 with it
-    (bench/fused_layer.py, doc/performance.md), though 68.4 against 67.0 with the SiLU in the down GEMV's
-    prologue."""
-    return os.environ.get("QWENLAB_PDL") == "1" and pdl_available(device)
+def pdl_wanted(device: torch.device) -> int:
+    """How the engine launches the fused layers: 0 (no PDL) where PDL is not available or QWENLAB_PDL=0, the
+    trigger placement QWENLAB_PDL names (a PDL_MODES key), else after-loop: on an H200, 36 fused layers chained in one
+    graph took 62.2 us a layer without PDL, 59.9 letting the next kernel in first thing, 61.1 after the wait and
+    59.8 after the main loop, and the 4B decode step 2.569, 2.504, 2.547 and 2.476 ms (bench/fused_layer.py,
+    bench/decode_profile.py; doc/performance.md)."""
+    wanted = os.environ.get("QWENLAB_PDL", "")
+    modes = {"": PDL_MODES["after-loop"], "1": PDL_MODES["after-loop"], "0": 0, **PDL_MODES}
+    if wanted not in modes:
+        raise QwenlabError(f"QWENLAB_PDL={wanted!r}: give 0 (off), 1 (the default placement) or one of "
+                           f"{', '.join(PDL_MODES)}")
+    return modes[wanted] if pdl_available(device) else 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlab.model.hooks import HookPoint
-from qwenlab.quant.linear import NVFP4Linear
+from qwenlab.quant.linear import plain_w4a16
 
 
 def call_layer(layer: nn.Module, *args):
@@ -29,12 +29,34 @@ class DecodeKernels:
     nvfp4_gemv: str = ""  # which NVFP4 GEMV runs for the model's activations: "wide", "mma" or "fma" (gemv_engine)
     run_layer: Callable = call_layer  # (layer, x, cos, sin, mask, kv, attention, kernels) -> x: call_layer, compiled
     fused: object | None = None  # fused_layer.FusedLayers: the layers it fits run as its kernels
+    tables: dict = field(default_factory=dict)  # (slots, dtype, device) -> RoPE cos/sin of every slot [slots, 2, D]
 
     def layer(self, layer: nn.Module, x, cos, sin, mask, kv, attention: str):
         """One decoder layer of the step: the fused kernels where they fit it, else run_layer (its forward)."""
         if self.fused is not None and fits(layer, x, kv) is None:
             return self.fused.layer(layer, x, cos, sin, kv)
         return self.run_layer(layer, x, cos, sin, mask, kv, attention, self)
+
+    def rotary(self, rotary: nn.Module, positions, dtype, slots: int):
+        """RoPE's cos/sin at `positions` of a cache of `slots`: with the fused layers, gathered from a table of every
+        slot's, made once per cache length and dtype by the same module (so the same values: one gather in the step
+        where computing them took seven kernels; the warm-up before a capture makes it), else computed."""
+        if self.fused is None:
+            return rotary(positions, dtype)
+        key = (slots, dtype, str(positions.device))
+        if key not in self.tables:
+            self.tables[key] = torch.stack(rotary(torch.arange(slots, device=positions.device), dtype), dim=1)
+        both = self.tables[key][positions]
+        return both[:, 0], both[:, 1]
+
+    def norm(self, norm: nn.Module, x):
+        """The final RMSNorm of a one-token step: with the fused layers, one kernel rounding as the forward rounds
+        (fused_layer.FusedLayers.add_norm) where nothing is hooked on the module and its weight is in x's dtype and
+        device, else the module."""
+        if (self.fused is None or x.shape[-2] != 1 or norm.weight.dtype != x.dtype or norm.weight.device != x.device
+                or hooked(norm)):
+            return norm(x)
+        return self.fused.add_norm(x.reshape(-1), norm=norm)[1].reshape(x.shape)
 
     def linear(self, module: nn.Module, x):
         if type(module) is nn.Linear and x.numel() == module.in_features:
@@ -47,7 +69,7 @@ class DecodeKernels:
         """Each module on the same one-row x: W4A16 NVFP4 linears (Triton kernel, no bias, no hooks) as one GEMV
         launch over their separate weights, split back; anything else one by one as `linear`."""
         if (self.nvfp4_parts is not None and x.numel() == modules[0].in_features
-                and all(one_launch_nvfp4(m) for m in modules)):
+                and all(plain_w4a16(m) for m in modules)):
             y = self.nvfp4_parts(x, [m.packed for m in modules], [m.block_scale for m in modules],
                                  [m.tensor_scale for m in modules])
             return y.split([m.out_features for m in modules], dim=-1)
@@ -57,7 +79,7 @@ class DecodeKernels:
         return self.attend(q, k, v, pos)
 
     def describe(self) -> dict:
-        return {"layers": (f"fused Triton kernels{' (PDL)' if self.fused.pdl else ''}" if self.fused else None),
+        return {"layers": self.fused.note() if self.fused else None,
                 "attention": "split-K Triton",
                 "gemv": sorted(f"{n}x{k}" for n, k in self.gemv_shapes),
                 "nvfp4": (f"one {NVFP4_GEMVS.get(self.nvfp4_gemv, 'Triton')} GEMV launch per q/k/v and per gate/up"
@@ -65,12 +87,6 @@ class DecodeKernels:
 
 
 NVFP4_GEMVS = {"wide": "wide-load (Gluon)", "mma": "tensor-core (bf16 mma.sync, Gluon)", "fma": "Triton FMA"}
-
-
-def one_launch_nvfp4(module: nn.Module) -> bool:
-    """An NVFP4Linear whose call is exactly the W4A16 Triton GEMV (no bias, no forward hook that would change it)."""
-    return (type(module) is NVFP4Linear and module.kernel == "triton" and module.activations == "w4a16"
-            and module.bias is None and not module._forward_hooks and not module._forward_pre_hooks)
 
 
 def layer_weights(layer: nn.Module) -> list:
@@ -90,7 +106,7 @@ def nvfp4_linears(layer: nn.Module) -> list:
     attn, mlp = layer.self_attn, layer.mlp
     linears = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
         [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    return linears if all(one_launch_nvfp4(m) for m in linears) else []
+    return linears if all(plain_w4a16(m) for m in linears) else []
 
 
 def layer_kind(layer: nn.Module) -> str | None:
@@ -117,10 +133,16 @@ def fits(layer: nn.Module, x: torch.Tensor, kv) -> str | None:
         return "its weights or cache are not all in the activations' dtype and device"
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "a global module hook is installed"
-    for m in layer.modules():
-        if m._forward_hooks or m._forward_pre_hooks or (isinstance(m, HookPoint) and m.fns):
-            return "a hook is installed in the layer"
+    if any(hooked(m) for m in layer.modules()):
+        return "a hook is installed in the layer"
     return None
+
+
+def hooked(module: nn.Module) -> bool:
+    """A module hook on `module` (its own or a global one), or a hook point function when it is a HookPoint."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or (isinstance(module, HookPoint) and module.fns)
+                or torch.nn.modules.module._global_forward_hooks
+                or torch.nn.modules.module._global_forward_pre_hooks)
 
 
 def decode_linears(model) -> list[nn.Linear]:
@@ -145,7 +167,7 @@ def choose_kernels(model, timings: dict, fused: bool = True) -> DecodeKernels:
         if triton_us < 0.97 * cublas_us:
             chosen.add(tuple(weight.shape))
     parts, engine = None, ""
-    if any(one_launch_nvfp4(m) for m in model.modules()):
+    if any(plain_w4a16(m) for m in model.modules()):
         from qwenlab.quant.triton_nvfp4 import gemv_engine, nvfp4_gemv_parts  # the same
 
         parts = nvfp4_gemv_parts

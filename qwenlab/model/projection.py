@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from qwenlab.quant.linear import NVFP4Linear, QuantInfo
+from qwenlab.quant.linear import NVFP4Linear, QuantInfo, multiply_parts
 
 
 def make_linear(name: str, in_features: int, out_features: int, bias: bool, quant: QuantInfo | None) -> nn.Module:
@@ -19,8 +19,9 @@ def project(linear: nn.Module, x: torch.Tensor, kernels) -> torch.Tensor:
 
 
 def project_parts(linears: tuple, x: torch.Tensor, kernels) -> tuple:
-    """(linear(x) for each of linears, all on the same x): q/k/v or gate/up of an unfused model. The decode engine's
+    """(linear(x) for each of linears, all on the same x): q/k/v or gate/up of an unfused model. A prefill over
+    NVFP4 linears multiplies them as one transient weight (qwenlab.quant.linear.multiply_parts); the decode engine's
     kernels may multiply them in one launch (NVFP4: one GEMV over the separate weights)."""
     if kernels is None:
-        return tuple(linear(x) for linear in linears)
+        return multiply_parts(linears, x)
     return kernels.linear_parts(linears, x)

@@ -250,7 +250,10 @@ class Qwen3(nn.Module):
         mask = cache.attention_mask(T) if cache is not None else None
         attention = attention or self.attention
         x = self.model.hook_embed(self.model.embed_tokens(ids))
-        cos, sin = self.model.rotary(positions, x.dtype)
+        if kernels is None:
+            cos, sin = self.model.rotary(positions, x.dtype)
+        else:  # the engine's step: a table of every slot's (DecodeKernels.rotary)
+            cos, sin = kernels.rotary(self.model.rotary, positions, x.dtype, cache.max_len)
         for i, layer in enumerate(self.model.layers):
             if self.layer_devices is not None and x.device != torch.device(self.layer_devices[i]):
                 x, cos, sin, mask = _moved(torch.device(self.layer_devices[i]), x, cos, sin, mask)
@@ -261,7 +264,8 @@ class Qwen3(nn.Module):
                 x = kernels.layer(layer, x, cos, sin, mask, kv, attention)
         if cache is not None:
             cache.advance(T)
-        x = self.model.norm(x.to(self.model.norm.weight.device))
+        x = x.to(self.model.norm.weight.device)
+        x = self.model.norm(x) if kernels is None else kernels.norm(self.model.norm, x)
         if last_only:
             x = x[:, -1:]
         x = self.model.hook_norm(x)

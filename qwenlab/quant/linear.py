@@ -87,6 +87,29 @@ class NVFP4Linear(nn.Module):
                 f"{self.activations}, kernel={self.kernel}")
 
 
+def multiply_parts(linears: tuple, x: torch.Tensor) -> tuple:
+    """(linear(x) for each of linears, all on the same x): q/k/v or gate/up of a model whose projections are not
+    fused. W4A16 NVFP4 Triton linears (no bias, no module hook) with more than one row of x (a prefill) dequantize
+    into one transient weight in one launch and multiply it in one matmul: per layer three kernel launches and
+    three matmuls fewer to issue, which is what bounds an NVFP4 prefill on a host that issues them slower than the
+    GPU runs them. Each weight's values are those of dequantize_into; the matmul covers all their rows at once."""
+    if (len(linears) > 1 and x.numel() > x.shape[-1]
+            and all(plain_w4a16(m) and m.in_features == x.shape[-1] for m in linears)):
+        from qwenlab.quant import triton_nvfp4  # Triton: only where CUDA is (the loader chose this kernel)
+
+        weight = torch.empty(sum(m.out_features for m in linears), x.shape[-1], dtype=x.dtype, device=x.device)
+        triton_nvfp4.dequantize_parts_into(weight, [(m.packed, m.block_scale, m.tensor_scale) for m in linears])
+        return F.linear(x, weight).split([m.out_features for m in linears], dim=-1)
+    return tuple(linear(x) for linear in linears)
+
+
+def plain_w4a16(module: nn.Module) -> bool:
+    """An NVFP4Linear whose call is exactly the W4A16 Triton kernels (no bias, no module hook that would change
+    it), so that it may be multiplied together with others."""
+    return (type(module) is NVFP4Linear and module.kernel == "triton" and module.activations == "w4a16"
+            and module.bias is None and not module._forward_hooks and not module._forward_pre_hooks)
+
+
 def module_state(weight: codec.NVFP4Weight, bias: torch.Tensor | None = None,
                  input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """An NVFP4Linear's state dict (its buffer names) for a quantized weight."""

@@ -314,11 +314,11 @@ def _gemm_kernel(X, P, S, TS, B, Y, M, N, K, M_BUCKET, stride_xm, stride_p, stri
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.jit(do_not_specialize=["ts_stride"])
-def _dequantize_kernel(P, S, TS, OUT, N, K, stride_p, stride_s, stride_o, ts_stride,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit
+def _dequantize_tile(P, S, TS, OUT, N, K, stride_p, stride_s, stride_o, ts_stride, tile,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT[BLOCK_N, BLOCK_K] tile = e2m1 x (tensor_scale x block_scale), in float32 as codec.dequantize, then cast."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
     byte = tl.arange(0, 8)
     ok = (rows[:, None] < N) & (g[None, :] < K // 16)
@@ -332,6 +332,25 @@ def _dequantize_kernel(P, S, TS, OUT, N, K, stride_p, stride_s, stride_o, ts_str
     tl.store(OUT + rows[:, None] * stride_o + cols[None, :],
              tl.reshape(values, [BLOCK_N, BLOCK_K]).to(OUT.dtype.element_ty),
              mask=(rows[:, None] < N) & (cols[None, :] < K))
+
+
+@triton.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])
+def _dequantize_kernel(P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, OUT, N0, N1, N2, K, stride_p0, stride_s0, ts_stride0,
+                       stride_p1, stride_s1, ts_stride1, stride_p2, stride_s2, ts_stride2, stride_o,
+                       PARTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1-3 weights of the same K into the rows of OUT, one after the other: program (i, j) takes row tile i of W0's
+    tiles, then W1's, then W2's, and column tile j."""
+    pid = tl.program_id(0)
+    tiles0 = tl.cdiv(N0, BLOCK_N)
+    tiles1 = tl.cdiv(N1, BLOCK_N)
+    if PARTS == 1 or pid < tiles0:
+        _dequantize_tile(P0, S0, TS0, OUT, N0, K, stride_p0, stride_s0, stride_o, ts_stride0, pid, BLOCK_N, BLOCK_K)
+    elif PARTS == 2 or pid < tiles0 + tiles1:
+        _dequantize_tile(P1, S1, TS1, OUT + N0 * stride_o, N1, K, stride_p1, stride_s1, stride_o, ts_stride1,
+                         pid - tiles0, BLOCK_N, BLOCK_K)
+    else:
+        _dequantize_tile(P2, S2, TS2, OUT + (N0 + N1) * stride_o, N2, K, stride_p2, stride_s2, stride_o,
+                         ts_stride2, pid - tiles0 - tiles1, BLOCK_N, BLOCK_K)
 
 
 def _check(x_k: int, packed: torch.Tensor, block_scale: torch.Tensor, tensor_scale: torch.Tensor,
@@ -406,11 +425,13 @@ def mma_split(tiles: int, warps: int, k: int, block_k: int) -> int:
     return split
 
 
-def _part_args(weights: list, ns: list, where: str) -> list[tuple]:
-    """The three weight slots of a GEMV launch, each (packed words, block_scale, tensor_scale, rows, packed row
-    stride in words, scale row stride, tensor-scale stride); unused slots repeat the first weight with 0 rows."""
-    parts = [(_words(p, where), s, ts, n_i, p.stride(0) // 4, s.stride(0), _ts_stride(ts))
-             for (p, s, ts), n_i in zip(weights, ns)]
+def _part_args(weights: list, ns: list, where: str, words: bool = True) -> list[tuple]:
+    """The three weight slots of a GEMV (or dequantize) launch, each (packed words, block_scale, tensor_scale,
+    rows, packed row stride in words, scale row stride, tensor-scale stride), or with words=False the packed bytes
+    and their row stride in bytes; unused slots repeat the first weight with 0 rows."""
+    parts = [((_words(p, where), p.stride(0) // 4) if words else (p, p.stride(0))) + (s, ts, n_i) for (p, s, ts), n_i
+             in zip(weights, ns)]
+    parts = [(p, s, ts, n_i, stride, s.stride(0), _ts_stride(ts)) for p, stride, s, ts, n_i in parts]
     return parts + [parts[0][:3] + (0,) + parts[0][4:]] * (3 - len(parts))
 
 
@@ -609,11 +630,23 @@ def dequantize_into(out: torch.Tensor, packed: torch.Tensor, block_scale: torch.
                     tensor_scale: torch.Tensor) -> torch.Tensor:
     """Writes the weight [N, K] into the preallocated out (any float dtype, stride 1 along K) and returns it:
     computed in float32 as codec.dequantize does (tensor_scale x block_scale, times e2m1), then cast once."""
-    n, k = _check(packed.shape[1] * 2, packed, block_scale, tensor_scale, None, "dequantize_into")
+    return dequantize_parts_into(out, [(packed, block_scale, tensor_scale)])
+
+
+def dequantize_parts_into(out: torch.Tensor, weights: list) -> torch.Tensor:
+    """dequantize_into for 1-3 weights (packed, block_scale, tensor_scale) of the same K in one launch, their rows
+    one after the other in out [N0 + N1 (+ N2), K] (a prefill's q/k/v or gate/up as one matmul)."""
+    if not 1 <= len(weights) <= 3:
+        raise QwenlabError(f"dequantize_into: give 1-3 weights, got {len(weights)}")
+    k = weights[0][0].shape[1] * 2
+    shapes = [_check(k, *w, None, "dequantize_into") for w in weights]
+    n = sum(rows for rows, _ in shapes)
     if tuple(out.shape) != (n, k) or out.stride(1) != 1:
         raise QwenlabError(f"dequantize_into: out {list(out.shape)} must be [{n}, {k}] with stride 1 along K")
-    grid = (triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))
-    _dequantize_kernel[grid](packed, block_scale, tensor_scale, out, n, k, packed.stride(0), block_scale.stride(0),
-                             out.stride(0), _ts_stride(tensor_scale), BLOCK_N=DEQUANT_BLOCK_N,
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
+        _part_args(weights, [rows for rows, _ in shapes], "dequantize_into", words=False)
+    grid = (sum(triton.cdiv(rows, DEQUANT_BLOCK_N) for rows, _ in shapes), triton.cdiv(k, DEQUANT_BLOCK_K))
+    _dequantize_kernel[grid](p0, s0, t0, p1, s1, t1, p2, s2, t2, out, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1, st1,
+                             sp2, ss2, st2, out.stride(0), PARTS=len(weights), BLOCK_N=DEQUANT_BLOCK_N,
                              BLOCK_K=DEQUANT_BLOCK_K)
     return out

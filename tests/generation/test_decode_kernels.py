@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from qwenlab.generation.kernels import DecodeKernels, one_launch_nvfp4
+from qwenlab.generation.kernels import DecodeKernels
 from qwenlab.model.projection import project_parts
 from qwenlab.quant import codec
-from qwenlab.quant.linear import NVFP4Linear
+from qwenlab.quant.linear import NVFP4Linear, plain_w4a16
 
 
 def nvfp4_linear(n: int, k: int, seed: int, kernel: str = "triton") -> NVFP4Linear:
@@ -75,5 +75,24 @@ def test_anything_else_goes_one_by_one():
         outs = project_parts(modules, x, kernels)
         assert recorder.calls == [] and kernels.alone == list(modules)
         assert [o.shape[-1] for o in outs] == [m.out_features for m in modules]
-    assert not one_launch_nvfp4(hooked) and not one_launch_nvfp4(with_bias) and not one_launch_nvfp4(dense)
-    assert one_launch_nvfp4(nvfp4_linear(16, 32, 4)) and not one_launch_nvfp4(nvfp4_linear(16, 32, 4, "dequantize"))
+    assert not plain_w4a16(hooked) and not plain_w4a16(with_bias) and not plain_w4a16(dense)
+    assert plain_w4a16(nvfp4_linear(16, 32, 4)) and not plain_w4a16(nvfp4_linear(16, 32, 4, "dequantize"))
+
+
+def test_the_step_gathers_rope_from_a_table_of_the_same_values():
+    """With the fused layers the engine's step reads cos/sin from a table of every cache slot's, made once by the
+    model's own Rotary: bit-identical to computing them at those positions, one table per cache length and dtype."""
+    from qwenlab.model.qwen3 import Rotary
+
+    rotary = Rotary(128, 1_000_000.0)
+    kernels = DecodeKernels(attend=None, fused=object())  # any fused layers: only whether there are some matters
+    for dtype in (torch.bfloat16, torch.float32):
+        for positions in (torch.tensor([0]), torch.tensor([511]), torch.arange(37, 40)):
+            cos, sin = kernels.rotary(rotary, positions, dtype, 512)
+            want_cos, want_sin = rotary(positions, dtype)
+            assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin) and cos.dtype == dtype
+    assert {k[:2] for k in kernels.tables} == {(512, torch.float32), (512, torch.bfloat16)}
+    unfused = DecodeKernels(attend=None)
+    assert all(torch.equal(a, b) for a, b in zip(unfused.rotary(rotary, torch.tensor([5]), torch.float32, 512),
+                                                  rotary(torch.tensor([5]), torch.float32)))
+    assert not unfused.tables

@@ -51,25 +51,27 @@ def _tiles(model) -> dict:
 @pytest.mark.parametrize("tiles", ["fixed", "tuned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fixture", ["tiny_dir", "untied_dir"])
-@pytest.mark.parametrize("prefill", [10, 200])
+@pytest.mark.parametrize("prefill,slots", [(10, 512), (200, 512), (300, 2048)])
 @torch.inference_mode()
-def test_fused_layer_is_as_close_to_float64_as_the_layers_own_forward(fixture, dtype, prefill, tiles, request):
+def test_fused_layer_is_as_close_to_float64_as_the_layers_own_forward(fixture, dtype, prefill, slots, tiles, request):
     """Every layer of the fixture, one token after `prefill` (10: one chunk of cache slots; 200: four, merged by the
-    last program): the fused layer's output and the key/value it writes at `pos` against the layer's forward in
-    float64 on the same inputs (the float64 layer reads the same cache and x, upcast), with an error at most twice
-    the layer's own forward in `dtype` plus a few units in the last place; every other cache slot untouched.
+    last program; 300 in 2048 slots: chunks of two blocks, each block's keys read while the one before is scored,
+    and a last chunk of one): the fused layer's output and the key/value it writes at `pos` against the layer's
+    forward in float64 on the same inputs (the float64 layer reads the same cache and x, upcast), with an error at
+    most twice the layer's own forward in `dtype` plus a few units in the last place; every other cache slot
+    untouched.
     tiny-untied has head_dim 24 (padded to 32 in the kernel) and 3 query heads per KV head. tiles: a fixed GEMV
-    tile, or (CUDA) the autotuner's, launched with PDL where the GPU has it (the engine does with QWENLAB_PDL=1)."""
-    from qwenlab.generation.fused_layer import FusedLayers, pdl_available
+    tile, or (CUDA) the autotuner's, launched as the engine launches them (with PDL where the GPU has it)."""
+    from qwenlab.generation.fused_layer import FusedLayers, pdl_wanted
 
     if tiles == "tuned" and not torch.cuda.is_available():
         pytest.skip("the autotuner times tiles on a GPU")
 
     base = load(request.getfixturevalue(fixture), "float32", DEVICE, fused=True).model
     model, exact = copy.deepcopy(base).to(dtype), copy.deepcopy(base).double()
-    cache, x, cos, sin, mask = _static(model, prefill)
+    cache, x, cos, sin, mask = _static(model, prefill, slots)
     pos = int(cache.pos)
-    fused = FusedLayers(tiles=_tiles(model)) if tiles == "fixed" else FusedLayers(pdl_available(x.device))
+    fused = FusedLayers(tiles=_tiles(model)) if tiles == "fixed" else FusedLayers(pdl_wanted(x.device))
     ulp = torch.finfo(dtype).eps
     for i, layer in enumerate(model.model.layers):
         assert fits(layer, x, _layer_kv(cache, i)) is None
@@ -172,3 +174,46 @@ def test_which_layers_the_fused_kernels_take(tiny_dir, moe_dir):
     assert "hook" in fits(layer, x, kv)
     handle.remove()
     assert fits(layer, x, kv) is None
+
+
+def test_qwenlab_pdl_chooses_where_each_kernel_lets_the_next_launch(monkeypatch):
+    """QWENLAB_PDL: unset or 1 the default placement (after the main loop), 0 none, a PDL_MODES name that one; any
+    other value is refused in one line, on any machine. Without PDL (a CPU, Triton's interpreter, before sm_90) 0."""
+    pytest.importorskip("triton")
+    from qwenlab.errors import QwenlabError
+    from qwenlab.generation.fused_layer import PDL_MODES, pdl_available, pdl_wanted
+
+    device = torch.device(DEVICE)
+    for value, mode in [("", PDL_MODES["after-loop"]), ("1", PDL_MODES["after-loop"]), ("0", 0),
+                        ("start", PDL_MODES["start"]), ("after-wait", PDL_MODES["after-wait"])]:
+        monkeypatch.setenv("QWENLAB_PDL", value)
+        assert pdl_wanted(device) == (mode if pdl_available(device) else 0)
+    monkeypatch.setenv("QWENLAB_PDL", "yes")
+    with pytest.raises(QwenlabError, match="QWENLAB_PDL='yes'"):
+        pdl_wanted(device)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_the_steps_final_norm_is_one_kernel_rounding_as_the_module(tiny_dir, dtype):
+    """DecodeKernels.norm: the final RMSNorm of a one-token step in one kernel, within two units in the last place of
+    the module's result (its sum of squares runs in another order, and a unit's difference in x * rstd can carry
+    through the rounding after the weight's product); a hooked module or more than one token run the module."""
+    from qwenlab.generation.fused_layer import FusedLayers
+    from qwenlab.generation.kernels import DecodeKernels
+
+    model = load(tiny_dir, "float32", DEVICE).model.to(dtype)
+    norm = model.model.norm
+    kernels = DecodeKernels(attend=None, fused=FusedLayers())
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(1, 1, model.config.hidden_size, generator=gen) * 4).to(DEVICE, dtype)
+    want = norm(x)
+    got = kernels.norm(norm, x)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert (got.double() - want.double()).abs().max() <= 2 * torch.finfo(dtype).eps * want.double().abs().max()
+    handle = norm.register_forward_hook(lambda module, args, out: out * 2)
+    assert torch.equal(kernels.norm(norm, x), 2 * want)
+    handle.remove()
+    three = x.expand(1, 3, -1).contiguous()
+    assert torch.equal(kernels.norm(norm, three), norm(three))

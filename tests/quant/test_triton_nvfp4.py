@@ -23,6 +23,7 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTE
 
 from qwenlab.quant.triton_nvfp4 import (  # noqa: E402
     dequantize_into,
+    dequantize_parts_into,
     gemv_split,
     nvfp4_gemm,
     nvfp4_gemv,
@@ -114,6 +115,14 @@ def check_dequantize_into(n, k, dtype, per_row, device, seed):
     out = torch.full((n, k), float("nan"), dtype=dtype, device=device)
     assert dequantize_into(out, packed, block_scale, tensor_scale) is out
     assert torch.equal(out, reference(parts, dtype))
+    # the same rows as separate weights (3 parts when per_row, else the one), each with its own tensor scale, into
+    # one buffer in one launch, then 2 of them
+    weights = [(q.packed, q.block_scale, q.tensor_scale) for q in parts]
+    for some in (weights, weights[:2]):
+        rows = sum(p.shape[0] for p, _, _ in some)
+        out = torch.full((rows, k), float("nan"), dtype=dtype, device=device)
+        assert dequantize_parts_into(out, some) is out
+        assert torch.equal(out, reference(parts[:len(some)], dtype))
 
 
 # (N, K): N not a multiple of the row block (1000), K a multiple of 16 but not of BLOCK_K (2576 = 161 blocks of 16),
@@ -278,3 +287,35 @@ def test_every_autotuned_kernel_tunes_briefly_and_once_per_machine():
     for tuner in tuners:
         assert tuner._do_bench is brief_bench, tuner.base_fn.__name__
         assert tuner.cache_results or os.environ.get("TRITON_INTERPRET") == "1", tuner.base_fn.__name__
+
+
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                    reason="Triton kernels: CUDA, or TRITON_INTERPRET=1")
+@torch.inference_mode()
+def test_a_prefill_multiplies_unfused_nvfp4_projections_as_one_weight(monkeypatch):
+    """q/k/v of an NVFP4 model in a prefill (more than one row): one dequantize launch into one transient weight and
+    one matmul (qwenlab.quant.linear.multiply_parts), each output as the module's own forward computes it; one row,
+    or a module with a hook, goes module by module."""
+    from qwenlab.quant import triton_nvfp4
+    from qwenlab.quant.linear import NVFP4Linear, multiply_parts
+
+    device = "cpu" if INTERPRETED else "cuda"
+    dtype = torch.float32 if INTERPRETED else torch.bfloat16
+    gen = torch.Generator().manual_seed(7)
+    mods = tuple(NVFP4Linear.from_weight(codec.quantize(torch.randn(n, 80, generator=gen) * 0.02), kernel="triton")
+                 .to(device) for n in (48, 16, 16))
+    launches = []
+    real = triton_nvfp4.dequantize_parts_into
+    monkeypatch.setattr(triton_nvfp4, "dequantize_parts_into", lambda out, w: launches.append(len(w)) or real(out, w))
+    x = torch.randn(1, 5, 80, generator=gen).to(device, dtype)
+    outs = multiply_parts(mods, x)
+    assert launches == [3]
+    for out, module in zip(outs, mods):
+        own = module(x)  # dequantize_into its own weight, then its own matmul
+        assert out.shape == own.shape == (1, 5, module.out_features) and out.dtype == dtype
+        assert rel_l2(out, own.double()) < TOLERANCE[dtype]
+    launches.clear()
+    multiply_parts(mods, x[:, :1])  # one row: each module's GEMV
+    mods[1].register_forward_hook(lambda module, args, out: out * 0)
+    hooked = multiply_parts(mods, x)
+    assert launches == [1, 1, 1] and torch.equal(hooked[1], torch.zeros_like(hooked[1]))
