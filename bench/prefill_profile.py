@@ -4,11 +4,12 @@ side in one process, repeated: the wall time with a synchronize, the host's time
 forward returns, before the synchronize), and the GPU's time between two events around it; then, under the torch
 profiler, the kernels' own time (the GPU's busy time: far under the wall time, the GPU waits on Python) and the
 host's operators by self time. With --quant, the quantized model also with its unfused projections multiplied one
-by one. A development tool: it prints numbers and asserts none.
+by one (--one-by-one), or after gc.freeze() (--gc-freeze). A development tool: it prints numbers and asserts none.
 
     python bench/prefill_profile.py --model /tmp/q4b --device cuda --dtype bfloat16 [--quant nvfp4] [--tokens 2048]
 """
 import argparse
+import gc
 import statistics
 import time
 
@@ -44,7 +45,18 @@ def measure(model, tokens: int, repeats: int, label: str) -> None:
     engine = Engine(model, "eager")
     for _ in range(2):
         one_prefill(model, ids, engine.new_cache(tokens))
-    runs = [one_prefill(model, ids, engine.new_cache(tokens)) for _ in range(repeats)]
+    collections = []  # (generation, seconds) of each cyclic garbage collection during the timed runs
+
+    def timed_gc(phase, info, started=[]):
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            collections.append((info["generation"], time.perf_counter() - started.pop()))
+    gc.callbacks.append(timed_gc)
+    try:
+        runs = [one_prefill(model, ids, engine.new_cache(tokens)) for _ in range(repeats)]
+    finally:
+        gc.callbacks.remove(timed_gc)
     wall, host, gpu = (sorted(r[i] for r in runs) for i in range(3))
     print(f"{label}: {tokens}-token prefill over {repeats} runs (ms, min / median / max)")
     for name, xs in (("wall", wall), ("host issue", host), ("GPU", gpu)):
@@ -52,6 +64,8 @@ def measure(model, tokens: int, repeats: int, label: str) -> None:
     print(f"  tok/s at the median wall: {tokens / statistics.median(wall):,.0f}; host issue / GPU at the medians: "
           f"{statistics.median(host) / statistics.median(gpu):.2f} (the host also waits once CUDA's launch queue "
           f"is full, so near 1.00 says little; the kernels' own time below does)")
+    print(f"  garbage collections during the runs: {len(collections)} (generation 2: "
+          f"{sum(g == 2 for g, _ in collections)}), {sum(s for _, s in collections) * 1e3:.1f} ms in all")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         model(ids, cache=engine.new_cache(tokens), last_only=True)
         torch.cuda.synchronize()
@@ -74,13 +88,22 @@ def main() -> None:
     p.add_argument("--quant", default=None)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--one-by-one", action="store_true", help="also the quantized model's q/k/v and gate/up one by one")
+    p.add_argument("--gc-freeze", action="store_true", help="also after gc.freeze() (the collector skips the model)")
     args = p.parse_args()
     print(device_facts(torch.device(args.device)))
     model_dir = resolve_model_dir(args.model)
     for quant in [None] + ([args.quant] if args.quant else []):
         model = load(str(model_dir), dtype=args.dtype, device=args.device, quant=quant).model
         measure(model, args.tokens, args.repeats, quant or args.dtype)
-        if quant:  # the same with each projection multiplied on its own (before multiply_parts)
+        if quant and args.gc_freeze:  # Python's cyclic collector told to skip every object that exists now
+            gc.collect()
+            gc.freeze()
+            try:
+                measure(model, args.tokens, args.repeats, f"{quant}, after gc.freeze()")
+            finally:
+                gc.unfreeze()
+        if quant and args.one_by_one:  # the same with each projection multiplied on its own (before multiply_parts)
             real = projection.multiply_parts
             projection.multiply_parts = lambda linears, x: tuple(linear(x) for linear in linears)
             try:
