@@ -1,8 +1,10 @@
 """The decode engine's kernel routing on the CPU (qwenlab.generation.kernels): which linears of a one-token step
-go to one NVFP4 GEMV launch together, and that their outputs come back split in order. The Triton kernel itself is
-tested against float64 in tests/quant/test_triton_nvfp4.py; here a stand-in records the calls."""
+go to one NVFP4 GEMV launch together, and that their outputs come back split in order; the step's RoPE table and
+where its final norm stays the module. The Triton kernels themselves are tested against float64 in
+tests/quant/test_triton_nvfp4.py and tests/generation/test_fused_layer.py; here stand-ins record the calls."""
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -96,3 +98,27 @@ def test_the_step_gathers_rope_from_a_table_of_the_same_values():
     assert all(torch.equal(a, b) for a, b in zip(unfused.rotary(rotary, torch.tensor([5]), torch.float32, 512),
                                                   rotary(torch.tensor([5]), torch.float32)))
     assert not unfused.tables
+
+
+def test_the_steps_final_norm_runs_the_module_where_the_kernel_does_not_fit():
+    """DecodeKernels.norm leaves the module to run (so its hooks and dtype rules hold) without fused layers, for more
+    than one token, for a weight in another dtype, and when a hook is on the norm or global; the kernel itself is
+    tested against the module in tests/generation/test_fused_layer.py."""
+    from qwenlab.model.qwen3 import RMSNorm
+
+    norm = RMSNorm(32, 1e-6)
+    kernels = DecodeKernels(attend=None, fused=object())  # any fused layers: reaching them would fail on .add_norm
+    x1, x3 = torch.randn(1, 1, 32), torch.randn(1, 3, 32)
+    assert torch.equal(DecodeKernels(attend=None).norm(norm, x1), norm(x1))
+    assert torch.equal(kernels.norm(norm, x3), norm(x3))
+    assert torch.equal(kernels.norm(norm, x1.double()), norm(x1.double()))
+    handle = norm.register_forward_hook(lambda module, args, out: out * 2)
+    assert torch.equal(kernels.norm(norm, x1), 2 * RMSNorm(32, 1e-6)(x1))
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out * 3)
+    try:
+        assert torch.equal(kernels.norm(norm, x1), 3 * RMSNorm(32, 1e-6).forward(x1))
+    finally:
+        handle.remove()
+    with pytest.raises(AttributeError):
+        kernels.norm(norm, x1)  # it fits: the (stand-in) fused layers' kernel is asked for
