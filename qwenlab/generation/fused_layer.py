@@ -51,7 +51,8 @@ PLAIN, RMS = 0, 1  # the GEMV's prologue: x as it is, RMSNorm(x) * weight
 TRIGGER_AT_START = tl.constexpr(1)  # first thing: the next kernel's programs may start before this one waits
 TRIGGER_AFTER_WAIT = tl.constexpr(2)  # once the kernel before has finished: at most one kernel runs ahead
 TRIGGER_AFTER_LOOP = tl.constexpr(3)  # after the main loop: the next kernel starts during this one's epilogue
-PDL_MODES = {"start": 1, "after-wait": 2, "after-loop": 3}
+PDL_MODES = {"start": TRIGGER_AT_START.value, "after-wait": TRIGGER_AFTER_WAIT.value,
+             "after-loop": TRIGGER_AFTER_LOOP.value}
 BLOCK = 64  # cache slots per step of an attention program's loop
 
 
@@ -327,11 +328,11 @@ class FusedLayers:
         if tuple(weight.shape) in self.tiles:
             block_n, block_k, warps, stages = self.tiles[tuple(weight.shape)]
             _fused_gemv_kernel[(triton.cdiv(n, block_n),)](
-                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=int(self.pdl), BLOCK_N=block_n,
+                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=self.pdl, BLOCK_N=block_n,
                 BLOCK_K=block_k, num_warps=warps, num_stages=stages, **launch)
         else:
             _tuned_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=int(self.pdl), **launch)
+                *args, PRO=prologue, GLU=glu, RES=residual is not None, PDL=self.pdl, **launch)
         return y
 
     def attend(self, qkv, attn: nn.Module, cos, sin, kv):
@@ -350,7 +351,7 @@ class FusedLayers:
             qkv, attn.q_norm.weight, attn.k_norm.weight, cos, sin, kv.k, kv.v, kv.pos, out, o_part, m_part, l_part,
             self.counters[str(qkv.device)], kv.k.stride(1), kv.k.stride(2), kv.v.stride(1), kv.v.stride(2),
             n_chunks, attn.q_norm.eps, SM_SCALE=dim ** -0.5, G=group, GP=gp, KVH=kv_heads, D=dim, DP=dp,
-            CHUNK=chunk, BLOCK=BLOCK, IEEE=qkv.dtype == torch.float32 or INTERPRETED, PDL=int(self.pdl), **launch)
+            CHUNK=chunk, BLOCK=BLOCK, IEEE=qkv.dtype == torch.float32 or INTERPRETED, PDL=self.pdl, **launch)
         return out
 
     def add_norm(self, x, delta=None, norm: nn.Module | None = None):

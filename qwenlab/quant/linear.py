@@ -75,9 +75,7 @@ class NVFP4Linear(nn.Module):
 
             if x.numel() == self.in_features:
                 return triton_nvfp4.nvfp4_gemv(x, self.packed, self.block_scale, self.tensor_scale, self.bias)
-            weight = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
-            weight = triton_nvfp4.dequantize_into(weight, self.packed, self.block_scale, self.tensor_scale)
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, transient_weight((self,), x.dtype), self.bias)
         if self.activations == "w4a4":
             x = codec.fake_quantize(x, self.input_scale)
         return F.linear(x, self.dequantize_weight(x.dtype), self.bias)
@@ -95,12 +93,20 @@ def multiply_parts(linears: tuple, x: torch.Tensor) -> tuple:
     GPU runs them. Each weight's values are those of dequantize_into; the matmul covers all their rows at once."""
     if (len(linears) > 1 and x.numel() > x.shape[-1]
             and all(plain_w4a16(m) and m.in_features == x.shape[-1] for m in linears)):
-        from qwenlab.quant import triton_nvfp4  # Triton: only where CUDA is (the loader chose this kernel)
-
-        weight = torch.empty(sum(m.out_features for m in linears), x.shape[-1], dtype=x.dtype, device=x.device)
-        triton_nvfp4.dequantize_parts_into(weight, [(m.packed, m.block_scale, m.tensor_scale) for m in linears])
-        return F.linear(x, weight).split([m.out_features for m in linears], dim=-1)
+        return F.linear(x, transient_weight(linears, x.dtype)).split([m.out_features for m in linears], dim=-1)
     return tuple(linear(x) for linear in linears)
+
+
+def transient_weight(linears: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The weights of 1-3 Triton-kernel NVFP4Linears of the same K, dequantized in one launch into one new buffer
+    in `dtype`, their rows one after the other (a prefill's weight: freed after its matmul, its memory recycled by
+    torch's caching allocator)."""
+    from qwenlab.quant import triton_nvfp4  # Triton: only where CUDA is (the loader chose this kernel)
+
+    packed = linears[0].packed
+    weight = torch.empty(sum(m.out_features for m in linears), linears[0].in_features, dtype=dtype,
+                         device=packed.device)
+    return triton_nvfp4.dequantize_parts_into(weight, [(m.packed, m.block_scale, m.tensor_scale) for m in linears])
 
 
 def plain_w4a16(module: nn.Module) -> bool:

@@ -429,9 +429,10 @@ def _part_args(weights: list, ns: list, where: str, words: bool = True) -> list[
     """The three weight slots of a GEMV (or dequantize) launch, each (packed words, block_scale, tensor_scale,
     rows, packed row stride in words, scale row stride, tensor-scale stride), or with words=False the packed bytes
     and their row stride in bytes; unused slots repeat the first weight with 0 rows."""
-    parts = [((_words(p, where), p.stride(0) // 4) if words else (p, p.stride(0))) + (s, ts, n_i) for (p, s, ts), n_i
-             in zip(weights, ns)]
-    parts = [(p, s, ts, n_i, stride, s.stride(0), _ts_stride(ts)) for p, stride, s, ts, n_i in parts]
+    parts = []
+    for (p, s, ts), n_i in zip(weights, ns):
+        packed, stride = (_words(p, where), p.stride(0) // 4) if words else (p, p.stride(0))
+        parts.append((packed, s, ts, n_i, stride, s.stride(0), _ts_stride(ts)))
     return parts + [parts[0][:3] + (0,) + parts[0][4:]] * (3 - len(parts))
 
 
