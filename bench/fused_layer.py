@@ -40,7 +40,7 @@ def main():
     facts = device_facts(device)
     print(facts)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; PDL available: {pdl_available(device)}")
-    fused = FusedLayers(False)
+    fused = FusedLayers()
     norm = RMSNorm(H, cfg.rms_norm_eps).to(device, dtype)
     res = torch.randn(H, dtype=dtype, device=device)
     rows = []

@@ -45,9 +45,9 @@ def measure(model, tokens: int, repeats: int, label: str) -> None:
     engine = Engine(model, "eager")
     for _ in range(2):
         one_prefill(model, ids, engine.new_cache(tokens))
-    collections = []  # (generation, seconds) of each cyclic garbage collection during the timed runs
+    collections, started = [], []  # (generation, seconds) of each cyclic garbage collection during the timed runs
 
-    def timed_gc(phase, info, started=[]):
+    def timed_gc(phase, info):
         if phase == "start":
             started.append(time.perf_counter())
         elif started:
@@ -69,12 +69,13 @@ def measure(model, tokens: int, repeats: int, label: str) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         model(ids, cache=engine.new_cache(tokens), last_only=True)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     busy = sum(e.self_device_time_total for e in kernels) / 1e3
     print(f"  kernels: {sum(e.count for e in kernels)}, their time {busy:.1f} ms (under the profiler); the largest:")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]:
         print(f"    {e.self_device_time_total / 1e3:7.2f} ms {e.count:5d}x  {e.key[:90]}")
-    cpu = [e for e in prof.key_averages() if e.device_type != DeviceType.CUDA]
+    cpu = [e for e in events if e.device_type != DeviceType.CUDA]
     print("  host operators by self time (ms, calls): " + ", ".join(
         f"{e.key} {e.self_cpu_time_total / 1e3:.1f} ({e.count})"
         for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:8]))
