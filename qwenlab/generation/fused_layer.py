@@ -21,10 +21,13 @@ output (gdc_wait). Where a kernel lets the next one launch is PDL_MODES (first t
 its main loop); after the main loop by default, QWENLAB_PDL=0 for none (pdl_wanted says why).
 The GEMV's tile is autotuned per shape and prologue/epilogue (TILES).
 
-A W4A16 NVFP4 layer takes nine: its GEMVs (qwenlab.quant.triton_nvfp4, q/k/v and gate/up one launch each) have no
-prologue or epilogue, so an add + RMSNorm kernel comes before q/k/v (no add), after o (the residual add and the
-post-attention norm) and after down (the add), and SiLU x up before down; the attention is kernel 2 above. torch's
-compiled layer ran twelve.
+A W4A16 NVFP4 layer takes five too where the wide-load GEMV runs (QWENLAB_NVFP4_GEMV=wide, the default on CUDA):
+its GEMVs (qwenlab.quant.wide_nvfp4.layer_gemv_kernel, q/k/v and gate/up one launch each over their separate
+weights) take the same prologue and epilogues, and the same PDL (each reads its first step's packed weights and
+scales before it waits). With another NVFP4 GEMV it takes nine: those GEMVs have no prologue or epilogue, so an
+add + RMSNorm kernel comes before q/k/v (no add), after o (the residual add and the post-attention norm) and after
+down (the add), and SiLU x up before down. The attention is kernel 2 above either way. torch's compiled layer ran
+twelve.
 """
 import os
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ from torch import nn
 from qwenlab.errors import QwenlabError
 from qwenlab.generation.decode_attention import merge_chunks, online_softmax_step
 from qwenlab.generation.kernels import layer_kind
+from qwenlab.quant import pdl
 from qwenlab.quant.autotuning import AUTOTUNE
 
 try:  # Programmatic Dependent Launch, Triton 3.4+
@@ -47,12 +51,11 @@ except ImportError:
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 PLAIN, RMS = 0, 1  # the GEMV's prologue: x as it is, RMSNorm(x) * weight
-# With PDL, where each kernel lets the next one launch (gdc_launch_dependents; PDL = 0: no PDL):
-TRIGGER_AT_START = tl.constexpr(1)  # first thing: the next kernel's programs may start before this one waits
-TRIGGER_AFTER_WAIT = tl.constexpr(2)  # once the kernel before has finished: at most one kernel runs ahead
-TRIGGER_AFTER_LOOP = tl.constexpr(3)  # after the main loop: the next kernel starts during this one's epilogue
-PDL_MODES = {"start": TRIGGER_AT_START.value, "after-wait": TRIGGER_AFTER_WAIT.value,
-             "after-loop": TRIGGER_AFTER_LOOP.value}
+# With PDL, where each kernel lets the next one launch (gdc_launch_dependents; PDL = 0: no PDL; qwenlab.quant.pdl):
+TRIGGER_AT_START = tl.constexpr(pdl.AT_START)
+TRIGGER_AFTER_WAIT = tl.constexpr(pdl.AFTER_WAIT)
+TRIGGER_AFTER_LOOP = tl.constexpr(pdl.AFTER_LOOP)
+PDL_MODES = pdl.MODES
 BLOCK = 64  # cache slots per step of an attention program's loop
 
 
@@ -302,13 +305,16 @@ class FusedLayers:
     pdl: int = 0  # 0: no PDL, else where each kernel lets the next launch (a PDL_MODES value)
     tiles: dict = field(default_factory=dict)
     nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> concatenated (NVFP4 layers)
+    nvfp4_layer: Callable | None = None  # triton_nvfp4.layer_gemv where the wide GEMV runs: NVFP4 layers in five
     counters: dict = field(default_factory=dict)
 
     def note(self) -> str:
         """What the engine's note says of its layers: "fused Triton kernels", with PDL and where it lets the next
         kernel launch."""
         trigger = {v: k for k, v in PDL_MODES.items()}
-        return "fused Triton kernels" + (f" (PDL, the next kernel let in {trigger[self.pdl]})" if self.pdl else "")
+        return ("fused Triton kernels" + (f" (PDL, the next kernel let in {trigger[self.pdl]})" if self.pdl else "")
+                + ("; NVFP4 layers in five, their GEMVs taking the norms, SiLU and residual adds"
+                   if self.nvfp4_layer is not None else ""))
 
     def prepare(self, device: torch.device, kv_heads: int):
         key = str(device)
@@ -379,7 +385,7 @@ class FusedLayers:
     def layer(self, layer: nn.Module, x, cos, sin, kv):
         """The decoder layer's forward for one token over a static cache (kv: its StaticLayerKV)."""
         if layer_kind(layer) == "nvfp4":
-            return self.nvfp4_layer(layer, x, cos, sin, kv)
+            return self.nvfp4_layer_forward(layer, x, cos, sin, kv)
         attn, mlp = layer.self_attn, layer.mlp
         row = x.reshape(-1)
         qkv = self.gemv(row, attn.qkv_proj.weight, RMS, norm=layer.input_layernorm)
@@ -389,11 +395,27 @@ class FusedLayers:
         row = self.gemv(act, mlp.down_proj.weight, residual=row)
         return row.reshape(x.shape)
 
-    def nvfp4_layer(self, layer: nn.Module, x, cos, sin, kv):
-        """A W4A16 NVFP4 layer: its GEMVs (q/k/v and gate/up one launch each) take no prologue, so the norms and
-        residual adds are small kernels between them (add_norm, silu_up); the attention is the fused one."""
+    def nvfp4_gemv(self, x, modules: tuple, norm: nn.Module | None = None, residual=None, glu: bool = False):
+        """x times 1-3 NVFP4 linears in one launch of the layer GEMV (triton_nvfp4.layer_gemv): RMSNorm(x) as
+        its input (norm), SiLU(gate) * up (glu), + residual; with PDL as the other fused kernels."""
+        return self.nvfp4_layer(x, [(m.packed, m.block_scale, m.tensor_scale) for m in modules],
+                                norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
+                                residual, glu, self.pdl)
+
+    def nvfp4_layer_forward(self, layer: nn.Module, x, cos, sin, kv):
+        """A W4A16 NVFP4 layer. Where the wide GEMV runs (nvfp4_layer), in five kernels as a dense one: its GEMVs
+        take the norms, SiLU and residual adds. Else in nine: the GEMVs (q/k/v and gate/up one launch each) take
+        no prologue, so the norms and residual adds are small kernels between them (add_norm, silu_up). The
+        attention is the fused one."""
         attn, mlp = layer.self_attn, layer.mlp
         row = x.reshape(-1)
+        if self.nvfp4_layer is not None:
+            qkv = self.nvfp4_gemv(row, (attn.q_proj, attn.k_proj, attn.v_proj), norm=layer.input_layernorm)
+            ctx = self.attend(qkv, attn, cos.reshape(-1), sin.reshape(-1), kv)
+            row = self.nvfp4_gemv(ctx, (attn.o_proj,), residual=row)
+            act = self.nvfp4_gemv(row, (mlp.gate_proj, mlp.up_proj), norm=layer.post_attention_layernorm, glu=True)
+            row = self.nvfp4_gemv(act, (mlp.down_proj,), residual=row)
+            return row.reshape(x.shape)
         _, h = self.add_norm(row, norm=layer.input_layernorm)
         qkv = self.nvfp4(h, (attn.q_proj, attn.k_proj, attn.v_proj))
         ctx = self.attend(qkv, attn, cos.reshape(-1), sin.reshape(-1), kv)

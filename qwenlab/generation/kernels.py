@@ -166,9 +166,9 @@ def choose_kernels(model, timings: dict, fused: bool = True) -> DecodeKernels:
         cublas_us, triton_us = timings[key]
         if triton_us < 0.97 * cublas_us:
             chosen.add(tuple(weight.shape))
-    parts, engine = None, ""
+    parts, engine, layer_gemv = None, "", None
     if any(plain_w4a16(m) for m in model.modules()):
-        from qwenlab.quant.triton_nvfp4 import gemv_engine, nvfp4_gemv_parts  # the same
+        from qwenlab.quant.triton_nvfp4 import gemv_engine, layer_gemv, nvfp4_gemv_parts  # the same
 
         parts = nvfp4_gemv_parts
         engine = gemv_engine(torch.empty(1, 1, dtype=model.dtype, device=model.device))
@@ -176,6 +176,7 @@ def choose_kernels(model, timings: dict, fused: bool = True) -> DecodeKernels:
     if fused and any(layer_kind(layer) for layer in model.model.layers):
         from qwenlab.generation.fused_layer import FusedLayers, pdl_wanted  # the same
 
-        layers = FusedLayers(pdl_wanted(model.device), nvfp4_parts=parts)
+        layers = FusedLayers(pdl_wanted(model.device), nvfp4_parts=parts,
+                             nvfp4_layer=layer_gemv if engine == "wide" else None)
         layers.prepare(model.device, model.config.num_key_value_heads)
     return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts, engine, fused=layers)

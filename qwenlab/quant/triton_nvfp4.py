@@ -505,13 +505,8 @@ def _wide_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, conf
     even = (k // 8) % (bw * split) == 0
     partial = torch.empty(split, n, dtype=torch.float32, device=row.device) if split > 1 else y
     finish = split > 1 and config["FINISH"] and tiles <= SPLIT_COUNTERS
-    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
-        _part_args(weights, ns, "nvfp4 GEMV")
-    # the block scales read two at a time (int16) where each thread's four words cover whole, aligned pairs
-    pairs = config["S_PAIRS"] and config["VW"] % 4 == 0 and (k // 16) % 2 == 0 and all(
-        b.data_ptr() % 2 == 0 and b.stride(0) % 2 == 0 for b in (s0, s1, s2))
-    if pairs:
-        s0, s1, s2 = (b.view(torch.int16) for b in (s0, s1, s2))
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2), pairs = \
+        _wide_part_args(weights, ns, k, config)
     wide_nvfp4.wide_gemv_kernel[(tiles, split)](
         row, p0, s0, t0, p1, s1, t1, p2, s2, t2, y, partial, _split_counters(row.device) if finish else y, n0, n1,
         n2, k, sp0, ss0, st0, sp1, ss1, st1, sp2, ss2, st2, PARTS=len(weights), SPLIT=split, EVEN_K=even,
@@ -521,6 +516,68 @@ def _wide_gemv(row: torch.Tensor, weights: list, ns: list, y: torch.Tensor, conf
     if split > 1 and not finish:
         _gemv_finish_kernel[(triton.cdiv(n, 1024),)](partial, partial, y, y, n, 0, HAS_BIAS=False, HAS_SCALE=False,
                                                      SPLIT=split, BLOCK=1024)
+
+
+def _wide_part_args(weights: list, ns: list, k: int, config: dict) -> list:
+    """_part_args for the wide GEMVs, then whether the block scales are read two at a time (int16, S_PAIRS: where
+    each thread's four words cover whole, aligned pairs; the scales then viewed as int16)."""
+    parts = _part_args(weights, ns, "nvfp4 GEMV")
+    pairs = config["S_PAIRS"] and config["VW"] % 4 == 0 and (k // 16) % 2 == 0 and all(
+        part[1].data_ptr() % 2 == 0 and part[1].stride(0) % 2 == 0 for part in parts)
+    if pairs:
+        parts = [(p, b.view(torch.int16), *rest) for p, b, *rest in parts]
+    return parts + [pairs]
+
+
+# The fused layer's GEMV tiles by what the GEMV does (bench/nvfp4_layer_tiles.py: the 4B decode step on an H200
+# with each kind's tiles tried in turn, 1.5-12% apart): q/k/v (a norm) as the plain GEMV's small tile with its block
+# scales read one by one; o and down (a residual, split along K) as its large tile with them read in pairs; gate/up
+# (both weights' rows in one program) two rows of each a thread over 2 warps
+LAYER_CONFIGS = {"norm": {**WIDE_CONFIGS["small"], "S_PAIRS": False}, "residual": {**WIDE_CONFIGS["large"],
+                                                                                 "S_PAIRS": True},
+                 "glu": {"RN": 2, "VW": 4, "TN": 2, "WARPS": 2, "S_PAIRS": True}}
+
+
+def layer_config(glu: bool, norm: bool, config: dict | None = None) -> dict:
+    """The tile of a fused-layer GEMV (LAYER_CONFIGS), with `config`'s keys over it."""
+    return {**LAYER_CONFIGS["glu" if glu else "norm" if norm else "residual"], **(config or {})}
+
+
+def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None, eps: float = 0.0,
+               residual: torch.Tensor | None = None, glu: bool = False, pdl: int = 0,
+               config: dict | None = None) -> torch.Tensor:
+    """A GEMV of the fused NVFP4 decoder layer (qwenlab.generation.fused_layer) for one row x [K]: x times 1-3
+    weights (packed, block_scale, tensor_scale) in one wide-load launch (wide_nvfp4.layer_gemv_kernel), with
+    RMSNorm(x) * norm as its input (norm: the norm's weight; eps), SiLU(gate) * up of two weights' same rows (glu:
+    gate and up, [N] out), + residual, launched with PDL mode `pdl` (qwenlab.quant.pdl). One weight (o, down) splits
+    K as nvfp4_gemv does, its last program per row tile summing the partial rows; a norm or glu needs every
+    program to read all of x, so those do not split. config: the tile (benches, tests)."""
+    from qwenlab.quant import wide_nvfp4  # Gluon: compiled only on a GPU
+
+    k, ns = x.shape[-1], [p.shape[0] for p, _, _ in weights]
+    if glu and (len(weights) != 2 or ns[0] != ns[1]):
+        raise QwenlabError(f"layer_gemv: glu takes two weights of the same rows (gate, up), got rows {ns}")
+    n = ns[0] if glu else sum(ns)
+    config = layer_config(glu, norm is not None, config)
+    block_n, bw = wide_tile(config)
+    tiles = triton.cdiv(n, block_n) if glu else sum(triton.cdiv(n_i, block_n) for n_i in ns)
+    split = config.get("SPLIT") or (gemv_split(n, k) if len(weights) == 1 and norm is None else 1)
+    if split > 1 and (norm is not None or glu or tiles > SPLIT_COUNTERS):
+        raise QwenlabError(f"layer_gemv: a split along K ({split}) sums in the kernel, which a norm, glu or more "
+                           f"than {SPLIT_COUNTERS} row tiles rule out")
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2), pairs = \
+        _wide_part_args(weights, ns, k, config)
+    launch = {"launch_pdl": True} if pdl else {}
+    wide_nvfp4.layer_gemv_kernel[(tiles, split)](
+        x, norm if norm is not None else x, residual if residual is not None else y, p0, s0, t0, p1, s1, t1, p2,
+        s2, t2, y, partial, _split_counters(x.device) if split > 1 else y, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1,
+        st1, sp2, ss2, st2, eps, PARTS=len(weights), SPLIT=split, EVEN_K=(k // 8) % (bw * split) == 0,
+        BLOCK_N=block_n, BW=bw, L3=wide_nvfp4.layout(config["RN"], config["VW"], config["TN"], config["WARPS"]),
+        FINISH=split > 1, S_PAIRS=pairs, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl,
+        num_warps=config["WARPS"], **launch)
+    return y
 
 
 def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str, config: dict | None = None

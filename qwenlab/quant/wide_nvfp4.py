@@ -28,6 +28,8 @@ So the decode and products (40-50 instructions per word) cost about 9 us, the x 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from qwenlab.quant import pdl
+
 X_SCALE = gl.constexpr(9.223372036854775808e18)  # 2^63
 E2M1_BITS = gl.constexpr(-0x7E400000)  # 0x81C00000 as int32: bit 31 (sign) and bits 24..22 (e1 e0 m)
 
@@ -41,21 +43,15 @@ def layout(rows_per_thread: int, words_per_thread: int, lanes_n: int, warps_n: i
 
 
 @gluon.jit
-def _load_step(word_ptrs, scale_ptrs, x_ptrs, w0, last, w, xw, EVEN_K: gl.constexpr, READ_ONLY: gl.constexpr,
-               S_PAIRS: gl.constexpr, step_ok=True):
-    """The packed words [BLOCK_N, BW], their E4M3 scales (one per two words) and x [BW, 8] from word w0 on
-    (READ_ONLY 2: the words only, returned three times). EVEN_K: a whole step, read where step_ok (one flag for
-    the step: the 16-byte loads stay whole), else zeros. S_PAIRS: scale_ptrs are int16, one per four words."""
+def _load_weights(word_ptrs, scale_ptrs, w0, last, w, EVEN_K: gl.constexpr, S_PAIRS: gl.constexpr, step_ok=True):
+    """The packed words [BLOCK_N, BW] from word w0 on and their E4M3 scales (one per two words; S_PAIRS:
+    scale_ptrs are int16, one per four words). EVEN_K: a whole step, read where step_ok (one flag for the step: the
+    16-byte loads stay whole), else zeros past `last`."""
     s_div: gl.constexpr = 4 if S_PAIRS else 2
     s_zero: gl.constexpr = 0 if S_PAIRS else 0.0
-    if READ_ONLY == 2:
-        words = gl.load(word_ptrs + w0, mask=step_ok, other=0, eviction_policy="evict_first")
-        s = words
-        x = words
-    elif EVEN_K:
+    if EVEN_K:
         words = gl.load(word_ptrs + w0, mask=step_ok, other=0, eviction_policy="evict_first")
         s = gl.load(scale_ptrs + w0 // s_div, mask=step_ok, other=s_zero, eviction_policy="evict_first")
-        x = gl.load(x_ptrs + w0 * 8, mask=step_ok, other=0.0)
     else:
         if S_PAIRS:  # whole threads' four words masked together (last is a multiple of 4): 16-byte loads stay
             ok = w0 + (w // 4) * 4 < last
@@ -63,8 +59,27 @@ def _load_step(word_ptrs, scale_ptrs, x_ptrs, w0, last, w, xw, EVEN_K: gl.conste
             ok = w0 + w < last
         words = gl.load(word_ptrs + w0, mask=ok[None, :], other=0, eviction_policy="evict_first")
         s = gl.load(scale_ptrs + w0 // s_div, mask=ok[None, :], other=s_zero, eviction_policy="evict_first")
-        x = gl.load(x_ptrs + w0 * 8, mask=(w0 + xw < last)[:, None], other=0.0)
-    return words, s, x
+    return words, s
+
+
+@gluon.jit
+def _load_x(x_ptrs, w0, last, xw, EVEN_K: gl.constexpr, step_ok=True):
+    """x [BW, 8] (or a vector laid out as x, the norm's weight) for the words from w0 on, zeros past `last`."""
+    if EVEN_K:
+        return gl.load(x_ptrs + w0 * 8, mask=step_ok, other=0.0)
+    return gl.load(x_ptrs + w0 * 8, mask=(w0 + xw < last)[:, None], other=0.0)
+
+
+@gluon.jit
+def _load_step(word_ptrs, scale_ptrs, x_ptrs, w0, last, w, xw, EVEN_K: gl.constexpr, READ_ONLY: gl.constexpr,
+               S_PAIRS: gl.constexpr, step_ok=True):
+    """The packed words, their block scales and x from word w0 on (READ_ONLY 2: the words only, returned three
+    times)."""
+    if READ_ONLY == 2:
+        words = gl.load(word_ptrs + w0, mask=step_ok, other=0, eviction_policy="evict_first")
+        return words, words, words
+    words, s = _load_weights(word_ptrs, scale_ptrs, w0, last, w, EVEN_K, S_PAIRS, step_ok)
+    return words, s, _load_x(x_ptrs, w0, last, xw, EVEN_K, step_ok)
 
 
 @gluon.jit
@@ -85,10 +100,54 @@ def _step(words, s, x, up, pair_shift, READ_ONLY: gl.constexpr, S_PAIRS: gl.cons
         xs = gl.expand_dims(x.to(gl.float32) * X_SCALE, 0)  # [1, BW, 8]
         part = words.to(gl.float32, bitcast=True) * _scale(s, pair_shift, S_PAIRS) + gl.sum(xs, axis=2)
     else:
-        xs = gl.expand_dims(x.to(gl.float32) * X_SCALE, 0)
-        values = (((gl.expand_dims(words, 2) << up) >> 6) & E2M1_BITS).to(gl.float32, bitcast=True)
-        part = gl.sum(values * xs, axis=2) * _scale(s, pair_shift, S_PAIRS)
+        part = _products(words, s, gl.expand_dims(x.to(gl.float32) * X_SCALE, 0), up, pair_shift, S_PAIRS)
     return part
+
+
+@gluon.jit
+def _products(words, s, xs, up, pair_shift, S_PAIRS: gl.constexpr):
+    """[BLOCK_N, BW]: each word's 8 decoded elements times xs ([1, BW, 8] float32, x 2^63), summed, times its
+    block scale."""
+    values = (((gl.expand_dims(words, 2) << up) >> 6) & E2M1_BITS).to(gl.float32, bitcast=True)
+    return gl.sum(values * xs, axis=2) * _scale(s, pair_shift, S_PAIRS)
+
+
+@gluon.jit
+def _pointers(P, S, src, stride_p, stride_s, w, S_PAIRS: gl.constexpr):
+    """A tile's packed-word and block-scale pointers [BLOCK_N, BW] at word 0, and each word's shift of its scale
+    (S_PAIRS: S as int16, the two block scales of each thread's four words in one load)."""
+    word_ptrs = P + src[:, None] * stride_p + w[None, :]
+    if S_PAIRS:
+        scale_ptrs = S + src[:, None] * (stride_s // 2) + (w // 4)[None, :]
+        pair_shift = gl.expand_dims(8 * ((w // 2) % 2), 0)
+    else:
+        scale_ptrs = S + src[:, None] * stride_s + (w // 2)[None, :]
+        pair_shift = 0
+    return word_ptrs, scale_ptrs, pair_shift
+
+
+@gluon.jit
+def _split_store(y, rows, src, TS, ts_stride, Y, R, PARTIAL, COUNTERS, N, N_ALL, y_offset, SPLIT: gl.constexpr,
+                 FINISH: gl.constexpr, RES: gl.constexpr):
+    """A split-K program's partial rows (tensor-scaled) into PARTIAL; FINISH: the row tile's last program to
+    finish sums the SPLIT partial rows, in order, rounds them (RES: then adds R, the residual, rounding again) into
+    Y and resets its counter."""
+    gl.store(PARTIAL + gl.program_id(1) * N_ALL + y_offset + rows, y * (gl.load(TS + src * ts_stride) * X_SCALE),
+             mask=rows < N)
+    if FINISH:
+        gl.thread_barrier()  # every thread's partial stored before the count says so
+        done = gl.atomic_add(COUNTERS + gl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:
+            total = gl.load(PARTIAL + y_offset + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
+            for part in gl.static_range(1, SPLIT):
+                total += gl.load(PARTIAL + part * N_ALL + y_offset + rows, mask=rows < N, other=0.0,
+                                 cache_modifier=".cg")
+            out = total.to(Y.dtype.element_ty)
+            if RES:
+                out = (gl.load(R + rows, mask=rows < N, other=0.0).to(gl.float32) + out.to(gl.float32)).to(
+                    Y.dtype.element_ty)
+            gl.store(Y + y_offset + rows, out, mask=rows < N)
+            gl.atomic_xchg(COUNTERS + gl.program_id(0), 0, sem="relaxed", scope="gpu")
 
 
 @gluon.jit
@@ -111,13 +170,7 @@ def _wide_tile(X, P, S, TS, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, s
     chunk = gl.cdiv(gl.cdiv(words_k, SPLIT), BW) * BW
     first = gl.program_id(1) * chunk
     last = gl.minimum(words_k, first + chunk)
-    word_ptrs = P + src[:, None] * stride_p + w[None, :]
-    if S_PAIRS:  # S as int16: the two block scales of each thread's four words in one load
-        scale_ptrs = S + src[:, None] * (stride_s // 2) + (w // 4)[None, :]
-        pair_shift = gl.expand_dims(8 * ((w // 2) % 2), 0)
-    else:
-        scale_ptrs = S + src[:, None] * stride_s + (w // 2)[None, :]
-        pair_shift = 0
+    word_ptrs, scale_ptrs, pair_shift = _pointers(P, S, src, stride_p, stride_s, w, S_PAIRS)
     x_ptrs = X + xw[:, None] * 8 + xe[None, :]
     acc = gl.zeros([BLOCK_N, BW], gl.float32, words_layout)
     if PREFETCH:  # software pipelining in registers: the next step's loads in flight while this one decodes
@@ -134,18 +187,8 @@ def _wide_tile(X, P, S, TS, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, s
             acc += _step(words, s, x, up, pair_shift, READ_ONLY, S_PAIRS)
     y = gl.sum(acc, axis=1)
     if SPLIT > 1:
-        gl.store(PARTIAL + gl.program_id(1) * N_ALL + y_offset + rows, y * (gl.load(TS + src * ts_stride) * X_SCALE),
-                 mask=rows < N)
-        if FINISH:  # the tile's last program to finish sums the SPLIT partial rows, in order, and resets its counter
-            gl.thread_barrier()  # every thread's partial stored before the count says so
-            done = gl.atomic_add(COUNTERS + gl.program_id(0), 1, sem="acq_rel", scope="gpu")
-            if done == SPLIT - 1:
-                total = gl.load(PARTIAL + y_offset + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
-                for part in gl.static_range(1, SPLIT):
-                    total += gl.load(PARTIAL + part * N_ALL + y_offset + rows, mask=rows < N, other=0.0,
-                                     cache_modifier=".cg")
-                gl.store(Y + y_offset + rows, total.to(Y.dtype.element_ty), mask=rows < N)
-                gl.atomic_xchg(COUNTERS + gl.program_id(0), 0, sem="relaxed", scope="gpu")
+        _split_store(y, rows, src, TS, ts_stride, Y, Y, PARTIAL, COUNTERS, N, N_ALL, y_offset, SPLIT, FINISH,
+                     False)
     else:
         y = y * (gl.load(TS + src * ts_stride) * X_SCALE)  # 2^-126 x 2^63 x 2^63 = 1
         gl.store(Y + y_offset + rows, y.to(Y.dtype.element_ty), mask=rows < N)
@@ -173,3 +216,140 @@ def wide_gemv_kernel(X, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL, COUNT
     else:
         _wide_tile(X, P2, S2, TS2, Y, PARTIAL, COUNTERS, pid - tiles0 - tiles1, N2, K, n_all, stride_p2, stride_s2,
                    ts_stride2, N0 + N1, SPLIT, EVEN_K, BLOCK_N, BW, L3, READ_ONLY, PREFETCH, FINISH, S_PAIRS)
+
+
+AT_START = gl.constexpr(pdl.AT_START)
+AFTER_WAIT = gl.constexpr(pdl.AFTER_WAIT)
+AFTER_LOOP = gl.constexpr(pdl.AFTER_LOOP)
+
+
+@gluon.jit
+def _gdc_wait():
+    """Wait for the kernel before (PDL) to finish and its writes to be visible; a no-op without PDL."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    """Let the next kernel (PDL) launch once every program of this one has said so or ended."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _layer_step(words, s, words2, s2, x, g, up, pair_shift, acc, acc2, sq, PRO: gl.constexpr, GLU: gl.constexpr,
+                S_PAIRS: gl.constexpr):
+    """One step of a layer GEMV: x (PRO: times the norm's weight g, its squares summed into sq) against the words
+    of one weight (GLU: and of a second, the up projection's same rows)."""
+    xf = x.to(gl.float32)
+    if PRO:
+        sq += xf * xf
+        xf = xf * g.to(gl.float32)
+    xs = gl.expand_dims(xf * X_SCALE, 0)
+    acc += _products(words, s, xs, up, pair_shift, S_PAIRS)
+    if GLU:
+        acc2 += _products(words2, s2, xs, up, pair_shift, S_PAIRS)
+    return acc, acc2, sq
+
+
+@gluon.jit
+def _layer_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, stride_s,
+                ts_stride, stride_p2, stride_s2, ts_stride2, y_offset, eps, SPLIT: gl.constexpr,
+                EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BW: gl.constexpr, L3: gl.constexpr,
+                FINISH: gl.constexpr, S_PAIRS: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr,
+                RES: gl.constexpr, PDL: gl.constexpr):
+    """Rows tile*BLOCK_N.. of a decoder layer's GEMV (wide_gemv_kernel's tile, plus): PRO, RMSNorm(x) * G as the
+    input (G multiplies x as it is read, the squares of x are summed in the same pass, rstd scales the sums; every
+    program reads all of x: SPLIT 1); GLU, the same rows of P2 (up) beside P's (gate), written as SiLU(gate) * up;
+    RES, + R (the residual) after the rounding; PDL, the first step's weights read before waiting for the kernel
+    before (X, G's input, R are its outputs), and the next kernel let in where PDL says (pdl.py)."""
+    words_layout: gl.constexpr = gl.SliceLayout(2, L3)
+    x_layout: gl.constexpr = gl.SliceLayout(0, L3)
+    dtype: gl.constexpr = Y.dtype.element_ty
+    rows = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_layout))
+    src = gl.minimum(rows, N - 1)
+    w = gl.arange(0, BW, layout=gl.SliceLayout(0, words_layout))
+    xw = gl.arange(0, BW, layout=gl.SliceLayout(1, x_layout))
+    xe = gl.arange(0, 8, layout=gl.SliceLayout(0, x_layout))
+    up = 28 - 4 * gl.expand_dims(gl.expand_dims(xe, 0), 0)
+    words_k = K // 8
+    chunk = gl.cdiv(gl.cdiv(words_k, SPLIT), BW) * BW
+    first = gl.program_id(1) * chunk
+    last = gl.minimum(words_k, first + chunk)
+    word_ptrs, scale_ptrs, pair_shift = _pointers(P, S, src, stride_p, stride_s, w, S_PAIRS)
+    word_ptrs2, scale_ptrs2, _ = _pointers(P2, S2, src, stride_p2, stride_s2, w, S_PAIRS)
+    x_ptrs = X + xw[:, None] * 8 + xe[None, :]
+    g_ptrs = G + xw[:, None] * 8 + xe[None, :]
+    acc = gl.zeros([BLOCK_N, BW], gl.float32, words_layout)
+    acc2 = acc
+    sq = gl.zeros([BW, 8], gl.float32, x_layout)
+    if PDL == AT_START:
+        _gdc_launch_dependents()
+    # the first step: its weights (never written by a kernel) before the wait, its x after
+    words, s = _load_weights(word_ptrs, scale_ptrs, first, last, w, EVEN_K, S_PAIRS, first < last)
+    words2, s2 = words, s
+    if GLU:
+        words2, s2 = _load_weights(word_ptrs2, scale_ptrs2, first, last, w, EVEN_K, S_PAIRS, first < last)
+    if PDL:
+        _gdc_wait()
+    if PDL == AFTER_WAIT:
+        _gdc_launch_dependents()
+    x = _load_x(x_ptrs, first, last, xw, EVEN_K, first < last)
+    g = x
+    if PRO:
+        g = _load_x(g_ptrs, first, last, xw, EVEN_K, first < last)
+    acc, acc2, sq = _layer_step(words, s, words2, s2, x, g, up, pair_shift, acc, acc2, sq, PRO, GLU, S_PAIRS)
+    for w0 in range(first + BW, last, BW):
+        words, s = _load_weights(word_ptrs, scale_ptrs, w0, last, w, EVEN_K, S_PAIRS)
+        if GLU:
+            words2, s2 = _load_weights(word_ptrs2, scale_ptrs2, w0, last, w, EVEN_K, S_PAIRS)
+        x = _load_x(x_ptrs, w0, last, xw, EVEN_K)
+        if PRO:
+            g = _load_x(g_ptrs, w0, last, xw, EVEN_K)
+        acc, acc2, sq = _layer_step(words, s, words2, s2, x, g, up, pair_shift, acc, acc2, sq, PRO, GLU, S_PAIRS)
+    if PDL == AFTER_LOOP:
+        _gdc_launch_dependents()
+    y = gl.sum(acc, axis=1)
+    y2 = gl.sum(acc2, axis=1)
+    if PRO:  # RMSNorm's rstd from the x this pass read
+        rstd = gl.rsqrt(gl.sum(gl.sum(sq, axis=1), axis=0) / K + eps)
+        y = y * rstd
+        y2 = y2 * rstd
+    if SPLIT > 1:
+        _split_store(y, rows, src, TS, ts_stride, Y, R, PARTIAL, COUNTERS, N, N_ALL, y_offset, SPLIT, FINISH, RES)
+    else:
+        out = (y * (gl.load(TS + src * ts_stride) * X_SCALE)).to(dtype)
+        if GLU:  # F.silu(gate) * up, rounded where the forward rounds
+            up_row = (y2 * (gl.load(TS2 + src * ts_stride2) * X_SCALE)).to(dtype).to(gl.float32)
+            gate = out.to(gl.float32)
+            out = ((gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32) * up_row).to(dtype)
+        if RES:
+            out = (gl.load(R + rows, mask=rows < N, other=0.0).to(gl.float32) + out.to(gl.float32)).to(dtype)
+        gl.store(Y + y_offset + rows, out, mask=rows < N)
+
+
+@gluon.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])
+def layer_gemv_kernel(X, G, R, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL, COUNTERS, N0, N1, N2, K,
+                      stride_p0, stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, stride_p2, stride_s2,
+                      ts_stride2, eps, PARTS: gl.constexpr, SPLIT: gl.constexpr, EVEN_K: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BW: gl.constexpr, L3: gl.constexpr, FINISH: gl.constexpr,
+                      S_PAIRS: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr,
+                      PDL: gl.constexpr):
+    """A GEMV of the fused NVFP4 decoder layer: wide_gemv_kernel's programs over 1-3 weights (GLU: gate W0 and up
+    W1 side by side, N0 rows out), with _layer_tile's norm prologue, SiLU, residual and PDL."""
+    pid = gl.program_id(0)
+    n_all = N0 + N1 + N2
+    tiles0 = gl.cdiv(N0, BLOCK_N)
+    tiles1 = gl.cdiv(N1, BLOCK_N)
+    if GLU or PARTS == 1 or pid < tiles0:
+        _layer_tile(X, G, R, P0, S0, TS0, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid, N0, K, n_all, stride_p0,
+                    stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, 0, eps, SPLIT, EVEN_K, BLOCK_N, BW,
+                    L3, FINISH, S_PAIRS, PRO, GLU, RES, PDL)
+    elif PARTS == 2 or pid < tiles0 + tiles1:
+        _layer_tile(X, G, R, P1, S1, TS1, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid - tiles0, N1, K, n_all, stride_p1,
+                    stride_s1, ts_stride1, stride_p1, stride_s1, ts_stride1, N0, eps, SPLIT, EVEN_K, BLOCK_N, BW,
+                    L3, FINISH, S_PAIRS, PRO, False, RES, PDL)
+    else:
+        _layer_tile(X, G, R, P2, S2, TS2, P2, S2, TS2, Y, PARTIAL, COUNTERS, pid - tiles0 - tiles1, N2, K, n_all,
+                    stride_p2, stride_s2, ts_stride2, stride_p2, stride_s2, ts_stride2, N0 + N1, eps, SPLIT, EVEN_K,
+                    BLOCK_N, BW, L3, FINISH, S_PAIRS, PRO, False, RES, PDL)

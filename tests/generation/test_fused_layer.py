@@ -47,6 +47,20 @@ def _tiles(model) -> dict:
     return {tuple(w.shape): (4, 64, 4, 1) for layer in model.model.layers for w in layer_weights(layer)}
 
 
+def _assert_as_close_to_float64(i: int, out, own, ref, kvs: tuple, pos: int, ulp: float):
+    """Layer i's fused output and the key/value it wrote at `pos` (kvs: fused, own, float64 reference caches) err
+    against the float64 reference at most twice the layer's own forward plus four units in the last place."""
+    scale = ref.abs().max().item()
+    own_err, err = (own.double() - ref).abs().max().item(), (out.double() - ref).abs().max().item()
+    assert err <= 2 * own_err + 4 * ulp * scale, (i, err, own_err)
+    fused, mine, exact = kvs
+    for written, own_kv, ref_kv in ((fused.k, mine.k, exact.k), (fused.v, mine.v, exact.v)):
+        slot_ref, slot_scale = ref_kv[:, :, pos], ref_kv[:, :, pos].abs().max().item()
+        own_slot_err = (own_kv[:, :, pos].double() - slot_ref).abs().max().item()
+        slot_err = (written[:, :, pos].double() - slot_ref).abs().max().item()
+        assert slot_err <= 2 * own_slot_err + 4 * ulp * slot_scale, (i, slot_err, own_slot_err)
+
+
 @runs_kernels
 @pytest.mark.parametrize("tiles", ["fixed", "tuned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -72,26 +86,18 @@ def test_fused_layer_is_as_close_to_float64_as_the_layers_own_forward(fixture, d
     cache, x, cos, sin, mask = _static(model, prefill, slots)
     pos = int(cache.pos)
     fused = FusedLayers(tiles=_tiles(model)) if tiles == "fixed" else FusedLayers(pdl_wanted(x.device))
-    ulp = torch.finfo(dtype).eps
     for i, layer in enumerate(model.model.layers):
         assert fits(layer, x, _layer_kv(cache, i)) is None
         kv_ref, kv_own, kv_fused = _layer_kv(cache, i, torch.float64), _layer_kv(cache, i), _layer_kv(cache, i)
         ref = exact.model.layers[i](x.double(), cos.double(), sin.double(), mask, kv_ref, "eager", None)
         own = layer(x, cos, sin, mask, kv_own, "eager", None)
         out = fused.layer(layer, x, cos, sin, kv_fused)
-        scale = ref.abs().max().item()
-        own_err, err = (own.double() - ref).abs().max().item(), (out.double() - ref).abs().max().item()
         assert out.dtype == dtype and out.shape == x.shape
-        assert err <= 2 * own_err + 4 * ulp * scale, (i, err, own_err)
-        for written, own_kv, ref_kv in ((kv_fused.k, kv_own.k, kv_ref.k), (kv_fused.v, kv_own.v, kv_ref.v)):
-            slot_ref, slot_scale = ref_kv[:, :, pos], ref_kv[:, :, pos].abs().max().item()
-            own_slot_err = (own_kv[:, :, pos].double() - slot_ref).abs().max().item()
-            slot_err = (written[:, :, pos].double() - slot_ref).abs().max().item()
-            assert slot_err <= 2 * own_slot_err + 4 * ulp * slot_scale, (i, slot_err, own_slot_err)
+        _assert_as_close_to_float64(i, out, own, ref, (kv_fused, kv_own, kv_ref), pos, torch.finfo(dtype).eps)
+        for written, before in ((kv_fused.k, cache.k[i]), (kv_fused.v, cache.v[i])):
             others = torch.ones(written.shape[2], dtype=torch.bool)
             others[pos] = False
-            assert torch.equal(written[:, :, others], cache.k[i][:, :, others] if written is kv_fused.k
-                               else cache.v[i][:, :, others])
+            assert torch.equal(written[:, :, others], before[:, :, others])
         x = own
 
 
@@ -128,6 +134,78 @@ def test_the_nvfp4_fused_layer_computes_what_the_layers_forward_computes(tiny_di
         for written, expected in ((kv_fused.k, kv_own.k), (kv_fused.v, kv_own.v)):
             slot_scale = expected[:, :, pos].abs().max().item()
             assert (written[:, :, pos] - expected[:, :, pos]).abs().max().item() <= 4 * ulp * slot_scale, i
+        x = own
+
+
+def _nvfp4_4b_layer(dtype):
+    """One decoder layer of the Qwen3-4B shape on CUDA (random weights and norm weights), its seven projections
+    quantized to NVFP4 and run by the Triton kernels: the GEMVs' real tiles, splits and even/odd K."""
+    from qwenlab.model.config import config_from_dict
+    from qwenlab.model.qwen3 import Qwen3, RMSNorm
+    from qwenlab.model.tiny import config_json
+    from qwenlab.quant import codec
+    from qwenlab.quant.linear import NVFP4Linear
+
+    torch.manual_seed(0)
+    model = Qwen3(config_from_dict(config_json("qwen3-4b", num_hidden_layers=1, vocab_size=512))).to("cuda", dtype)
+    for name, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear and ".layers." in name:  # the NVFP4 buffers keep their own dtypes
+            torch.nn.init.normal_(module.weight, std=0.02)
+            parent, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), attr,
+                    NVFP4Linear.from_weight(codec.quantize(module.weight.float()), kernel="triton"))
+        elif type(module) is RMSNorm:
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    return model
+
+
+def _dequantized(layer, dtype):
+    """The layer with each NVFP4 linear replaced by a plain one holding its dequantized weight, in `dtype`."""
+    from qwenlab.quant.linear import NVFP4Linear
+
+    exact = copy.deepcopy(layer)
+    for name, module in list(exact.named_modules()):
+        if isinstance(module, NVFP4Linear):
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=False, device=module.packed.device)
+            plain.weight.data = module.dequantize_weight(torch.float32)
+            parent, attr = name.rsplit(".", 1)
+            setattr(exact.get_submodule(parent), attr, plain)
+    return exact.to(dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the wide-load layer GEMV is Gluon: CUDA only")
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fixture", ["tiny_dir", "untied_dir", "qwen3-4b"])
+@torch.inference_mode()
+def test_the_five_kernel_nvfp4_layer_is_as_close_to_float64_as_the_layers_own_forward(fixture, dtype, pdl, request):
+    """A W4A16 NVFP4 layer as five kernels (the wide-load layer GEMVs take the input norms, SiLU x up and the
+    residual adds; QWENLAB_NVFP4_GEMV=wide, the engine's default on CUDA): its output and the key/value written at
+    `pos` against the same layer in float64 on its dequantized weights, with an error at most twice the layer's own
+    forward in `dtype` (the NVFP4 linears one GEMV each, norms and adds as torch ops) plus a few units in the last
+    place. The fixtures' small K run the GEMVs' masked steps; the Qwen3-4B-shaped layer their tiles as the engine
+    runs them (o and down split along K and summed in the kernel, down's K not a whole number of steps)."""
+    from qwenlab.generation.fused_layer import PDL_MODES, FusedLayers, pdl_available
+    from qwenlab.quant.triton_nvfp4 import layer_gemv
+
+    if pdl and not pdl_available(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+")
+    if fixture == "qwen3-4b":
+        model = _nvfp4_4b_layer(dtype)
+    else:
+        model = load(request.getfixturevalue(fixture), str(dtype).split(".")[1], "cuda", quant="nvfp4").model
+    cache, x, cos, sin, mask = _static(model, 40)
+    pos = int(cache.pos)
+    fused = FusedLayers(pdl=PDL_MODES["after-loop"] if pdl else 0, nvfp4_layer=layer_gemv)
+    for i, layer in enumerate(model.model.layers):
+        assert fits(layer, x, _layer_kv(cache, i)) is None
+        exact = _dequantized(layer, torch.float64)
+        kv_ref, kv_own, kv_fused = _layer_kv(cache, i, torch.float64), _layer_kv(cache, i), _layer_kv(cache, i)
+        ref = exact(x.double(), cos.double(), sin.double(), mask, kv_ref, "eager", None)
+        own = layer(x, cos, sin, mask, kv_own, "eager", None)
+        out = fused.layer(layer, x, cos, sin, kv_fused)
+        assert out.dtype == dtype and out.shape == x.shape
+        _assert_as_close_to_float64(i, out, own, ref, (kv_fused, kv_own, kv_ref), pos, torch.finfo(dtype).eps)
         x = own
 
 
