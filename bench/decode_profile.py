@@ -1,7 +1,9 @@
 """Where a decode step's time goes: the graph engine's captured one-token step, built each way the engine can (fused:
 decoder layers as qwenlab's fused kernels, the default, with programmatic dependent launch where the GPU has it;
 fused-nopdl: the same without PDL, as QWENLAB_PDL=0; fused-pdl-MODE: PDL with another trigger placement, as
-QWENLAB_PDL=MODE; layer: one decoder layer compiled by torch.compile for all; step: the whole step compiled; none),
+QWENLAB_PDL=MODE; fused-nine: NVFP4 layers in the nine kernels the engine runs with another NVFP4 GEMV than the
+wide one, the wide GEMV kept; layer: one decoder layer compiled by torch.compile for all; step: the whole step
+compiled; none),
 timed by replays side by side in one process, also as greedy decoding replays them (each step's choice copied to the
 host behind it), with its kernel launches per step and the first mode's kernels by the torch profiler. A development
 tool beside `qwenlab bench`; it prints numbers and asserts none.
@@ -18,7 +20,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from qwenlab.bench.measure import copy_bandwidth, device_facts, weight_bytes
-from qwenlab.generation.engine import COMPILES, Engine
+from qwenlab.generation.engine import COMPILES, Engine, layer_compiled
+from qwenlab.generation.kernels import choose_kernels
 from qwenlab.model.loader import load
 from qwenlab.model.tiny import resolve_model_dir
 
@@ -95,7 +98,8 @@ def main():
     ap.add_argument("--context", type=int, default=512, help="static cache length (attention covers all of it)")
     ap.add_argument("--modes", default="fused,layer", help="the engine's modes to capture, in order: fused (its "
                     "default), fused-nopdl (QWENLAB_PDL=0), fused-pdl-MODE (QWENLAB_PDL=MODE: start, after-wait, "
-                    f"after-loop), or one of its compile modes without the fused layers ({', '.join(COMPILES)})")
+                    "after-loop), fused-nine (NVFP4 layers in nine kernels), or one of its compile modes without the "
+                    f"fused layers ({', '.join(COMPILES)})")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     model = load(resolve_model_dir(args.model), args.dtype, args.device, args.quant).model
@@ -118,6 +122,9 @@ def main():
             os.environ["QWENLAB_PDL"] = "0"
         elif mode.startswith("fused-pdl-"):
             os.environ["QWENLAB_PDL"] = mode.removeprefix("fused-pdl-")
+        if mode == "fused-nine":  # the NVFP4 layers' norms, SiLU and residual adds as their own kernels
+            engine.kernels = layer_compiled(choose_kernels(model, engine.timings, True))
+            engine.kernels.fused.nvfp4_layer = None
         try:
             step, _ = engine.captured(cache)
         finally:

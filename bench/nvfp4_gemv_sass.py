@@ -99,6 +99,40 @@ def compile_wide(rn, vw, tn, warps, parts=1, split=1, even_k=True, s_pairs=False
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
+# The fused NVFP4 layer's four GEMVs on the Qwen3-4B shape: (label, PARTS, SPLIT, EVEN_K, PRO, GLU, RES)
+LAYER_GEMVS = [("q/k/v + norm", 3, 1, True, True, False, False), ("o + residual", 1, 4, True, False, False, True),
+               ("gate/up + norm, silu", 2, 1, True, True, True, False), ("down + residual", 1, 4, False, False, False,
+                                                                          True)]
+
+
+def compile_layer(parts, split, even_k, pro, glu, res, pdl=3, arch=90):
+    """A GEMV of the fused NVFP4 layer (wide_nvfp4.layer_gemv_kernel) with the tile triton_nvfp4.layer_gemv
+    takes, for bf16 x; None where this Triton has no Gluon."""
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        from qwenlab.quant import wide_nvfp4
+    except ImportError:
+        return None, None
+    config = triton_nvfp4.layer_config(glu, pro)
+    jit = wide_nvfp4.layer_gemv_kernel
+    names = jit.arg_names
+    block_n, bw = triton_nvfp4.wide_tile(config)
+    values = dict(PARTS=parts, SPLIT=split, EVEN_K=even_k, BLOCK_N=block_n, BW=bw,
+                  L3=wide_nvfp4.layout(config["RN"], config["VW"], config["TN"], config["WARPS"]), FINISH=split > 1,
+                  S_PAIRS=config["S_PAIRS"], PRO=pro, GLU=glu, RES=res, PDL=pdl)
+    pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16", "G": "*bf16", "R": "*bf16",
+                "COUNTERS": "*i32"}
+    if config["S_PAIRS"]:
+        pointers.update(S0="*i16", S1="*i16", S2="*i16")
+    signature = {n: pointers.get(n, "constexpr" if n in values else "fp32" if n == "eps" else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
+    source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
+                            attrs=attrs)
+    words = config["RN"] * config["VW"] * (2 if glu else 1)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config["WARPS"]}), words
+
+
 def loop_instructions(cubin: bytes, path: str) -> list[str]:
     """The opcodes between the first backward branch and its target (the loop along K)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -129,6 +163,9 @@ def main(argv=None) -> int:
     rows += [(f"mma {n}x{k} w{w}", compile_mma(n, k, w, arch=args.arch), n * k / 8 / (32 * w)) for n, k, w in MMA_TILES]
     rows += [(f"wide {rn}x{vw} tn{tn} w{w}", compile_wide(rn, vw, tn, w, arch=args.arch), rn * vw)
              for rn, vw, tn, w in WIDE_TILES]
+    for label, parts, split, even_k, pro, glu, res in LAYER_GEMVS:
+        kernel, words = compile_layer(parts, split, even_k, pro, glu, res, arch=args.arch)
+        rows.append((f"layer {label}", kernel, words))
     for label, kernel, words in rows:
         if kernel is None:
             print(f"{label:<22} (no Gluon in this Triton)")
