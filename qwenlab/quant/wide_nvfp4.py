@@ -11,6 +11,9 @@ as the float32 e2m1 x 2^-126; x is scaled by 2^63 so that the products stay norm
 
     wide_gemv_kernel  y = x @ [W0; W1; W2].T for 1-3 weights of the same K (q/k/v, gate/up) in one launch,
                       optionally split along K into SPLIT partial rows
+    layer_gemv_kernel the same as a GEMV of the graph engine's fused NVFP4 layer (qwenlab.generation.fused_layer):
+                      the input RMSNorm as its prologue (PRO), SiLU(gate) x up of gate and up rows in one program
+                      (GLU), the residual add (RES) and programmatic dependent launch (PDL, qwenlab.quant.pdl)
 
 Options (constexprs; triton_nvfp4.wide_config holds the defaults, bench/nvfp4_gemv_sweep.py times them):
     FINISH     split-K sums itself: each program stores its partial rows, then counts itself done on its row tile's
