@@ -557,6 +557,9 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
     k, ns = x.shape[-1], [p.shape[0] for p, _, _ in weights]
     if glu and (len(weights) != 2 or ns[0] != ns[1]):
         raise QwenlabError(f"layer_gemv: glu takes two weights of the same rows (gate, up), got rows {ns}")
+    if residual is not None and (len(weights) != 1 or residual.numel() != ns[0]):
+        raise QwenlabError(f"layer_gemv: a residual adds to one weight's rows ({ns}), got {len(weights)} weights "
+                           f"and a residual of {residual.numel()}")
     n = ns[0] if glu else sum(ns)
     config = layer_config(glu, norm is not None, config)
     block_n, bw = wide_tile(config)
