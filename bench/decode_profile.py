@@ -124,7 +124,7 @@ def main():
             os.environ["QWENLAB_PDL"] = mode.removeprefix("fused-pdl-")
         if mode == "fused-nine":  # the NVFP4 layers' norms, SiLU and residual adds as their own kernels
             engine.kernels = layer_compiled(choose_kernels(model, engine.timings, True))
-            engine.kernels.fused.nvfp4_layer = None
+            engine.kernels.fused.nvfp4_layer_gemv = None
         try:
             step, _ = engine.captured(cache)
         finally:

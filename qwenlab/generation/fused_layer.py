@@ -305,7 +305,7 @@ class FusedLayers:
     pdl: int = 0  # 0: no PDL, else where each kernel lets the next launch (a PDL_MODES value)
     tiles: dict = field(default_factory=dict)
     nvfp4_parts: Callable | None = None  # (x, [packed], [block_scale], [tensor_scale]) -> concatenated (NVFP4 layers)
-    nvfp4_layer: Callable | None = None  # triton_nvfp4.layer_gemv where the wide GEMV runs: NVFP4 layers in five
+    nvfp4_layer_gemv: Callable | None = None  # triton_nvfp4.layer_gemv where the wide GEMV runs: NVFP4 layers in 5
     counters: dict = field(default_factory=dict)
 
     def note(self) -> str:
@@ -314,7 +314,7 @@ class FusedLayers:
         trigger = {v: k for k, v in PDL_MODES.items()}
         return ("fused Triton kernels" + (f" (PDL, the next kernel let in {trigger[self.pdl]})" if self.pdl else "")
                 + ("; NVFP4 layers in five, their GEMVs taking the norms, SiLU and residual adds"
-                   if self.nvfp4_layer is not None else ""))
+                   if self.nvfp4_layer_gemv is not None else ""))
 
     def prepare(self, device: torch.device, kv_heads: int):
         key = str(device)
@@ -398,18 +398,18 @@ class FusedLayers:
     def nvfp4_gemv(self, x, modules: tuple, norm: nn.Module | None = None, residual=None, glu: bool = False):
         """x times 1-3 NVFP4 linears in one launch of the layer GEMV (triton_nvfp4.layer_gemv): RMSNorm(x) as
         its input (norm), SiLU(gate) * up (glu), + residual; with PDL as the other fused kernels."""
-        return self.nvfp4_layer(x, [(m.packed, m.block_scale, m.tensor_scale) for m in modules],
+        return self.nvfp4_layer_gemv(x, [(m.packed, m.block_scale, m.tensor_scale) for m in modules],
                                 norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
                                 residual, glu, self.pdl)
 
     def nvfp4_layer_forward(self, layer: nn.Module, x, cos, sin, kv):
-        """A W4A16 NVFP4 layer. Where the wide GEMV runs (nvfp4_layer), in five kernels as a dense one: its GEMVs
+        """A W4A16 NVFP4 layer. Where the wide GEMV runs (nvfp4_layer_gemv), in five kernels as a dense one: its GEMVs
         take the norms, SiLU and residual adds. Else in nine: the GEMVs (q/k/v and gate/up one launch each) take
         no prologue, so the norms and residual adds are small kernels between them (add_norm, silu_up). The
         attention is the fused one."""
         attn, mlp = layer.self_attn, layer.mlp
         row = x.reshape(-1)
-        if self.nvfp4_layer is not None:
+        if self.nvfp4_layer_gemv is not None:
             qkv = self.nvfp4_gemv(row, (attn.q_proj, attn.k_proj, attn.v_proj), norm=layer.input_layernorm)
             ctx = self.attend(qkv, attn, cos.reshape(-1), sin.reshape(-1), kv)
             row = self.nvfp4_gemv(ctx, (attn.o_proj,), residual=row)

@@ -177,6 +177,6 @@ def choose_kernels(model, timings: dict, fused: bool = True) -> DecodeKernels:
         from qwenlab.generation.fused_layer import FusedLayers, pdl_wanted  # the same
 
         layers = FusedLayers(pdl_wanted(model.device), nvfp4_parts=parts,
-                             nvfp4_layer=layer_gemv if engine == "wide" else None)
+                             nvfp4_layer_gemv=layer_gemv if engine == "wide" else None)
         layers.prepare(model.device, model.config.num_key_value_heads)
     return DecodeKernels(decode_attention_static, gemv, frozenset(chosen), parts, engine, fused=layers)

@@ -196,7 +196,7 @@ def test_the_five_kernel_nvfp4_layer_is_as_close_to_float64_as_the_layers_own_fo
         model = load(request.getfixturevalue(fixture), str(dtype).split(".")[1], "cuda", quant="nvfp4").model
     cache, x, cos, sin, mask = _static(model, 40)
     pos = int(cache.pos)
-    fused = FusedLayers(pdl=PDL_MODES["after-loop"] if pdl else 0, nvfp4_layer=layer_gemv)
+    fused = FusedLayers(pdl=PDL_MODES["after-loop"] if pdl else 0, nvfp4_layer_gemv=layer_gemv)
     for i, layer in enumerate(model.model.layers):
         assert fits(layer, x, _layer_kv(cache, i)) is None
         exact = _dequantized(layer, torch.float64)
