@@ -552,8 +552,6 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
     gate and up, [N] out), + residual, launched with PDL mode `pdl` (qwenlab.quant.pdl). One weight (o, down) splits
     K as nvfp4_gemv does, its last program per row tile summing the partial rows; a norm or glu needs every
     program to read all of x, so those do not split. config: the tile (benches, tests)."""
-    from qwenlab.quant import wide_nvfp4  # Gluon: compiled only on a GPU
-
     k, ns = x.shape[-1], [p.shape[0] for p, _, _ in weights]
     if glu and (len(weights) != 2 or ns[0] != ns[1]):
         raise QwenlabError(f"layer_gemv: glu takes two weights of the same rows (gate, up), got rows {ns}")
@@ -568,6 +566,8 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
     if split > 1 and (norm is not None or glu or tiles > SPLIT_COUNTERS):
         raise QwenlabError(f"layer_gemv: a split along K ({split}) sums in the kernel, which a norm, glu or more "
                            f"than {SPLIT_COUNTERS} row tiles rule out")
+    from qwenlab.quant import wide_nvfp4  # Gluon: compiled only on a GPU
+
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
     (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2), pairs = \

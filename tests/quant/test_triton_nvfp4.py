@@ -25,6 +25,7 @@ from qwenlab.quant.triton_nvfp4 import (  # noqa: E402
     dequantize_into,
     dequantize_parts_into,
     gemv_split,
+    layer_gemv,
     nvfp4_gemm,
     nvfp4_gemv,
     nvfp4_gemv_parts,  # noqa: E402
@@ -214,6 +215,29 @@ def test_bad_input_is_a_one_line_error(call, message):
     q = codec.quantize(torch.randn(16, 48))
     with pytest.raises(QwenlabError, match=re.escape(message)):
         call(q, torch.randn(1, 48).bfloat16())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"weights": "one", "glu": True}, "glu takes two weights of the same rows (gate, up), got rows [16]"),
+    ({"weights": "uneven", "glu": True}, "got rows [16, 32]"),
+    ({"weights": "two", "residual": 16}, "a residual adds to one weight's rows ([16, 16]), got 2 weights"),
+    ({"weights": "one", "residual": 8}, "and a residual of 8"),
+    ({"weights": "one", "norm": True, "config": {"SPLIT": 2}}, "a split along K (2) sums in the kernel")])
+def test_the_layer_gemv_refuses_what_its_epilogues_cannot_do(kwargs, message):
+    """triton_nvfp4.layer_gemv (the fused NVFP4 layer's GEMV) says in one line, before any launch, what it cannot
+    do: SiLU x up of anything but two weights of the same rows, a residual beside more than one weight or of another
+    length, a norm over a split of K."""
+    q, wide = codec.quantize(torch.randn(16, 48)), codec.quantize(torch.randn(32, 48))
+    one, two = [(q.packed, q.block_scale, q.tensor_scale)], [(q.packed, q.block_scale, q.tensor_scale)] * 2
+    weights = {"one": one, "two": two, "uneven": one + [(wide.packed, wide.block_scale, wide.tensor_scale)]}
+    x = torch.randn(48).bfloat16()
+    call = dict(kwargs, weights=weights[kwargs["weights"]])
+    if "residual" in kwargs:
+        call["residual"] = torch.zeros(kwargs["residual"]).bfloat16()
+    if kwargs.get("norm"):
+        call["norm"] = torch.ones(48).bfloat16()
+    with pytest.raises(QwenlabError, match=re.escape(message)):
+        layer_gemv(x, **call)
 
 
 @interpreted
