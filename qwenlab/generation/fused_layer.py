@@ -399,8 +399,8 @@ class FusedLayers:
         """x times 1-3 NVFP4 linears in one launch of the layer GEMV (triton_nvfp4.layer_gemv): RMSNorm(x) as
         its input (norm), SiLU(gate) * up (glu), + residual; with PDL as the other fused kernels."""
         return self.nvfp4_layer_gemv(x, [(m.packed, m.block_scale, m.tensor_scale) for m in modules],
-                                norm.weight if norm is not None else None, norm.eps if norm is not None else 0.0,
-                                residual, glu, self.pdl)
+                                     norm.weight if norm is not None else None,
+                                     norm.eps if norm is not None else 0.0, residual, glu, self.pdl)
 
     def nvfp4_layer_forward(self, layer: nn.Module, x, cos, sin, kv):
         """A W4A16 NVFP4 layer. Where the wide GEMV runs (nvfp4_layer_gemv), in five kernels as a dense one: its GEMVs

@@ -130,6 +130,28 @@ def _pointers(P, S, src, stride_p, stride_s, w, S_PAIRS: gl.constexpr):
 
 
 @gluon.jit
+def _tile_setup(P, S, tile, N, K, stride_p, stride_s, SPLIT: gl.constexpr, BLOCK_N: gl.constexpr,
+                BW: gl.constexpr, L3: gl.constexpr, S_PAIRS: gl.constexpr):
+    """What a tile of rows tile*BLOCK_N.. over this program's 1/SPLIT of K starts from: its rows, the rows it reads
+    (src), word and x-word offsets (w, xw), each element's shift of its nibble to the top bits (up, [1, 1, 8]), the
+    first and last word of its slice of K, the word and scale pointers at word 0 and x's offsets at word 0."""
+    words_layout: gl.constexpr = gl.SliceLayout(2, L3)
+    x_layout: gl.constexpr = gl.SliceLayout(0, L3)
+    rows = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_layout))
+    src = gl.minimum(rows, N - 1)  # the tail tile re-reads the last row instead of masking every load
+    w = gl.arange(0, BW, layout=gl.SliceLayout(0, words_layout))
+    xw = gl.arange(0, BW, layout=gl.SliceLayout(1, x_layout))
+    xe = gl.arange(0, 8, layout=gl.SliceLayout(0, x_layout))  # element of a word
+    up = 28 - 4 * gl.expand_dims(gl.expand_dims(xe, 0), 0)  # element j's nibble to the top bits
+    words_k = K // 8
+    chunk = gl.cdiv(gl.cdiv(words_k, SPLIT), BW) * BW
+    first = gl.program_id(1) * chunk
+    last = gl.minimum(words_k, first + chunk)
+    word_ptrs, scale_ptrs, pair_shift = _pointers(P, S, src, stride_p, stride_s, w, S_PAIRS)
+    return rows, src, w, xw, up, first, last, word_ptrs, scale_ptrs, pair_shift, xw[:, None] * 8 + xe[None, :]
+
+
+@gluon.jit
 def _split_store(y, rows, src, TS, ts_stride, Y, R, PARTIAL, COUNTERS, N, N_ALL, y_offset, SPLIT: gl.constexpr,
                  FINISH: gl.constexpr, RES: gl.constexpr):
     """A split-K program's partial rows (tensor-scaled) into PARTIAL; FINISH: the row tile's last program to
@@ -161,21 +183,10 @@ def _wide_tile(X, P, S, TS, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, s
     """Rows tile*BLOCK_N.. of one weight over this program's 1/SPLIT of K, into Y at y_offset (or PARTIAL).
     READ_ONLY (bench/nvfp4_gemv_sweep.py, a wrong result): the same loads without the decode, timing the reads. PREFETCH
     (EVEN_K only): each step's loads issued before the previous step's arithmetic."""
-    words_layout: gl.constexpr = gl.SliceLayout(2, L3)
-    x_layout: gl.constexpr = gl.SliceLayout(0, L3)
-    rows = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_layout))
-    src = gl.minimum(rows, N - 1)  # the tail tile re-reads the last row instead of masking every load
-    w = gl.arange(0, BW, layout=gl.SliceLayout(0, words_layout))
-    xw = gl.arange(0, BW, layout=gl.SliceLayout(1, x_layout))
-    xe = gl.arange(0, 8, layout=gl.SliceLayout(0, x_layout))  # element of a word
-    up = 28 - 4 * gl.expand_dims(gl.expand_dims(xe, 0), 0)  # [1, 1, 8]: element j's nibble to the top bits
-    words_k = K // 8
-    chunk = gl.cdiv(gl.cdiv(words_k, SPLIT), BW) * BW
-    first = gl.program_id(1) * chunk
-    last = gl.minimum(words_k, first + chunk)
-    word_ptrs, scale_ptrs, pair_shift = _pointers(P, S, src, stride_p, stride_s, w, S_PAIRS)
-    x_ptrs = X + xw[:, None] * 8 + xe[None, :]
-    acc = gl.zeros([BLOCK_N, BW], gl.float32, words_layout)
+    rows, src, w, xw, up, first, last, word_ptrs, scale_ptrs, pair_shift, x_off = _tile_setup(
+        P, S, tile, N, K, stride_p, stride_s, SPLIT, BLOCK_N, BW, L3, S_PAIRS)
+    x_ptrs = X + x_off
+    acc = gl.zeros([BLOCK_N, BW], gl.float32, gl.SliceLayout(2, L3))
     if PREFETCH:  # software pipelining in registers: the next step's loads in flight while this one decodes
         words, s, x = _load_step(word_ptrs, scale_ptrs, x_ptrs, first, last, w, xw, True, READ_ONLY, S_PAIRS,
                                  first < last)
@@ -266,26 +277,15 @@ def _layer_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K
     program reads all of x: SPLIT 1); GLU, the same rows of P2 (up) beside P's (gate), written as SiLU(gate) * up;
     RES, + R (the residual) after the rounding; PDL, the first step's weights read before waiting for the kernel
     before (X, G's input, R are its outputs), and the next kernel let in where PDL says (pdl.py)."""
-    words_layout: gl.constexpr = gl.SliceLayout(2, L3)
-    x_layout: gl.constexpr = gl.SliceLayout(0, L3)
     dtype: gl.constexpr = Y.dtype.element_ty
-    rows = tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, words_layout))
-    src = gl.minimum(rows, N - 1)
-    w = gl.arange(0, BW, layout=gl.SliceLayout(0, words_layout))
-    xw = gl.arange(0, BW, layout=gl.SliceLayout(1, x_layout))
-    xe = gl.arange(0, 8, layout=gl.SliceLayout(0, x_layout))
-    up = 28 - 4 * gl.expand_dims(gl.expand_dims(xe, 0), 0)
-    words_k = K // 8
-    chunk = gl.cdiv(gl.cdiv(words_k, SPLIT), BW) * BW
-    first = gl.program_id(1) * chunk
-    last = gl.minimum(words_k, first + chunk)
-    word_ptrs, scale_ptrs, pair_shift = _pointers(P, S, src, stride_p, stride_s, w, S_PAIRS)
+    rows, src, w, xw, up, first, last, word_ptrs, scale_ptrs, pair_shift, x_off = _tile_setup(
+        P, S, tile, N, K, stride_p, stride_s, SPLIT, BLOCK_N, BW, L3, S_PAIRS)
+    x_ptrs = X + x_off
     word_ptrs2, scale_ptrs2, _ = _pointers(P2, S2, src, stride_p2, stride_s2, w, S_PAIRS)
-    x_ptrs = X + xw[:, None] * 8 + xe[None, :]
-    g_ptrs = G + xw[:, None] * 8 + xe[None, :]
-    acc = gl.zeros([BLOCK_N, BW], gl.float32, words_layout)
+    g_ptrs = G + x_off  # the norm's weight, laid out as x
+    acc = gl.zeros([BLOCK_N, BW], gl.float32, gl.SliceLayout(2, L3))
     acc2 = acc
-    sq = gl.zeros([BW, 8], gl.float32, x_layout)
+    sq = gl.zeros([BW, 8], gl.float32, gl.SliceLayout(0, L3))
     if PDL == AT_START:
         _gdc_launch_dependents()
     # the first step: its weights (never written by a kernel) before the wait, its x after
@@ -313,16 +313,17 @@ def _layer_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K
     if PDL == AFTER_LOOP:
         _gdc_launch_dependents()
     y = gl.sum(acc, axis=1)
-    y2 = gl.sum(acc2, axis=1)
     if PRO:  # RMSNorm's rstd from the x this pass read
         rstd = gl.rsqrt(gl.sum(gl.sum(sq, axis=1), axis=0) / K + eps)
         y = y * rstd
-        y2 = y2 * rstd
     if SPLIT > 1:
         _split_store(y, rows, src, TS, ts_stride, Y, R, PARTIAL, COUNTERS, N, N_ALL, y_offset, SPLIT, FINISH, RES)
     else:
         out = (y * (gl.load(TS + src * ts_stride) * X_SCALE)).to(dtype)
         if GLU:  # F.silu(gate) * up, rounded where the forward rounds
+            y2 = gl.sum(acc2, axis=1)
+            if PRO:
+                y2 = y2 * rstd
             up_row = (y2 * (gl.load(TS2 + src * ts_stride2) * X_SCALE)).to(dtype).to(gl.float32)
             gate = out.to(gl.float32)
             out = ((gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32) * up_row).to(dtype)
