@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlab.model.hooks import HookPoint
-from qwenlab.quant.linear import plain_w4a16
+from qwenlab.quant.linear import global_hooks, plain_w4a16
 
 
 def call_layer(layer: nn.Module, *args):
@@ -121,6 +121,8 @@ def fits(layer: nn.Module, x: torch.Tensor, kv) -> str | None:
     nothing installed that the layer's forward would run (a hook point's function, a module hook)."""
     if x.shape[-2] != 1 or not getattr(kv, "static_shapes", False):
         return "not a one-token step over a static cache"
+    if global_hooks():
+        return "a global module hook is installed"
     attn, kind = layer.self_attn, layer_kind(layer)
     if kind is None:
         return ("its projections are neither plain fused linears nor all W4A16 NVFP4 Triton GEMVs, without bias "
@@ -131,8 +133,6 @@ def fits(layer: nn.Module, x: torch.Tensor, kv) -> str | None:
                                      attn.q_norm.weight, attn.k_norm.weight]
     if any(p.dtype != x.dtype or p.device != x.device for p in params) or kv.k.dtype != x.dtype:
         return "its weights or cache are not all in the activations' dtype and device"
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
-        return "a global module hook is installed"
     if any(hooked(m) for m in layer.modules()):
         return "a hook is installed in the layer"
     return None
@@ -141,8 +141,7 @@ def fits(layer: nn.Module, x: torch.Tensor, kv) -> str | None:
 def hooked(module: nn.Module) -> bool:
     """A module hook on `module` (its own or a global one), or a hook point function when it is a HookPoint."""
     return bool(module._forward_hooks or module._forward_pre_hooks or (isinstance(module, HookPoint) and module.fns)
-                or torch.nn.modules.module._global_forward_hooks
-                or torch.nn.modules.module._global_forward_pre_hooks)
+                or global_hooks())
 
 
 def decode_linears(model) -> list[nn.Linear]:

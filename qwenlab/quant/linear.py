@@ -110,10 +110,17 @@ def transient_weight(linears: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 
 def plain_w4a16(module: nn.Module) -> bool:
-    """An NVFP4Linear whose call is exactly the W4A16 Triton kernels (no bias, no module hook that would change
-    it), so that it may be multiplied together with others."""
+    """An NVFP4Linear whose call is exactly the W4A16 Triton kernels (no bias, no module hook of its own or global
+    that would change it), so that it may be multiplied together with others."""
     return (type(module) is NVFP4Linear and module.kernel == "triton" and module.activations == "w4a16"
-            and module.bias is None and not module._forward_hooks and not module._forward_pre_hooks)
+            and module.bias is None and not module._forward_hooks and not module._forward_pre_hooks
+            and not global_hooks())
+
+
+def global_hooks() -> bool:
+    """A forward (pre-)hook installed for every module (torch.nn.modules.module.register_module_forward_hook):
+    whatever runs a module's computation without calling the module would skip it."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
 def module_state(weight: codec.NVFP4Weight, bias: torch.Tensor | None = None,

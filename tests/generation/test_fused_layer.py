@@ -229,8 +229,8 @@ def test_the_merge_of_cache_chunks_is_deterministic_and_leaves_its_counters_at_z
 @torch.inference_mode()
 def test_which_layers_the_fused_kernels_take(tiny_dir, moe_dir):
     """A dense fused-projection layer on a one-token static step fits; a prefill, an unfused or NVFP4 or MoE layer,
-    a weight in another dtype, an installed hook point function or module hook each say why not (the layer then
-    runs its own forward, hooks included)."""
+    a weight in another dtype, an installed hook point function or module hook (its own or global) each say why not
+    (the layer then runs its own forward, hooks included)."""
     model = load(tiny_dir, "float32", "cpu", fused=True).model
     cache, x, *_ = _static(model, 4)
     kv = cache.layer(0)
@@ -251,6 +251,11 @@ def test_which_layers_the_fused_kernels_take(tiny_dir, moe_dir):
     handle = layer.mlp.down_proj.register_forward_hook(lambda m, args, out: out)
     assert "hook" in fits(layer, x, kv)
     handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: out)
+    try:
+        assert fits(layer, x, kv) == fits(nvfp4.model.layers[0], x, kv) == "a global module hook is installed"
+    finally:
+        handle.remove()
     assert fits(layer, x, kv) is None
 
 

@@ -319,7 +319,7 @@ def test_every_autotuned_kernel_tunes_briefly_and_once_per_machine():
 def test_a_prefill_multiplies_unfused_nvfp4_projections_as_one_weight(monkeypatch):
     """q/k/v of an NVFP4 model in a prefill (more than one row): one dequantize launch into one transient weight and
     one matmul (qwenlab.quant.linear.multiply_parts), each output as the module's own forward computes it; one row,
-    or a module with a hook, goes module by module."""
+    or a module with a hook of its own or global, goes module by module."""
     from qwenlab.quant import triton_nvfp4
     from qwenlab.quant.linear import NVFP4Linear, multiply_parts
 
@@ -340,6 +340,14 @@ def test_a_prefill_multiplies_unfused_nvfp4_projections_as_one_weight(monkeypatc
         assert rel_l2(out, own.double()) < TOLERANCE[dtype]
     launches.clear()
     multiply_parts(mods, x[:, :1])  # one row: each module's GEMV
-    mods[1].register_forward_hook(lambda module, args, out: out * 0)
+    handle = mods[1].register_forward_hook(lambda module, args, out: out * 0)
     hooked = multiply_parts(mods, x)
     assert launches == [1, 1, 1] and torch.equal(hooked[1], torch.zeros_like(hooked[1]))
+    handle.remove()
+    launches.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out * 0)
+    try:  # a global hook fires on each module, so they go one by one too
+        hooked = multiply_parts(mods, x)
+    finally:
+        handle.remove()
+    assert launches == [1, 1, 1] and all(torch.equal(out, torch.zeros_like(out)) for out in hooked)
