@@ -30,6 +30,7 @@ So the decode and products (40-50 instructions per word) cost about 9 us, the x 
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qwenlab.quant import pdl
 
@@ -238,19 +239,6 @@ AFTER_LOOP = gl.constexpr(pdl.AFTER_LOOP)
 
 
 @gluon.jit
-def _gdc_wait():
-    """Wait for the kernel before (PDL) to finish and its writes to be visible; a no-op without PDL."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _gdc_launch_dependents():
-    """Let the next kernel (PDL) launch once every program of this one has said so or ended."""
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
 def _layer_step(words, s, words2, s2, x, g, up, pair_shift, acc, acc2, sq, PRO: gl.constexpr, GLU: gl.constexpr,
                 S_PAIRS: gl.constexpr):
     """One step of a layer GEMV: x (PRO: times the norm's weight g, its squares summed into sq) against the words
@@ -287,16 +275,16 @@ def _layer_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K
     acc2 = acc
     sq = gl.zeros([BW, 8], gl.float32, gl.SliceLayout(0, L3))
     if PDL == AT_START:
-        _gdc_launch_dependents()
+        gdc_launch_dependents()
     # the first step: its weights (never written by a kernel) before the wait, its x after
     words, s = _load_weights(word_ptrs, scale_ptrs, first, last, w, EVEN_K, S_PAIRS, first < last)
     words2, s2 = words, s
     if GLU:
         words2, s2 = _load_weights(word_ptrs2, scale_ptrs2, first, last, w, EVEN_K, S_PAIRS, first < last)
     if PDL:
-        _gdc_wait()
+        gdc_wait()
     if PDL == AFTER_WAIT:
-        _gdc_launch_dependents()
+        gdc_launch_dependents()
     x = _load_x(x_ptrs, first, last, xw, EVEN_K, first < last)
     g = x
     if PRO:
@@ -311,7 +299,7 @@ def _layer_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K
             g = _load_x(g_ptrs, w0, last, xw, EVEN_K)
         acc, acc2, sq = _layer_step(words, s, words2, s2, x, g, up, pair_shift, acc, acc2, sq, PRO, GLU, S_PAIRS)
     if PDL == AFTER_LOOP:
-        _gdc_launch_dependents()
+        gdc_launch_dependents()
     y = gl.sum(acc, axis=1)
     if PRO:  # RMSNorm's rstd from the x this pass read
         rstd = gl.rsqrt(gl.sum(gl.sum(sq, axis=1), axis=0) / K + eps)
