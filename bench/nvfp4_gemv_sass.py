@@ -2,9 +2,10 @@
 (its wheel bundles ptxas and cuobjdump), and this prints, per tile and layout, the shared memory, the layout
 conversions in the Triton GPU IR, and the instructions of the loop along K per packed int32 word a thread handles,
 with the loads, shared-memory traffic, barriers, shuffles and tensor-core MMAs among them: the FMA GEMV
-(qwenlab.quant.triton_nvfp4), the tensor-core one (qwenlab.quant.mma_nvfp4, "mma" rows) and the wide-load one
-(qwenlab.quant.wide_nvfp4, "wide" rows). A development tool
-beside bench/nvfp4_gemv_sweep.py, which measures the time on a GPU; counts are no timings.
+(qwenlab.quant.triton_nvfp4), the tensor-core one (qwenlab.quant.mma_nvfp4, "mma" rows), the wide-load one
+(qwenlab.quant.wide_nvfp4, "wide" rows, and as the fused layer's GEMVs, "layer" rows) and the fused layer's GEMVs on
+tensor cores from bf16 pairs (qwenlab.quant.pair_nvfp4, "pair" rows: 8 steps of x in shared memory). A development
+tool beside bench/nvfp4_gemv_sweep.py, which measures the time on a GPU; counts are no timings.
 
     python bench/nvfp4_gemv_sass.py [--arch 90]
 """
@@ -133,22 +134,52 @@ def compile_layer(parts, split, even_k, pro, glu, res, pdl=3, arch=90):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config["WARPS"]}), words
 
 
-def loop_instructions(cubin: bytes, path: str) -> list[str]:
-    """The opcodes between the first backward branch and its target (the loop along K)."""
+def compile_pair(parts, split, pro, glu, res, steps=8, vw=4, kw=4, pdl=3, arch=90):
+    """A GEMV of the fused NVFP4 layer on tensor cores (pair_nvfp4.pair_gemv_kernel) for bf16 x, `steps` steps
+    of K a program (its shared memory for x); None where this Triton has no Gluon."""
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        from qwenlab.quant import pair_nvfp4
+    except ImportError:
+        return None, None
+    jit = pair_nvfp4.pair_gemv_kernel
+    names = jit.arg_names
+    values = dict(PARTS=parts, SPLIT=split, STEPS=steps, VW=vw, KW=kw, L=pair_nvfp4.layout(vw, kw),
+                  SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw), FINISH=split > 1, PRO=pro,
+                  GLU=glu, RES=res, PDL=pdl)
+    pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16", "G": "*bf16", "R": "*bf16",
+                "COUNTERS": "*i32"}
+    signature = {n: pointers.get(n, "constexpr" if n in values else "fp32" if n == "eps" else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
+    source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
+                            attrs=attrs)
+    words = vw * 2 * (2 if glu else 1)  # rows g and g + 8 (and up's)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": kw}), words
+
+
+def sass_text(cubin: bytes, path: str) -> str:
+    """The SASS of a cubin (written to path for cuobjdump, which Triton's wheel bundles)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with open(path, "wb") as f:
         f.write(cubin)
-    sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def loop_instructions(cubin: bytes, path: str) -> list[str]:
+    """The opcodes of the longest loop (between a backward branch and its target): the loop along K."""
+    sass = sass_text(cubin, path)
     code = []
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*(.*?);", line)
         if m:
             code.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    loops = [[]]
     for address, op, args in code:
         target = re.search(r"0x([0-9a-f]+)", args)
         if op.startswith("BRA") and target and int(target.group(1), 16) < address:
-            return [o for a, o, _ in code if int(target.group(1), 16) <= a <= address]
-    return []
+            loops.append([o for a, o, _ in code if int(target.group(1), 16) <= a <= address])
+    return max(loops, key=len)
 
 
 def main(argv=None) -> int:
@@ -166,6 +197,9 @@ def main(argv=None) -> int:
     for label, parts, split, even_k, pro, glu, res in LAYER_GEMVS:
         kernel, words = compile_layer(parts, split, even_k, pro, glu, res, arch=args.arch)
         rows.append((f"layer {label}", kernel, words))
+    for label, parts, split, _, pro, glu, res in LAYER_GEMVS:
+        kernel, words = compile_pair(parts, split, pro, glu, res, arch=args.arch)
+        rows.append((f"pair {label}", kernel, words))
     for label, kernel, words in rows:
         if kernel is None:
             print(f"{label:<22} (no Gluon in this Triton)")

@@ -312,9 +312,14 @@ class FusedLayers:
         """What the engine's note says of its layers: "fused Triton kernels", with PDL and where it lets the next
         kernel launch."""
         trigger = {v: k for k, v in PDL_MODES.items()}
+        nvfp4 = ""
+        if self.nvfp4_layer_gemv is not None:
+            from qwenlab.quant.triton_nvfp4 import layer_gemv_note  # Triton: where the NVFP4 layer GEMV runs
+
+            nvfp4 = (f"; NVFP4 layers in five, their GEMVs taking the norms, SiLU and residual adds "
+                     f"({layer_gemv_note()})")
         return ("fused Triton kernels" + (f" (PDL, the next kernel let in {trigger[self.pdl]})" if self.pdl else "")
-                + ("; NVFP4 layers in five, their GEMVs taking the norms, SiLU and residual adds"
-                   if self.nvfp4_layer_gemv is not None else ""))
+                + nvfp4)
 
     def prepare(self, device: torch.device, kv_heads: int):
         key = str(device)

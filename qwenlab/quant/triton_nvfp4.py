@@ -532,10 +532,21 @@ def _wide_part_args(weights: list, ns: list, k: int, config: dict) -> list:
 # The fused layer's GEMV tiles by what the GEMV does (bench/nvfp4_layer_tiles.py: the 4B decode step on an H200
 # with each kind's tiles tried in turn, 1.5-12% apart): q/k/v (a norm) as the plain GEMV's small tile with its block
 # scales read one by one; o and down (a residual, split along K) as its large tile with them read in pairs; gate/up
-# (both weights' rows in one program) two rows of each a thread over 2 warps
+# (both weights' rows in one program) on tensor cores (PAIRS: qwenlab.quant.pair_nvfp4, 16 rows and 4 warps along K
+# a program; 1-3.5% faster a step than its wide tile, while q/k/v, o and down were 2-5% slower that way), else
+# (a float32 x) two rows of each a thread over 2 warps
 LAYER_CONFIGS = {"norm": {**WIDE_CONFIGS["small"], "S_PAIRS": False}, "residual": {**WIDE_CONFIGS["large"],
                                                                                  "S_PAIRS": True},
-                 "glu": {"RN": 2, "VW": 4, "TN": 2, "WARPS": 2, "S_PAIRS": True}}
+                 "glu": {"RN": 2, "VW": 4, "TN": 2, "WARPS": 2, "S_PAIRS": True, "PAIRS": True, "KW": 4}}
+
+
+def layer_gemv_note() -> str:
+    """Which GEMV each kind of fused-layer GEMV runs (LAYER_CONFIGS), for the engine's note."""
+    names = {"norm": "q/k/v", "residual": "o and down", "glu": "gate/up"}
+    pairs = [names[kind] for kind, config in LAYER_CONFIGS.items() if config.get("PAIRS")]
+    wide = [names[kind] for kind, config in LAYER_CONFIGS.items() if not config.get("PAIRS")]
+    return ((f"{' and '.join(pairs)} on tensor cores (bf16 pairs into mma.sync, a bf16 model), " if pairs else "")
+            + f"{', '.join(wide)} wide-load FMA")
 
 
 def layer_config(glu: bool, norm: bool, config: dict | None = None) -> dict:
@@ -560,6 +571,8 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
                            f"and a residual of {residual.numel()}")
     n = ns[0] if glu else sum(ns)
     config = layer_config(glu, norm is not None, config)
+    if config.get("PAIRS") and _pairs_fit(x, norm):
+        return _pair_layer_gemv(x, weights, ns, n, k, norm, eps, residual, glu, pdl, config)
     block_n, bw = wide_tile(config)
     tiles = triton.cdiv(n, block_n) if glu else sum(triton.cdiv(n_i, block_n) for n_i in ns)
     split = config.get("SPLIT") or (gemv_split(n, k) if len(weights) == 1 and norm is None else 1)
@@ -573,6 +586,8 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
     (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2), pairs = \
         _wide_part_args(weights, ns, k, config)
     launch = {"launch_pdl": True} if pdl else {}
+    if config.get("MAXNREG"):  # registers per thread at most: more programs per SM, or spills
+        launch["maxnreg"] = config["MAXNREG"]
     wide_nvfp4.layer_gemv_kernel[(tiles, split)](
         x, norm if norm is not None else x, residual if residual is not None else y, p0, s0, t0, p1, s1, t1, p2,
         s2, t2, y, partial, _split_counters(x.device) if split > 1 else y, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1,
@@ -580,6 +595,42 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
         BLOCK_N=block_n, BW=bw, L3=wide_nvfp4.layout(config["RN"], config["VW"], config["TN"], config["WARPS"]),
         FINISH=split > 1, S_PAIRS=pairs, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl,
         num_warps=config["WARPS"], **launch)
+    return y
+
+
+def _pairs_fit(x: torch.Tensor, norm: torch.Tensor | None) -> bool:
+    """The tensor-core layer GEMV (pair_nvfp4) reads x (and the norm's weight) as bf16 pairs: bf16, 4-byte
+    aligned, contiguous."""
+    return all(t is None or (t.dtype == torch.bfloat16 and t.data_ptr() % 4 == 0 and t.is_contiguous())
+               for t in (x, norm))
+
+
+def _pair_layer_gemv(x: torch.Tensor, weights: list, ns: list, n: int, k: int, norm: torch.Tensor | None,
+                     eps: float, residual: torch.Tensor | None, glu: bool, pdl: int, config: dict) -> torch.Tensor:
+    """layer_gemv on tensor cores (qwenlab.quant.pair_nvfp4): 16-row programs, KW warps splitting K, VW words a
+    lane and step; one weight (o, down) also split along K across programs, summed by the last (FINISH)."""
+    from qwenlab.quant import pair_nvfp4  # Gluon: compiled only on a GPU
+
+    vw, kw = config.get("VW", 4), config.get("KW", 4)
+    tiles = triton.cdiv(n, pair_nvfp4.ROWS) if glu else sum(triton.cdiv(n_i, pair_nvfp4.ROWS) for n_i in ns)
+    split = config.get("SPLIT") or (gemv_split(n, k) if len(weights) == 1 and norm is None else 1)
+    if split > 1 and (norm is not None or glu or tiles > SPLIT_COUNTERS):
+        raise QwenlabError(f"layer_gemv: a split along K ({split}) sums in the kernel, which a norm, glu or more "
+                           f"than {SPLIT_COUNTERS} row tiles rule out")
+    step = kw * 4 * vw  # packed words a program takes a step
+    steps = triton.cdiv(triton.cdiv(k // 8, split), step)
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
+        _part_args(weights, ns, "nvfp4 GEMV")
+    launch = {"launch_pdl": True} if pdl else {}
+    pair_nvfp4.pair_gemv_kernel[(tiles, split)](
+        x, norm if norm is not None else x, residual if residual is not None else y, p0, s0, t0, p1, s1, t1, p2,
+        s2, t2, y, partial, _split_counters(x.device) if split > 1 else y, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1,
+        st1, sp2, ss2, st2, eps, PARTS=len(weights), SPLIT=split, STEPS=triton.next_power_of_2(steps), VW=vw, KW=kw,
+        L=pair_nvfp4.layout(vw, kw), SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw),
+        FINISH=split > 1, PRO=norm is not None,
+        GLU=glu, RES=residual is not None, PDL=pdl, num_warps=kw, **launch)
     return y
 
 

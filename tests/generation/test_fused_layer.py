@@ -174,17 +174,22 @@ def _dequantized(layer, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the wide-load layer GEMV is Gluon: CUDA only")
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fixture", ["tiny_dir", "untied_dir", "qwen3-4b"])
 @torch.inference_mode()
-def test_the_five_kernel_nvfp4_layer_is_as_close_to_float64_as_the_layers_own_forward(fixture, dtype, pdl, request):
+def test_the_five_kernel_nvfp4_layer_is_as_close_to_float64_as_the_layers_own_forward(fixture, dtype, pdl, pairs,
+                                                                                         request):
     """A W4A16 NVFP4 layer as five kernels (the wide-load layer GEMVs take the input norms, SiLU x up and the
     residual adds; QWENLAB_NVFP4_GEMV=wide, the engine's default on CUDA): its output and the key/value written at
     `pos` against the same layer in float64 on its dequantized weights, with an error at most twice the layer's own
     forward in `dtype` (the NVFP4 linears one GEMV each, norms and adds as torch ops) plus a few units in the last
     place. The fixtures' small K run the GEMVs' masked steps; the Qwen3-4B-shaped layer their tiles as the engine
-    runs them (o and down split along K and summed in the kernel, down's K not a whole number of steps)."""
+    runs them (o and down split along K and summed in the kernel, down's K not a whole number of steps). pairs: the
+    GEMVs on tensor cores (qwenlab.quant.pair_nvfp4, bf16 only: a float32 layer keeps the wide GEMV), or not."""
+    import functools
+
     from qwenlab.generation.fused_layer import PDL_MODES, FusedLayers, pdl_available
     from qwenlab.quant.triton_nvfp4 import layer_gemv
 
@@ -196,7 +201,8 @@ def test_the_five_kernel_nvfp4_layer_is_as_close_to_float64_as_the_layers_own_fo
         model = load(request.getfixturevalue(fixture), str(dtype).split(".")[1], "cuda", quant="nvfp4").model
     cache, x, cos, sin, mask = _static(model, 40)
     pos = int(cache.pos)
-    fused = FusedLayers(pdl=PDL_MODES["after-loop"] if pdl else 0, nvfp4_layer_gemv=layer_gemv)
+    fused = FusedLayers(pdl=PDL_MODES["after-loop"] if pdl else 0,
+                        nvfp4_layer_gemv=functools.partial(layer_gemv, config={"PAIRS": pairs}))
     for i, layer in enumerate(model.model.layers):
         assert fits(layer, x, _layer_kv(cache, i)) is None
         exact = _dequantized(layer, torch.float64)

@@ -1,0 +1,257 @@
+"""The fused NVFP4 layer's GEMV on tensor cores (Gluon): the packed E2M1 weights are decoded two elements at a time
+into bf16x2 registers, multiplied by their block scales as bf16x2 and fed to mma.sync m16n8k16 with x: 33-36
+instructions in the loop per packed word of eight elements, against 42-64 for wide_nvfp4, which decodes each element
+alone and multiplies it in float32 (bench/nvfp4_gemv_sass.py). On an H200 that made gate/up (two weights sharing one
+staging of x) 1-3.5% faster a decode step, and q/k/v, o and down 2-5% slower (doc/nvfp4.md), so only gate/up runs
+here by default (triton_nvfp4.LAYER_CONFIGS).
+
+A warp takes 16 rows: lane (g, t) = (lane / 4, lane % 4) holds rows g and g + 8 of VW packed words at the same
+columns of K, which depend only on t. Each word's eight elements go to two MMAs: for word q the pairs are
+(q_3, q_7), (q_2, q_6), (q_1, q_5), (q_0, q_4) (one mask, shift and or per pair: the sign to bit 15, e1 e0 m to
+bits 8..6 of each half, which reads as the bf16 value x 2^-126), and x's pairs are staged in shared memory permuted
+the same way, so the MMA sums the same products in another order of K. Every lane feeds the same x, so all eight columns of the MMA's
+output are the row sums: lane (g, t) holds rows g and g + 8 in its first and third accumulator.
+
+Exact on the way in: an element times its block scale has at most 6 significant bits, so with the scale as bf16
+x 2^116 (SCALE_BIAS) the product, w x s x 2^-10, is a normal bf16 with no rounding; the sums are the tensor cores'
+float32 accumulation, scaled back by 2^10 (OUT_UNIT) and the tensor scale. x is the layer's bf16 input as it is:
+with the input norm (PRO) each program first computes RMSNorm(x) * weight for all of K as the forward rounds it
+(x * rstd to bf16, then times the weight to bf16) into shared memory, so the GEMV multiplies the normalized row the
+eager layer multiplies.
+
+The warps of a program split K (KW of them, each VW x 4 words a step, summed at the end); o and down split K
+across programs as well (FINISH, wide_nvfp4._split_store). Options PRO, GLU, RES and PDL as in
+wide_nvfp4.layer_gemv_kernel; triton_nvfp4.layer_gemv launches it where its tile says PAIRS and x is bf16.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from qwenlab.quant import pdl
+from qwenlab.quant.wide_nvfp4 import X_SCALE, _split_store
+
+SCALE_BIAS = gl.constexpr(2.0 ** 116)  # block scale x 2^116 x decoded element (x 2^-126) = product x 2^-10
+OUT_UNIT = gl.constexpr(2.0 ** 10)
+AT_START = gl.constexpr(pdl.AT_START)
+AFTER_WAIT = gl.constexpr(pdl.AFTER_WAIT)
+AFTER_LOOP = gl.constexpr(pdl.AFTER_LOOP)
+ROWS = 16  # rows of a program (one MMA's)
+
+
+def _decode(word: str, regs: tuple) -> str:
+    """PTX: the four bf16x2 pairs of the packed word in register `word` (clobbered) times s, into regs."""
+    lines = []
+    for i, reg in enumerate(regs):
+        if i:
+            lines.append(f"shl.b32 {word}, {word}, 4;")
+        lines += [f"and.b32 t, {word}, 0x70007000;", "shr.b32 t, t, 6;", f"and.b32 {reg}, {word}, 0x80008000;",
+                  f"or.b32 {reg}, {reg}, t;", f"mul.rn.bf16x2 {reg}, {reg}, s;"]
+    return "\n".join(lines)
+
+
+MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+# $0-$3 out: the accumulators; in: $4 $5 the words of rows g and g + 8, $6 $7 their block scales (float32,
+# x SCALE_BIAS), $8-$11 x's elements (3, 7) (2, 6) (1, 5) (0, 4) of the word as bf16x2, $12-$15 the accumulators
+PAIR_MMA_ASM = gl.constexpr("\n".join([
+    "{", ".reg .b32 q, t, s, a0, a1, a2, a3, a4, a5, a6, a7;",
+    "cvt.rn.bf16x2.f32 s, $6, $6;", "mov.b32 q, $4;", _decode("q", ("a0", "a1", "a2", "a3")),
+    "cvt.rn.bf16x2.f32 s, $7, $7;", "mov.b32 q, $5;", _decode("q", ("a4", "a5", "a6", "a7")),
+    f"{MMA} {{$0, $1, $2, $3}}, {{a0, a4, a1, a5}}, {{$8, $9}}, {{$12, $13, $14, $15}};",
+    f"{MMA} {{$0, $1, $2, $3}}, {{a2, a6, a3, a7}}, {{$10, $11}}, {{$0, $1, $2, $3}};", "}"]))
+
+
+def layout(vw: int, kw: int) -> gl.BlockedLayout:
+    """[KW, 8, BW]: (warp's slice of K, row pair g, packed word): lane (g, t) holds VW words of its row pair."""
+    return gl.BlockedLayout(size_per_thread=[1, 1, vw], threads_per_warp=[1, 8, 4], warps_per_cta=[kw, 1, 1],
+                            order=[2, 1, 0])
+
+
+def stage_layout(vw: int, kw: int) -> gl.BlockedLayout:
+    """[4, KW, BW]: a step's x pairs as the program stages them into shared memory."""
+    return gl.BlockedLayout(size_per_thread=[1, 1, vw], threads_per_warp=[4, 1, 8], warps_per_cta=[1, kw, 1],
+                            order=[2, 1, 0])
+
+
+def scale_layout(vw: int, kw: int) -> gl.BlockedLayout:
+    """[KW, 8, BW / 2]: the block scales of layout()'s words, one per two words (each converted once)."""
+    return gl.BlockedLayout(size_per_thread=[1, 1, vw // 2], threads_per_warp=[1, 8, 4], warps_per_cta=[kw, 1, 1],
+                            order=[2, 1, 0])
+
+
+@gluon.jit
+def _pair_mma(q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3):
+    return gl.inline_asm_elementwise(PAIR_MMA_ASM, "=f,=f,=f,=f,r,r,f,f,r,r,r,r,f,f,f,f",
+                                     [q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3],
+                                     dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=False, pack=1)
+
+
+@gluon.jit
+def _words(P, src_lo, src_hi, stride_p, word, ok):
+    """The packed words [KW, 8, BW] of rows src_lo and src_hi at `word`, zeros where not ok."""
+    q_lo = gl.load(P + src_lo * stride_p + word, mask=ok, other=0, eviction_policy="evict_first")
+    q_hi = gl.load(P + src_hi * stride_p + word, mask=ok, other=0, eviction_policy="evict_first")
+    return q_lo, q_hi
+
+
+@gluon.jit
+def _scales(S, srcs_lo, srcs_hi, stride_s, block, ok, L: gl.constexpr):
+    """The block scales of rows srcs_lo and srcs_hi at `block` [KW, 8, BW / 2] (zeros where not ok) as float32
+    x SCALE_BIAS, each converted once and laid out as its two words in L."""
+    s_lo = gl.load(S + srcs_lo * stride_s + block, mask=ok, other=0.0, eviction_policy="evict_first")
+    s_hi = gl.load(S + srcs_hi * stride_s + block, mask=ok, other=0.0, eviction_policy="evict_first")
+    s_lo = s_lo.to(gl.float32) * SCALE_BIAS
+    s_hi = s_hi.to(gl.float32) * SCALE_BIAS
+    shape: gl.constexpr = [s_lo.shape[0], s_lo.shape[1], 2 * s_lo.shape[2]]
+    s_lo = gl.convert_layout(gl.reshape(gl.join(s_lo, s_lo), shape), L, assert_trivial=True)
+    s_hi = gl.convert_layout(gl.reshape(gl.join(s_hi, s_hi), shape), L, assert_trivial=True)
+    return s_lo, s_hi
+
+
+@gluon.jit
+def _stage_x(X, G, XS, first, last, K, eps, PRO: gl.constexpr, KW: gl.constexpr, BW: gl.constexpr,
+             SL: gl.constexpr):
+    """x of the words first..last as the MMAs take it, into XS [STEPS, 4, KW, BW] a step at a time (int32: [s, i]
+    holds step s's bf16 pairs (x_3, x_7), (x_2, x_6), (x_1, x_5), (x_0, x_4) of each word for i = 0..3, as the
+    decode pairs the elements); PRO: RMSNorm(x) * G over all of K (PRO: one program takes all of K, its squares
+    summed in a first pass), rounded as the forward rounds it (x * rstd to bf16, then times the weight to bf16)."""
+    i = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, SL)))
+    kw = gl.arange(0, KW, layout=gl.SliceLayout(0, gl.SliceLayout(2, SL)))
+    w = gl.arange(0, BW, layout=gl.SliceLayout(0, gl.SliceLayout(1, SL)))
+    col = gl.expand_dims(gl.zeros_like(i)[:, None] + kw[None, :], 2) * BW + w[None, None, :]  # [4, KW, BW]
+    element = gl.expand_dims(gl.expand_dims(3 - i, 1), 2)  # the low element of pair i; the high one is 4 more
+    steps = gl.cdiv(last - first, KW * BW)
+    rstd = 1.0
+    if PRO:
+        sq = gl.zeros([4, KW, BW], gl.float32, SL)
+        for step in range(0, steps):
+            word = first + step * KW * BW + col
+            lo = gl.load(X + word * 8 + element, mask=word < last, other=0.0).to(gl.float32)
+            hi = gl.load(X + word * 8 + element + 4, mask=word < last, other=0.0).to(gl.float32)
+            sq += lo * lo + hi * hi
+        rstd = gl.rsqrt(gl.sum(gl.sum(gl.sum(sq, axis=2), axis=1), axis=0) / K + eps)
+    for step in range(0, steps):
+        word = first + step * KW * BW + col
+        lo = gl.load(X + word * 8 + element, mask=word < last, other=0.0)
+        hi = gl.load(X + word * 8 + element + 4, mask=word < last, other=0.0)
+        if PRO:
+            g_lo = gl.load(G + word * 8 + element, mask=word < last, other=0.0).to(gl.float32)
+            g_hi = gl.load(G + word * 8 + element + 4, mask=word < last, other=0.0).to(gl.float32)
+            lo = ((lo.to(gl.float32) * rstd).to(gl.bfloat16).to(gl.float32) * g_lo).to(gl.bfloat16)
+            hi = ((hi.to(gl.float32) * rstd).to(gl.bfloat16).to(gl.float32) * g_hi).to(gl.bfloat16)
+        XS.index(step).store((lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF)
+                             | (hi.to(gl.int16, bitcast=True).to(gl.int32) << 16))
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, stride_s,
+               ts_stride, stride_p2, stride_s2, ts_stride2, y_offset, eps, SPLIT: gl.constexpr, STEPS: gl.constexpr,
+               VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
+               FINISH: gl.constexpr,
+               PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr, PDL: gl.constexpr):
+    """Rows tile x 16.. of one weight (GLU: gate P and up P2) over this program's slice of K."""
+    dtype: gl.constexpr = Y.dtype.element_ty
+    BW: gl.constexpr = 4 * VW
+    g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
+    rows_lo = tile * 16 + g
+    src_lo = gl.expand_dims(gl.expand_dims(gl.minimum(rows_lo, N - 1), 0), 2)  # the tail re-reads the last row
+    src_hi = gl.expand_dims(gl.expand_dims(gl.minimum(rows_lo + 8, N - 1), 0), 2)
+    kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))
+    w = gl.arange(0, BW, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+    col = gl.expand_dims(gl.expand_dims(kw, 1), 2) * BW + w[None, None, :]  # a step's word of each warp and lane
+    # the same for the block scales, one per two words
+    gs = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, SCL)))
+    srcs_lo = gl.expand_dims(gl.expand_dims(gl.minimum(tile * 16 + gs, N - 1), 0), 2)
+    srcs_hi = gl.expand_dims(gl.expand_dims(gl.minimum(tile * 16 + gs + 8, N - 1), 0), 2)
+    kws = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, SCL)))
+    h = gl.arange(0, BW // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, SCL)))
+    col_s = gl.expand_dims(gl.expand_dims(kws, 1), 2) * (BW // 2) + h[None, None, :]
+    words_k = K // 8
+    chunk = gl.cdiv(gl.cdiv(words_k, SPLIT), KW * BW) * KW * BW
+    first = gl.program_id(1) * chunk
+    last = gl.minimum(words_k, first + chunk)
+    XS = gl.allocate_shared_memory(gl.int32, [STEPS, 4, KW, BW], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    # the same bytes (row-major, unswizzled) as STEPS x 4 slices [KW, BW], one a load
+    XV = XS._reinterpret(gl.int32, [STEPS * 4, KW, BW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    x_layout: gl.constexpr = gl.SliceLayout(1, L)
+    if PDL == AT_START:
+        gdc_launch_dependents()
+    # the first step's weights (never written by a kernel) before the wait
+    q_lo, q_hi = _words(P, src_lo, src_hi, stride_p, first + col, first + col < last)
+    s_lo, s_hi = _scales(S, srcs_lo, srcs_hi, stride_s, first // 2 + col_s, first + 2 * col_s < last, L)
+    u_lo, u_hi, t_lo, t_hi = q_lo, q_hi, s_lo, s_hi
+    if GLU:
+        u_lo, u_hi = _words(P2, src_lo, src_hi, stride_p2, first + col, first + col < last)
+        t_lo, t_hi = _scales(S2, srcs_lo, srcs_hi, stride_s2, first // 2 + col_s, first + 2 * col_s < last, L)
+    if PDL:
+        gdc_wait()
+    if PDL == AFTER_WAIT:
+        gdc_launch_dependents()
+    _stage_x(X, G, XS, first, last, K, eps, PRO, KW, BW, SL)
+    zero = gl.zeros([KW, 8, BW], gl.float32, L)
+    c0, c1, c2, c3 = zero, zero, zero, zero
+    e0, e1, e2, e3 = zero, zero, zero, zero
+    for step in range(0, gl.cdiv(last - first, KW * BW)):
+        w0 = first + (step + 1) * KW * BW  # the next step's weights, in flight during this one's MMAs
+        nq_lo, nq_hi = _words(P, src_lo, src_hi, stride_p, w0 + col, w0 + col < last)
+        ns_lo, ns_hi = _scales(S, srcs_lo, srcs_hi, stride_s, w0 // 2 + col_s, w0 + 2 * col_s < last, L)
+        nu_lo, nu_hi, nt_lo, nt_hi = nq_lo, nq_hi, ns_lo, ns_hi
+        if GLU:
+            nu_lo, nu_hi = _words(P2, src_lo, src_hi, stride_p2, w0 + col, w0 + col < last)
+            nt_lo, nt_hi = _scales(S2, srcs_lo, srcs_hi, stride_s2, w0 // 2 + col_s, w0 + 2 * col_s < last, L)
+        x0 = gl.expand_dims(XV.index(step * 4).load(x_layout), 1)
+        x1 = gl.expand_dims(XV.index(step * 4 + 1).load(x_layout), 1)
+        x2 = gl.expand_dims(XV.index(step * 4 + 2).load(x_layout), 1)
+        x3 = gl.expand_dims(XV.index(step * 4 + 3).load(x_layout), 1)
+        c0, c1, c2, c3 = _pair_mma(q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3)
+        if GLU:
+            e0, e1, e2, e3 = _pair_mma(u_lo, u_hi, t_lo, t_hi, x0, x1, x2, x3, e0, e1, e2, e3)
+        q_lo, q_hi, s_lo, s_hi = nq_lo, nq_hi, ns_lo, ns_hi
+        u_lo, u_hi, t_lo, t_hi = nu_lo, nu_hi, nt_lo, nt_hi
+    if PDL == AFTER_LOOP:
+        gdc_launch_dependents()
+    # every lane of a row holds its sum over the warp's words (the MMA summed the four lanes t): a quarter of the
+    # sum over the lanes, then over the warps
+    rows = gl.join(rows_lo, rows_lo + 8)  # [8, 2]: rows g and g + 8
+    src = gl.minimum(rows, N - 1)
+    y = gl.join(gl.sum(gl.sum(c0, axis=2), axis=0), gl.sum(gl.sum(c2, axis=2), axis=0)) * 0.25
+    if SPLIT > 1:  # _split_store scales by the tensor scale x X_SCALE: y x 2^10 / 2^63 first (exact)
+        _split_store(y * (OUT_UNIT / X_SCALE), rows, src, TS, ts_stride, Y, R, PARTIAL, COUNTERS, N, N_ALL,
+                     y_offset, SPLIT, FINISH, RES)
+    else:
+        out = (y * (gl.load(TS + src * ts_stride) * OUT_UNIT)).to(dtype)
+        if GLU:  # F.silu(gate) * up, rounded where the forward rounds
+            y2 = gl.join(gl.sum(gl.sum(e0, axis=2), axis=0), gl.sum(gl.sum(e2, axis=2), axis=0)) * 0.25
+            up_row = (y2 * (gl.load(TS2 + src * ts_stride2) * OUT_UNIT)).to(dtype).to(gl.float32)
+            gate = out.to(gl.float32)
+            out = ((gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32) * up_row).to(dtype)
+        if RES:
+            out = (gl.load(R + rows, mask=rows < N, other=0.0).to(gl.float32) + out.to(gl.float32)).to(dtype)
+        gl.store(Y + y_offset + rows, out, mask=rows < N)
+
+
+@gluon.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])
+def pair_gemv_kernel(X, G, R, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL, COUNTERS, N0, N1, N2, K,
+                     stride_p0, stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, stride_p2, stride_s2,
+                     ts_stride2, eps, PARTS: gl.constexpr, SPLIT: gl.constexpr, STEPS: gl.constexpr,
+                     VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
+                     FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr,
+                     PDL: gl.constexpr):
+    """wide_nvfp4.layer_gemv_kernel's programs (1-3 weights, or GLU's gate W0 and up W1) on 16-row tiles through
+    _pair_tile. STEPS: a power of two of at least the steps of K a program takes (its shared memory for x)."""
+    pid = gl.program_id(0)
+    n_all = N0 + N1 + N2
+    tiles0 = gl.cdiv(N0, 16)
+    tiles1 = gl.cdiv(N1, 16)
+    if GLU or PARTS == 1 or pid < tiles0:
+        _pair_tile(X, G, R, P0, S0, TS0, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid, N0, K, n_all, stride_p0,
+                   stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, 0, eps, SPLIT, STEPS, VW, KW, L, SL,
+                   SCL, FINISH, PRO, GLU, RES, PDL)
+    elif PARTS == 2 or pid < tiles0 + tiles1:
+        _pair_tile(X, G, R, P1, S1, TS1, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid - tiles0, N1, K, n_all, stride_p1,
+                   stride_s1, ts_stride1, stride_p1, stride_s1, ts_stride1, N0, eps, SPLIT, STEPS, VW, KW, L, SL,
+                   SCL, FINISH, PRO, False, RES, PDL)
+    else:
+        _pair_tile(X, G, R, P2, S2, TS2, P2, S2, TS2, Y, PARTIAL, COUNTERS, pid - tiles0 - tiles1, N2, K, n_all,
+                   stride_p2, stride_s2, ts_stride2, stride_p2, stride_s2, ts_stride2, N0 + N1, eps, SPLIT, STEPS,
+                   VW, KW, L, SL, SCL, FINISH, PRO, False, RES, PDL)
