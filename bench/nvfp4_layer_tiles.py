@@ -1,9 +1,12 @@
 """The fused NVFP4 layer's GEMV tiles (qwenlab.quant.triton_nvfp4.LAYER_CONFIGS) timed where they run: the graph
 engine's whole decode step on an NVFP4 model, captured once per tile tried for one kind of GEMV (q/k/v with the
 input norm, o and down with the residual add, gate/up with the norm and SiLU), the others at their defaults, and
-replayed side by side in one process. CUDA only; a development tool that prints its numbers and asserts none.
+replayed side by side in one process. --sweep KEY=V1,V2 instead tries one config key's values (integers, 0 for
+unset) on each kind's default tile, e.g. MAXNREG (the registers a thread may hold, so more programs fit an SM),
+and --set KEY=V sets a key on every default tile first (PAIRS=1: the tensor-core GEMV, qwenlab.quant.pair_nvfp4).
+CUDA only; a development tool that prints its numbers and asserts none.
 
-    python bench/nvfp4_layer_tiles.py --model /tmp/q4b [--context 512]
+    python bench/nvfp4_layer_tiles.py --model /tmp/q4b [--context 512] [--set PAIRS=1] [--sweep MAXNREG=128,96]
 """
 import argparse
 import sys
@@ -45,7 +48,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--sweep", default=None, help="KEY=V1,V2,...: one config key's values on each default tile")
+    ap.add_argument("--set", default=[], action="append", help="KEY=V: an integer set on every default tile")
     args = ap.parse_args(argv)
+    for item in args.set:
+        key, value = item.split("=")
+        for config in triton_nvfp4.LAYER_CONFIGS.values():
+            config[key] = int(value)
     model = load(resolve_model_dir(args.model), "bfloat16", "cuda", "nvfp4").model
     wbytes, bandwidth = weight_bytes(model), copy_bandwidth(model.device)
     print(device_facts(model.device))
@@ -54,7 +63,12 @@ def main(argv=None) -> int:
     defaults = {kind: dict(config) for kind, config in triton_nvfp4.LAYER_CONFIGS.items()}
     base = step_ms(model, args.context)
     print(f"default {defaults}: {base:.3f} ms", flush=True)
-    for kind, tries in TRIES.items():
+    tries_by_kind = TRIES
+    if args.sweep:
+        key, values = args.sweep.split("=")
+        tries_by_kind = {kind: [{**{k: v for k, v in config.items() if k != key}, **({key: int(v)} if int(v) else {})}
+                                for v in values.split(",")] for kind, config in defaults.items()}
+    for kind, tries in tries_by_kind.items():
         for config in tries:
             triton_nvfp4.LAYER_CONFIGS[kind] = config
             try:

@@ -4,12 +4,17 @@ side in one process, repeated: the wall time with a synchronize, the host's time
 forward returns, before the synchronize), and the GPU's time between two events around it; then, under the torch
 profiler, the kernels' own time (the GPU's busy time: far under the wall time, the GPU waits on Python) and the
 host's operators by self time. With --quant, the quantized model also with its unfused projections multiplied one
-by one (--one-by-one), or after gc.freeze() (--gc-freeze). A development tool: it prints numbers and asserts none.
+by one (--one-by-one), or after gc.freeze() (--gc-freeze). --python N: the host's Python functions of one prefill
+by their own time (cProfile, the N largest). A development tool: it prints numbers and asserts none.
 
     python bench/prefill_profile.py --model /tmp/q4b --device cuda --dtype bfloat16 [--quant nvfp4] [--tokens 2048]
+        [--python 25]
 """
 import argparse
+import cProfile
 import gc
+import io
+import pstats
 import statistics
 import time
 
@@ -39,7 +44,7 @@ def one_prefill(model, ids, cache) -> tuple[float, float, float]:
 
 
 @torch.inference_mode()
-def measure(model, tokens: int, repeats: int, label: str) -> None:
+def measure(model, tokens: int, repeats: int, label: str, python: int = 0) -> None:
     ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(1)).to(
         model.device)
     engine = Engine(model, "eager")
@@ -79,6 +84,17 @@ def measure(model, tokens: int, repeats: int, label: str) -> None:
     print("  host operators by self time (ms, calls): " + ", ".join(
         f"{e.key} {e.self_cpu_time_total / 1e3:.1f} ({e.count})"
         for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:8]))
+    if python:
+        cache = engine.new_cache(tokens)
+        torch.cuda.synchronize()
+        host = cProfile.Profile()
+        host.enable()
+        model(ids, cache=cache, last_only=True)
+        torch.cuda.synchronize()
+        host.disable()
+        text = io.StringIO()
+        pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(python)
+        print(f"  the host's Python functions in one prefill, by own time (cProfile):\n{text.getvalue()}")
 
 
 def main() -> None:
@@ -91,12 +107,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--one-by-one", action="store_true", help="also the quantized model's q/k/v and gate/up one by one")
     p.add_argument("--gc-freeze", action="store_true", help="also after gc.freeze() (the collector skips the model)")
+    p.add_argument("--python", type=int, default=0, help="print the N Python functions of most own time (cProfile)")
     args = p.parse_args()
     print(device_facts(torch.device(args.device)))
     model_dir = resolve_model_dir(args.model)
     for quant in [None] + ([args.quant] if args.quant else []):
         model = load(str(model_dir), dtype=args.dtype, device=args.device, quant=quant).model
-        measure(model, args.tokens, args.repeats, quant or args.dtype)
+        measure(model, args.tokens, args.repeats, quant or args.dtype, args.python)
         if quant and args.gc_freeze:  # Python's cyclic collector told to skip every object that exists now
             gc.collect()
             gc.freeze()
