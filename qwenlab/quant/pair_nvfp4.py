@@ -2,15 +2,16 @@
 into bf16x2 registers, multiplied by their block scales as bf16x2 and fed to mma.sync m16n8k16 with x: 33-36
 instructions in the loop per packed word of eight elements, against 42-64 for wide_nvfp4, which decodes each element
 alone and multiplies it in float32 (bench/nvfp4_gemv_sass.py). On an H200 that made gate/up (two weights sharing one
-staging of x) 1-3.5% faster a decode step, and q/k/v, o and down 2-5% slower (doc/nvfp4.md), so only gate/up runs
-here by default (triton_nvfp4.LAYER_CONFIGS).
+staging of x) 2.7-3.5% faster a decode step, and q/k/v 5% and o and down 2.5% slower (doc/nvfp4.md), so only gate/up
+runs here by default (triton_nvfp4.LAYER_CONFIGS).
 
 A warp takes 16 rows: lane (g, t) = (lane / 4, lane % 4) holds rows g and g + 8 of VW packed words at the same
 columns of K, which depend only on t. Each word's eight elements go to two MMAs: for word q the pairs are
 (q_3, q_7), (q_2, q_6), (q_1, q_5), (q_0, q_4) (one mask, shift and or per pair: the sign to bit 15, e1 e0 m to
 bits 8..6 of each half, which reads as the bf16 value x 2^-126), and x's pairs are staged in shared memory permuted
-the same way, so the MMA sums the same products in another order of K. Every lane feeds the same x, so all eight columns of the MMA's
-output are the row sums: lane (g, t) holds rows g and g + 8 in its first and third accumulator.
+the same way, so the MMA sums the same products in another order of K. Every lane feeds the same x, so all eight
+columns of the MMA's output are the row sums: lane (g, t) holds rows g and g + 8 in its first and third
+accumulator.
 
 Exact on the way in: an element times its block scale has at most 6 significant bits, so with the scale as bf16
 x 2^116 (SCALE_BIAS) the product, w x s x 2^-10, is a normal bf16 with no rounding; the sums are the tensor cores'
