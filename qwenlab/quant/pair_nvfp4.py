@@ -29,7 +29,7 @@ from triton.experimental.gluon import language as gl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qwenlab.quant import pdl
-from qwenlab.quant.wide_nvfp4 import X_SCALE, _split_store
+from qwenlab.quant.wide_nvfp4 import X_SCALE, _layer_store, _split_store
 
 SCALE_BIAS = gl.constexpr(2.0 ** 116)  # block scale x 2^116 x decoded element (x 2^-126) = product x 2^-10
 OUT_UNIT = gl.constexpr(2.0 ** 10)
@@ -87,17 +87,15 @@ def _pair_mma(q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3):
 
 
 @gluon.jit
-def _words(P, src_lo, src_hi, stride_p, word, ok):
-    """The packed words [KW, 8, BW] of rows src_lo and src_hi at `word`, zeros where not ok."""
-    q_lo = gl.load(P + src_lo * stride_p + word, mask=ok, other=0, eviction_policy="evict_first")
-    q_hi = gl.load(P + src_hi * stride_p + word, mask=ok, other=0, eviction_policy="evict_first")
-    return q_lo, q_hi
-
-
-@gluon.jit
-def _scales(S, srcs_lo, srcs_hi, stride_s, block, ok, L: gl.constexpr):
-    """The block scales of rows srcs_lo and srcs_hi at `block` [KW, 8, BW / 2] (zeros where not ok) as float32
-    x SCALE_BIAS, each converted once and laid out as its two words in L."""
+def _weights(P, S, stride_p, stride_s, src_lo, src_hi, srcs_lo, srcs_hi, col, col_s, w0, last, L: gl.constexpr):
+    """A step's packed words [KW, 8, BW] of rows src_lo and src_hi from word w0 on (col: each lane's word of the
+    step) and their block scales (col_s: each lane's block, srcs_*: the rows in the scales' layout) as float32
+    x SCALE_BIAS, each converted once and then laid out as its two words in L; zeros past `last`."""
+    word = w0 + col
+    q_lo = gl.load(P + src_lo * stride_p + word, mask=word < last, other=0, eviction_policy="evict_first")
+    q_hi = gl.load(P + src_hi * stride_p + word, mask=word < last, other=0, eviction_policy="evict_first")
+    block = w0 // 2 + col_s
+    ok = w0 + 2 * col_s < last
     s_lo = gl.load(S + srcs_lo * stride_s + block, mask=ok, other=0.0, eviction_policy="evict_first")
     s_hi = gl.load(S + srcs_hi * stride_s + block, mask=ok, other=0.0, eviction_policy="evict_first")
     s_lo = s_lo.to(gl.float32) * SCALE_BIAS
@@ -105,7 +103,7 @@ def _scales(S, srcs_lo, srcs_hi, stride_s, block, ok, L: gl.constexpr):
     shape: gl.constexpr = [s_lo.shape[0], s_lo.shape[1], 2 * s_lo.shape[2]]
     s_lo = gl.convert_layout(gl.reshape(gl.join(s_lo, s_lo), shape), L, assert_trivial=True)
     s_hi = gl.convert_layout(gl.reshape(gl.join(s_hi, s_hi), shape), L, assert_trivial=True)
-    return s_lo, s_hi
+    return q_lo, q_hi, s_lo, s_hi
 
 
 @gluon.jit
@@ -151,7 +149,6 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
                FINISH: gl.constexpr,
                PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr, PDL: gl.constexpr):
     """Rows tile x 16.. of one weight (GLU: gate P and up P2) over this program's slice of K."""
-    dtype: gl.constexpr = Y.dtype.element_ty
     BW: gl.constexpr = 4 * VW
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
     rows_lo = tile * 16 + g
@@ -178,12 +175,12 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
     if PDL == AT_START:
         gdc_launch_dependents()
     # the first step's weights (never written by a kernel) before the wait
-    q_lo, q_hi = _words(P, src_lo, src_hi, stride_p, first + col, first + col < last)
-    s_lo, s_hi = _scales(S, srcs_lo, srcs_hi, stride_s, first // 2 + col_s, first + 2 * col_s < last, L)
+    q_lo, q_hi, s_lo, s_hi = _weights(P, S, stride_p, stride_s, src_lo, src_hi, srcs_lo, srcs_hi, col, col_s, first,
+                                      last, L)
     u_lo, u_hi, t_lo, t_hi = q_lo, q_hi, s_lo, s_hi
     if GLU:
-        u_lo, u_hi = _words(P2, src_lo, src_hi, stride_p2, first + col, first + col < last)
-        t_lo, t_hi = _scales(S2, srcs_lo, srcs_hi, stride_s2, first // 2 + col_s, first + 2 * col_s < last, L)
+        u_lo, u_hi, t_lo, t_hi = _weights(P2, S2, stride_p2, stride_s2, src_lo, src_hi, srcs_lo, srcs_hi, col, col_s,
+                                          first, last, L)
     if PDL:
         gdc_wait()
     if PDL == AFTER_WAIT:
@@ -194,12 +191,12 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
     e0, e1, e2, e3 = zero, zero, zero, zero
     for step in range(0, gl.cdiv(last - first, KW * BW)):
         w0 = first + (step + 1) * KW * BW  # the next step's weights, in flight during this one's MMAs
-        nq_lo, nq_hi = _words(P, src_lo, src_hi, stride_p, w0 + col, w0 + col < last)
-        ns_lo, ns_hi = _scales(S, srcs_lo, srcs_hi, stride_s, w0 // 2 + col_s, w0 + 2 * col_s < last, L)
+        nq_lo, nq_hi, ns_lo, ns_hi = _weights(P, S, stride_p, stride_s, src_lo, src_hi, srcs_lo, srcs_hi, col, col_s,
+                                              w0, last, L)
         nu_lo, nu_hi, nt_lo, nt_hi = nq_lo, nq_hi, ns_lo, ns_hi
         if GLU:
-            nu_lo, nu_hi = _words(P2, src_lo, src_hi, stride_p2, w0 + col, w0 + col < last)
-            nt_lo, nt_hi = _scales(S2, srcs_lo, srcs_hi, stride_s2, w0 // 2 + col_s, w0 + 2 * col_s < last, L)
+            nu_lo, nu_hi, nt_lo, nt_hi = _weights(P2, S2, stride_p2, stride_s2, src_lo, src_hi, srcs_lo, srcs_hi, col,
+                                                  col_s, w0, last, L)
         x0 = gl.expand_dims(XV.index(step * 4).load(x_layout), 1)
         x1 = gl.expand_dims(XV.index(step * 4 + 1).load(x_layout), 1)
         x2 = gl.expand_dims(XV.index(step * 4 + 2).load(x_layout), 1)
@@ -220,15 +217,10 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
         _split_store(y * (OUT_UNIT / X_SCALE), rows, src, TS, ts_stride, Y, R, PARTIAL, COUNTERS, N, N_ALL,
                      y_offset, SPLIT, FINISH, RES)
     else:
-        out = (y * (gl.load(TS + src * ts_stride) * OUT_UNIT)).to(dtype)
-        if GLU:  # F.silu(gate) * up, rounded where the forward rounds
+        y2 = y
+        if GLU:
             y2 = gl.join(gl.sum(gl.sum(e0, axis=2), axis=0), gl.sum(gl.sum(e2, axis=2), axis=0)) * 0.25
-            up_row = (y2 * (gl.load(TS2 + src * ts_stride2) * OUT_UNIT)).to(dtype).to(gl.float32)
-            gate = out.to(gl.float32)
-            out = ((gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32) * up_row).to(dtype)
-        if RES:
-            out = (gl.load(R + rows, mask=rows < N, other=0.0).to(gl.float32) + out.to(gl.float32)).to(dtype)
-        gl.store(Y + y_offset + rows, out, mask=rows < N)
+        _layer_store(y, y2, rows, src, TS, ts_stride, TS2, ts_stride2, Y, R, N, y_offset, OUT_UNIT, GLU, RES)
 
 
 @gluon.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])

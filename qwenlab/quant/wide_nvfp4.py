@@ -177,6 +177,23 @@ def _split_store(y, rows, src, TS, ts_stride, Y, R, PARTIAL, COUNTERS, N, N_ALL,
 
 
 @gluon.jit
+def _layer_store(y, y2, rows, src, TS, ts_stride, TS2, ts_stride2, Y, R, N, y_offset, unit, GLU: gl.constexpr,
+                 RES: gl.constexpr):
+    """A layer GEMV's rows, not split along K, into Y at y_offset: y times the tensor scale x unit (what the decode
+    left out), rounded; GLU: y gate's rows and y2 up's, written as F.silu(gate) * up, rounded where the forward
+    rounds; RES: + R (the residual), rounded again."""
+    dtype: gl.constexpr = Y.dtype.element_ty
+    out = (y * (gl.load(TS + src * ts_stride) * unit)).to(dtype)
+    if GLU:
+        up_row = (y2 * (gl.load(TS2 + src * ts_stride2) * unit)).to(dtype).to(gl.float32)
+        gate = out.to(gl.float32)
+        out = ((gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32) * up_row).to(dtype)
+    if RES:
+        out = (gl.load(R + rows, mask=rows < N, other=0.0).to(gl.float32) + out.to(gl.float32)).to(dtype)
+    gl.store(Y + y_offset + rows, out, mask=rows < N)
+
+
+@gluon.jit
 def _wide_tile(X, P, S, TS, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, stride_s, ts_stride, y_offset,
                SPLIT: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr, BW: gl.constexpr,
                L3: gl.constexpr, READ_ONLY: gl.constexpr, PREFETCH: gl.constexpr, FINISH: gl.constexpr,
@@ -265,7 +282,6 @@ def _layer_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K
     program reads all of x: SPLIT 1); GLU, the same rows of P2 (up) beside P's (gate), written as SiLU(gate) * up;
     RES, + R (the residual) after the rounding; PDL, the first step's weights read before waiting for the kernel
     before (X, G's input, R are its outputs), and the next kernel let in where PDL says (pdl.py)."""
-    dtype: gl.constexpr = Y.dtype.element_ty
     rows, src, w, xw, up, first, last, word_ptrs, scale_ptrs, pair_shift, x_off = _tile_setup(
         P, S, tile, N, K, stride_p, stride_s, SPLIT, BLOCK_N, BW, L3, S_PAIRS)
     x_ptrs = X + x_off
@@ -307,17 +323,12 @@ def _layer_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K
     if SPLIT > 1:
         _split_store(y, rows, src, TS, ts_stride, Y, R, PARTIAL, COUNTERS, N, N_ALL, y_offset, SPLIT, FINISH, RES)
     else:
-        out = (y * (gl.load(TS + src * ts_stride) * X_SCALE)).to(dtype)
-        if GLU:  # F.silu(gate) * up, rounded where the forward rounds
+        y2 = y
+        if GLU:
             y2 = gl.sum(acc2, axis=1)
             if PRO:
                 y2 = y2 * rstd
-            up_row = (y2 * (gl.load(TS2 + src * ts_stride2) * X_SCALE)).to(dtype).to(gl.float32)
-            gate = out.to(gl.float32)
-            out = ((gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32) * up_row).to(dtype)
-        if RES:
-            out = (gl.load(R + rows, mask=rows < N, other=0.0).to(gl.float32) + out.to(gl.float32)).to(dtype)
-        gl.store(Y + y_offset + rows, out, mask=rows < N)
+        _layer_store(y, y2, rows, src, TS, ts_stride, TS2, ts_stride2, Y, R, N, y_offset, X_SCALE, GLU, RES)
 
 
 @gluon.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])
