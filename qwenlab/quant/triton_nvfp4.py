@@ -629,8 +629,7 @@ def _pair_layer_gemv(x: torch.Tensor, weights: list, ns: list, n: int, k: int, n
         s2, t2, y, partial, _split_counters(x.device) if split > 1 else y, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1,
         st1, sp2, ss2, st2, eps, PARTS=len(weights), SPLIT=split, STEPS=triton.next_power_of_2(steps), VW=vw, KW=kw,
         L=pair_nvfp4.layout(vw, kw), SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw),
-        FINISH=split > 1, PRO=norm is not None,
-        GLU=glu, RES=residual is not None, PDL=pdl, num_warps=kw, **launch)
+        FINISH=split > 1, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl, num_warps=kw, **launch)
     return y
 
 
