@@ -48,6 +48,19 @@ def compile_tile(block_n, groups, warps, x_vec, flat, arch):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
 
 
+def compile_gluon(jit, values: dict, pointers: dict, warps: int, arch: int):
+    """A Gluon kernel compiled for sm_`arch` as at run time: `values` its constexprs, `pointers` its pointer
+    arguments' types, pointers and sizes divisible by 16, eps float32, the other arguments int32."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = jit.arg_names
+    signature = {n: pointers.get(n, "constexpr" if n in values else "fp32" if n == "eps" else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
+    source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
+                            attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
 MMA_TILES = [(32, 128, 2), (64, 128, 2), (64, 256, 4), (16, 128, 1)]  # (BLOCK_N, BLOCK_K, warps)
 
 
@@ -55,21 +68,16 @@ def compile_mma(block_n, block_k, warps, parts=1, split=1, arch=90):
     """The tensor-core GEMV (a Gluon kernel) for bf16 x, specialised as at run time; None where this Triton has
     no Gluon."""
     try:
-        from triton.experimental.gluon._runtime import GluonASTSource
+        import triton.experimental.gluon._runtime  # noqa: F401 - Gluon is there
 
         from qwenlab.quant import mma_nvfp4
     except ImportError:
         return None
     jit = mma_nvfp4.mma_gemv_kernel
-    names = jit.arg_names
     values = dict(PARTS=parts, SPLIT=split, EVEN_K=True, BLOCK_N=block_n, BLOCK_K=block_k, WARPS=warps,
                   L3=mma_nvfp4.operand_layout(block_n, block_k, warps))
     pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16"}
-    signature = {n: pointers.get(n, "constexpr" if n in values else "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
-    source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
-                            attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return compile_gluon(jit, values, pointers, warps, arch)
 
 
 WIDE_TILES = [(c["RN"], c["VW"], c["TN"], c["WARPS"]) for c in triton_nvfp4.WIDE_CONFIGS.values()]  # the defaults
@@ -79,13 +87,12 @@ def compile_wide(rn, vw, tn, warps, parts=1, split=1, even_k=True, s_pairs=False
     """The wide-load GEMV (a Gluon kernel) for bf16 x, specialised as at run time; None where this Triton has
     no Gluon."""
     try:
-        from triton.experimental.gluon._runtime import GluonASTSource
+        import triton.experimental.gluon._runtime  # noqa: F401 - Gluon is there
 
         from qwenlab.quant import wide_nvfp4
     except ImportError:
         return None
     jit = wide_nvfp4.wide_gemv_kernel
-    names = jit.arg_names
     block_n, bw = triton_nvfp4.wide_tile({"RN": rn, "VW": vw, "TN": tn, "WARPS": warps})
     values = dict(PARTS=parts, SPLIT=split, EVEN_K=even_k, BLOCK_N=block_n, BW=bw,
                   L3=wide_nvfp4.layout(rn, vw, tn, warps), READ_ONLY=0, PREFETCH=False, FINISH=split > 1,
@@ -93,13 +100,12 @@ def compile_wide(rn, vw, tn, warps, parts=1, split=1, even_k=True, s_pairs=False
     pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16", "COUNTERS": "*i32"}
     if s_pairs:
         pointers.update(S0="*i16", S1="*i16", S2="*i16")
-    signature = {n: pointers.get(n, "constexpr" if n in values else "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
-    source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
-                            attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return compile_gluon(jit, values, pointers, warps, arch)
 
 
+# the pointer arguments of the fused layer's GEMVs, for bf16 x
+LAYER_POINTERS = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16", "G": "*bf16", "R": "*bf16",
+                  "COUNTERS": "*i32"}
 # The fused NVFP4 layer's four GEMVs on the Qwen3-4B shape: (label, PARTS, SPLIT, EVEN_K, PRO, GLU, RES)
 LAYER_GEMVS = [("q/k/v + norm", 3, 1, True, True, False, False), ("o + residual", 1, 4, True, False, False, True),
                ("gate/up + norm, silu", 2, 1, True, True, True, False), ("down + residual", 1, 4, False, False, False,
@@ -110,52 +116,39 @@ def compile_layer(parts, split, even_k, pro, glu, res, pdl=3, arch=90):
     """A GEMV of the fused NVFP4 layer (wide_nvfp4.layer_gemv_kernel) with the tile triton_nvfp4.layer_gemv
     takes, for bf16 x; None where this Triton has no Gluon."""
     try:
-        from triton.experimental.gluon._runtime import GluonASTSource
+        import triton.experimental.gluon._runtime  # noqa: F401 - Gluon is there
 
         from qwenlab.quant import wide_nvfp4
     except ImportError:
         return None, None
     config = triton_nvfp4.layer_config(glu, pro)
     jit = wide_nvfp4.layer_gemv_kernel
-    names = jit.arg_names
     block_n, bw = triton_nvfp4.wide_tile(config)
     values = dict(PARTS=parts, SPLIT=split, EVEN_K=even_k, BLOCK_N=block_n, BW=bw,
                   L3=wide_nvfp4.layout(config["RN"], config["VW"], config["TN"], config["WARPS"]), FINISH=split > 1,
                   S_PAIRS=config["S_PAIRS"], PRO=pro, GLU=glu, RES=res, PDL=pdl)
-    pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16", "G": "*bf16", "R": "*bf16",
-                "COUNTERS": "*i32"}
+    pointers = dict(LAYER_POINTERS)
     if config["S_PAIRS"]:
         pointers.update(S0="*i16", S1="*i16", S2="*i16")
-    signature = {n: pointers.get(n, "constexpr" if n in values else "fp32" if n == "eps" else "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
-    source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
-                            attrs=attrs)
     words = config["RN"] * config["VW"] * (2 if glu else 1)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config["WARPS"]}), words
+    return compile_gluon(jit, values, pointers, config["WARPS"], arch), words
 
 
 def compile_pair(parts, split, pro, glu, res, steps=8, vw=4, kw=4, pdl=3, arch=90):
     """A GEMV of the fused NVFP4 layer on tensor cores (pair_nvfp4.pair_gemv_kernel) for bf16 x, `steps` steps
     of K a program (its shared memory for x); None where this Triton has no Gluon."""
     try:
-        from triton.experimental.gluon._runtime import GluonASTSource
+        import triton.experimental.gluon._runtime  # noqa: F401 - Gluon is there
 
         from qwenlab.quant import pair_nvfp4
     except ImportError:
         return None, None
     jit = pair_nvfp4.pair_gemv_kernel
-    names = jit.arg_names
     values = dict(PARTS=parts, SPLIT=split, STEPS=steps, VW=vw, KW=kw, L=pair_nvfp4.layout(vw, kw),
                   SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw), FINISH=split > 1, PRO=pro,
                   GLU=glu, RES=res, PDL=pdl)
-    pointers = {**{n: t for n, t in POINTERS.items() if n != "B"}, "X": "*bf16", "G": "*bf16", "R": "*bf16",
-                "COUNTERS": "*i32"}
-    signature = {n: pointers.get(n, "constexpr" if n in values else "fp32" if n == "eps" else "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in DIVISIBLE}
-    source = GluonASTSource(fn=jit, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()},
-                            attrs=attrs)
     words = vw * 2 * (2 if glu else 1)  # rows g and g + 8 (and up's)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": kw}), words
+    return compile_gluon(jit, values, LAYER_POINTERS, kw, arch), words
 
 
 def sass_text(cubin: bytes, path: str) -> str:
