@@ -28,15 +28,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from qwenlab.quant import pdl
-from qwenlab.quant.wide_nvfp4 import X_SCALE, _layer_store, _split_store
+from qwenlab.quant.wide_nvfp4 import AFTER_LOOP, AFTER_WAIT, AT_START, X_SCALE, _layer_store, _split_store
 
 SCALE_BIAS = gl.constexpr(2.0 ** 116)  # block scale x 2^116 x decoded element (x 2^-126) = product x 2^-10
 OUT_UNIT = gl.constexpr(2.0 ** 10)
-AT_START = gl.constexpr(pdl.AT_START)
-AFTER_WAIT = gl.constexpr(pdl.AFTER_WAIT)
-AFTER_LOOP = gl.constexpr(pdl.AFTER_LOOP)
-ROWS = 16  # rows of a program (one MMA's)
+ROWS = gl.constexpr(16)  # rows of a program (one MMA's)
 
 
 def _decode(word: str, regs: tuple) -> str:
@@ -146,12 +142,11 @@ def _stage_x(X, G, XS, first, last, K, eps, PRO: gl.constexpr, KW: gl.constexpr,
 def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, stride_s,
                ts_stride, stride_p2, stride_s2, ts_stride2, y_offset, eps, SPLIT: gl.constexpr, STEPS: gl.constexpr,
                VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
-               FINISH: gl.constexpr,
-               PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr, PDL: gl.constexpr):
-    """Rows tile x 16.. of one weight (GLU: gate P and up P2) over this program's slice of K."""
+               FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr, PDL: gl.constexpr):
+    """Rows tile x ROWS.. of one weight (GLU: gate P and up P2) over this program's slice of K."""
     BW: gl.constexpr = 4 * VW
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
-    rows_lo = tile * 16 + g
+    rows_lo = tile * ROWS + g
     src_lo = gl.expand_dims(gl.expand_dims(gl.minimum(rows_lo, N - 1), 0), 2)  # the tail re-reads the last row
     src_hi = gl.expand_dims(gl.expand_dims(gl.minimum(rows_lo + 8, N - 1), 0), 2)
     kw = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))
@@ -159,8 +154,8 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
     col = gl.expand_dims(gl.expand_dims(kw, 1), 2) * BW + w[None, None, :]  # a step's word of each warp and lane
     # the same for the block scales, one per two words
     gs = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, SCL)))
-    srcs_lo = gl.expand_dims(gl.expand_dims(gl.minimum(tile * 16 + gs, N - 1), 0), 2)
-    srcs_hi = gl.expand_dims(gl.expand_dims(gl.minimum(tile * 16 + gs + 8, N - 1), 0), 2)
+    srcs_lo = gl.expand_dims(gl.expand_dims(gl.minimum(tile * ROWS + gs, N - 1), 0), 2)
+    srcs_hi = gl.expand_dims(gl.expand_dims(gl.minimum(tile * ROWS + gs + 8, N - 1), 0), 2)
     kws = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, SCL)))
     h = gl.arange(0, BW // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, SCL)))
     col_s = gl.expand_dims(gl.expand_dims(kws, 1), 2) * (BW // 2) + h[None, None, :]
@@ -230,12 +225,12 @@ def pair_gemv_kernel(X, G, R, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL,
                      VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
                      FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr,
                      PDL: gl.constexpr):
-    """wide_nvfp4.layer_gemv_kernel's programs (1-3 weights, or GLU's gate W0 and up W1) on 16-row tiles through
+    """wide_nvfp4.layer_gemv_kernel's programs (1-3 weights, or GLU's gate W0 and up W1) on ROWS-row tiles through
     _pair_tile. STEPS: a power of two of at least the steps of K a program takes (its shared memory for x)."""
     pid = gl.program_id(0)
     n_all = N0 + N1 + N2
-    tiles0 = gl.cdiv(N0, 16)
-    tiles1 = gl.cdiv(N1, 16)
+    tiles0 = gl.cdiv(N0, ROWS)
+    tiles1 = gl.cdiv(N1, ROWS)
     if GLU or PARTS == 1 or pid < tiles0:
         _pair_tile(X, G, R, P0, S0, TS0, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid, N0, K, n_all, stride_p0,
                    stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, 0, eps, SPLIT, STEPS, VW, KW, L, SL,

@@ -574,28 +574,46 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
     if config.get("PAIRS") and _pairs_fit(x, norm):
         return _pair_layer_gemv(x, weights, ns, n, k, norm, eps, residual, glu, pdl, config)
     block_n, bw = wide_tile(config)
-    tiles = triton.cdiv(n, block_n) if glu else sum(triton.cdiv(n_i, block_n) for n_i in ns)
-    split = config.get("SPLIT") or (gemv_split(n, k) if len(weights) == 1 and norm is None else 1)
-    if split > 1 and (norm is not None or glu or tiles > SPLIT_COUNTERS):
-        raise QwenlabError(f"layer_gemv: a split along K ({split}) sums in the kernel, which a norm, glu or more "
-                           f"than {SPLIT_COUNTERS} row tiles rule out")
+    tiles, split = _layer_grid(n, k, ns, block_n, norm, glu, config)
     from qwenlab.quant import wide_nvfp4  # Gluon: compiled only on a GPU
 
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
-    partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2), pairs = \
-        _wide_part_args(weights, ns, k, config)
+    *parts, pairs = _wide_part_args(weights, ns, k, config)
+    y, args = _layer_args(x, parts, n, k, split, norm, eps, residual)
     launch = {"launch_pdl": True} if pdl else {}
     if config.get("MAXNREG"):  # registers per thread at most: more programs per SM, or spills
         launch["maxnreg"] = config["MAXNREG"]
     wide_nvfp4.layer_gemv_kernel[(tiles, split)](
-        x, norm if norm is not None else x, residual if residual is not None else y, p0, s0, t0, p1, s1, t1, p2,
-        s2, t2, y, partial, _split_counters(x.device) if split > 1 else y, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1,
-        st1, sp2, ss2, st2, eps, PARTS=len(weights), SPLIT=split, EVEN_K=(k // 8) % (bw * split) == 0,
-        BLOCK_N=block_n, BW=bw, L3=wide_nvfp4.layout(config["RN"], config["VW"], config["TN"], config["WARPS"]),
-        FINISH=split > 1, S_PAIRS=pairs, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl,
-        num_warps=config["WARPS"], **launch)
+        *args, PARTS=len(weights), SPLIT=split, EVEN_K=(k // 8) % (bw * split) == 0, BLOCK_N=block_n, BW=bw,
+        L3=wide_nvfp4.layout(config["RN"], config["VW"], config["TN"], config["WARPS"]), FINISH=split > 1,
+        S_PAIRS=pairs, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl, num_warps=config["WARPS"],
+        **launch)
     return y
+
+
+def _layer_grid(n: int, k: int, ns: list, block_n: int, norm: torch.Tensor | None, glu: bool,
+                config: dict) -> tuple[int, int]:
+    """A layer GEMV's (row tiles, split along K) for tiles of block_n rows: one weight without a norm (o, down)
+    splits K as nvfp4_gemv does unless config says SPLIT; a split sums in the kernel, which a norm, glu or more
+    than SPLIT_COUNTERS row tiles rule out (refused in one line)."""
+    tiles = triton.cdiv(n, block_n) if glu else sum(triton.cdiv(n_i, block_n) for n_i in ns)
+    split = config.get("SPLIT") or (gemv_split(n, k) if len(ns) == 1 and norm is None else 1)
+    if split > 1 and (norm is not None or glu or tiles > SPLIT_COUNTERS):
+        raise QwenlabError(f"layer_gemv: a split along K ({split}) sums in the kernel, which a norm, glu or more "
+                           f"than {SPLIT_COUNTERS} row tiles rule out")
+    return tiles, split
+
+
+def _layer_args(x: torch.Tensor, parts: list, n: int, k: int, split: int, norm: torch.Tensor | None, eps: float,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+    """A layer GEMV's output y [n] and the arguments its kernels (wide and pair) take before their constexprs: x,
+    the norm's weight, the residual, the three weight slots (parts), y, the split's partial rows and counters, the
+    rows, K, the strides and eps (unused slots: x or y)."""
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = parts
+    return y, [x, norm if norm is not None else x, residual if residual is not None else y, p0, s0, t0, p1, s1, t1,
+               p2, s2, t2, y, partial, _split_counters(x.device) if split > 1 else y, n0, n1, n2, k, sp0, ss0, st0,
+               sp1, ss1, st1, sp2, ss2, st2, eps]
 
 
 def _pairs_fit(x: torch.Tensor, norm: torch.Tensor | None) -> bool:
@@ -612,22 +630,12 @@ def _pair_layer_gemv(x: torch.Tensor, weights: list, ns: list, n: int, k: int, n
     from qwenlab.quant import pair_nvfp4  # Gluon: compiled only on a GPU
 
     vw, kw = config.get("VW", 4), config.get("KW", 4)
-    tiles = triton.cdiv(n, pair_nvfp4.ROWS) if glu else sum(triton.cdiv(n_i, pair_nvfp4.ROWS) for n_i in ns)
-    split = config.get("SPLIT") or (gemv_split(n, k) if len(weights) == 1 and norm is None else 1)
-    if split > 1 and (norm is not None or glu or tiles > SPLIT_COUNTERS):
-        raise QwenlabError(f"layer_gemv: a split along K ({split}) sums in the kernel, which a norm, glu or more "
-                           f"than {SPLIT_COUNTERS} row tiles rule out")
-    step = kw * 4 * vw  # packed words a program takes a step
-    steps = triton.cdiv(triton.cdiv(k // 8, split), step)
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
-    partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
-        _part_args(weights, ns, "nvfp4 GEMV")
+    tiles, split = _layer_grid(n, k, ns, pair_nvfp4.ROWS.value, norm, glu, config)
+    steps = triton.cdiv(triton.cdiv(k // 8, split), kw * 4 * vw)  # a program's steps of K, kw * 4 * vw words each
+    y, args = _layer_args(x, _part_args(weights, ns, "nvfp4 GEMV"), n, k, split, norm, eps, residual)
     launch = {"launch_pdl": True} if pdl else {}
     pair_nvfp4.pair_gemv_kernel[(tiles, split)](
-        x, norm if norm is not None else x, residual if residual is not None else y, p0, s0, t0, p1, s1, t1, p2,
-        s2, t2, y, partial, _split_counters(x.device) if split > 1 else y, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1,
-        st1, sp2, ss2, st2, eps, PARTS=len(weights), SPLIT=split, STEPS=triton.next_power_of_2(steps), VW=vw, KW=kw,
+        *args, PARTS=len(weights), SPLIT=split, STEPS=triton.next_power_of_2(steps), VW=vw, KW=kw,
         L=pair_nvfp4.layout(vw, kw), SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw),
         FINISH=split > 1, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl, num_warps=kw, **launch)
     return y
