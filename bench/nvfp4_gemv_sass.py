@@ -146,7 +146,7 @@ def compile_pair(parts, split, pro, glu, res, steps=8, vw=4, kw=4, pdl=3, arch=9
     jit = pair_nvfp4.pair_gemv_kernel
     values = dict(PARTS=parts, SPLIT=split, STEPS=steps, VW=vw, KW=kw, L=pair_nvfp4.layout(vw, kw),
                   SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw), FINISH=split > 1, PRO=pro,
-                  GLU=glu, RES=res, PDL=pdl)
+                  GLU=glu, RES=res, PDL=pdl, LITE=0)
     words = vw * 2 * (2 if glu else 1)  # rows g and g + 8 (and up's)
     return compile_gluon(jit, values, LAYER_POINTERS, kw, arch), words
 

@@ -35,26 +35,45 @@ OUT_UNIT = gl.constexpr(2.0 ** 10)
 ROWS = gl.constexpr(16)  # rows of a program (one MMA's)
 
 
-def _decode(word: str, regs: tuple) -> str:
-    """PTX: the four bf16x2 pairs of the packed word in register `word` (clobbered) times s, into regs."""
+def _decode(word: str, regs: tuple, decode: bool = True, scale: bool = True) -> str:
+    """PTX: the four bf16x2 pairs of the packed word in register `word` (clobbered) times s, into regs. decode /
+    scale False (LITE, a timing knob): the word itself as each pair, or the pairs not multiplied by s."""
     lines = []
     for i, reg in enumerate(regs):
-        if i:
-            lines.append(f"shl.b32 {word}, {word}, 4;")
-        lines += [f"and.b32 t, {word}, 0x70007000;", "shr.b32 t, t, 6;", f"and.b32 {reg}, {word}, 0x80008000;",
-                  f"or.b32 {reg}, {reg}, t;", f"mul.rn.bf16x2 {reg}, {reg}, s;"]
+        if not decode:
+            lines.append(f"mov.b32 {reg}, {word};")
+        else:
+            if i:
+                lines.append(f"shl.b32 {word}, {word}, 4;")
+            lines += [f"and.b32 t, {word}, 0x70007000;", "shr.b32 t, t, 6;", f"and.b32 {reg}, {word}, 0x80008000;",
+                      f"or.b32 {reg}, {reg}, t;"]
+        if scale:
+            lines.append(f"mul.rn.bf16x2 {reg}, {reg}, s;")
     return "\n".join(lines)
 
 
 MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 # $0-$3 out: the accumulators; in: $4 $5 the words of rows g and g + 8, $6 $7 their block scales (float32,
 # x SCALE_BIAS), $8-$11 x's elements (3, 7) (2, 6) (1, 5) (0, 4) of the word as bf16x2, $12-$15 the accumulators
-PAIR_MMA_ASM = gl.constexpr("\n".join([
-    "{", ".reg .b32 q, t, s, a0, a1, a2, a3, a4, a5, a6, a7;",
-    "cvt.rn.bf16x2.f32 s, $6, $6;", "mov.b32 q, $4;", _decode("q", ("a0", "a1", "a2", "a3")),
-    "cvt.rn.bf16x2.f32 s, $7, $7;", "mov.b32 q, $5;", _decode("q", ("a4", "a5", "a6", "a7")),
-    f"{MMA} {{$0, $1, $2, $3}}, {{a0, a4, a1, a5}}, {{$8, $9}}, {{$12, $13, $14, $15}};",
-    f"{MMA} {{$0, $1, $2, $3}}, {{a2, a6, a3, a7}}, {{$10, $11}}, {{$0, $1, $2, $3}};", "}"]))
+
+
+def _pair_mma_asm(decode: bool = True, scale: bool = True) -> str:
+    return "\n".join(line for line in [
+        "{", ".reg .b32 q, t, s, a0, a1, a2, a3, a4, a5, a6, a7;",
+        "cvt.rn.bf16x2.f32 s, $6, $6;" if scale else "", "mov.b32 q, $4;",
+        _decode("q", ("a0", "a1", "a2", "a3"), decode, scale),
+        "cvt.rn.bf16x2.f32 s, $7, $7;" if scale else "", "mov.b32 q, $5;",
+        _decode("q", ("a4", "a5", "a6", "a7"), decode, scale),
+        f"{MMA} {{$0, $1, $2, $3}}, {{a0, a4, a1, a5}}, {{$8, $9}}, {{$12, $13, $14, $15}};",
+        f"{MMA} {{$0, $1, $2, $3}}, {{a2, a6, a3, a7}}, {{$10, $11}}, {{$0, $1, $2, $3}};", "}"] if line)
+
+
+PAIR_MMA_ASM = gl.constexpr(_pair_mma_asm())
+# LITE, a timing knob (bench/nvfp4_layer_tiles.py --sweep LITE=0,1,2,3; a wrong result): the words fed to the MMAs
+# undecoded (1), the decoded pairs not multiplied by their block scales (2), or neither (3)
+LITE_1 = gl.constexpr(_pair_mma_asm(decode=False))
+LITE_2 = gl.constexpr(_pair_mma_asm(scale=False))
+LITE_3 = gl.constexpr(_pair_mma_asm(decode=False, scale=False))
 
 
 def layout(vw: int, kw: int) -> gl.BlockedLayout:
@@ -76,10 +95,18 @@ def scale_layout(vw: int, kw: int) -> gl.BlockedLayout:
 
 
 @gluon.jit
-def _pair_mma(q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3):
-    return gl.inline_asm_elementwise(PAIR_MMA_ASM, "=f,=f,=f,=f,r,r,f,f,r,r,r,r,f,f,f,f",
-                                     [q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3],
-                                     dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=False, pack=1)
+def _pair_mma(q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3, LITE: gl.constexpr = 0):
+    args = [q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3]
+    cons: gl.constexpr = "=f,=f,=f,=f,r,r,f,f,r,r,r,r,f,f,f,f"
+    out: gl.constexpr = (gl.float32, gl.float32, gl.float32, gl.float32)
+    if LITE == 1:
+        return gl.inline_asm_elementwise(LITE_1, cons, args, dtype=out, is_pure=False, pack=1)
+    elif LITE == 2:
+        return gl.inline_asm_elementwise(LITE_2, cons, args, dtype=out, is_pure=False, pack=1)
+    elif LITE == 3:
+        return gl.inline_asm_elementwise(LITE_3, cons, args, dtype=out, is_pure=False, pack=1)
+    else:
+        return gl.inline_asm_elementwise(PAIR_MMA_ASM, cons, args, dtype=out, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -142,7 +169,8 @@ def _stage_x(X, G, XS, first, last, K, eps, PRO: gl.constexpr, KW: gl.constexpr,
 def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, stride_s,
                ts_stride, stride_p2, stride_s2, ts_stride2, y_offset, eps, SPLIT: gl.constexpr, STEPS: gl.constexpr,
                VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
-               FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr, PDL: gl.constexpr):
+               FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr, PDL: gl.constexpr,
+               LITE: gl.constexpr):
     """Rows tile x ROWS.. of one weight (GLU: gate P and up P2) over this program's slice of K."""
     BW: gl.constexpr = 4 * VW
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
@@ -196,9 +224,9 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
         x1 = gl.expand_dims(XV.index(step * 4 + 1).load(x_layout), 1)
         x2 = gl.expand_dims(XV.index(step * 4 + 2).load(x_layout), 1)
         x3 = gl.expand_dims(XV.index(step * 4 + 3).load(x_layout), 1)
-        c0, c1, c2, c3 = _pair_mma(q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3)
+        c0, c1, c2, c3 = _pair_mma(q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3, LITE)
         if GLU:
-            e0, e1, e2, e3 = _pair_mma(u_lo, u_hi, t_lo, t_hi, x0, x1, x2, x3, e0, e1, e2, e3)
+            e0, e1, e2, e3 = _pair_mma(u_lo, u_hi, t_lo, t_hi, x0, x1, x2, x3, e0, e1, e2, e3, LITE)
         q_lo, q_hi, s_lo, s_hi = nq_lo, nq_hi, ns_lo, ns_hi
         u_lo, u_hi, t_lo, t_hi = nu_lo, nu_hi, nt_lo, nt_hi
     if PDL == AFTER_LOOP:
@@ -224,7 +252,7 @@ def pair_gemv_kernel(X, G, R, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL,
                      ts_stride2, eps, PARTS: gl.constexpr, SPLIT: gl.constexpr, STEPS: gl.constexpr,
                      VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
                      FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr,
-                     PDL: gl.constexpr):
+                     PDL: gl.constexpr, LITE: gl.constexpr = 0):
     """wide_nvfp4.layer_gemv_kernel's programs (1-3 weights, or GLU's gate W0 and up W1) on ROWS-row tiles through
     _pair_tile. STEPS: a power of two of at least the steps of K a program takes (its shared memory for x)."""
     pid = gl.program_id(0)
@@ -234,12 +262,12 @@ def pair_gemv_kernel(X, G, R, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL,
     if GLU or PARTS == 1 or pid < tiles0:
         _pair_tile(X, G, R, P0, S0, TS0, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid, N0, K, n_all, stride_p0,
                    stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, 0, eps, SPLIT, STEPS, VW, KW, L, SL,
-                   SCL, FINISH, PRO, GLU, RES, PDL)
+                   SCL, FINISH, PRO, GLU, RES, PDL, LITE)
     elif PARTS == 2 or pid < tiles0 + tiles1:
         _pair_tile(X, G, R, P1, S1, TS1, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid - tiles0, N1, K, n_all, stride_p1,
                    stride_s1, ts_stride1, stride_p1, stride_s1, ts_stride1, N0, eps, SPLIT, STEPS, VW, KW, L, SL,
-                   SCL, FINISH, PRO, False, RES, PDL)
+                   SCL, FINISH, PRO, False, RES, PDL, LITE)
     else:
         _pair_tile(X, G, R, P2, S2, TS2, P2, S2, TS2, Y, PARTIAL, COUNTERS, pid - tiles0 - tiles1, N2, K, n_all,
                    stride_p2, stride_s2, ts_stride2, stride_p2, stride_s2, ts_stride2, N0 + N1, eps, SPLIT, STEPS,
-                   VW, KW, L, SL, SCL, FINISH, PRO, False, RES, PDL)
+                   VW, KW, L, SL, SCL, FINISH, PRO, False, RES, PDL, LITE)

@@ -637,7 +637,8 @@ def _pair_layer_gemv(x: torch.Tensor, weights: list, ns: list, n: int, k: int, n
     pair_nvfp4.pair_gemv_kernel[(tiles, split)](
         *args, PARTS=len(weights), SPLIT=split, STEPS=triton.next_power_of_2(steps), VW=vw, KW=kw,
         L=pair_nvfp4.layout(vw, kw), SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw),
-        FINISH=split > 1, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl, num_warps=kw, **launch)
+        FINISH=split > 1, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl, LITE=config.get("LITE", 0),
+        num_warps=kw, **launch)
     return y
 
 
