@@ -3,10 +3,12 @@ engine's whole decode step on an NVFP4 model, captured once per tile tried for o
 input norm, o and down with the residual add, gate/up with the norm and SiLU), the others at their defaults, and
 replayed side by side in one process. --sweep KEY=V1,V2 instead tries one config key's values (integers, 0 for
 unset) on each kind's default tile, e.g. MAXNREG (the registers a thread may hold, so more programs fit an SM),
-and --set KEY=V sets a key on every default tile first (PAIRS=1: the tensor-core GEMV, qwenlab.quant.pair_nvfp4).
-CUDA only; a development tool that prints its numbers and asserts none.
+and --set KEY=V sets a key on every default tile first (PAIRS=1: the tensor-core GEMV, qwenlab.quant.pair_nvfp4;
+with it, --sweep LITE=0,1,2,3 times that GEMV without its decode, its block scales or both: a wrong result, for
+timing only). CUDA only; a development tool that prints its numbers and asserts none.
 
     python bench/nvfp4_layer_tiles.py --model /tmp/q4b [--context 512] [--set PAIRS=1] [--sweep MAXNREG=128,96]
+    python bench/nvfp4_layer_tiles.py --model /tmp/q4b --set PAIRS=1 --sweep LITE=0,1,2,3
 """
 import argparse
 import sys
