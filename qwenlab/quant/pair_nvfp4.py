@@ -134,8 +134,9 @@ def _stage_x(X, G, XS, first, last, K, eps, PRO: gl.constexpr, KW: gl.constexpr,
              SL: gl.constexpr):
     """x of the words first..last as the MMAs take it, into XS [STEPS, 4, KW, BW] a step at a time (int32: [s, i]
     holds step s's bf16 pairs (x_3, x_7), (x_2, x_6), (x_1, x_5), (x_0, x_4) of each word for i = 0..3, as the
-    decode pairs the elements); PRO: RMSNorm(x) * G over all of K (PRO: one program takes all of K, its squares
-    summed in a first pass), rounded as the forward rounds it (x * rstd to bf16, then times the weight to bf16)."""
+    decode pairs the elements); PRO: RMSNorm(x) * G (the squares of all of K summed in a first pass, also by a
+    program that takes a slice of K), rounded as the forward rounds it (x * rstd to bf16, then times the weight to
+    bf16)."""
     i = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, SL)))
     kw = gl.arange(0, KW, layout=gl.SliceLayout(0, gl.SliceLayout(2, SL)))
     w = gl.arange(0, BW, layout=gl.SliceLayout(0, gl.SliceLayout(1, SL)))
@@ -143,12 +144,12 @@ def _stage_x(X, G, XS, first, last, K, eps, PRO: gl.constexpr, KW: gl.constexpr,
     element = gl.expand_dims(gl.expand_dims(3 - i, 1), 2)  # the low element of pair i; the high one is 4 more
     steps = gl.cdiv(last - first, KW * BW)
     rstd = 1.0
-    if PRO:
+    if PRO:  # the squares of all of x, also where the program takes a slice of K (split)
         sq = gl.zeros([4, KW, BW], gl.float32, SL)
-        for step in range(0, steps):
-            word = first + step * KW * BW + col
-            lo = gl.load(X + word * 8 + element, mask=word < last, other=0.0).to(gl.float32)
-            hi = gl.load(X + word * 8 + element + 4, mask=word < last, other=0.0).to(gl.float32)
+        for step in range(0, gl.cdiv(K // 8, KW * BW)):
+            word = step * KW * BW + col
+            lo = gl.load(X + word * 8 + element, mask=word < K // 8, other=0.0).to(gl.float32)
+            hi = gl.load(X + word * 8 + element + 4, mask=word < K // 8, other=0.0).to(gl.float32)
             sq += lo * lo + hi * hi
         rstd = gl.rsqrt(gl.sum(gl.sum(gl.sum(sq, axis=2), axis=1), axis=0) / K + eps)
     for step in range(0, steps):

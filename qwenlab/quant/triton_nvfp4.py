@@ -591,13 +591,14 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
 
 
 def _layer_grid(n: int, k: int, ns: list, block_n: int, norm: torch.Tensor | None, glu: bool,
-                config: dict) -> tuple[int, int]:
+                config: dict, norm_splits: bool = False) -> tuple[int, int]:
     """A layer GEMV's (row tiles, split along K) for tiles of block_n rows: one weight without a norm (o, down)
-    splits K as nvfp4_gemv does unless config says SPLIT; a split sums in the kernel, which a norm, glu or more
-    than SPLIT_COUNTERS row tiles rule out (refused in one line)."""
+    splits K as nvfp4_gemv does unless config says SPLIT; a split sums in the kernel, which glu, more than
+    SPLIT_COUNTERS row tiles or a norm (unless norm_splits: the kernel sums x's squares over all of K in every
+    program) rule out (refused in one line)."""
     tiles = triton.cdiv(n, block_n) if glu else sum(triton.cdiv(n_i, block_n) for n_i in ns)
     split = config.get("SPLIT") or (gemv_split(n, k) if len(ns) == 1 and norm is None else 1)
-    if split > 1 and (norm is not None or glu or tiles > SPLIT_COUNTERS):
+    if split > 1 and ((norm is not None and not norm_splits) or glu or tiles > SPLIT_COUNTERS):
         raise QwenlabError(f"layer_gemv: a split along K ({split}) sums in the kernel, which a norm, glu or more "
                            f"than {SPLIT_COUNTERS} row tiles rule out")
     return tiles, split
@@ -630,7 +631,7 @@ def _pair_layer_gemv(x: torch.Tensor, weights: list, ns: list, n: int, k: int, n
     from qwenlab.quant import pair_nvfp4  # Gluon: compiled only on a GPU
 
     vw, kw = config.get("VW", 4), config.get("KW", 4)
-    tiles, split = _layer_grid(n, k, ns, pair_nvfp4.ROWS.value, norm, glu, config)
+    tiles, split = _layer_grid(n, k, ns, pair_nvfp4.ROWS.value, norm, glu, config, norm_splits=True)
     steps = triton.cdiv(triton.cdiv(k // 8, split), kw * 4 * vw)  # a program's steps of K, kw * 4 * vw words each
     y, args = _layer_args(x, _part_args(weights, ns, "nvfp4 GEMV"), n, k, split, norm, eps, residual)
     launch = {"launch_pdl": True} if pdl else {}

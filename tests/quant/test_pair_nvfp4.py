@@ -170,3 +170,23 @@ def test_the_pair_gemv_matches_a_float64_matmul_on_cuda(ns, k, split):
         assert ((got - want).norm() / want.norm()).item() < 5e-3
         small = slice(start, start + max(n // 8, 1))  # the rows with subnormal scales
         assert ((y[small].double() - ref[small]).norm() / ref[small].norm()).item() < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="pair_nvfp4 multiplies bf16x2 (sm_90+) and is Gluon: a Hopper GPU or newer")
+@pytest.mark.parametrize("split", [1, 2, 4])
+@torch.inference_mode()
+def test_the_pair_gemv_with_the_input_norm_matches_a_float64_matmul_also_split_along_k(split):
+    """q/k/v's GEMV as the fused layer runs it: RMSNorm(x) x the norm's weight as its input, rounded as the forward
+    rounds it, three weights in one launch, whole or split along K (every program sums the squares of all of x)."""
+    gen = torch.Generator("cuda").manual_seed(split)
+    ns, k, eps = (4096, 1024, 1024), 2560, 1e-6
+    parts = weights_with_subnormal_scales(ns, k, gen)
+    x = (3 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
+    g = (1 + 0.2 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
+    normed = (x.float() * torch.rsqrt(x.float().pow(2).mean() + eps)).bfloat16() * g  # as Qwen3's RMSNorm rounds
+    ref = torch.cat([normed.double() @ codec.dequantize(q, torch.float32).double().T for q in parts])
+    y = triton_nvfp4.layer_gemv(x, [(q.packed, q.block_scale, q.tensor_scale) for q in parts], norm=g, eps=eps,
+                                config={"PAIRS": True, "SPLIT": split})
+    assert y.shape == (sum(ns),) and torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 5e-3
