@@ -5,10 +5,12 @@ replayed side by side in one process. --sweep KEY=V1,V2 instead tries one config
 unset) on each kind's default tile, e.g. MAXNREG (the registers a thread may hold, so more programs fit an SM),
 and --set KEY=V sets a key on every default tile first (PAIRS=1: the tensor-core GEMV, qwenlab.quant.pair_nvfp4;
 with it, --sweep LITE=0,1,2,3 times that GEMV without its decode, its block scales or both: a wrong result, for
-timing only). CUDA only; a development tool that prints its numbers and asserts none.
+timing only). --try KIND:KEY=V,... tries one tile for one kind instead. CUDA only; a development tool that prints
+its numbers and asserts none.
 
     python bench/nvfp4_layer_tiles.py --model /tmp/q4b [--context 512] [--set PAIRS=1] [--sweep MAXNREG=128,96]
     python bench/nvfp4_layer_tiles.py --model /tmp/q4b --set PAIRS=1 --sweep LITE=0,1,2,3
+    python bench/nvfp4_layer_tiles.py --model /tmp/q4b --try norm:PAIRS=1 --try norm:PAIRS=1,SPLIT=2
 """
 import argparse
 import sys
@@ -52,6 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--sweep", default=None, help="KEY=V1,V2,...: one config key's values on each default tile")
     ap.add_argument("--set", default=[], action="append", help="KEY=V: an integer set on every default tile")
+    ap.add_argument("--try", dest="tries", default=[], action="append",
+                    help="KIND:KEY=V,KEY=V: one tile to try for one kind (norm, residual, glu), its keys over the "
+                         "default's (instead of the built-in tries; repeat for more)")
     args = ap.parse_args(argv)
     for item in args.set:
         key, value = item.split("=")
@@ -66,6 +71,12 @@ def main(argv=None) -> int:
     base = step_ms(model, args.context)
     print(f"default {defaults}: {base:.3f} ms", flush=True)
     tries_by_kind = TRIES
+    if args.tries:
+        tries_by_kind = {}
+        for item in args.tries:
+            kind, keys = item.split(":")
+            tile = {**defaults[kind], **{k: int(v) for k, v in (pair.split("=") for pair in keys.split(","))}}
+            tries_by_kind.setdefault(kind, []).append(tile)
     if args.sweep:
         key, values = args.sweep.split("=")
         tries_by_kind = {kind: [{**{k: v for k, v in config.items() if k != key}, **({key: int(v)} if int(v) else {})}
