@@ -21,8 +21,9 @@ with the input norm (PRO) each program first computes RMSNorm(x) * weight for al
 eager layer multiplies.
 
 The warps of a program split K (KW of them, each VW x 4 words a step, summed at the end); o and down split K
-across programs as well (FINISH, wide_nvfp4._split_store). Options PRO, GLU, RES and PDL as in
-wide_nvfp4.layer_gemv_kernel; triton_nvfp4.layer_gemv launches it where its tile says PAIRS and x is bf16.
+across programs as well (FINISH, wide_nvfp4._split_store), and so may q/k/v (its tile's SPLIT: every program sums
+the squares of all of x for the norm). Options PRO, GLU, RES and PDL as in wide_nvfp4.layer_gemv_kernel; LITE is a
+timing knob (a wrong result); triton_nvfp4.layer_gemv launches it where its tile says PAIRS and x is bf16.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

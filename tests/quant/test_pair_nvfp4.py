@@ -2,7 +2,8 @@
 small emulator, up to the MMAs, over every code and E4M3 scales from subnormal to 448 (each decoded pair is
 e2m1 x scale x 2^-10, exactly), then each lane's share of the two MMAs summed with x staged as _stage_x stages it
 (the same dot product as the unpermuted one), and the kernel compiled for sm_90 (tensor-core MMAs and shared-memory
-x in its loop, no spills). On CUDA: the GEMV against a float64 matmul, subnormal block scales among the weights.
+x in its loop, no spills). On CUDA: the GEMV against a float64 matmul, subnormal block scales among the weights,
+and with the input norm as the fused layer's q/k/v runs it, whole or split along K.
 The fused layer built on it is tested against float64 in tests/generation/test_fused_layer.py.
 """
 import re
