@@ -558,11 +558,14 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
                residual: torch.Tensor | None = None, glu: bool = False, pdl: int = 0,
                config: dict | None = None) -> torch.Tensor:
     """A GEMV of the fused NVFP4 decoder layer (qwenlab.generation.fused_layer) for one row x [K]: x times 1-3
-    weights (packed, block_scale, tensor_scale) in one wide-load launch (wide_nvfp4.layer_gemv_kernel), with
-    RMSNorm(x) * norm as its input (norm: the norm's weight; eps), SiLU(gate) * up of two weights' same rows (glu:
-    gate and up, [N] out), + residual, launched with PDL mode `pdl` (qwenlab.quant.pdl). One weight (o, down) splits
-    K as nvfp4_gemv does, its last program per row tile summing the partial rows; a norm or glu needs every
-    program to read all of x, so those do not split. config: the tile (benches, tests)."""
+    weights (packed, block_scale, tensor_scale) in one launch, with RMSNorm(x) * norm as its input (norm: the norm's
+    weight; eps), SiLU(gate) * up of two weights' same rows (glu: gate and up, [N] out), + residual, launched with
+    PDL mode `pdl` (qwenlab.quant.pdl). The launch is the tensor-core GEMV (pair_nvfp4.pair_gemv_kernel) where the
+    tile says PAIRS and x is bf16 (LAYER_CONFIGS: gate/up), else the wide-load one (wide_nvfp4.layer_gemv_kernel).
+    One weight (o, down) splits K as nvfp4_gemv does, its last program per row tile summing the partial rows; glu
+    does not split, nor does a norm on the wide GEMV (each program sums the squares of the x it reads; the
+    tensor-core one reads all of x for them, so q/k/v may split there: config SPLIT). config: the tile (benches,
+    tests)."""
     k, ns = x.shape[-1], [p.shape[0] for p, _, _ in weights]
     if glu and (len(weights) != 2 or ns[0] != ns[1]):
         raise QwenlabError(f"layer_gemv: glu takes two weights of the same rows (gate, up), got rows {ns}")
