@@ -70,11 +70,11 @@ def _pair_mma_asm(decode: bool = True, scale: bool = True) -> str:
 
 
 PAIR_MMA_ASM = gl.constexpr(_pair_mma_asm())
-# LITE, a timing knob (bench/nvfp4_layer_tiles.py --sweep LITE=0,1,2,3; a wrong result): the words fed to the MMAs
-# undecoded (1), the decoded pairs not multiplied by their block scales (2), or neither (3)
-LITE_1 = gl.constexpr(_pair_mma_asm(decode=False))
-LITE_2 = gl.constexpr(_pair_mma_asm(scale=False))
-LITE_3 = gl.constexpr(_pair_mma_asm(decode=False, scale=False))
+# indexed by LITE, a timing knob (bench/nvfp4_layer_tiles.py --sweep LITE=0,1,2,3; a wrong result): the kernel's
+# asm (0), the words fed to the MMAs undecoded (1), the decoded pairs not multiplied by their block scales (2), or
+# neither (3)
+LITE_ASM = gl.constexpr((PAIR_MMA_ASM.value, _pair_mma_asm(decode=False), _pair_mma_asm(scale=False),
+                         _pair_mma_asm(decode=False, scale=False)))
 
 
 def layout(vw: int, kw: int) -> gl.BlockedLayout:
@@ -97,17 +97,9 @@ def scale_layout(vw: int, kw: int) -> gl.BlockedLayout:
 
 @gluon.jit
 def _pair_mma(q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3, LITE: gl.constexpr = 0):
-    args = [q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3]
-    cons: gl.constexpr = "=f,=f,=f,=f,r,r,f,f,r,r,r,r,f,f,f,f"
-    out: gl.constexpr = (gl.float32, gl.float32, gl.float32, gl.float32)
-    if LITE == 1:
-        return gl.inline_asm_elementwise(LITE_1, cons, args, dtype=out, is_pure=False, pack=1)
-    elif LITE == 2:
-        return gl.inline_asm_elementwise(LITE_2, cons, args, dtype=out, is_pure=False, pack=1)
-    elif LITE == 3:
-        return gl.inline_asm_elementwise(LITE_3, cons, args, dtype=out, is_pure=False, pack=1)
-    else:
-        return gl.inline_asm_elementwise(PAIR_MMA_ASM, cons, args, dtype=out, is_pure=False, pack=1)
+    return gl.inline_asm_elementwise(LITE_ASM[LITE], "=f,=f,=f,=f,r,r,f,f,r,r,r,r,f,f,f,f",
+                                     [q_lo, q_hi, s_lo, s_hi, x0, x1, x2, x3, c0, c1, c2, c3],
+                                     dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=False, pack=1)
 
 
 @gluon.jit
