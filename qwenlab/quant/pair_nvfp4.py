@@ -159,12 +159,70 @@ def _stage_x(X, G, XS, first, last, K, eps, PRO: gl.constexpr, KW: gl.constexpr,
     gl.thread_barrier()
 
 
+def once_layout(vw: int, kw: int) -> gl.BlockedLayout:
+    """[STEPS, 4, KW, BW]: all of a program's x pairs at once (ONCE), no element held by two threads from 2 steps."""
+    return gl.BlockedLayout(size_per_thread=[1, 1, 1, vw], threads_per_warp=[2, 4, 1, 4], warps_per_cta=[1, 1, kw, 1],
+                            order=[3, 2, 1, 0])
+
+
+@gluon.jit
+def _once_words(first, STEPS: gl.constexpr, KW: gl.constexpr, BW: gl.constexpr, SL4: gl.constexpr):
+    """[STEPS, 4, KW, BW] in SL4: the word of each pair _stage_x stages, step by step from word `first` on, and its
+    low element (3 - i for pair i; the high one is 4 more)."""
+    s = gl.arange(0, STEPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, SL4))))
+    i = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, SL4))))
+    kw = gl.arange(0, KW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, SL4))))
+    w = gl.arange(0, BW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, SL4))))
+    s4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(s, 1), 2), 3)
+    i4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(i, 0), 2), 3)
+    kw4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(kw, 0), 1), 3)
+    w4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(w, 0), 1), 2)
+    word = first + (s4 * KW + kw4) * BW + w4 + i4 * 0
+    return word, 3 - i4 + word * 0
+
+
+@gluon.jit
+def _norm_weight_once(G, first, last, STEPS: gl.constexpr, KW: gl.constexpr, BW: gl.constexpr, SL4: gl.constexpr):
+    """The norm's weight of the pairs _stage_x_once stages (a weight: loaded before the PDL wait)."""
+    word, element = _once_words(first, STEPS, KW, BW, SL4)
+    g_lo = gl.load(G + word * 8 + element, mask=word < last, other=0.0)
+    g_hi = gl.load(G + word * 8 + element + 4, mask=word < last, other=0.0)
+    return g_lo, g_hi
+
+
+@gluon.jit
+def _stage_x_once(X, g_lo, g_hi, XS, first, last, K, eps, PRO: gl.constexpr, SPLIT: gl.constexpr,
+                  KSTEPS: gl.constexpr, STEPS: gl.constexpr, KW: gl.constexpr, BW: gl.constexpr,
+                  SL4: gl.constexpr):
+    """_stage_x with every load of a pass issued at once: x of all STEPS steps as one [STEPS, 4, KW, BW] tensor,
+    its squares summed from the same registers where the program takes all of K (else from a second load of all of
+    K, KSTEPS steps), g_lo and g_hi (_norm_weight_once) loaded before the PDL wait, and one store. The same
+    values as _stage_x."""
+    word, element = _once_words(first, STEPS, KW, BW, SL4)
+    lo = gl.load(X + word * 8 + element, mask=word < last, other=0.0)
+    hi = gl.load(X + word * 8 + element + 4, mask=word < last, other=0.0)
+    if PRO:
+        if SPLIT == 1:  # the slice is all of K
+            sq = lo.to(gl.float32) * lo.to(gl.float32) + hi.to(gl.float32) * hi.to(gl.float32)
+        else:
+            k_word, k_element = _once_words(0, KSTEPS, KW, BW, SL4)
+            k_lo = gl.load(X + k_word * 8 + k_element, mask=k_word < K // 8, other=0.0).to(gl.float32)
+            k_hi = gl.load(X + k_word * 8 + k_element + 4, mask=k_word < K // 8, other=0.0).to(gl.float32)
+            sq = k_lo * k_lo + k_hi * k_hi
+        rstd = gl.rsqrt(gl.sum(gl.sum(gl.sum(gl.sum(sq, axis=3), axis=2), axis=1), axis=0) / K + eps)
+        lo = ((lo.to(gl.float32) * rstd).to(gl.bfloat16).to(gl.float32) * g_lo.to(gl.float32)).to(gl.bfloat16)
+        hi = ((hi.to(gl.float32) * rstd).to(gl.bfloat16).to(gl.float32) * g_hi.to(gl.float32)).to(gl.bfloat16)
+    xs = XS._reinterpret(gl.int32, [STEPS, 4, KW, BW], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))  # same bytes
+    xs.store((lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) | (hi.to(gl.int16, bitcast=True).to(gl.int32) << 16))
+    gl.thread_barrier()
+
+
 @gluon.jit
 def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, stride_s,
                ts_stride, stride_p2, stride_s2, ts_stride2, y_offset, eps, SPLIT: gl.constexpr, STEPS: gl.constexpr,
                VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
                FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr, PDL: gl.constexpr,
-               LITE: gl.constexpr):
+               LITE: gl.constexpr, ONCE: gl.constexpr, KSTEPS: gl.constexpr, SL4: gl.constexpr):
     """Rows tile x ROWS.. of one weight (GLU: gate P and up P2) over this program's slice of K."""
     BW: gl.constexpr = 4 * VW
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
@@ -198,11 +256,18 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
     if GLU:
         u_lo, u_hi, t_lo, t_hi = _weights(P2, S2, stride_p2, stride_s2, src_lo, src_hi, srcs_lo, srcs_hi, col, col_s,
                                           first, last, L)
+    if ONCE and PRO:
+        g_lo, g_hi = _norm_weight_once(G, first, last, STEPS, KW, BW, SL4)
+    else:
+        g_lo, g_hi = 0.0, 0.0
     if PDL:
         gdc_wait()
     if PDL == AFTER_WAIT:
         gdc_launch_dependents()
-    _stage_x(X, G, XS, first, last, K, eps, PRO, KW, BW, SL)
+    if ONCE:
+        _stage_x_once(X, g_lo, g_hi, XS, first, last, K, eps, PRO, SPLIT, KSTEPS, STEPS, KW, BW, SL4)
+    else:
+        _stage_x(X, G, XS, first, last, K, eps, PRO, KW, BW, SL)
     zero = gl.zeros([KW, 8, BW], gl.float32, L)
     c0, c1, c2, c3 = zero, zero, zero, zero
     e0, e1, e2, e3 = zero, zero, zero, zero
@@ -246,7 +311,8 @@ def pair_gemv_kernel(X, G, R, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL,
                      ts_stride2, eps, PARTS: gl.constexpr, SPLIT: gl.constexpr, STEPS: gl.constexpr,
                      VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
                      FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr,
-                     PDL: gl.constexpr, LITE: gl.constexpr = 0):
+                     PDL: gl.constexpr, LITE: gl.constexpr = 0, ONCE: gl.constexpr = False,
+                     KSTEPS: gl.constexpr = 1, SL4: gl.constexpr = None):
     """wide_nvfp4.layer_gemv_kernel's programs (1-3 weights, or GLU's gate W0 and up W1) on ROWS-row tiles through
     _pair_tile. STEPS: a power of two of at least the steps of K a program takes (its shared memory for x)."""
     pid = gl.program_id(0)
@@ -256,12 +322,12 @@ def pair_gemv_kernel(X, G, R, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL,
     if GLU or PARTS == 1 or pid < tiles0:
         _pair_tile(X, G, R, P0, S0, TS0, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid, N0, K, n_all, stride_p0,
                    stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, 0, eps, SPLIT, STEPS, VW, KW, L, SL,
-                   SCL, FINISH, PRO, GLU, RES, PDL, LITE)
+                   SCL, FINISH, PRO, GLU, RES, PDL, LITE, ONCE, KSTEPS, SL4)
     elif PARTS == 2 or pid < tiles0 + tiles1:
         _pair_tile(X, G, R, P1, S1, TS1, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid - tiles0, N1, K, n_all, stride_p1,
                    stride_s1, ts_stride1, stride_p1, stride_s1, ts_stride1, N0, eps, SPLIT, STEPS, VW, KW, L, SL,
-                   SCL, FINISH, PRO, False, RES, PDL, LITE)
+                   SCL, FINISH, PRO, False, RES, PDL, LITE, ONCE, KSTEPS, SL4)
     else:
         _pair_tile(X, G, R, P2, S2, TS2, P2, S2, TS2, Y, PARTIAL, COUNTERS, pid - tiles0 - tiles1, N2, K, n_all,
                    stride_p2, stride_s2, ts_stride2, stride_p2, stride_s2, ts_stride2, N0 + N1, eps, SPLIT, STEPS,
-                   VW, KW, L, SL, SCL, FINISH, PRO, False, RES, PDL, LITE)
+                   VW, KW, L, SL, SCL, FINISH, PRO, False, RES, PDL, LITE, ONCE, KSTEPS, SL4)

@@ -642,7 +642,8 @@ def _pair_layer_gemv(x: torch.Tensor, weights: list, ns: list, n: int, k: int, n
         *args, PARTS=len(weights), SPLIT=split, STEPS=triton.next_power_of_2(steps), VW=vw, KW=kw,
         L=pair_nvfp4.layout(vw, kw), SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw),
         FINISH=split > 1, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl, LITE=config.get("LITE", 0),
-        num_warps=kw, **launch)
+        ONCE=bool(config.get("ONCE")), KSTEPS=triton.next_power_of_2(triton.cdiv(k // 8, kw * 4 * vw)),
+        SL4=pair_nvfp4.once_layout(vw, kw), num_warps=kw, **launch)
     return y
 
 

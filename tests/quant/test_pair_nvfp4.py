@@ -6,6 +6,7 @@ x in its loop, no spills). On CUDA: the GEMV against a float64 matmul, subnormal
 and with the input norm as the fused layer's q/k/v runs it, whole or split along K.
 The fused layer built on it is tested against float64 in tests/generation/test_fused_layer.py.
 """
+import itertools
 import re
 
 import pytest
@@ -127,9 +128,9 @@ def test_each_lanes_share_of_the_mmas_is_its_words_dot_product_with_x_staged_as_
 
 
 def test_the_kernel_compiles_for_hopper_to_tensor_core_mmas_without_spills():
-    """Compiled for sm_90 without a GPU (Triton bundles ptxas), as the fused layer's four GEMVs: the loop along K
-    multiplies on tensor cores (two MMAs a word) and reads x from shared memory, and nothing spills to local
-    memory."""
+    """Compiled for sm_90 without a GPU (Triton bundles ptxas), as the fused layer's four GEMVs, with x staged a
+    step at a time and in one pass (ONCE): the loop along K multiplies on tensor cores (two MMAs a word) and reads
+    x from shared memory, and nothing spills to local memory."""
     pytest.importorskip("triton.backends.nvidia")
     import sys
     from pathlib import Path
@@ -137,10 +138,11 @@ def test_the_kernel_compiles_for_hopper_to_tensor_core_mmas_without_spills():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from nvfp4_gemv_sass import LAYER_GEMVS, compile_pair, loop_instructions, sass_text
 
-    for label, parts, split, _, pro, glu, res in LAYER_GEMVS:
-        kernel, words = compile_pair(parts, split, pro, glu, res, arch=90)
+    for (label, parts, split, _, pro, glu, res), once in itertools.product(LAYER_GEMVS, (False, True)):
+        kernel, words = compile_pair(parts, split, pro, glu, res, arch=90, once=once)
         if kernel is None:
             pytest.skip("this Triton cannot compile Gluon for sm_90 here")
+        label = f"{label}{' once' if once else ''}"
         body = [op.split(".")[0] for op in loop_instructions(kernel.asm["cubin"], "/tmp/qwenlab_test_pair.cubin")]
         # 2 MMAs a word pair (rows g and g + 8): one a word, times the loop's unrolling (ptxas of CUDA 13 unrolls 4)
         assert body.count("HMMA") and body.count("HMMA") % words == 0, label
@@ -175,11 +177,13 @@ def test_the_pair_gemv_matches_a_float64_matmul_on_cuda(ns, k, split):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="pair_nvfp4 multiplies bf16x2 (sm_90+) and is Gluon: a Hopper GPU or newer")
+@pytest.mark.parametrize("once", [False, True])
 @pytest.mark.parametrize("split", [1, 2, 4])
 @torch.inference_mode()
-def test_the_pair_gemv_with_the_input_norm_matches_a_float64_matmul_also_split_along_k(split):
+def test_the_pair_gemv_with_the_input_norm_matches_a_float64_matmul_also_split_along_k(split, once):
     """q/k/v's GEMV as the fused layer runs it: RMSNorm(x) x the norm's weight as its input, rounded as the forward
-    rounds it, three weights in one launch, whole or split along K (every program sums the squares of all of x)."""
+    rounds it, three weights in one launch, whole or split along K (every program sums the squares of all of x),
+    x staged a step at a time or in one pass (ONCE)."""
     gen = torch.Generator("cuda").manual_seed(split)
     ns, k, eps = (4096, 1024, 1024), 2560, 1e-6
     parts = weights_with_subnormal_scales(ns, k, gen)
@@ -188,6 +192,29 @@ def test_the_pair_gemv_with_the_input_norm_matches_a_float64_matmul_also_split_a
     normed = (x.float() * torch.rsqrt(x.float().pow(2).mean() + eps)).bfloat16() * g  # as Qwen3's RMSNorm rounds
     ref = torch.cat([normed.double() @ codec.dequantize(q, torch.float32).double().T for q in parts])
     y = triton_nvfp4.layer_gemv(x, [(q.packed, q.block_scale, q.tensor_scale) for q in parts], norm=g, eps=eps,
-                                config={"PAIRS": True, "SPLIT": split})
+                                config={"PAIRS": True, "SPLIT": split, "ONCE": once})
     assert y.shape == (sum(ns),) and torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="pair_nvfp4 multiplies bf16x2 (sm_90+) and is Gluon: a Hopper GPU or newer")
+@pytest.mark.parametrize("once", [False, True])
+@pytest.mark.parametrize("k", [2560, 2576])
+@torch.inference_mode()
+def test_the_pair_gemv_as_gate_up_with_the_input_norm_matches_float64(k, once):
+    """gate/up's GEMV as the fused layer runs it: RMSNorm(x) x the norm's weight as its input, gate and up rows in
+    one program, written as SiLU(gate) x up; K a whole number of steps (the 4B shape) or not; x staged a step at a
+    time or in one pass (ONCE)."""
+    gen = torch.Generator("cuda").manual_seed(k)
+    ns, eps = (9728, 9728), 1e-6
+    parts = weights_with_subnormal_scales(ns, k, gen)
+    x = (3 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
+    g = (1 + 0.2 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
+    normed = (x.float() * torch.rsqrt(x.float().pow(2).mean() + eps)).bfloat16() * g
+    gate, up = (normed.double() @ codec.dequantize(q, torch.float32).double().T for q in parts)
+    ref = torch.nn.functional.silu(gate) * up
+    y = triton_nvfp4.layer_gemv(x, [(q.packed, q.block_scale, q.tensor_scale) for q in parts], norm=g, eps=eps,
+                                glu=True, config={"PAIRS": True, "ONCE": once})
+    assert y.shape == (ns[0],) and torch.isfinite(y).all()
     assert ((y.double() - ref).norm() / ref.norm()).item() < 5e-3
