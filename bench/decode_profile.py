@@ -9,7 +9,7 @@ host behind it), with its kernel launches per step and the first mode's kernels 
 tool beside `qwenlab bench`; it prints numbers and asserts none.
 
     python bench/decode_profile.py --model /tmp/q4b --device cuda --dtype bfloat16 [--quant nvfp4] [--context 512]
-        [--modes fused,layer]
+        [--modes fused,layer] [--timeline]
 """
 import argparse
 import os
@@ -72,6 +72,36 @@ def profiled(step, replays: int = 10):
     return prof, launches
 
 
+def timeline(prof, replays: int) -> None:
+    """Each kernel's share of the step's critical path, from the profiler's kernel timestamps: its end minus the end
+    of the kernel before it (a kernel launched early by PDL waits inside, so its own duration overstates it), the
+    layers' kernels averaged by their place around the attention kernel, the rest by name."""
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    per_step = len(kernels) // replays
+    places = {-1: "q/k/v GEMV", 0: "attention", 1: "o GEMV", 2: "gate/up GEMV", 3: "down GEMV"}
+    shares, spans, names = {}, {}, {}
+    for r in range(replays):
+        step = kernels[r * per_step:(r + 1) * per_step]
+        attends = [i for i, e in enumerate(step) if "attend" in e.name]
+        place = {}
+        for a in attends:
+            place.update({a + d: label for d, label in places.items() if 0 <= a + d < len(step)})
+        for i, e in enumerate(step[1:], 1):
+            key = place.get(i, e.name[:40])
+            shares.setdefault(key, []).append(e.time_range.end - step[i - 1].time_range.end)
+            spans.setdefault(key, []).append(e.time_range.end - e.time_range.start)
+            names.setdefault(key, e.name[:30])
+    steps_us = sum(sum(v) for v in shares.values()) / replays
+    print(f"critical path per step (us, mean of {replays} replays; 'share': end minus the previous kernel's end, "
+          f"'span': its own start to end): {steps_us:.1f} us")
+    print(f"{'kernel':<42} {'per step':>8} {'share us':>9} {'span us':>8} {'total us':>9}  name")
+    for key in sorted(shares, key=lambda k: -sum(shares[k])):
+        n = len(shares[key]) / replays
+        print(f"{key:<42} {n:>8.0f} {sum(shares[key]) / len(shares[key]):>9.2f} "
+              f"{sum(spans[key]) / len(spans[key]):>8.2f} {sum(shares[key]) / replays:>9.1f}  {names[key]}")
+
+
 def gemv_table(model):
     """cuBLAS (F.linear) against the Triton GEMV on the decode step's projection shapes, weights rotated past L2."""
     from qwenlab.generation.gemv import linear_timings
@@ -101,6 +131,8 @@ def main():
                     "after-loop), fused-nine (NVFP4 layers in nine kernels), or one of its compile modes without the "
                     f"fused layers ({', '.join(COMPILES)})")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--timeline", action="store_true", help="each kernel's share of the first mode's step (its end "
+                    "minus the previous kernel's end), by its place in the layer")
     args = ap.parse_args()
     model = load(resolve_model_dir(args.model), args.dtype, args.device, args.quant).model
     bandwidth, wbytes = copy_bandwidth(model.device), weight_bytes(model)
@@ -146,6 +178,8 @@ def main():
               f"{capture['graphs_compiled']} graphs compiled); layers: {layers}\n"
               f"  as greedy decoding replays it (each choice copied to the host behind its step, read one step late): "
               f"{chained:.3f} ms/token; with that copy on another stream: {side:.3f}", flush=True)
+        if args.timeline and table is None:
+            timeline(prof, 10)
         table = table or prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows,
                                                    max_name_column_width=70)
     print(table)

@@ -537,7 +537,7 @@ def _wide_part_args(weights: list, ns: list, k: int, config: dict) -> list:
 # (a float32 x) two rows of each a thread over 2 warps
 LAYER_CONFIGS = {"norm": {**WIDE_CONFIGS["small"], "S_PAIRS": False}, "residual": {**WIDE_CONFIGS["large"],
                                                                                  "S_PAIRS": True},
-                 "glu": {"RN": 2, "VW": 4, "TN": 2, "WARPS": 2, "S_PAIRS": True, "PAIRS": True, "KW": 4}}
+                 "glu": {"RN": 2, "VW": 4, "TN": 2, "WARPS": 2, "S_PAIRS": True, "PAIRS": True, "KW": 4, "ONCE": True}}
 
 
 def layer_gemv_note() -> str:
