@@ -11,6 +11,7 @@ its numbers and asserts none.
     python bench/nvfp4_layer_tiles.py --model /tmp/q4b [--context 512] [--set PAIRS=1] [--sweep MAXNREG=128,96]
     python bench/nvfp4_layer_tiles.py --model /tmp/q4b --set PAIRS=1 --sweep LITE=0,1,2,3
     python bench/nvfp4_layer_tiles.py --model /tmp/q4b --try norm:PAIRS=1 --try norm:PAIRS=1,SPLIT=2
+    python bench/nvfp4_layer_tiles.py --model /tmp/q4b --try norm:PAIRS=1,ONCE=1 --try glu:ONCE=0
 """
 import argparse
 import sys

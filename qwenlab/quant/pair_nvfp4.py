@@ -18,7 +18,11 @@ x 2^116 (SCALE_BIAS) the product, w x s x 2^-10, is a normal bf16 with no roundi
 float32 accumulation, scaled back by 2^10 (OUT_UNIT) and the tensor scale. x is the layer's bf16 input as it is:
 with the input norm (PRO) each program first computes RMSNorm(x) * weight for all of K as the forward rounds it
 (x * rstd to bf16, then times the weight to bf16) into shared memory, so the GEMV multiplies the normalized row the
-eager layer multiplies.
+eager layer multiplies. The staging follows the PDL wait, so its round trips to L2 are on the step's critical path:
+step by step (_stage_x), a pass for the squares and another for the pairs, each step's loads waiting for the last;
+or (ONCE, gate/up's default) in one pass (_stage_x_once), every load of x issued at once, the squares summed from
+the same registers where the program takes all of K, the norm's weight loaded before the wait, one store: 2% off
+an H200's decode step for gate/up, 7% for q/k/v on tensor cores (doc/nvfp4.md).
 
 The warps of a program split K (KW of them, each VW x 4 words a step, summed at the end); o and down split K
 across programs as well (FINISH, wide_nvfp4._split_store), and so may q/k/v (its tile's SPLIT: every program sums

@@ -533,8 +533,8 @@ def _wide_part_args(weights: list, ns: list, k: int, config: dict) -> list:
 # with each kind's tiles tried in turn, 1.5-12% apart): q/k/v (a norm) as the plain GEMV's small tile with its block
 # scales read one by one; o and down (a residual, split along K) as its large tile with them read in pairs; gate/up
 # (both weights' rows in one program) on tensor cores (PAIRS: qwenlab.quant.pair_nvfp4, 16 rows and 4 warps along K
-# a program; 2.7-3.5% faster a step than its wide tile, while q/k/v was 5% and o and down 2.5% slower that way), else
-# (a float32 x) two rows of each a thread over 2 warps
+# a program; 2.7-3.5% faster a step than its wide tile, while q/k/v was 5% and o and down 2.5% slower that way; x
+# staged in one pass, ONCE: 2% more), else (a float32 x) two rows of each a thread over 2 warps
 LAYER_CONFIGS = {"norm": {**WIDE_CONFIGS["small"], "S_PAIRS": False}, "residual": {**WIDE_CONFIGS["large"],
                                                                                  "S_PAIRS": True},
                  "glu": {"RN": 2, "VW": 4, "TN": 2, "WARPS": 2, "S_PAIRS": True, "PAIRS": True, "KW": 4, "ONCE": True}}
