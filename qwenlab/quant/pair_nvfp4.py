@@ -154,13 +154,22 @@ def _stage_x(X, G, XS, first, last, K, eps, PRO: gl.constexpr, KW: gl.constexpr,
         lo = gl.load(X + word * 8 + element, mask=word < last, other=0.0)
         hi = gl.load(X + word * 8 + element + 4, mask=word < last, other=0.0)
         if PRO:
-            g_lo = gl.load(G + word * 8 + element, mask=word < last, other=0.0).to(gl.float32)
-            g_hi = gl.load(G + word * 8 + element + 4, mask=word < last, other=0.0).to(gl.float32)
-            lo = ((lo.to(gl.float32) * rstd).to(gl.bfloat16).to(gl.float32) * g_lo).to(gl.bfloat16)
-            hi = ((hi.to(gl.float32) * rstd).to(gl.bfloat16).to(gl.float32) * g_hi).to(gl.bfloat16)
-        XS.index(step).store((lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF)
-                             | (hi.to(gl.int16, bitcast=True).to(gl.int32) << 16))
+            lo = _normed(lo, rstd, gl.load(G + word * 8 + element, mask=word < last, other=0.0))
+            hi = _normed(hi, rstd, gl.load(G + word * 8 + element + 4, mask=word < last, other=0.0))
+        XS.index(step).store(_pair_words(lo, hi))
     gl.thread_barrier()
+
+
+@gluon.jit
+def _normed(x, rstd, g):
+    """RMSNorm(x) * g for bf16 x and g as the forward rounds it: x * rstd to bf16, then times g to bf16."""
+    return ((x.to(gl.float32) * rstd).to(gl.bfloat16).to(gl.float32) * g.to(gl.float32)).to(gl.bfloat16)
+
+
+@gluon.jit
+def _pair_words(lo, hi):
+    """bf16 lo and hi as the int32 words the MMAs take: lo in the low half, hi in the high."""
+    return (lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) | (hi.to(gl.int16, bitcast=True).to(gl.int32) << 16)
 
 
 def once_layout(vw: int, kw: int) -> gl.BlockedLayout:
@@ -214,10 +223,10 @@ def _stage_x_once(X, g_lo, g_hi, XS, first, last, K, eps, PRO: gl.constexpr, SPL
             k_hi = gl.load(X + k_word * 8 + k_element + 4, mask=k_word < K // 8, other=0.0).to(gl.float32)
             sq = k_lo * k_lo + k_hi * k_hi
         rstd = gl.rsqrt(gl.sum(gl.sum(gl.sum(gl.sum(sq, axis=3), axis=2), axis=1), axis=0) / K + eps)
-        lo = ((lo.to(gl.float32) * rstd).to(gl.bfloat16).to(gl.float32) * g_lo.to(gl.float32)).to(gl.bfloat16)
-        hi = ((hi.to(gl.float32) * rstd).to(gl.bfloat16).to(gl.float32) * g_hi.to(gl.float32)).to(gl.bfloat16)
+        lo = _normed(lo, rstd, g_lo)
+        hi = _normed(hi, rstd, g_hi)
     xs = XS._reinterpret(gl.int32, [STEPS, 4, KW, BW], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))  # same bytes
-    xs.store((lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) | (hi.to(gl.int16, bitcast=True).to(gl.int32) << 16))
+    xs.store(_pair_words(lo, hi))
     gl.thread_barrier()
 
 
