@@ -175,6 +175,14 @@ def test_the_pair_gemv_matches_a_float64_matmul_on_cuda(ns, k, split):
         assert ((y[small].double() - ref[small]).norm() / ref[small].norm()).item() < 5e-3
 
 
+def normed_input(k: int, eps: float, gen: torch.Generator) -> tuple:
+    """A bf16 row x [k] and a norm weight g on CUDA, and RMSNorm(x) * g rounded as Qwen3's RMSNorm rounds it (the
+    reference the GEMVs with the input norm multiply)."""
+    x = (3 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
+    g = (1 + 0.2 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
+    return x, g, (x.float() * torch.rsqrt(x.float().pow(2).mean() + eps)).bfloat16() * g
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="pair_nvfp4 multiplies bf16x2 (sm_90+) and is Gluon: a Hopper GPU or newer")
 @pytest.mark.parametrize("once", [False, True])
@@ -187,9 +195,7 @@ def test_the_pair_gemv_with_the_input_norm_matches_a_float64_matmul_also_split_a
     gen = torch.Generator("cuda").manual_seed(split)
     ns, k, eps = (4096, 1024, 1024), 2560, 1e-6
     parts = weights_with_subnormal_scales(ns, k, gen)
-    x = (3 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
-    g = (1 + 0.2 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
-    normed = (x.float() * torch.rsqrt(x.float().pow(2).mean() + eps)).bfloat16() * g  # as Qwen3's RMSNorm rounds
+    x, g, normed = normed_input(k, eps, gen)
     ref = torch.cat([normed.double() @ codec.dequantize(q, torch.float32).double().T for q in parts])
     y = triton_nvfp4.layer_gemv(x, [(q.packed, q.block_scale, q.tensor_scale) for q in parts], norm=g, eps=eps,
                                 config={"PAIRS": True, "SPLIT": split, "ONCE": once})
@@ -209,9 +215,7 @@ def test_the_pair_gemv_as_gate_up_with_the_input_norm_matches_float64(k, once):
     gen = torch.Generator("cuda").manual_seed(k)
     ns, eps = (9728, 9728), 1e-6
     parts = weights_with_subnormal_scales(ns, k, gen)
-    x = (3 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
-    g = (1 + 0.2 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
-    normed = (x.float() * torch.rsqrt(x.float().pow(2).mean() + eps)).bfloat16() * g
+    x, g, normed = normed_input(k, eps, gen)
     gate, up = (normed.double() @ codec.dequantize(q, torch.float32).double().T for q in parts)
     ref = torch.nn.functional.silu(gate) * up
     y = triton_nvfp4.layer_gemv(x, [(q.packed, q.block_scale, q.tensor_scale) for q in parts], norm=g, eps=eps,
