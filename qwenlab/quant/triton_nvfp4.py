@@ -21,9 +21,13 @@ projections and runs by default on CUDA; gemv_engine says which GEMV runs.
                      split-K with a second, atomic-free pass under 4096 rows (gemv_split)
     nvfp4_gemv_parts the same for 1-3 weights in one launch, outputs concatenated (q/k/v, gate/up)
     nvfp4_gemm       M rows (prefill): W tiles dequantized to x.dtype (exact: e2m1 x E4M3 fits in 8 bits), tl.dot
-    dequantize_into  the whole weight into a preallocated buffer, bit-identical to codec.dequantize
+    dequantize_into  the whole weight into a preallocated buffer, bit-identical to codec.dequantize; 1 or more
+                     weights of the same K into one buffer (dequantize_parts_into), or groups of any K, one view
+                     each (dequantize_groups: a prefill's layer in one launch); each launch reads its weights'
+                     addresses and shapes from a table made once per set of weights (dequantize_plan)
 """
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -315,11 +319,12 @@ def _gemm_kernel(X, P, S, TS, B, Y, M, N, K, M_BUCKET, stride_xm, stride_p, stri
 
 
 @triton.jit
-def _dequantize_tile(P, S, TS, OUT, N, K, stride_p, stride_s, stride_o, ts_stride, tile,
+def _dequantize_tile(P, S, TS, OUT, N, K, stride_p, stride_s, stride_o, ts_stride, tile, column,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """OUT[BLOCK_N, BLOCK_K] tile = e2m1 x (tensor_scale x block_scale), in float32 as codec.dequantize, then cast."""
+    """OUT[BLOCK_N, BLOCK_K] tile (row tile `tile`, column tile `column`) = e2m1 x (tensor_scale x block_scale), in
+    float32 as codec.dequantize, then cast."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = tl.program_id(1) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+    g = column * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
     byte = tl.arange(0, 8)
     ok = (rows[:, None] < N) & (g[None, :] < K // 16)
     p = tl.load(P + rows[:, None, None] * stride_p + g[None, :, None] * 8 + byte[None, None, :], mask=ok[:, :, None],
@@ -328,29 +333,40 @@ def _dequantize_tile(P, S, TS, OUT, N, K, stride_p, stride_s, stride_o, ts_strid
     scale = (tl.load(TS + rows * ts_stride, mask=rows < N, other=0.0)[:, None] * s)[:, :, None]
     lo, hi = _e2m1_as_e4m3(p)
     values = tl.join(lo * E4M3_UNIT * scale, hi * E4M3_UNIT * scale)  # [BLOCK_N, BLOCK_K/16, 8, 2]: K order
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = column * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(OUT + rows[:, None] * stride_o + cols[None, :],
              tl.reshape(values, [BLOCK_N, BLOCK_K]).to(OUT.dtype.element_ty),
              mask=(rows[:, None] < N) & (cols[None, :] < K))
 
 
-@triton.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])
-def _dequantize_kernel(P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, OUT, N0, N1, N2, K, stride_p0, stride_s0, ts_stride0,
-                       stride_p1, stride_s1, ts_stride1, stride_p2, stride_s2, ts_stride2, stride_o,
-                       PARTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1-3 weights of the same K into the rows of OUT, one after the other: program (i, j) takes row tile i of W0's
-    tiles, then W1's, then W2's, and column tile j."""
+PLAN_FIELDS = tl.constexpr(12)  # int64 fields of each weight in a dequantize plan's table (DequantizePlan)
+
+
+@triton.jit
+def _dequantize_kernel(PLAN, OUT, PARTS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """The weights of a plan into OUT, one tile [BLOCK_N, BLOCK_K] a program: the first weight's tiles, then the
+    next one's... Each weight is a row of the plan's table: its packed, block_scale and tensor_scale addresses,
+    tensor-scale stride, rows N, K, where its [N, K] starts in OUT and OUT's row stride there (elements), packed and
+    block-scale row strides, its first program and its column tiles. ALIGNED: the addresses, offsets and row strides
+    allow 16-byte loads and stores (checked when the plan is made)."""
     pid = tl.program_id(0)
-    tiles0 = tl.cdiv(N0, BLOCK_N)
-    tiles1 = tl.cdiv(N1, BLOCK_N)
-    if PARTS == 1 or pid < tiles0:
-        _dequantize_tile(P0, S0, TS0, OUT, N0, K, stride_p0, stride_s0, stride_o, ts_stride0, pid, BLOCK_N, BLOCK_K)
-    elif PARTS == 2 or pid < tiles0 + tiles1:
-        _dequantize_tile(P1, S1, TS1, OUT + N0 * stride_o, N1, K, stride_p1, stride_s1, stride_o, ts_stride1,
-                         pid - tiles0, BLOCK_N, BLOCK_K)
-    else:
-        _dequantize_tile(P2, S2, TS2, OUT + (N0 + N1) * stride_o, N2, K, stride_p2, stride_s2, stride_o,
-                         ts_stride2, pid - tiles0 - tiles1, BLOCK_N, BLOCK_K)
+    part = 0
+    for i in tl.static_range(1, PARTS):
+        part += (pid >= tl.load(PLAN + i * PLAN_FIELDS + 10)).to(tl.int32)
+    fields = PLAN + part * PLAN_FIELDS
+    P = tl.load(fields).to(tl.pointer_type(tl.uint8))
+    S = tl.load(fields + 1).to(tl.pointer_type(tl.float8e4nv))
+    TS = tl.load(fields + 2).to(tl.pointer_type(tl.float32))
+    out, stride_o = tl.load(fields + 6), tl.load(fields + 7)
+    stride_p, stride_s, K = tl.load(fields + 8), tl.load(fields + 9), tl.load(fields + 5)
+    if ALIGNED:
+        P, S = tl.multiple_of(P, 16), tl.multiple_of(S, 16)
+        out, stride_o = tl.multiple_of(out, 16), tl.multiple_of(stride_o, 16)
+        stride_p, stride_s, K = tl.multiple_of(stride_p, 16), tl.multiple_of(stride_s, 16), tl.multiple_of(K, 16)
+    tile, columns = pid - tl.load(fields + 10), tl.load(fields + 11)
+    _dequantize_tile(P, S, TS, OUT + out, tl.load(fields + 4), K, stride_p, stride_s, stride_o, tl.load(fields + 3),
+                     tile // columns, tile % columns, BLOCK_N, BLOCK_K)
 
 
 def _check(x_k: int, packed: torch.Tensor, block_scale: torch.Tensor, tensor_scale: torch.Tensor,
@@ -425,14 +441,12 @@ def mma_split(tiles: int, warps: int, k: int, block_k: int) -> int:
     return split
 
 
-def _part_args(weights: list, ns: list, where: str, words: bool = True) -> list[tuple]:
-    """The three weight slots of a GEMV (or dequantize) launch, each (packed words, block_scale, tensor_scale,
-    rows, packed row stride in words, scale row stride, tensor-scale stride), or with words=False the packed bytes
-    and their row stride in bytes; unused slots repeat the first weight with 0 rows."""
+def _part_args(weights: list, ns: list, where: str) -> list[tuple]:
+    """The three weight slots of a GEMV launch, each (packed words, block_scale, tensor_scale, rows, packed row
+    stride in words, scale row stride, tensor-scale stride); unused slots repeat the first weight with 0 rows."""
     parts = []
     for (p, s, ts), n_i in zip(weights, ns):
-        packed, stride = (_words(p, where), p.stride(0) // 4) if words else (p, p.stride(0))
-        parts.append((packed, s, ts, n_i, stride, s.stride(0), _ts_stride(ts)))
+        parts.append((_words(p, where), s, ts, n_i, p.stride(0) // 4, s.stride(0), _ts_stride(ts)))
     return parts + [parts[0][:3] + (0,) + parts[0][4:]] * (3 - len(parts))
 
 
@@ -759,19 +773,107 @@ def dequantize_into(out: torch.Tensor, packed: torch.Tensor, block_scale: torch.
 
 
 def dequantize_parts_into(out: torch.Tensor, weights: list) -> torch.Tensor:
-    """dequantize_into for 1-3 weights (packed, block_scale, tensor_scale) of the same K in one launch, their rows
-    one after the other in out [N0 + N1 (+ N2), K] (a prefill's q/k/v or gate/up as one matmul)."""
-    if not 1 <= len(weights) <= 3:
-        raise QwenlabError(f"dequantize_into: give 1-3 weights, got {len(weights)}")
-    k = weights[0][0].shape[1] * 2
-    shapes = [_check(k, *w, None, "dequantize_into") for w in weights]
-    n = sum(rows for rows, _ in shapes)
-    if tuple(out.shape) != (n, k) or out.stride(1) != 1:
-        raise QwenlabError(f"dequantize_into: out {list(out.shape)} must be [{n}, {k}] with stride 1 along K")
-    (p0, s0, t0, n0, sp0, ss0, st0), (p1, s1, t1, n1, sp1, ss1, st1), (p2, s2, t2, n2, sp2, ss2, st2) = \
-        _part_args(weights, [rows for rows, _ in shapes], "dequantize_into", words=False)
-    grid = (sum(triton.cdiv(rows, DEQUANT_BLOCK_N) for rows, _ in shapes), triton.cdiv(k, DEQUANT_BLOCK_K))
-    _dequantize_kernel[grid](p0, s0, t0, p1, s1, t1, p2, s2, t2, out, n0, n1, n2, k, sp0, ss0, st0, sp1, ss1, st1,
-                             sp2, ss2, st2, out.stride(0), PARTS=len(weights), BLOCK_N=DEQUANT_BLOCK_N,
-                             BLOCK_K=DEQUANT_BLOCK_K)
+    """dequantize_into for one or more weights (packed, block_scale, tensor_scale) of the same K in one launch, their
+    rows one after the other in out [N0 + N1 + ..., K] (a prefill's q/k/v or gate/up as one matmul)."""
+    if out.dim() != 2 or out.stride(1) != 1:
+        raise QwenlabError(f"dequantize_into: out {list(out.shape)} must be 2-D with stride 1 along K")
+    plan = dequantize_plan(weights, out.stride(0))
+    if tuple(out.shape) != (plan.rows, plan.k):
+        raise QwenlabError(f"dequantize_into: out {list(out.shape)} must be [{plan.rows}, {plan.k}] with stride 1 "
+                           "along K")
+    return _launch(plan, out)
+
+
+def dequantize_groups(groups: list, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Groups of weights [(packed, block_scale, tensor_scale)], the weights of a group sharing K, dequantized in one
+    launch into one new buffer in `dtype`: one contiguous [N0 + N1 + ..., K] view of it per group, the group's
+    weights' rows one after the other (a prefill's layer: q/k/v, o, gate/up and down in one launch; the buffer is
+    freed with the last view, its memory recycled by torch's caching allocator)."""
+    plan = dequantize_plan([w for group in groups for w in group], None)
+    spans, first = [], 0
+    for group in groups:
+        parts = plan.layout[first:first + len(group)]
+        start, _, k = parts[0]
+        if any(part_k != k for _, _, part_k in parts):
+            raise QwenlabError(f"dequantize_groups: the weights of a group must share K, got K "
+                               f"{[part_k for _, _, part_k in parts]}")
+        spans.append((start, sum(n for _, n, _ in parts), k))
+        first += len(group)
+    flat = _launch(plan, torch.empty(plan.size, dtype=dtype, device=plan.table.device))
+    return [flat[start:start + rows * k].view(rows, k) for start, rows, k in spans]
+
+
+def _launch(plan: "DequantizePlan", out: torch.Tensor) -> torch.Tensor:
+    if out.device != plan.table.device:
+        raise QwenlabError(f"dequantize_into: out is on {out.device}, the weights on {plan.table.device}")
+    if out.device.type == "cuda" and out.device.index != torch.cuda.current_device():
+        with torch.cuda.device(out.device):  # Triton launches on the current device (a layer of a split model)
+            return _launch(plan, out)
+    _dequantize_kernel[(plan.programs,)](plan.table, out, PARTS=plan.parts, ALIGNED=plan.aligned,
+                                         BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K)
     return out
+
+
+class DequantizePlan(NamedTuple):
+    """What a dequantize launch over some weights needs beyond its output: each weight's addresses, shape, strides
+    and place in the output as one row of an int64 table on their device (_dequantize_kernel's PLAN), the number of
+    programs, and whether every address, offset and row stride allows 16-byte loads and stores."""
+    table: torch.Tensor
+    parts: int
+    programs: int
+    aligned: bool
+    rows: int  # all weights' rows
+    k: int  # the first weight's K
+    size: int  # the output's elements from its start to the end of the last weight
+    layout: tuple  # (first element in the output, N, K) of each weight
+
+
+PLANS: dict = {}  # plan_key(weights) and the output's row stride -> DequantizePlan: a function of its key
+MAX_PLANS = 4096
+
+
+def plan_key(weights: list) -> tuple:
+    """Everything a dequantize plan of `weights` depends on besides the output: each tensor's address, dtype, shape
+    and strides, and the device. The same key is the same plan, whatever tensors now hold those addresses."""
+    return tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for w in weights for t in w) + (
+        weights[0][0].device,) if weights else ()
+
+
+def dequantize_plan(weights: list, row_stride: int | None) -> DequantizePlan:
+    """The plan of a dequantize launch over `weights` [(packed, block_scale, tensor_scale)], checked and made on
+    first use and then kept (PLANS): a prefill dequantizes the same weights in every call, and its speed is bound
+    by the host that issues its kernels (doc/performance.md), so a launch passes Triton one table instead of
+    checking every weight and passing seven arguments for each. row_stride: the weights
+    are the rows of one output [N0 + N1 + ..., K] of that row stride (they must share K); None: each is its own
+    contiguous [N, K] in a flat output, one after the other."""
+    key = (plan_key(weights), row_stride)
+    plan = PLANS.get(key)
+    if plan is not None:
+        return plan
+    if not weights:
+        raise QwenlabError("dequantize_into: give one or more weights, got none")
+    device = weights[0][0].device
+    if any(t.device != device for w in weights for t in w):
+        raise QwenlabError("dequantize_into: the weights' packed, block_scale and tensor_scale must be on one device")
+    first_k = weights[0][0].shape[1] * 2
+    if row_stride is not None and row_stride < first_k:
+        raise QwenlabError(f"dequantize_into: out's rows overlap (row stride {row_stride} under K = {first_k})")
+    fields, layout, start, program, aligned = [], [], 0, 0, True
+    for packed, block_scale, tensor_scale in weights:
+        k = packed.shape[1] * 2 if row_stride is None else first_k
+        n, _ = _check(k, packed, block_scale, tensor_scale, None, "dequantize_into")
+        stride_o = k if row_stride is None else row_stride
+        columns = triton.cdiv(k, DEQUANT_BLOCK_K)
+        fields.append([packed.data_ptr(), block_scale.data_ptr(), tensor_scale.data_ptr(), _ts_stride(tensor_scale),
+                       n, k, start, stride_o, packed.stride(0), block_scale.stride(0), program, columns])
+        aligned &= all(v % 16 == 0 for v in (packed.data_ptr(), block_scale.data_ptr(), packed.stride(0),
+                                             block_scale.stride(0), start, stride_o))
+        layout.append((start, n, k))
+        start, program = start + n * stride_o, program + triton.cdiv(n, DEQUANT_BLOCK_N) * columns
+    table = torch.tensor(fields, dtype=torch.int64).to(device)
+    plan = DequantizePlan(table, len(weights), program, aligned, sum(n for _, n, _ in layout), first_k, start,
+                          tuple(layout))
+    if len(PLANS) >= MAX_PLANS:
+        PLANS.clear()
+    PLANS[key] = plan
+    return plan

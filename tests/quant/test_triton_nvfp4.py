@@ -22,6 +22,7 @@ needs_cuda = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), re
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs under TRITON_INTERPRET=1 (Triton's CPU interpreter)")
 
 from qwenlab.quant.triton_nvfp4 import (  # noqa: E402
+    dequantize_groups,
     dequantize_into,
     dequantize_parts_into,
     gemv_split,
@@ -210,7 +211,12 @@ def test_gemm_takes_leading_dims_and_runs_in_a_cuda_graph():
     (lambda q, x: nvfp4_gemm(x.float(), q.packed, q.block_scale, q.tensor_scale), "bfloat16 or float16"),
     (lambda q, x: nvfp4_gemv(x, q.packed, q.block_scale, q.tensor_scale.expand(3)), "tensor_scale"),
     (lambda q, x: nvfp4_gemv(x, q.packed, q.block_scale[:, :2], q.tensor_scale), "block_scale"),
-    (lambda q, x: dequantize_into(torch.empty(8, 48), q.packed, q.block_scale, q.tensor_scale), "out [8, 48]")])
+    (lambda q, x: dequantize_into(torch.empty(8, 48), q.packed, q.block_scale, q.tensor_scale), "out [8, 48]"),
+    (lambda q, x: dequantize_into(torch.empty(16, 48).as_strided((16, 48), (8, 1)), q.packed, q.block_scale,
+                                  q.tensor_scale), "out's rows overlap (row stride 8 under K = 48)"),
+    (lambda q, x: dequantize_groups([[(q.packed, q.block_scale, q.tensor_scale),
+                                      (q.packed[:, :16], q.block_scale[:, :2], q.tensor_scale)]], torch.float32),
+     "the weights of a group must share K, got K [48, 32]")])
 def test_bad_input_is_a_one_line_error(call, message):
     q = codec.quantize(torch.randn(16, 48))
     with pytest.raises(QwenlabError, match=re.escape(message)):
@@ -351,3 +357,29 @@ def test_a_prefill_multiplies_unfused_nvfp4_projections_as_one_weight(monkeypatc
     finally:
         handle.remove()
     assert launches == [1, 1, 1] and all(torch.equal(out, torch.zeros_like(out)) for out in hooked)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
+def test_the_dequantize_kernel_compiles_to_16_byte_stores_when_its_plan_is_aligned():
+    """Compiled for sm_90 without a GPU: the weights' addresses, strides and K come from the plan's table, so only
+    the hints of an aligned plan let the tile store 16 bytes at a time (and load the packed codes 8 at a time); an
+    unaligned plan (checked when it is made) stores element by element."""
+    pytest.importorskip("triton.backends.nvidia")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qwenlab.quant import triton_nvfp4
+
+    signature = {"PLAN": "*i64", "OUT": "*bf16", "PARTS": "constexpr", "ALIGNED": "constexpr", "BLOCK_N": "constexpr",
+                 "BLOCK_K": "constexpr"}
+    ops = {}
+    for aligned in (True, False):
+        source = ASTSource(triton_nvfp4._dequantize_kernel, signature,
+                           constexprs={"PARTS": 7, "ALIGNED": aligned, "BLOCK_N": triton_nvfp4.DEQUANT_BLOCK_N,
+                                       "BLOCK_K": triton_nvfp4.DEQUANT_BLOCK_K},
+                           attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        ops[aligned] = set(re.findall(r"\b((?:ld|st)\.global[\w.]*)", ptx))
+    assert {"st.global.v4.b32", "ld.global.v2.b32"} <= ops[True]
+    assert "st.global.v4.b32" not in ops[False] and "st.global.b16" in ops[False]
