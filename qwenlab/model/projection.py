@@ -1,8 +1,9 @@
 """The linears of the forward: which class each one is (decided at construction) and how a call multiplies."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qwenlab.quant.linear import NVFP4Linear, QuantInfo, multiply_parts
+from qwenlab.quant.linear import NVFP4Linear, QuantInfo, multiply_parts, plain_w4a16
 
 
 def make_linear(name: str, in_features: int, out_features: int, bias: bool, quant: QuantInfo | None) -> nn.Module:
@@ -25,3 +26,45 @@ def project_parts(linears: tuple, x: torch.Tensor, kernels) -> tuple:
     if kernels is None:
         return multiply_parts(linears, x)
     return kernels.linear_parts(linears, x)
+
+
+class PrefillLayer:
+    """The `kernels` a prefill hands one decoder layer whose seven projections are all W4A16 NVFP4 Triton linears
+    (plain: no bias, no hook): the seven weights dequantized in one launch into one transient buffer
+    (qwenlab.quant.triton_nvfp4.dequantize_groups), then one cuBLAS matmul each for q/k/v, o, gate/up and down, as
+    multiply_parts and each module's own call compute them (the same weights, the same matmuls). One Triton launch a
+    layer instead of four: an NVFP4 prefill is bound by the host that issues its kernels, not by the GPU
+    (doc/performance.md). The buffer (one layer's weights in the activations' dtype) is freed when the layer
+    returns."""
+
+    def __init__(self, groups: tuple, dtype: torch.dtype):
+        from qwenlab.quant.triton_nvfp4 import dequantize_groups  # Triton: only where CUDA is (the loader chose it)
+
+        weights = dequantize_groups([[(m.packed, m.block_scale, m.tensor_scale) for m in group] for group in groups],
+                                    dtype)
+        self.weights = dict(zip(groups, weights))
+
+    def linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weights.get((module,))
+        return module(x) if weight is None else F.linear(x, weight)
+
+    def linear_parts(self, modules: tuple, x: torch.Tensor) -> tuple:
+        weight = self.weights.get(tuple(modules))
+        if weight is None:
+            return tuple(self.linear(m, x) for m in modules)
+        return F.linear(x, weight).split([m.out_features for m in modules], dim=-1)
+
+
+def prefill_layer(layer: nn.Module, x: torch.Tensor) -> PrefillLayer | None:
+    """A PrefillLayer for this layer and x, or None (the layer runs module by module): x of one token (a decode step:
+    the GEMV), a layer with fused, dense, MoE or biased projections, or any projection that is not a plain W4A16
+    NVFP4 Triton linear (another kernel, a module hook of its own or global)."""
+    if x.dim() < 2 or x.shape[-2] == 1:
+        return None
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = ((getattr(attn, "q_proj", None), getattr(attn, "k_proj", None), getattr(attn, "v_proj", None)),
+              (attn.o_proj,), (getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)),
+              (getattr(mlp, "down_proj", None),))
+    if not all(plain_w4a16(m) for group in groups for m in group):
+        return None
+    return PrefillLayer(groups, x.dtype)

@@ -359,6 +359,50 @@ def test_a_prefill_multiplies_unfused_nvfp4_projections_as_one_weight(monkeypatc
     assert launches == [1, 1, 1] and all(torch.equal(out, torch.zeros_like(out)) for out in hooked)
 
 
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                    reason="Triton kernels: CUDA, or TRITON_INTERPRET=1")
+@torch.inference_mode()
+def test_a_prefill_dequantizes_each_nvfp4_layer_in_one_launch(tiny_dir, monkeypatch):
+    """A prefill of an NVFP4 model (W4A16 Triton linears): each decoder layer's seven weights in one dequantize
+    launch (qwenlab.model.projection.PrefillLayer), and the logits those of the torch path (codec.dequantize, then
+    the matmul: what the loader runs where there is no CUDA). A layer with a hooked projection goes module by module
+    (q/k/v and gate/up one launch each, o and down their own); a one-token step launches no dequantize (the GEMV)."""
+    from qwenlab.model.loader import load
+    from qwenlab.quant import triton_nvfp4
+    from qwenlab.quant.linear import NVFP4Linear
+
+    device = "cpu" if INTERPRETED else "cuda"
+    dtype = "float32" if INTERPRETED else "bfloat16"
+    triton_model = load(tiny_dir, dtype, device, quant="nvfp4").model
+    torch_model = load(tiny_dir, dtype, device, quant="nvfp4").model
+    for m in triton_model.modules():
+        if isinstance(m, NVFP4Linear):
+            m.kernel = "triton"
+    triton_model.quantization.kernel = "triton"
+    for m in torch_model.modules():
+        if isinstance(m, NVFP4Linear):
+            m.kernel = "dequantize"
+    launches = []
+    real = triton_nvfp4._launch
+    monkeypatch.setattr(triton_nvfp4, "_launch", lambda plan, out: launches.append(plan.parts) or real(plan, out))
+    ids = torch.arange(3, 9, device=device)
+    logits = triton_model(ids)
+    layers = len(triton_model.model.layers)
+    assert launches == [7] * layers
+    assert rel_l2(logits, torch_model(ids).double()) < TOLERANCE[triton_model.dtype]
+    launches.clear()
+    handle = triton_model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda module, args, out: out)
+    try:
+        hooked = triton_model(ids)
+    finally:
+        handle.remove()
+    assert launches == [3, 1, 2, 1] + [7] * (layers - 1)
+    assert torch.equal(hooked, logits)
+    launches.clear()
+    triton_model(ids[:1])
+    assert launches == []
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
 def test_the_dequantize_kernel_compiles_to_16_byte_stores_when_its_plan_is_aligned():
     """Compiled for sm_90 without a GPU: the weights' addresses, strides and K come from the plan's table, so only
