@@ -652,6 +652,8 @@ def _pair_layer_gemv(x: torch.Tensor, weights: list, ns: list, n: int, k: int, n
     steps = triton.cdiv(triton.cdiv(k // 8, split), kw * 4 * vw)  # a program's steps of K, kw * 4 * vw words each
     y, args = _layer_args(x, _part_args(weights, ns, "nvfp4 GEMV"), n, k, split, norm, eps, residual)
     launch = {"launch_pdl": True} if pdl else {}
+    if config.get("MAXNREG"):  # registers per thread at most: more programs per SM, or spills
+        launch["maxnreg"] = config["MAXNREG"]
     pair_nvfp4.pair_gemv_kernel[(tiles, split)](
         *args, PARTS=len(weights), SPLIT=split, STEPS=triton.next_power_of_2(steps), VW=vw, KW=kw,
         L=pair_nvfp4.layout(vw, kw), SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw),
