@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlab.model.hooks import HookPoint
+from qwenlab.model.projection import nvfp4_groups
 from qwenlab.quant.linear import global_hooks, plain_w4a16
 
 
@@ -102,11 +103,8 @@ def layer_weights(layer: nn.Module) -> list:
 
 def nvfp4_linears(layer: nn.Module) -> list:
     """The seven linears of a layer whose every projection is the W4A16 NVFP4 Triton GEMV (q, k, v, o, gate, up,
-    down), or []."""
-    attn, mlp = layer.self_attn, layer.mlp
-    linears = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-        [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    return linears if all(plain_w4a16(m) for m in linears) else []
+    down), or [] (qwenlab.model.projection.nvfp4_groups)."""
+    return [m for group in nvfp4_groups(layer) or () for m in group]
 
 
 def layer_kind(layer: nn.Module) -> str | None:

@@ -55,16 +55,21 @@ class PrefillLayer:
         return F.linear(x, weight).split([m.out_features for m in modules], dim=-1)
 
 
-def prefill_layer(layer: nn.Module, x: torch.Tensor) -> PrefillLayer | None:
-    """A PrefillLayer for this layer and x, or None (the layer runs module by module): x of one token (a decode step:
-    the GEMV), a layer with fused, dense, MoE or biased projections, or any projection that is not a plain W4A16
-    NVFP4 Triton linear (another kernel, a module hook of its own or global)."""
-    if x.dim() < 2 or x.shape[-2] == 1:
-        return None
+def nvfp4_groups(layer: nn.Module) -> tuple | None:
+    """The projections of a layer whose seven are all plain W4A16 NVFP4 Triton linears (no bias, no module hook of
+    their own or global), as they are multiplied: (q, k, v), (o,), (gate, up), (down,); else None (fused, dense, MoE
+    or biased projections, another kernel, a hook)."""
     attn, mlp = layer.self_attn, layer.mlp
     groups = ((getattr(attn, "q_proj", None), getattr(attn, "k_proj", None), getattr(attn, "v_proj", None)),
               (attn.o_proj,), (getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)),
               (getattr(mlp, "down_proj", None),))
-    if not all(plain_w4a16(m) for group in groups for m in group):
+    return groups if all(plain_w4a16(m) for group in groups for m in group) else None
+
+
+def prefill_layer(layer: nn.Module, x: torch.Tensor) -> PrefillLayer | None:
+    """A PrefillLayer for this layer and x, or None (the layer runs module by module): x of one token (a decode step:
+    the GEMV), or a layer that nvfp4_groups does not take."""
+    if x.dim() < 2 or x.shape[-2] == 1:
         return None
-    return PrefillLayer(groups, x.dtype)
+    groups = nvfp4_groups(layer)
+    return None if groups is None else PrefillLayer(groups, x.dtype)

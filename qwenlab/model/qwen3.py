@@ -254,12 +254,12 @@ class Qwen3(nn.Module):
             cos, sin = self.model.rotary(positions, x.dtype)
         else:  # the engine's step: a table of every slot's (DecodeKernels.rotary)
             cos, sin = kernels.rotary(self.model.rotary, positions, x.dtype, cache.max_len)
-        nvfp4 = kernels is None and T > 1 and self.quantization is not None and self.quantization.kernel == "triton"
+        nvfp4 = kernels is None and self.quantization is not None and self.quantization.kernel == "triton"
         for i, layer in enumerate(self.model.layers):
             if self.layer_devices is not None and x.device != torch.device(self.layer_devices[i]):
                 x, cos, sin, mask = _moved(torch.device(self.layer_devices[i]), x, cos, sin, mask)
             kv = cache.layer(i) if cache is not None else None
-            if kernels is None:  # NVFP4 Triton linears over T > 1 tokens: the layer's weights in one launch
+            if kernels is None:  # a prefill over NVFP4 Triton linears: the layer's weights in one launch
                 x = layer(x, cos, sin, mask, kv, attention, prefill_layer(layer, x) if nvfp4 else None)
             else:  # the engine's step: its fused kernels, or one layer compiled once for all (DecodeKernels.layer)
                 x = kernels.layer(layer, x, cos, sin, mask, kv, attention)

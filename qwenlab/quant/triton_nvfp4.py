@@ -837,23 +837,22 @@ MAX_PLANS = 4096
 def plan_key(weights: list) -> tuple:
     """Everything a dequantize plan of `weights` depends on besides the output: each tensor's address, dtype, shape
     and strides, and the device. The same key is the same plan, whatever tensors now hold those addresses."""
-    return tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for w in weights for t in w) + (
-        weights[0][0].device,) if weights else ()
+    return tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for w in weights for t in w) + (weights[0][0].device,)
 
 
 def dequantize_plan(weights: list, row_stride: int | None) -> DequantizePlan:
     """The plan of a dequantize launch over `weights` [(packed, block_scale, tensor_scale)], checked and made on
     first use and then kept (PLANS): a prefill dequantizes the same weights in every call, and its speed is bound
     by the host that issues its kernels (doc/performance.md), so a launch passes Triton one table instead of
-    checking every weight and passing seven arguments for each. row_stride: the weights
-    are the rows of one output [N0 + N1 + ..., K] of that row stride (they must share K); None: each is its own
-    contiguous [N, K] in a flat output, one after the other."""
+    checking every weight and passing seven arguments for each. row_stride: the weights are the rows of one output
+    [N0 + N1 + ..., K] of that row stride (they must share K); None: each is its own contiguous [N, K] in a flat
+    output, one after the other."""
+    if not weights:
+        raise QwenlabError("dequantize_into: give one or more weights, got none")
     key = (plan_key(weights), row_stride)
     plan = PLANS.get(key)
     if plan is not None:
         return plan
-    if not weights:
-        raise QwenlabError("dequantize_into: give one or more weights, got none")
     device = weights[0][0].device
     if any(t.device != device for w in weights for t in w):
         raise QwenlabError("dequantize_into: the weights' packed, block_scale and tensor_scale must be on one device")
