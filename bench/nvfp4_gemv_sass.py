@@ -134,10 +134,11 @@ def compile_layer(parts, split, even_k, pro, glu, res, pdl=3, arch=90):
     return compile_gluon(jit, values, pointers, config["WARPS"], arch), words
 
 
-def compile_pair(parts, split, pro, glu, res, steps=8, vw=4, kw=4, pdl=3, arch=90, once=False, ksteps=8):
+def compile_pair(parts, split, pro, glu, res, steps=8, vw=4, kw=4, pdl=3, arch=90, once=False, ksteps=8,
+                 probe=False):
     """A GEMV of the fused NVFP4 layer on tensor cores (pair_nvfp4.pair_gemv_kernel) for bf16 x, `steps` steps
-    of K a program (its shared memory for x; once: x staged in one pass, `ksteps` the steps over all of K); None
-    where this Triton has no Gluon."""
+    of K a program (its shared memory for x; once: x staged in one pass, `ksteps` the steps over all of K; probe:
+    with the timing probe of bench/nvfp4_probe.py); None where this Triton has no Gluon."""
     try:
         import triton.experimental.gluon._runtime  # noqa: F401 - Gluon is there
 
@@ -147,9 +148,19 @@ def compile_pair(parts, split, pro, glu, res, steps=8, vw=4, kw=4, pdl=3, arch=9
     jit = pair_nvfp4.pair_gemv_kernel
     values = dict(PARTS=parts, SPLIT=split, STEPS=steps, VW=vw, KW=kw, L=pair_nvfp4.layout(vw, kw),
                   SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw), FINISH=split > 1, PRO=pro,
-                  GLU=glu, RES=res, PDL=pdl, LITE=0, ONCE=once, KSTEPS=ksteps, SL4=pair_nvfp4.once_layout(vw, kw))
+                  GLU=glu, RES=res, PDL=pdl, LITE=0, ONCE=once, KSTEPS=ksteps, SL4=pair_nvfp4.once_layout(vw, kw),
+                  **({} if probe else {"PROBES": None}))
     words = vw * 2 * (2 if glu else 1)  # rows g and g + 8 (and up's)
-    return compile_gluon(jit, values, LAYER_POINTERS, kw, arch), words
+    return compile_gluon(jit, values, {**LAYER_POINTERS, **({"PROBES": "*i64"} if probe else {})}, kw, arch), words
+
+
+def registers(cubin: bytes, path: str) -> int:
+    """The registers a thread of the cubin's kernel holds (cuobjdump -res-usage)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 def sass_text(cubin: bytes, path: str) -> str:

@@ -230,13 +230,41 @@ def _stage_x_once(X, g_lo, g_hi, XS, first, last, K, eps, PRO: gl.constexpr, SPL
     gl.thread_barrier()
 
 
+PROBE_SLOTS = gl.constexpr(16)  # int64 a program's record (PROBES): see _probe
+PROBE_ASM = gl.constexpr("mov.u64 $0, %globaltimer;\nmov.u64 $1, %clock64;")
+
+
+@gluon.jit
+def _probe(PROBES, point: gl.constexpr, KW: gl.constexpr):
+    """A timing probe (bench/nvfp4_probe.py), stored at once so that it holds no register: this program's record
+    in PROBES (this launch's records, one a program) gets the global timer (ns) at slot 5 + point and the SM's cycle
+    counter at slot 10 + point; point 0 (the start) also writes program ids 0 and 1, the grid's programs along 0 and
+    1, and the SM (slots 0-4). Points: 0 start, 1 after the PDL wait, 2 x staged, 3 after the loop, 4 the end."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [KW], [0])
+    zero = gl.full([1], 0, gl.int32, lay)
+    at = PROBES + (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)) * PROBE_SLOTS + gl.arange(0, 1, lay)
+    if point == 0:
+        sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [zero], dtype=gl.int32, is_pure=False, pack=1)
+        gl.store(at, zero.to(gl.int64) + gl.program_id(0))
+        gl.store(at + 1, zero.to(gl.int64) + gl.program_id(1))
+        gl.store(at + 2, zero.to(gl.int64) + gl.num_programs(0))
+        gl.store(at + 3, zero.to(gl.int64) + gl.num_programs(1))
+        gl.store(at + 4, sm.to(gl.int64))
+    now, clock = gl.inline_asm_elementwise(PROBE_ASM, "=l,=l,r", [zero], dtype=(gl.int64, gl.int64), is_pure=False,
+                                           pack=1)
+    gl.store(at + 5 + point, now)
+    gl.store(at + 10 + point, clock)
+
+
 @gluon.jit
 def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K, N_ALL, stride_p, stride_s,
                ts_stride, stride_p2, stride_s2, ts_stride2, y_offset, eps, SPLIT: gl.constexpr, STEPS: gl.constexpr,
                VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
                FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr, PDL: gl.constexpr,
-               LITE: gl.constexpr, ONCE: gl.constexpr, KSTEPS: gl.constexpr, SL4: gl.constexpr):
+               LITE: gl.constexpr, ONCE: gl.constexpr, KSTEPS: gl.constexpr, SL4: gl.constexpr, PROBES=None):
     """Rows tile x ROWS.. of one weight (GLU: gate P and up P2) over this program's slice of K."""
+    if PROBES is not None:
+        _probe(PROBES, 0, KW)
     BW: gl.constexpr = 4 * VW
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
     rows_lo = tile * ROWS + g
@@ -277,10 +305,14 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
         gdc_wait()
     if PDL == AFTER_WAIT:
         gdc_launch_dependents()
+    if PROBES is not None:
+        _probe(PROBES, 1, KW)
     if ONCE:
         _stage_x_once(X, g_lo, g_hi, XS, first, last, K, eps, PRO, SPLIT, KSTEPS, STEPS, KW, BW, SL4)
     else:
         _stage_x(X, G, XS, first, last, K, eps, PRO, KW, BW, SL)
+    if PROBES is not None:
+        _probe(PROBES, 2, KW)
     zero = gl.zeros([KW, 8, BW], gl.float32, L)
     c0, c1, c2, c3 = zero, zero, zero, zero
     e0, e1, e2, e3 = zero, zero, zero, zero
@@ -301,6 +333,8 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
             e0, e1, e2, e3 = _pair_mma(u_lo, u_hi, t_lo, t_hi, x0, x1, x2, x3, e0, e1, e2, e3, LITE)
         q_lo, q_hi, s_lo, s_hi = nq_lo, nq_hi, ns_lo, ns_hi
         u_lo, u_hi, t_lo, t_hi = nu_lo, nu_hi, nt_lo, nt_hi
+    if PROBES is not None:
+        _probe(PROBES, 3, KW)
     if PDL == AFTER_LOOP:
         gdc_launch_dependents()
     # every lane of a row holds its sum over the warp's words (the MMA summed the four lanes t): a quarter of the
@@ -316,6 +350,8 @@ def _pair_tile(X, G, R, P, S, TS, P2, S2, TS2, Y, PARTIAL, COUNTERS, tile, N, K,
         if GLU:
             y2 = gl.join(gl.sum(gl.sum(e0, axis=2), axis=0), gl.sum(gl.sum(e2, axis=2), axis=0)) * 0.25
         _layer_store(y, y2, rows, src, TS, ts_stride, TS2, ts_stride2, Y, R, N, y_offset, OUT_UNIT, GLU, RES)
+    if PROBES is not None:
+        _probe(PROBES, 4, KW)
 
 
 @gluon.jit(do_not_specialize=["ts_stride0", "ts_stride1", "ts_stride2"])
@@ -325,9 +361,10 @@ def pair_gemv_kernel(X, G, R, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL,
                      VW: gl.constexpr, KW: gl.constexpr, L: gl.constexpr, SL: gl.constexpr, SCL: gl.constexpr,
                      FINISH: gl.constexpr, PRO: gl.constexpr, GLU: gl.constexpr, RES: gl.constexpr,
                      PDL: gl.constexpr, LITE: gl.constexpr = 0, ONCE: gl.constexpr = False,
-                     KSTEPS: gl.constexpr = 1, SL4: gl.constexpr = None):
+                     KSTEPS: gl.constexpr = 1, SL4: gl.constexpr = None, PROBES=None):
     """wide_nvfp4.layer_gemv_kernel's programs (1-3 weights, or GLU's gate W0 and up W1) on ROWS-row tiles through
-    _pair_tile. STEPS: a power of two of at least the steps of K a program takes (its shared memory for x)."""
+    _pair_tile. STEPS: a power of two of at least the steps of K a program takes (its shared memory for x).
+    PROBES (int64, bench/nvfp4_probe.py): each program's timeline written there (_probe); None: no probe."""
     pid = gl.program_id(0)
     n_all = N0 + N1 + N2
     tiles0 = gl.cdiv(N0, ROWS)
@@ -335,12 +372,12 @@ def pair_gemv_kernel(X, G, R, P0, S0, TS0, P1, S1, TS1, P2, S2, TS2, Y, PARTIAL,
     if GLU or PARTS == 1 or pid < tiles0:
         _pair_tile(X, G, R, P0, S0, TS0, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid, N0, K, n_all, stride_p0,
                    stride_s0, ts_stride0, stride_p1, stride_s1, ts_stride1, 0, eps, SPLIT, STEPS, VW, KW, L, SL,
-                   SCL, FINISH, PRO, GLU, RES, PDL, LITE, ONCE, KSTEPS, SL4)
+                   SCL, FINISH, PRO, GLU, RES, PDL, LITE, ONCE, KSTEPS, SL4, PROBES)
     elif PARTS == 2 or pid < tiles0 + tiles1:
         _pair_tile(X, G, R, P1, S1, TS1, P1, S1, TS1, Y, PARTIAL, COUNTERS, pid - tiles0, N1, K, n_all, stride_p1,
                    stride_s1, ts_stride1, stride_p1, stride_s1, ts_stride1, N0, eps, SPLIT, STEPS, VW, KW, L, SL,
-                   SCL, FINISH, PRO, False, RES, PDL, LITE, ONCE, KSTEPS, SL4)
+                   SCL, FINISH, PRO, False, RES, PDL, LITE, ONCE, KSTEPS, SL4, PROBES)
     else:
         _pair_tile(X, G, R, P2, S2, TS2, P2, S2, TS2, Y, PARTIAL, COUNTERS, pid - tiles0 - tiles1, N2, K, n_all,
                    stride_p2, stride_s2, ts_stride2, stride_p2, stride_s2, ts_stride2, N0 + N1, eps, SPLIT, STEPS,
-                   VW, KW, L, SL, SCL, FINISH, PRO, False, RES, PDL, LITE, ONCE, KSTEPS, SL4)
+                   VW, KW, L, SL, SCL, FINISH, PRO, False, RES, PDL, LITE, ONCE, KSTEPS, SL4, PROBES)

@@ -659,8 +659,27 @@ def _pair_layer_gemv(x: torch.Tensor, weights: list, ns: list, n: int, k: int, n
         L=pair_nvfp4.layout(vw, kw), SL=pair_nvfp4.stage_layout(vw, kw), SCL=pair_nvfp4.scale_layout(vw, kw),
         FINISH=split > 1, PRO=norm is not None, GLU=glu, RES=residual is not None, PDL=pdl, LITE=config.get("LITE", 0),
         ONCE=bool(config.get("ONCE")), KSTEPS=triton.next_power_of_2(triton.cdiv(k // 8, kw * 4 * vw)),
-        SL4=pair_nvfp4.once_layout(vw, kw), num_warps=kw, **launch)
+        SL4=pair_nvfp4.once_layout(vw, kw), num_warps=kw, **launch,
+        **_probes(config, x.device, tiles * split))
     return y
+
+
+PROBES = {}  # device -> [int64 buffer, the next launch's record]: where tiles with PROBE write (bench/nvfp4_probe.py)
+PROBE_RECORDS = 1 << 18
+
+
+def _probes(config: dict, device: torch.device, programs: int) -> dict:
+    """The probe argument of a tile with PROBE: the next `programs` records of the device's buffer (16 int64 each,
+    pair_nvfp4._probe), a launch's own, wrapping to the start when full; else none."""
+    if not config.get("PROBE"):
+        return {}
+    if device not in PROBES:
+        PROBES[device] = [torch.zeros(PROBE_RECORDS * 16, dtype=torch.int64, device=device), 0]
+    buffer, first = PROBES[device]
+    if first + programs > PROBE_RECORDS:
+        first = 0
+    PROBES[device][1] = first + programs
+    return {"PROBES": buffer[first * 16:(first + programs) * 16]}
 
 
 def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str, config: dict | None = None

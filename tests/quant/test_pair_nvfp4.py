@@ -222,3 +222,25 @@ def test_the_pair_gemv_as_gate_up_with_the_input_norm_matches_float64(k, once):
                                 glu=True, config={"PAIRS": True, "ONCE": once})
     assert y.shape == (ns[0],) and torch.isfinite(y).all()
     assert ((y.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def test_the_timing_probe_costs_gate_up_no_register():
+    """bench/nvfp4_probe.py's probe (PROBES) stores each reading as it takes it: compiled for sm_90, gate/up's
+    GEMV holds as many registers a thread with it as without (128: four programs an SM), so the probe sees the
+    occupancy the engine runs at. (A probe that kept its readings to the end took 168: three programs an SM.)"""
+    pytest.importorskip("triton.backends.nvidia")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from nvfp4_gemv_sass import compile_pair, registers
+
+    counts = []
+    for probe in (False, True):
+        kernel, _ = compile_pair(2, 1, True, True, False, arch=90, once=True, ksteps=8, probe=probe)
+        if kernel is None:
+            pytest.skip("this Triton cannot compile Gluon for sm_90 here")
+        counts.append(registers(kernel.asm["cubin"], "/tmp/qwenlab_test_probe.cubin"))
+        if probe:
+            assert "globaltimer" in kernel.asm["ptx"] and "%smid" in kernel.asm["ptx"]
+    assert counts[0] == counts[1] <= 128, counts
