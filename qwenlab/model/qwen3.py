@@ -6,6 +6,8 @@ gate/up are fused into one registered parameter each (`qkv_proj`, `gate_up_proj`
 them to and from HF names), the attention implementation and the per-layer devices of a split model.
 No transformers import here.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -255,14 +257,16 @@ class Qwen3(nn.Module):
         else:  # the engine's step: a table of every slot's (DecodeKernels.rotary)
             cos, sin = kernels.rotary(self.model.rotary, positions, x.dtype, cache.max_len)
         nvfp4 = kernels is None and self.quantization is not None and self.quantization.kernel == "triton"
+        split = self.is_split
         for i, layer in enumerate(self.model.layers):
             if self.layer_devices is not None and x.device != torch.device(self.layer_devices[i]):
                 x, cos, sin, mask = _moved(torch.device(self.layer_devices[i]), x, cos, sin, mask)
             kv = cache.layer(i) if cache is not None else None
-            if kernels is None:  # a prefill over NVFP4 Triton linears: the layer's weights in one launch
-                x = layer(x, cos, sin, mask, kv, attention, prefill_layer(layer, x) if nvfp4 else None)
-            else:  # the engine's step: its fused kernels, or one layer compiled once for all (DecodeKernels.layer)
-                x = kernels.layer(layer, x, cos, sin, mask, kv, attention)
+            with _layer_device(x.device, split):
+                if kernels is None:  # a prefill over NVFP4 Triton linears: the layer's weights in one launch
+                    x = layer(x, cos, sin, mask, kv, attention, prefill_layer(layer, x) if nvfp4 else None)
+                else:  # the engine's step: its fused kernels, or one layer compiled once for all (DecodeKernels.layer)
+                    x = kernels.layer(layer, x, cos, sin, mask, kv, attention)
         if cache is not None:
             cache.advance(T)
         x = x.to(self.model.norm.weight.device)
@@ -272,6 +276,13 @@ class Qwen3(nn.Module):
         x = self.model.hook_norm(x)
         head = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else self.lm_head.packed
         return self.hook_logits(project(self.lm_head, x.to(head.device), kernels))
+
+
+def _layer_device(device: torch.device, split: bool):
+    """A layer of a model split across GPUs runs with its GPU current, where Triton launches its kernels."""
+    if split and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _moved(device, *tensors):

@@ -580,6 +580,9 @@ def layer_gemv(x: torch.Tensor, weights: list, norm: torch.Tensor | None = None,
     does not split, nor does a norm on the wide GEMV (each program sums the squares of the x it reads; the
     tensor-core one reads all of x for them, so q/k/v may split there: config SPLIT). config: the tile (benches,
     tests)."""
+    if _elsewhere(x):
+        with torch.cuda.device(x.device):
+            return layer_gemv(x, weights, norm, eps, residual, glu, pdl, config)
     k, ns = x.shape[-1], [p.shape[0] for p, _, _ in weights]
     if glu and (len(weights) != 2 or ns[0] != ns[1]):
         raise QwenlabError(f"layer_gemv: glu takes two weights of the same rows (gate, up), got rows {ns}")
@@ -682,12 +685,21 @@ def _probes(config: dict, device: torch.device, programs: int) -> dict:
     return {"PROBES": buffer[first * 16:(first + programs) * 16]}
 
 
+def _elsewhere(t: torch.Tensor) -> bool:
+    """t lies on a CUDA device other than the current one, where Triton launches (a layer of a model split across
+    GPUs): the launchers then run again under that device."""
+    return t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device()
+
+
 def _gemv(x: torch.Tensor, weights: list, bias: torch.Tensor | None, where: str, config: dict | None = None
           ) -> torch.Tensor:
     """weights: 1-3 (packed, block_scale, tensor_scale) of the same K -> x times each, concatenated, [..., sum N].
     config (the benches): {"MMA": True, BLOCK_N, BLOCK_K, WARPS[, SPLIT]} for the tensor-core GEMV, {"WIDE": True,
     RN, VW, TN, WARPS[, SPLIT, FINISH, S_PAIRS, PREFETCH, READ_ONLY]} for the wide one (wide_config), else BLOCK_N,
     GROUPS, X_VEC, FLAT, num_warps, num_stages of the FMA one, instead of the defaults / the autotuner."""
+    if _elsewhere(x):
+        with torch.cuda.device(x.device):
+            return _gemv(x, weights, bias, where, config)
     k = x.shape[-1]
     ns = [_check(k, *w, bias, where)[0] for w in weights]
     if x.numel() != k:
@@ -764,6 +776,9 @@ def nvfp4_gemm(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T for x [..., K] in bf16/fp16 -> [..., N] in x.dtype (W4A16 GEMM: W tiles dequantized to x.dtype
     in registers, exactly; fp32 accumulation; the tensor scale, scalar or per-row [N], applied at the end)."""
+    if _elsewhere(x):
+        with torch.cuda.device(x.device):
+            return nvfp4_gemm(x, packed, block_scale, tensor_scale, bias)
     n, k = _check(x.shape[-1], packed, block_scale, tensor_scale, bias, "nvfp4_gemm")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise QwenlabError(f"nvfp4_gemm: x must be bfloat16 or float16 (tensor-core operands), got {x.dtype}")
@@ -827,8 +842,8 @@ def dequantize_groups(groups: list, dtype: torch.dtype) -> list[torch.Tensor]:
 def _launch(plan: "DequantizePlan", out: torch.Tensor) -> torch.Tensor:
     if out.device != plan.table.device:
         raise QwenlabError(f"dequantize_into: out is on {out.device}, the weights on {plan.table.device}")
-    if out.device.type == "cuda" and out.device.index != torch.cuda.current_device():
-        with torch.cuda.device(out.device):  # Triton launches on the current device (a layer of a split model)
+    if _elsewhere(out):
+        with torch.cuda.device(out.device):
             return _launch(plan, out)
     _dequantize_kernel[(plan.programs,)](plan.table, out, PARTS=plan.parts, ALIGNED=plan.aligned,
                                          BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K)

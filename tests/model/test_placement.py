@@ -59,3 +59,24 @@ def test_split_across_cuda_and_cpu(tiny_dir, tiny):
     gen = generate(split.model, ids, params, stop_ids=(-1,))
     assert gen.engine == "eager" and "split" in gen.engine_note
     assert gen.ids == generate(tiny.model, ids, params, stop_ids=(-1,)).ids
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a split across two GPUs needs two")
+@torch.inference_mode()
+def test_an_nvfp4_model_split_across_two_gpus_runs_each_layer_on_its_gpu(tiny_dir, tiny):
+    """Layers 0-1 on the first GPU and 2-3 on the second, the first current: every Triton kernel of a layer (the
+    prefill's dequantize, the one-token step's NVFP4 GEMVs and attention) launches on the layer's GPU, so the
+    split model's logits and greedy tokens are those of the model on one GPU."""
+    torch.cuda.set_device(0)
+    whole = load(tiny_dir, "bfloat16", "cuda:0", "nvfp4")
+    split = load(tiny_dir, "bfloat16", device_map="0:0-1,1:2-3", quant="nvfp4")
+    assert split.model.is_split and split.model.layer_devices == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    ids = tiny.tokenizer.encode("Have you ever seen a UFO?")
+    ref = whole.model(torch.tensor(ids, device="cuda:0")).float().cpu()
+    out = split.model(torch.tensor(ids, device="cuda:0")).float().cpu()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+    params = SamplingParams(max_new_tokens=12)
+    gen = generate(split.model, ids, params, stop_ids=(-1,))
+    want = generate(whole.model, ids, params, stop_ids=(-1,), engine="eager")
+    assert gen.engine == "eager" and gen.ids == want.ids
+    assert torch.cuda.current_device() == 0

@@ -403,6 +403,40 @@ def test_a_prefill_dequantizes_each_nvfp4_layer_in_one_launch(tiny_dir, monkeypa
     assert launches == []
 
 
+@pytest.mark.skipif(INTERPRETED or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@torch.inference_mode()
+def test_every_launcher_runs_on_the_device_of_its_weights_not_the_current_one():
+    """A layer of a model split across GPUs: weights and x on the second GPU while the first is current. Each
+    launcher runs there and leaves the current device as it was: the GEMV of 1-3 weights, the GEMM and the fused
+    layer's GEMVs (plain, with a residual, and on Hopper gate/up with the norm and SiLU x up) against a float64
+    matmul, the dequantize plan bit for bit against codec.dequantize."""
+    torch.cuda.set_device(0)
+    device = torch.device("cuda", 1)
+    gen = torch.Generator(device).manual_seed(2)
+    packed, block_scale, tensor_scale, parts = fused_weight(96, 256, False, device, gen)
+    weight = reference(parts)
+    x = torch.randn(256, device=device, generator=gen).bfloat16()
+    ref = x.double() @ weight.T
+    results = {"nvfp4_gemv": nvfp4_gemv(x, packed, block_scale, tensor_scale),
+               "nvfp4_gemv_parts": nvfp4_gemv_parts(x, [packed], [block_scale], [tensor_scale]),
+               "nvfp4_gemm": nvfp4_gemm(x.repeat(3, 1), packed, block_scale, tensor_scale)[1],
+               "layer_gemv": layer_gemv(x, [(packed, block_scale, tensor_scale)]),
+               "layer_gemv residual": layer_gemv(x, [(packed, block_scale, tensor_scale)],
+                                                 residual=torch.zeros(96, dtype=torch.bfloat16, device=device))}
+    for name, y in results.items():
+        assert y.device == device and rel_l2(y.reshape(96), ref) < TOLERANCE[torch.bfloat16], name
+    if torch.cuda.get_device_capability(device) >= (9, 0):  # gate/up on tensor cores: bf16x2 multiplies
+        g = torch.ones(256, dtype=torch.bfloat16, device=device)
+        normed = (x.float() * torch.rsqrt(x.float().pow(2).mean() + 1e-6)).bfloat16()
+        gate, up = normed.double() @ weight.T, normed.double() @ (2 * weight).T
+        both = [(packed, block_scale, tensor_scale), (packed, block_scale, 2 * tensor_scale)]
+        y = layer_gemv(x, both, norm=g, eps=1e-6, glu=True)
+        assert y.device == device and rel_l2(y, torch.nn.functional.silu(gate) * up) < TOLERANCE[torch.bfloat16]
+    out = torch.empty(96, 256, dtype=torch.bfloat16, device=device)
+    assert torch.equal(dequantize_into(out, packed, block_scale, tensor_scale), reference(parts, torch.bfloat16))
+    assert torch.cuda.current_device() == 0
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiles the kernel, which the interpreter replaces")
 def test_the_dequantize_kernel_compiles_to_16_byte_stores_when_its_plan_is_aligned():
     """Compiled for sm_90 without a GPU: the weights' addresses, strides and K come from the plan's table, so only
